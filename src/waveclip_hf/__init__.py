@@ -1,0 +1,1 @@
+"""WaveCLIP for Hugging Face transformers."""
