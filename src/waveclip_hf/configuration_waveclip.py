@@ -1,0 +1,142 @@
+"""WaveCLIP model configuration.
+
+`WaveCLIPVisionConfig` takes `CLIPVisionConfig`'s names (`hidden_size`, `num_hidden_layers`, ...) so a CLIP
+teacher's vision config maps onto it field by field; instead of `patch_size` it has the wavelet geometry
+(`wavelet`, `levels`, `cell_size`). `WaveCLIPConfig` pairs it with an unchanged `CLIPTextConfig`.
+
+This file is shipped as remote code with saved checkpoints: it imports only `transformers` and siblings.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.clip.configuration_clip import CLIPTextConfig
+
+
+@strict
+class WaveCLIPVisionConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`WaveCLIPVisionModel`], the wavelet-token vision tower.
+
+    The image (`image_size` pixels square) is a grid of cells of `cell_size` pixels. After an `levels`-level DWT,
+    stage 0 embeds one token per cell from the level-`levels` approximation band, and stage k >= 1 one token per
+    cell and orientation (H, V, D) from the detail bands of level `levels - k + 1`; every stage adds its own class
+    token. Defaults (224, cell 32, 1 level): 7x7 cells, stage 0 = 50 tokens, full = 198 tokens.
+
+    Args:
+        hidden_size (`int`, defaults to 768): width of the transformer.
+        intermediate_size (`int`, defaults to 3072): width of the MLP.
+        projection_dim (`int`, defaults to 512): size of the shared image-text embedding.
+        num_hidden_layers (`int`, defaults to 12): transformer blocks.
+        num_attention_heads (`int`, defaults to 12): attention heads per block.
+        num_channels (`int`, defaults to 3): colour channels of the coefficients (Y, Cb, Cr).
+        image_size (`int`, defaults to 224): side of the (square) input image in pixels.
+        cell_size (`int`, defaults to 32): side of one token cell in input pixels; must divide `image_size`, and
+            `2**levels` must divide it.
+        wavelet (`str`, defaults to `"haar"`): wavelet name understood by `pywt`/`ptwt`.
+        levels (`int`, defaults to 1): DWT levels L; the model has L + 1 stages.
+        hidden_act (`str`, defaults to `"quick_gelu"`): MLP activation, as CLIP.
+        layer_norm_eps (`float`, defaults to 1e-5): layer-norm epsilon.
+        attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
+        initializer_range (`float`, defaults to 0.02): std of the normal initialiser.
+        initializer_factor (`float`, defaults to 1.0): scale on initialiser stds (testing knob, as CLIP).
+    """
+
+    model_type = "waveclip_vision_model"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    cell_size: int = 32
+    wavelet: str = "haar"
+    levels: int = 1
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: int | float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: the geometry must tile exactly."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"The hidden size ({self.hidden_size}) is not a multiple of the number of attention heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.levels < 1:
+            raise ValueError(f"`levels` must be at least 1, got {self.levels}.")
+        if self.image_size % self.cell_size != 0:
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be a multiple of `cell_size` ({self.cell_size}) so that the "
+                "image is an exact grid of cells."
+            )
+        if self.cell_size % (2**self.levels) != 0:
+            raise ValueError(
+                f"`cell_size` ({self.cell_size}) must be divisible by 2**levels = {2**self.levels}: at level "
+                f"{self.levels} one cell is a (cell_size / 2**levels)^2 patch. Use fewer levels or bigger cells."
+            )
+        if self.num_channels != 3:
+            raise ValueError(f"WaveCLIP reads Y, Cb and Cr: `num_channels` must be 3, got {self.num_channels}.")
+
+    # Derived geometry, used by the model, the FLOPs count and the pipeline.
+    @property
+    def num_stages(self) -> int:
+        """L + 1: the approximation stage and one detail stage per level."""
+        return self.levels + 1
+
+    @property
+    def grid_size(self) -> int:
+        """Cells per side (7 at the defaults)."""
+        return self.image_size // self.cell_size
+
+    @property
+    def stage_lengths(self) -> list[int]:
+        """Tokens each stage adds, class token included: [1 + G^2, 1 + 3 G^2, ...]."""
+        cells = self.grid_size**2
+        return [1 + cells] + [1 + 3 * cells] * self.levels
+
+    @property
+    def stage_patch_sizes(self) -> list[int]:
+        """Side of one cell in the subband a stage reads: cell / 2^L for stages 0 and 1, then doubling."""
+        return [self.cell_size >> self.levels] + [self.cell_size >> (self.levels - k + 1) for k in range(1, self.levels + 1)]
+
+
+@strict
+class WaveCLIPConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`WaveCLIPModel`]: an unchanged CLIP text tower and a WaveCLIP vision tower.
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`, *optional*): the text tower, as CLIP's.
+        vision_config (`dict` or `WaveCLIPVisionConfig`, *optional*): the wavelet vision tower.
+        projection_dim (`int`, defaults to 512): size of the shared embedding.
+        logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale, as CLIP.
+        initializer_factor (`float`, defaults to 1.0): scale on initialiser stds.
+
+    Example:
+
+    ```python
+    >>> from waveclip_hf import WaveCLIPConfig, WaveCLIPModel
+    >>> config = WaveCLIPConfig(vision_config={"levels": 2})
+    >>> model = WaveCLIPModel(config)
+    ```
+    """
+
+    model_type = "waveclip"
+    sub_configs_defaults = {
+        "vision_config": WaveCLIPVisionConfig,
+        "text_config": CLIPTextConfig,
+    }
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | WaveCLIPVisionConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float | int = 2.6592
+    initializer_factor: float = 1.0
+
+
+__all__ = ["WaveCLIPConfig", "WaveCLIPVisionConfig"]

@@ -1,0 +1,591 @@
+"""PyTorch WaveCLIP model: a CLIP whose image encoder reads wavelet tokens coarse-to-fine.
+
+Read top to bottom: outputs -> masks -> embeddings -> attention -> layer -> encoder -> models.
+
+Token layout (see docs/model.md): the packed DWT coefficients (B, 3, S, S) are cut into a G x G grid of cells.
+Stage 0 is [cls_0, one token per cell of the level-L approximation]; stage k >= 1 is [cls_k, the H, V and D
+detail tokens of level L - k + 1, one per cell each]. Attention is block-causal over stages, so a stage never
+changes when later stages arrive: running stage by stage with a KV cache equals one full forward with the
+block-causal mask, and the cached path never recomputes anything.
+
+This file is shipped as remote code with saved checkpoints: it imports only torch, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoderLayer,
+    CLIPMLP,
+    CLIPOutput,
+    CLIPTextEmbeddings,
+    CLIPTextModel,
+    eager_attention_forward,
+    image_text_contrastive_loss,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
+from .wavelet_layout import unpack_coefficients
+
+
+# Files a saved folder needs besides the model and config code (which transformers copies itself), so that
+# `AutoImageProcessor` and the custom zero-shot pipeline load with `trust_remote_code=True`.
+_EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py")
+ZERO_SHOT_TASK = "zero-shot-image-classification"
+_AUTO_MAP = {
+    "AutoConfig": "configuration_waveclip.WaveCLIPConfig",
+    "AutoModel": "modeling_waveclip.WaveCLIPModel",
+    "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
+    "AutoImageProcessor": "image_processing_waveclip.WaveCLIPImageProcessor",
+}
+_CUSTOM_PIPELINES = {
+    ZERO_SHOT_TASK: {
+        "impl": "pipeline_waveclip.WaveCLIPZeroShotImageClassificationPipeline",
+        "pt": ["AutoModelForZeroShotImageClassification"],
+        "type": "multimodal",
+    }
+}
+
+
+@dataclass
+class WaveCLIPVisionModelOutput(ModelOutput):
+    r"""
+    Output of [`WaveCLIPVisionModel`].
+
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, new_tokens, hidden_size)`):
+        Hidden states of the tokens computed in this call (stages `cached..num_stages-1`), before post-layernorm.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Class token of the last processed stage after the post-layernorm: the image's answer after that stage.
+        ([`WaveCLIPModel.get_image_features`] puts the projected embedding here, as `CLIPModel` does.)
+    stage_pooler_outputs (`torch.FloatTensor` of shape `(batch_size, new_stages, hidden_size)`):
+        The same for every stage computed in this call, in stage order (one full forward gives all stages).
+    past_key_values (`Cache`, *optional*):
+        Keys and values of every processed token per layer, to continue with the next stage.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Input of every layer plus the final output, each `(batch_size, new_tokens, hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention probabilities per layer, `(batch_size, heads, new_tokens, all_tokens)` (needs `eager`).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    stage_pooler_outputs: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
+    """Stage index of every token of stages `first_stage..end_stage-1`, shape (tokens,)."""
+    lengths = torch.tensor(config.stage_lengths[first_stage:end_stage], device=device)
+    return torch.repeat_interleave(torch.arange(first_stage, end_stage, device=device), lengths)
+
+
+def block_causal_mask(
+    query_stages: torch.Tensor, key_stages: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive attention mask letting a token of stage s see every token of stages <= s and nothing later.
+
+    Args:
+        query_stages: (Q,) stage index of each query token.
+        key_stages: (K,) stage index of each key token (cached tokens first).
+        dtype: dtype of the attention scores.
+
+    Returns:
+        (1, 1, Q, K) tensor with 0 where attention is allowed and the dtype's minimum elsewhere, or `None` when
+        every query may see every key (e.g. one new stage on top of a cache), which lets SDPA pick its fastest
+        kernel.
+    """
+    allowed = key_stages[None, :] <= query_stages[:, None]
+    if bool(allowed.all()):
+        return None
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class WaveCLIPVisionEmbeddings(nn.Module):
+    """Stage tokens from packed DWT coefficients.
+
+    Each stage has its own patch projection (a `cell / 2^j`-strided convolution over its subbands, since input
+    sizes differ per level); the three orientations of a level share it and are told apart by a band embedding.
+    Every token gets its cell's position embedding (shared by all stages) and its band embedding
+    (band 0 = approximation, band 1 + 3(k-1) + o = orientation o of stage k). Each stage has its own class token.
+    """
+
+    def __init__(self, config: WaveCLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_stages = config.num_stages
+        self.num_cells = config.grid_size**2
+
+        self.class_embedding = nn.Parameter(torch.randn(self.num_stages, self.embed_dim))
+        self.patch_embeddings = nn.ModuleList(
+            nn.Conv2d(config.num_channels, self.embed_dim, kernel_size=patch, stride=patch, bias=True)
+            for patch in config.stage_patch_sizes
+        )
+        self.position_embedding = nn.Embedding(self.num_cells, self.embed_dim)
+        self.band_embedding = nn.Embedding(1 + 3 * config.levels, self.embed_dim)
+
+    def embed_stage(self, coefficients: list, stage: int) -> torch.Tensor:
+        """Tokens of one stage, class token first.
+
+        Args:
+            coefficients: output of `unpack_coefficients` for the batch.
+            stage: 0 (approximation) to L (finest details).
+
+        Returns:
+            (batch, 1 + G^2, hidden) for stage 0, (batch, 1 + 3 G^2, hidden) otherwise, ordered
+            [cls, H cells, V cells, D cells] with cells row-major.
+        """
+        projection = self.patch_embeddings[stage]
+        dtype = projection.weight.dtype
+        positions = self.position_embedding.weight  # (G^2, hidden)
+        if stage == 0:
+            bands = coefficients[0].to(dtype)
+            band_ids = torch.zeros(1, dtype=torch.long, device=positions.device)
+        else:
+            # Stack the orientations along the batch so one convolution embeds all three.
+            bands = torch.cat([band.to(dtype) for band in coefficients[stage]], dim=0)
+            band_ids = torch.arange(1 + 3 * (stage - 1), 1 + 3 * stage, device=positions.device)
+        batch_size = coefficients[0].shape[0]
+        tokens = projection(bands).flatten(2).transpose(1, 2)  # (orientations * batch, G^2, hidden)
+        tokens = tokens.view(len(band_ids), batch_size, self.num_cells, self.embed_dim)
+        tokens = tokens + positions[None, None] + self.band_embedding(band_ids)[:, None, None]
+        tokens = tokens.transpose(0, 1).reshape(batch_size, len(band_ids) * self.num_cells, self.embed_dim)
+        class_token = self.class_embedding[stage].expand(batch_size, 1, -1)
+        return torch.cat([class_token, tokens], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, first_stage: int, end_stage: int) -> torch.Tensor:
+        """Tokens of stages `first_stage..end_stage-1` concatenated in stage order.
+
+        Args:
+            pixel_values: (batch, 3, S, S) packed coefficients from [`WaveCLIPImageProcessor`].
+
+        Returns:
+            (batch, sum of those stages' lengths, hidden).
+        """
+        coefficients = unpack_coefficients(pixel_values, self.config.levels)
+        return torch.cat([self.embed_stage(coefficients, stage) for stage in range(first_stage, end_stage)], dim=1)
+
+
+class WaveCLIPAttention(CLIPAttention):
+    """CLIP's multi-head attention plus a KV cache, so a new stage attends to every earlier stage's tokens."""
+
+    def __init__(self, config: WaveCLIPVisionConfig, layer_idx: int):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attn_implementation: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(batch, new_tokens, hidden) -> same shape, and the attention probabilities when `eager`."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if past_key_values is not None:
+            keys, values = past_key_values.update(keys, values, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn_implementation or self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            scaling=self.scale,
+            dropout=0.0 if not self.training else self.dropout,
+            is_causal=False,
+        )
+        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class WaveCLIPEncoderLayer(CLIPEncoderLayer):
+    """CLIP's pre-norm transformer block with a cache-aware attention; parameter names match CLIP's exactly."""
+
+    def __init__(self, config: WaveCLIPVisionConfig, layer_idx: int):
+        super().__init__(config)
+        self.self_attn = WaveCLIPAttention(config, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attn_implementation: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(
+            self.layer_norm1(hidden_states), attention_mask, past_key_values, attn_implementation
+        )
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states, attn_weights
+
+
+class WaveCLIPEncoder(nn.Module):
+    """A stack of [`WaveCLIPEncoderLayer`]s."""
+
+    def __init__(self, config: WaveCLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(WaveCLIPEncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+
+class WaveCLIPPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, attention backends and Hub-ready saving shared by the WaveCLIP models."""
+
+    config: WaveCLIPConfig
+    base_model_prefix = "waveclip"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "WaveCLIPEncoderLayer", "WaveCLIPVisionEmbeddings"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # CLIP's scheme for the blocks it shares with us (text embeddings, attention, MLP); the wavelet
+        # embeddings are new. `init.*` respects parameters already loaded from a checkpoint.
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, CLIPTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=factor * 0.02)
+            init.normal_(module.position_embedding.weight, std=factor * 0.02)
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, WaveCLIPVisionEmbeddings):
+            std = module.config.initializer_range * factor
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
+            init.normal_(module.position_embedding.weight, std=std)
+            init.normal_(module.band_embedding.weight, std=std)
+            for projection in module.patch_embeddings:
+                init.normal_(projection.weight, std=std)
+                init.zeros_(projection.bias)
+        elif isinstance(module, CLIPAttention):
+            layers = module.config.num_hidden_layers
+            in_proj_std = (module.embed_dim**-0.5) * ((2 * layers) ** -0.5) * factor
+            for projection in (module.q_proj, module.k_proj, module.v_proj):
+                init.normal_(projection.weight, std=in_proj_std)
+            init.normal_(module.out_proj.weight, std=(module.embed_dim**-0.5) * factor)
+        elif isinstance(module, CLIPMLP):
+            hidden, layers = module.config.hidden_size, module.config.num_hidden_layers
+            init.normal_(module.fc1.weight, std=(2 * hidden) ** -0.5 * factor)
+            init.normal_(module.fc2.weight, std=(hidden**-0.5) * ((2 * layers) ** -0.5) * factor)
+        elif isinstance(module, WaveCLIPModel):
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus what a folder needs to load anywhere with `trust_remote_code`.
+
+        Writes `auto_map` (AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoImageProcessor)
+        and `custom_pipelines` (the margin-gated zero-shot pipeline) into the config, and copies the remote-code
+        files next to the weights.
+        """
+        config = self.config
+        config.auto_map = dict(_AUTO_MAP)
+        config.custom_pipelines = {task: dict(spec) for task, spec in _CUSTOM_PIPELINES.items()}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        copy_remote_code(save_directory)
+
+
+def copy_remote_code(save_directory) -> list[Path]:
+    """Copy the modules a saved folder runs with `trust_remote_code` (and their relative imports) into it."""
+    here = Path(__file__).parent
+    sources = {here / "modeling_waveclip.py"}
+    for name in _EXTRA_REMOTE_CODE_FILES:
+        sources.add(here / name)
+    for source in list(sources):
+        sources.update(Path(p) for p in get_relative_import_files(str(source)))
+    copied = []
+    for source in sorted(sources):
+        destination = Path(save_directory) / source.name
+        if source.resolve() != destination.resolve():
+            shutil.copyfile(source, destination)
+        copied.append(destination)
+    return copied
+
+
+class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
+    """The WaveCLIP image encoder: staged wavelet tokens, block-causal attention, a KV cache per stage.
+
+    Example (continue an image from its coarse stage without recomputing it):
+
+    ```python
+    >>> out0 = vision(pixel_values, num_stages=1, use_cache=True)   # stage 0 only: 50 tokens
+    >>> out1 = vision(pixel_values, num_stages=2, past_key_values=out0.past_key_values)  # adds 148 tokens
+    ```
+    """
+
+    config: WaveCLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: WaveCLIPVisionConfig):
+        super().__init__(config)
+        self.embeddings = WaveCLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = WaveCLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings[0]
+
+    def cached_stages(self, past_key_values: Cache | None) -> int:
+        """How many stages `past_key_values` holds (0 for `None` or an empty cache)."""
+        if past_key_values is None:
+            return 0
+        cached_tokens = past_key_values.get_seq_length()
+        boundaries = [0]
+        for length in self.config.stage_lengths:
+            boundaries.append(boundaries[-1] + length)
+        if cached_tokens not in boundaries:
+            raise ValueError(
+                f"The cache holds {cached_tokens} tokens, which is not a whole number of stages for this config "
+                f"(stage boundaries {boundaries}). Pass a cache returned by this model for the same images."
+            )
+        return boundaries.index(cached_tokens)
+
+    def _check_inputs(self, pixel_values: torch.Tensor, past_key_values: Cache | None, num_stages: int | None):
+        config = self.config
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values` (packed DWT coefficients from WaveCLIPImageProcessor).")
+        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (config.num_channels, config.image_size, config.image_size):
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {config.num_channels}, {config.image_size}, "
+                f"{config.image_size}) (packed DWT coefficients from WaveCLIPImageProcessor), got "
+                f"{tuple(pixel_values.shape)}."
+            )
+        cached = self.cached_stages(past_key_values)
+        if cached and past_key_values.layers[0].keys.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"The cache holds {past_key_values.layers[0].keys.shape[0]} images but `pixel_values` has "
+                f"{pixel_values.shape[0]}. After an early exit, call `past_key_values.batch_select_indices(idx)` "
+                "with the indices of the images that continue, and pass `pixel_values[idx]`."
+            )
+        if cached and len(past_key_values.layers) != config.num_hidden_layers:
+            raise ValueError(
+                f"The cache has {len(past_key_values.layers)} layers but this model has {config.num_hidden_layers}: "
+                "it comes from another model."
+            )
+        num_stages = config.num_stages if num_stages is None else num_stages
+        if not cached < num_stages <= config.num_stages:
+            raise ValueError(
+                f"`num_stages` ({num_stages}) is the number of stages processed after this call: it must be in "
+                f"{cached + 1}..{config.num_stages} (the cache holds {cached} of {config.num_stages} stages)."
+            )
+        return cached, num_stages
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        num_stages: int | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> WaveCLIPVisionModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+                Packed DWT coefficients from [`WaveCLIPImageProcessor`].
+            num_stages (`int`, *optional*):
+                How many stages have been processed after this call, cached ones included (default: all). With a
+                cache holding k stages only stages k..num_stages-1 are computed.
+            past_key_values (`Cache`, *optional*):
+                A cache returned by an earlier call on the same images; it is extended in place.
+            use_cache (`bool`, *optional*):
+                Return a cache to continue from (a new `DynamicCache` if none was passed).
+            output_attentions (`bool`, *optional*):
+                Return attention probabilities (computed with `eager` attention for this call).
+            output_hidden_states (`bool`, *optional*):
+                Return every layer's hidden states.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        use_cache = use_cache if use_cache is not None else past_key_values is not None
+        first_stage, end_stage = self._check_inputs(pixel_values, past_key_values, num_stages)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = past_key_values if use_cache or first_stage > 0 else None
+
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
+        device = hidden_states.device
+        query_stages = token_stage_ids(self.config, first_stage, end_stage, device)
+        attention_mask = block_causal_mask(
+            query_stages, token_stage_ids(self.config, 0, end_stage, device), hidden_states.dtype
+        )
+        # SDPA returns no probabilities; asking for them switches this call to the eager kernel.
+        attn_implementation = "eager" if output_attentions else None
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.encoder.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights = layer(hidden_states, attention_mask, cache, attn_implementation)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        # Each computed stage's class token sits at the first position of its block.
+        starts = torch.cumsum(torch.tensor([0] + self.config.stage_lengths[first_stage : end_stage - 1]), dim=0)
+        stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts.to(device)])
+        output = WaveCLIPVisionModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=stage_pooler_outputs[:, -1],
+            stage_pooler_outputs=stage_pooler_outputs,
+            past_key_values=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class WaveCLIPModel(WaveCLIPPreTrainedModel):
+    """CLIP's dual encoder with a WaveCLIP vision tower; methods and outputs mirror `CLIPModel`.
+
+    The text tower, text projection and logit scale are CLIP's (so text embeddings equal the teacher's); the
+    image side answers after any stage (`num_stages`) and continues from a cache.
+    """
+
+    config: WaveCLIPConfig
+
+    def __init__(self, config: WaveCLIPConfig):
+        super().__init__(config)
+        text_config, vision_config = config.text_config, config.vision_config
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = text_config.hidden_size
+        self.vision_embed_dim = vision_config.hidden_size
+        self.text_model = CLIPTextModel._from_config(text_config)
+        self.vision_model = WaveCLIPVisionModel._from_config(vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
+        self.post_init()
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.vision_config.num_stages
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Text tower as `CLIPModel.get_text_features`: `pooler_output` is the projected (batch, projection_dim)."""
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+        )
+        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        num_stages: int | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> WaveCLIPVisionModelOutput | tuple:
+        """Vision tower as `CLIPModel.get_image_features`, after `num_stages` stages (see the vision model).
+
+        `pooler_output` is the projected (batch, projection_dim) embedding of the last processed stage and
+        `stage_pooler_outputs` the projected (batch, new_stages, projection_dim) embeddings of every stage
+        computed in this call (not normalised, as CLIP).
+        """
+        outputs = self.vision_model(
+            pixel_values=pixel_values,
+            num_stages=num_stages,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        outputs.stage_pooler_outputs = self.visual_projection(outputs.stage_pooler_outputs)
+        outputs.pooler_output = outputs.stage_pooler_outputs[:, -1]
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        num_stages: int | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CLIPOutput | tuple:
+        """Image-text logits as `CLIPModel.forward`, with the image answered after `num_stages` stages."""
+        vision_outputs = self.get_image_features(
+            pixel_values,
+            num_stages=num_stages,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids)
+        image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+        logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
+        logits_per_image = logits_per_text.t()
+        loss = image_text_contrastive_loss(logits_per_text) if return_loss else None
+        output = CLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "WaveCLIPModel",
+    "WaveCLIPPreTrainedModel",
+    "WaveCLIPVisionModel",
+    "WaveCLIPVisionModelOutput",
+    "block_causal_mask",
+]
