@@ -11,7 +11,6 @@ block-causal mask, and the cached path never recomputes anything.
 This file is shipped as remote code with saved checkpoints: it imports only torch, transformers and siblings.
 """
 
-from __future__ import annotations
 
 import shutil
 from collections.abc import Callable

@@ -18,7 +18,6 @@ Keeping an image-shaped tensor means every tool that moves `pixel_values` (pipel
 `datasets.map`) keeps working unchanged.
 """
 
-from __future__ import annotations
 
 import torch
 
