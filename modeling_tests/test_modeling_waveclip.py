@@ -214,3 +214,41 @@ def test_half_precision_weights_run_and_stay_close(dtype):
         half = model.to(dtype).get_image_features(pixel_values).pooler_output
     assert half.dtype == dtype
     assert (half.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_from_clip_copies_the_teacher_and_stage0_is_the_teacher_at_half_resolution():
+    import skimage.data
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from waveclip_hf import WaveCLIPModel
+    from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor
+
+    torch.manual_seed(0)
+    teacher_config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=3),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=16),
+        projection_dim=16,
+    )
+    teacher = CLIPModel(teacher_config).eval()
+    student = WaveCLIPModel.from_clip(teacher).eval()
+    assert student.config.vision_config.stage_lengths == [50, 148]
+    input_ids = torch.tensor([[0, 5, 6, 1]])
+    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    half = CLIPImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    with torch.no_grad():
+        assert torch.equal(
+            student.get_text_features(input_ids).pooler_output, teacher.get_text_features(input_ids).pooler_output
+        )
+        pixel_values = WaveCLIPImageProcessor()(images=images, return_tensors="pt")["pixel_values"]
+        stage0 = student.get_image_features(pixel_values, num_stages=1).pooler_output
+        teacher_half = teacher.get_image_features(
+            half(images=images, return_tensors="pt")["pixel_values"], interpolate_pos_encoding=True
+        ).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(stage0, teacher_half)
+    # Exact up to resampling differences (resize kernels, position-embedding interpolation).
+    assert cosine.min() > 0.999
+    with pytest.raises(TypeError, match="needs a transformers `CLIPModel` teacher"):
+        WaveCLIPModel.from_clip(student)

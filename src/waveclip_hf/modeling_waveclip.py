@@ -37,6 +37,7 @@ from transformers.models.clip.modeling_clip import (
 from transformers.utils import ModelOutput
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
+from .gating import gate_stops
 from .wavelet_layout import unpack_coefficients
 
 
@@ -85,6 +86,30 @@ class WaveCLIPVisionModelOutput(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class WaveCLIPRefinementOutput(ModelOutput):
+    r"""
+    Output of [`WaveCLIPModel.refine`]: per image, the answer of the stage where the gate stopped it.
+
+    scores (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+        Softmax over the labels of the answering stage's logits.
+    logits_per_image (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+        `logit_scale * cos(image embedding, label embedding)` at the answering stage.
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        Normalised image embedding of the answering stage.
+    exit_stage (`torch.LongTensor` of shape `(batch_size,)`):
+        The stage that answered (0 = approximation band only).
+    gflops (`torch.FloatTensor` of shape `(batch_size,)`):
+        Image-encoder GFLOPs spent on each image with the cache (1 multiply-add = 2 FLOPs; text excluded).
+    """
+
+    scores: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    exit_stage: torch.LongTensor | None = None
+    gflops: torch.FloatTensor | None = None
 
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
@@ -497,6 +522,122 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     def num_stages(self) -> int:
         return self.config.vision_config.num_stages
 
+    @classmethod
+    def from_clip(
+        cls,
+        teacher: "CLIPModel",
+        teacher_image_mean=None,
+        teacher_image_std=None,
+        image_processor=None,
+        **vision_overrides,
+    ) -> "WaveCLIPModel":
+        """Build a student from a transformers `CLIPModel`, ready to distil (DESIGN §3, docs/distillation.md).
+
+        Copied unchanged: the text tower, text projection, logit scale, visual projection, and the vision
+        transformer's pre-layernorm, blocks and post-layernorm (parameter names match one to one).
+        Resampled: the teacher's patch-position embeddings onto the G x G cell grid (antialiased bicubic, as
+        timm's `resample_abs_pos_embed`); the class position is folded into every stage's class token.
+        Folded: stage 0's patch projection is the teacher's patch convolution, resampled to the approximation
+        patch size and composed with the exact affine map from our normalised YCbCr approximation coefficients
+        back to the teacher's normalised RGB (colour matrix, both normalisations, the 2^L Haar gain), so at
+        initialisation stage 0 is the teacher looking at a 2^L-times downsampled image.
+        Fresh: the detail-stage projections and the detail band embeddings (the teacher has no counterpart).
+
+        Args:
+            teacher: a `CLIPModel` (e.g. `CLIPModel.from_pretrained("openai/clip-vit-base-patch16")`).
+            teacher_image_mean, teacher_image_std: the teacher processor's RGB normalisation (default: OpenAI
+                CLIP's).
+            image_processor: the student's [`WaveCLIPImageProcessor`] (default: one with the default YCbCr
+                normalisation and the student's geometry).
+            **vision_overrides: student geometry, e.g. `levels=2`, `cell_size=32`, `wavelet="haar"`.
+        """
+        from transformers import CLIPModel
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        from .image_processing_waveclip import WaveCLIPImageProcessor, rgb_to_ycbcr
+
+        if not isinstance(teacher, CLIPModel):
+            raise TypeError(
+                f"`from_clip` needs a transformers `CLIPModel` teacher, got {type(teacher).__name__}. Load it with "
+                "`CLIPModel.from_pretrained(<hub id or folder>)`."
+            )
+        teacher_vision = teacher.config.vision_config
+        vision_config = {
+            name: getattr(teacher_vision, name)
+            for name in (
+                "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "hidden_act", "layer_norm_eps", "attention_dropout", "initializer_range", "initializer_factor",
+            )
+        }
+        vision_config["projection_dim"] = teacher.config.projection_dim
+        vision_config.update(vision_overrides)
+        config = WaveCLIPConfig(
+            text_config=teacher.config.text_config.to_dict(),
+            vision_config=vision_config,
+            projection_dim=teacher.config.projection_dim,
+            logit_scale_init_value=float(teacher.logit_scale.detach()),
+        )
+        student = cls(config).to(teacher.logit_scale.dtype)
+        vision = config.vision_config
+        if image_processor is None:
+            image_processor = WaveCLIPImageProcessor(
+                image_size=vision.image_size, wavelet=vision.wavelet, levels=vision.levels
+            )
+
+        with torch.no_grad():
+            student.text_model.load_state_dict(teacher.text_model.state_dict())
+            student.text_projection.load_state_dict(teacher.text_projection.state_dict())
+            student.visual_projection.load_state_dict(teacher.visual_projection.state_dict())
+            student.logit_scale.copy_(teacher.logit_scale)
+            teacher_tower, student_tower = teacher.vision_model, student.vision_model
+            student_tower.pre_layrnorm.load_state_dict(teacher_tower.pre_layrnorm.state_dict())
+            student_tower.encoder.load_state_dict(teacher_tower.encoder.state_dict())
+            student_tower.post_layernorm.load_state_dict(teacher_tower.post_layernorm.state_dict())
+
+            embeddings, teacher_embeddings = student_tower.embeddings, teacher_tower.embeddings
+            positions = teacher_embeddings.position_embedding.weight  # (1 + N^2, hidden)
+            class_position, patch_positions = positions[0], positions[1:]
+            teacher_grid = int(round(patch_positions.shape[0] ** 0.5))
+            grid = vision.grid_size
+            patch_positions = patch_positions.T.reshape(1, -1, teacher_grid, teacher_grid)
+            patch_positions = nn.functional.interpolate(
+                patch_positions.float(), size=(grid, grid), mode="bicubic", antialias=True, align_corners=False
+            )
+            embeddings.position_embedding.weight.copy_(patch_positions.reshape(-1, grid * grid).T)
+            embeddings.class_embedding.copy_(
+                (teacher_embeddings.class_embedding + class_position).expand_as(embeddings.class_embedding)
+            )
+            embeddings.band_embedding.weight[0].zero_()
+
+            # Stage 0: teacher patch conv on the 2^L-downsampled image, expressed in our coefficients.
+            # Our approximation coefficient a = 2^L * blockmean((ycc - mean_s) / std_s), ycc = M rgb + offset,
+            # and the teacher reads x = (rgb - mean_t) / std_t, so x = A a + b with A, b below (exact, affine).
+            dtype = torch.float64
+            zero = torch.zeros(1, 3, 1, 1, dtype=dtype)
+            offset = rgb_to_ycbcr(zero).reshape(3)
+            colour = torch.stack([rgb_to_ycbcr(torch.eye(3, dtype=dtype)[i].reshape(1, 3, 1, 1)).reshape(3) - offset
+                                  for i in range(3)], dim=1)  # (3, 3): ycc = colour @ rgb + offset
+            mean_t = torch.tensor(teacher_image_mean or OPENAI_CLIP_MEAN, dtype=dtype)
+            std_t = torch.tensor(teacher_image_std or OPENAI_CLIP_STD, dtype=dtype)
+            mean_s = torch.tensor(image_processor.image_mean, dtype=dtype)
+            std_s = torch.tensor(image_processor.image_std, dtype=dtype)
+            inverse_colour = torch.linalg.inv(colour)
+            gain = 2.0 ** vision.levels
+            affine = torch.diag(1 / std_t) @ inverse_colour @ torch.diag(std_s) / gain  # (3 teacher, 3 ours)
+            shift = (inverse_colour @ (mean_s - offset) - mean_t) / std_t  # (3,)
+
+            kernel = teacher_embeddings.patch_embedding.weight.to(dtype)  # (hidden, 3, P_t, P_t)
+            patch = vision.stage_patch_sizes[0]
+            if kernel.shape[-1] != patch:
+                # Keep the response to smooth inputs: resample the kernel and rescale by the area ratio.
+                area_ratio = (kernel.shape[-1] / patch) ** 2
+                kernel = nn.functional.interpolate(kernel, size=(patch, patch), mode="bicubic", antialias=True)
+                kernel = kernel * area_ratio
+            stage0 = embeddings.patch_embeddings[0]
+            stage0.weight.copy_(torch.einsum("dcij,ce->deij", kernel, affine))
+            stage0.bias.copy_(torch.einsum("dcij,c->d", kernel, shift))
+        return student
+
     def get_text_features(
         self,
         input_ids: torch.Tensor,
@@ -539,6 +680,86 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         outputs.stage_pooler_outputs = self.visual_projection(outputs.stage_pooler_outputs)
         outputs.pooler_output = outputs.stage_pooler_outputs[:, -1]
         return outputs if return_dict is not False else outputs.to_tuple()
+
+    @torch.no_grad()
+    def refine(
+        self,
+        pixel_values: torch.Tensor,
+        text_embeds: torch.Tensor,
+        margin_threshold: float,
+        max_stages: int | None = None,
+        margin_scaling: str = "none",
+    ) -> WaveCLIPRefinementOutput:
+        """Margin-gated zero-shot classification, coarse to fine, in the spirit of `generate`.
+
+        Runs stage 0 on the batch, scores it against `text_embeds`, lets the images whose probability margin passes
+        the gate (see `gating.py`) answer, drops them from the batch and from the cache
+        (`Cache.batch_select_indices`), and feeds the next stage's tokens to the rest from the cache. No stage is
+        ever computed twice.
+
+        Args:
+            pixel_values: (batch, 3, S, S) packed coefficients from [`WaveCLIPImageProcessor`].
+            text_embeds: (num_labels, projection_dim) label embeddings (`get_text_features(...).pooler_output`,
+                normalised here).
+            margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0; > 1:
+                every image through every stage).
+            max_stages: answer at the latest after this many stages (default: all).
+            margin_scaling: `"none"` or `"num_labels"` (the paper's threshold x number of labels).
+
+        Returns:
+            [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
+        """
+        num_stages = self.num_stages if max_stages is None else max_stages
+        if not 1 <= num_stages <= self.num_stages:
+            raise ValueError(f"`max_stages` must be in 1..{self.num_stages}, got {max_stages}.")
+        if text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
+            raise ValueError(
+                f"`text_embeds` must be (num_labels >= 1, projection_dim), got {tuple(text_embeds.shape)}."
+            )
+        batch_size = pixel_values.shape[0]
+        device = self.logit_scale.device
+        text_embeds = nn.functional.normalize(text_embeds.to(device), dim=-1)
+        logit_scale = self.logit_scale.exp()
+        num_labels = text_embeds.shape[0]
+
+        logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
+        image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
+        exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        active = torch.arange(batch_size, device=device)
+        cache = None
+        for stage in range(num_stages):
+            last = stage == num_stages - 1
+            outputs = self.get_image_features(
+                pixel_values[active], num_stages=stage + 1, past_key_values=cache, use_cache=not last
+            )
+            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(text_embeds.dtype)
+            logits = logit_scale * embeds @ text_embeds.t()
+            stops = torch.ones_like(active, dtype=torch.bool) if last else gate_stops(
+                logits.softmax(-1), margin_threshold, margin_scaling
+            )
+            answered = active[stops]
+            logits_per_image[answered] = logits[stops]
+            image_embeds[answered] = embeds[stops]
+            exit_stage[answered] = stage
+            if bool(stops.all()):
+                break
+            cache = outputs.past_key_values
+            continuing = (~stops).nonzero().squeeze(1)
+            if not bool((~stops).all()):
+                cache.batch_select_indices(continuing)
+            active = active[continuing]
+
+        from .flops import stage_flops  # the analytic per-stage count; imported here to keep model import light
+
+        cumulative = torch.tensor(stage_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64)
+        cumulative = cumulative.cumsum(0) / 1e9
+        return WaveCLIPRefinementOutput(
+            scores=logits_per_image.softmax(-1),
+            logits_per_image=logits_per_image,
+            image_embeds=image_embeds,
+            exit_stage=exit_stage,
+            gflops=cumulative.to(device)[exit_stage].float(),
+        )
 
     def forward(
         self,
@@ -584,6 +805,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
 __all__ = [
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
+    "WaveCLIPRefinementOutput",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",
     "block_causal_mask",

@@ -1,0 +1,46 @@
+"""The confidence gate: answer an image now, or feed it the next stage's detail tokens.
+
+After stage s the zero-shot scores are `softmax(logit_scale * cos(image, label))` over the candidate labels.
+The gate stops an image when its probability margin, top-1 minus top-2, reaches the threshold:
+
+- `margin_scaling="none"` (default): stop when `p1 - p2 >= margin_threshold`; the threshold is a probability
+  margin in [0, 1]. `0` answers every image at stage 0, anything above 1 never stops early.
+- `margin_scaling="num_labels"` (the paper's class-count-scaled form): stop when `p1 - p2 >= margin_threshold * N`
+  for N candidate labels; `margin_threshold` is then a margin *per label* (probability units divided by N), so
+  one setting transfers across label-set sizes (with 1,000 labels, 3e-4 means a margin of 0.3).
+
+A single candidate label always stops at stage 0: there is nothing to separate.
+
+This file is shipped as remote code with saved checkpoints.
+"""
+
+import torch
+
+MARGIN_SCALINGS = ("none", "num_labels")
+
+
+def probability_margin(probs: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 probability, (batch, labels) -> (batch,); 1 for a single label."""
+    if probs.shape[-1] == 1:
+        return torch.ones(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def effective_threshold(margin_threshold: float, num_labels: int, margin_scaling: str = "none") -> float:
+    """The probability margin an image needs to stop, after optional class-count scaling."""
+    if margin_scaling not in MARGIN_SCALINGS:
+        raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {margin_scaling!r}.")
+    margin_threshold = float(margin_threshold)
+    if not margin_threshold >= 0:  # also rejects NaN
+        raise ValueError(f"`margin_threshold` must be a number >= 0, got {margin_threshold}.")
+    return margin_threshold * num_labels if margin_scaling == "num_labels" else margin_threshold
+
+
+def gate_stops(probs: torch.Tensor, margin_threshold: float, margin_scaling: str = "none") -> torch.Tensor:
+    """Which images stop now: (batch, labels) probabilities -> (batch,) bool."""
+    num_labels = probs.shape[-1]
+    if num_labels == 1:
+        return torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device)
+    threshold = effective_threshold(margin_threshold, num_labels, margin_scaling)
+    return probability_margin(probs) >= threshold
