@@ -323,6 +323,20 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with a clear error when the weights do not fit the config."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} do not match the shapes its config.json asks for "
+                "(the report above lists each tensor): the config and the safetensors come from different models. "
+                "Save both with `model.save_pretrained(folder)`, or pass the config the weights were trained with."
+            ) from error
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus what a folder needs to load anywhere with `trust_remote_code`.
 

@@ -1,0 +1,130 @@
+"""Zero-shot image classification with margin-gated, coarse-to-fine refinement.
+
+`pipeline("zero-shot-image-classification", model=<saved WaveCLIP folder or Hub id>, trust_remote_code=True)`
+returns this pipeline (the saved config registers it under `custom_pipelines`). It takes the stock parameters
+(`candidate_labels`, `hypothesis_template`, `batch_size`, `timeout`) and returns the stock format, a list of
+`{"score", "label"}` sorted by score, with two more keys on every entry: `"stage"` (the stage that answered)
+and `"gflops"` (image-encoder GFLOPs spent on that image, 1 multiply-add = 2 FLOPs).
+
+Extra parameters:
+- `margin_threshold` (default `None`): run [`WaveCLIPModel.refine`]: stop an image as soon as its top-1 minus
+  top-2 probability reaches the threshold. `None` runs every stage up to `max_stages` for every image.
+- `max_stages` (default: all): answer at the latest after this many stages.
+- `margin_scaling` (`"none"` or `"num_labels"`): see `gating.py`.
+
+Label text embeddings are computed once per (labels, template) and reused by later calls.
+
+This file is shipped as remote code with saved checkpoints.
+"""
+
+from collections import OrderedDict
+
+import torch
+from transformers.image_utils import load_image
+from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+
+from .gating import MARGIN_SCALINGS
+
+# Label sets kept per pipeline; a serving process cycling through more sets recomputes the oldest.
+_TEXT_CACHE_SIZE = 32
+
+
+def check_candidate_labels(candidate_labels) -> list[str]:
+    """Return the labels as a list, or raise a `ValueError` naming what is wrong with them."""
+    if isinstance(candidate_labels, str):
+        candidate_labels = [candidate_labels]
+    if candidate_labels is None or len(candidate_labels) == 0:
+        raise ValueError("`candidate_labels` is empty: pass at least one label, e.g. candidate_labels=['cat', 'dog'].")
+    labels = list(candidate_labels)
+    bad = [label for label in labels if not isinstance(label, str) or not label.strip()]
+    if bad:
+        raise ValueError(f"`candidate_labels` must be non-empty strings; got {bad[:5]!r}.")
+    seen, duplicates = set(), []
+    for label in labels:
+        if label in seen and label not in duplicates:
+            duplicates.append(label)
+        seen.add(label)
+    if duplicates:
+        raise ValueError(
+            f"`candidate_labels` contains duplicates {duplicates[:5]!r}: their scores would split one class in two. "
+            "Pass each label once."
+        )
+    return labels
+
+
+class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
+    """The stock zero-shot pipeline, answering each image at the earliest stage whose margin is decisive."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._text_embeddings = OrderedDict()
+
+    def _sanitize_parameters(self, tokenizer_kwargs=None, **kwargs):
+        preprocess_params, _, _ = super()._sanitize_parameters(tokenizer_kwargs=tokenizer_kwargs, **kwargs)
+        forward_params = {}
+        for name in ("margin_threshold", "max_stages", "margin_scaling"):
+            if name in kwargs:
+                forward_params[name] = kwargs[name]
+        if forward_params.get("margin_scaling", "none") not in MARGIN_SCALINGS:
+            raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {forward_params['margin_scaling']!r}.")
+        if tokenizer_kwargs is not None:
+            preprocess_params["tokenizer_kwargs"] = tokenizer_kwargs
+        return preprocess_params, forward_params, {}
+
+    def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", timeout=None,
+                   tokenizer_kwargs=None):
+        labels = check_candidate_labels(candidate_labels)
+        if isinstance(image, str):  # URL, path or base64, as the stock pipeline; arrays go to the processor as is
+            image = load_image(image, timeout=timeout)
+        inputs = self.image_processor(images=[image], return_tensors="pt")
+        # Text is not tokenised per image: _forward embeds each label set once and caches it.
+        inputs["candidate_labels"] = labels
+        inputs["hypothesis_template"] = hypothesis_template
+        inputs["tokenizer_kwargs"] = tokenizer_kwargs or {}
+        return inputs
+
+    def label_embeddings(self, candidate_labels: list[str], hypothesis_template: str, tokenizer_kwargs=None):
+        """(num_labels, projection_dim) text embeddings of the prompts, computed once per (labels, template)."""
+        key = (tuple(candidate_labels), hypothesis_template)
+        if key in self._text_embeddings:
+            self._text_embeddings.move_to_end(key)
+            return self._text_embeddings[key]
+        sequences = [hypothesis_template.format(label) for label in candidate_labels]
+        text_inputs = self.tokenizer(sequences, return_tensors="pt", padding=True, **(tokenizer_kwargs or {}))
+        text_inputs = text_inputs.to(self.device)
+        with torch.no_grad():
+            embeds = self.model.get_text_features(**text_inputs).pooler_output
+        self._text_embeddings[key] = embeds
+        if len(self._text_embeddings) > _TEXT_CACHE_SIZE:
+            self._text_embeddings.popitem(last=False)
+        return embeds
+
+    def _forward(self, model_inputs, margin_threshold=None, max_stages=None, margin_scaling="none"):
+        labels_per_image = model_inputs.pop("candidate_labels")
+        template = model_inputs.pop("hypothesis_template")
+        tokenizer_kwargs = model_inputs.pop("tokenizer_kwargs")
+        labels = labels_per_image
+        if isinstance(labels[0], list):  # batched: one entry per image, all from the same call
+            labels, template, tokenizer_kwargs = labels[0], template[0], tokenizer_kwargs[0]
+        text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
+        # Without a threshold nothing may stop early: a threshold above 1 sends every image through every stage.
+        threshold = 2.0 if margin_threshold is None else margin_threshold
+        outputs = self.model.refine(
+            model_inputs["pixel_values"], text_embeds, threshold, max_stages=max_stages, margin_scaling=margin_scaling
+        )
+        return {
+            "candidate_labels": labels_per_image,
+            "logits": outputs.logits_per_image,
+            "stage": outputs.exit_stage,
+            "gflops": outputs.gflops,
+        }
+
+    def postprocess(self, model_outputs):
+        labels = model_outputs["candidate_labels"]
+        if labels and isinstance(labels[0], list):
+            labels = labels[0]
+        probs = model_outputs["logits"][0].float().softmax(dim=-1)
+        stage = int(model_outputs["stage"].reshape(-1)[0])
+        gflops = float(model_outputs["gflops"].reshape(-1)[0])
+        ranked = sorted(zip(probs.tolist(), labels), key=lambda pair: -pair[0])
+        return [{"score": score, "label": label, "stage": stage, "gflops": gflops} for score, label in ranked]
