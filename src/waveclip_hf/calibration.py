@@ -1,0 +1,276 @@
+"""Gate calibration: the accuracy / GFLOPs trade-off of the margin threshold, and choosing a threshold.
+
+Because attention is block-causal, one full forward gives every stage's answer exactly as the cached refinement
+loop would (tested to 1e-4), so a sweep needs one pass over the images: collect every stage's image embedding,
+score them against the labels, and replay the gate for each threshold offline. `WaveCLIPModel.refine` is the
+online version of the same rule (`exit_stages` below is checked against it in the tests).
+"""
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .flops import FLOPS_CONVENTION, stage_flops
+from .gating import effective_threshold, probability_margin
+
+DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
+
+
+@dataclass
+class OperatingPoint:
+    """One threshold of the sweep: accuracy, mean image-encoder GFLOPs and the share of images per exit stage."""
+
+    threshold: float
+    accuracy: float
+    mean_gflops: float
+    stage_share: list[float]
+
+
+@torch.no_grad()
+def collect_stage_embeddings(model, batches: Iterable[torch.Tensor], progress: bool = True, total: int | None = None):
+    """Normalised image embeddings after every stage, from one block-causal forward per batch.
+
+    Args:
+        model: a `WaveCLIPModel`.
+        batches: iterable of (batch, 3, S, S) `pixel_values`.
+
+    Returns:
+        (num_images, num_stages, projection_dim) float32 tensor on the CPU.
+    """
+    device = model.logit_scale.device
+    dtype = model.logit_scale.dtype
+    embeddings = []
+    for pixel_values in tqdm(batches, desc="stage embeddings", unit="batch", total=total, disable=not progress):
+        stages = model.get_image_features(pixel_values.to(device, dtype)).stage_pooler_outputs
+        embeddings.append(torch.nn.functional.normalize(stages.float(), dim=-1).cpu())
+    return torch.cat(embeddings)
+
+
+def stage_probabilities(stage_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """(N, stages, P) image and (C, P) label embeddings -> (N, stages, C) zero-shot probabilities."""
+    text = torch.nn.functional.normalize(text_embeds.float().cpu(), dim=-1)
+    return (logit_scale * stage_embeds @ text.t()).softmax(-1)
+
+
+def exit_stages(stage_probs: torch.Tensor, threshold: float, margin_scaling: str = "none") -> torch.Tensor:
+    """The stage at which the gate answers each image: the first whose margin passes, else the last. (N,) long."""
+    num_images, num_stages, num_labels = stage_probs.shape
+    if num_labels == 1:
+        return torch.zeros(num_images, dtype=torch.long)
+    needed = effective_threshold(threshold, num_labels, margin_scaling)
+    passes = probability_margin(stage_probs) >= needed  # (N, stages)
+    passes[:, -1] = True
+    return passes.float().argmax(dim=1)  # first True
+
+
+def sweep_thresholds(
+    stage_probs: torch.Tensor,
+    labels: torch.Tensor,
+    cumulative_gflops: Sequence[float],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    margin_scaling: str = "none",
+) -> list[OperatingPoint]:
+    """Replay the gate for every threshold.
+
+    Args:
+        stage_probs: (N, stages, C) probabilities from `stage_probabilities`.
+        labels: (N,) true label indices.
+        cumulative_gflops: GFLOPs to have an answer after each stage with the cache.
+    """
+    num_stages = stage_probs.shape[1]
+    predictions = stage_probs.argmax(-1)  # (N, stages)
+    gflops = torch.tensor(cumulative_gflops, dtype=torch.float64)
+    points = []
+    for threshold in thresholds:
+        stages = exit_stages(stage_probs, threshold, margin_scaling)
+        answered = predictions.gather(1, stages[:, None]).squeeze(1)
+        share = torch.bincount(stages, minlength=num_stages).double() / len(stages)
+        points.append(
+            OperatingPoint(
+                threshold=float(threshold),
+                accuracy=float((answered == labels).double().mean()),
+                mean_gflops=float(gflops[stages].mean()),
+                stage_share=[float(s) for s in share],
+            )
+        )
+    return points
+
+
+def fixed_stage_points(stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float]):
+    """Accuracy and GFLOPs of answering every image after stage s, for each s."""
+    predictions = stage_probs.argmax(-1)
+    return [
+        {"stage": s, "accuracy": float((predictions[:, s] == labels).double().mean()), "gflops": float(g)}
+        for s, g in enumerate(cumulative_gflops)
+    ]
+
+
+def choose_threshold(
+    points: Sequence[OperatingPoint],
+    full_accuracy: float,
+    max_accuracy_drop: float | None = None,
+    gflops_budget: float | None = None,
+) -> OperatingPoint | None:
+    """The cheapest point within `max_accuracy_drop` of `full_accuracy` (fractions, e.g. 0.01 = 1 point), or the
+    most accurate point within `gflops_budget` mean GFLOPs. Exactly one target must be given; `None` if no
+    point meets it."""
+    if (max_accuracy_drop is None) == (gflops_budget is None):
+        raise ValueError("Give exactly one target: `max_accuracy_drop` or `gflops_budget`.")
+    if max_accuracy_drop is not None:
+        meeting = [p for p in points if p.accuracy >= full_accuracy - max_accuracy_drop - 1e-12]
+        return min(meeting, key=lambda p: (p.mean_gflops, -p.accuracy), default=None)
+    meeting = [p for p in points if p.mean_gflops <= gflops_budget + 1e-12]
+    return max(meeting, key=lambda p: (p.accuracy, -p.mean_gflops), default=None)
+
+
+def cumulative_stage_gflops(config) -> list[float]:
+    """GFLOPs to have an answer after each stage, with the cache (see `flops.py` for the convention)."""
+    per_stage = stage_flops(config)
+    return [sum(per_stage[: s + 1]) / 1e9 for s in range(len(per_stage))]
+
+
+def plot_tradeoff(points, fixed_points, path, chosen=None, reference_points=None, title="Gate calibration"):
+    """Accuracy vs mean GFLOPs: the threshold sweep as a curve, each fixed stage (and references such as the
+    teacher) as labelled points, the chosen threshold circled. Saves a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ax.plot([p.mean_gflops for p in points], [100 * p.accuracy for p in points], "-o", ms=3, label="gated (θ sweep)")
+    for point in fixed_points:
+        ax.scatter(point["gflops"], 100 * point["accuracy"], marker="s", s=40, zorder=3)
+        ax.annotate(f"stage {point['stage']}", (point["gflops"], 100 * point["accuracy"]), textcoords="offset points",
+                    xytext=(5, -10), fontsize=8)
+    for name, (gflops, accuracy) in (reference_points or {}).items():
+        ax.scatter(gflops, 100 * accuracy, marker="*", s=90, zorder=3)
+        ax.annotate(name, (gflops, 100 * accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if chosen is not None:
+        ax.scatter(chosen.mean_gflops, 100 * chosen.accuracy, s=160, facecolors="none", edgecolors="red", zorder=4,
+                   label=f"chosen θ = {chosen.threshold:g}")
+    ax.set_xlabel(f"mean image-encoder GFLOPs per image ({FLOPS_CONVENTION.split(';')[0]})")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_report(path, points, fixed_points, chosen, extra: dict | None = None) -> Path:
+    """JSON with every operating point, the fixed stages, the chosen point and the FLOPs convention."""
+    report = {
+        "flops_convention": FLOPS_CONVENTION,
+        "fixed_stages": fixed_points,
+        "sweep": [asdict(p) for p in points],
+        "chosen": asdict(chosen) if chosen is not None else None,
+        **(extra or {}),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return Path(path)
+
+
+def default_thresholds(steps: int = 41) -> list[float]:
+    """A sweep dense near 0 and 1, where the trade-off bends, plus one value above 1 (= the full model)."""
+    return sorted({round(0.5 - 0.5 * math.cos(math.pi * i / (steps - 1)), 4) for i in range(steps)} | {1.01})
+
+
+def load_labelled_images(data: str, split: str = "validation", image_column: str = "image",
+                         label_column: str = "label"):
+    """A labelled image set as `(dataset, class_names)`.
+
+    `data` is a folder in the `datasets` image-folder layout (`<data>/<split>/<class>/*.jpg`, or `<data>/<class>/*`
+    for a single split) or a `datasets` dataset id / path; the label column must be a `ClassLabel`.
+    """
+    import datasets
+
+    path = Path(data)
+    if path.is_dir() and not any(path.glob("*.py")) and not (path / "dataset_info.json").exists():
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        dataset = datasets.load_dataset(data)
+    if split not in dataset:
+        if len(dataset) == 1:
+            split = next(iter(dataset))
+        else:
+            raise ValueError(f"{data} has no split {split!r}; it has {sorted(dataset)}. Pass --split.")
+    dataset = dataset[split]
+    for column in (image_column, label_column):
+        if column not in dataset.column_names:
+            raise ValueError(f"{data} ({split}) has no column {column!r}; its columns are {dataset.column_names}.")
+    feature = dataset.features[label_column]
+    if not hasattr(feature, "names"):
+        raise ValueError(f"Column {label_column!r} of {data} is not a ClassLabel, so its class names are unknown.")
+    return dataset, list(feature.names)
+
+
+def calibrate(
+    model_path: str,
+    data: str,
+    output_dir: str,
+    split: str = "validation",
+    image_column: str = "image",
+    label_column: str = "label",
+    hypothesis_template: str = "This is a photo of {}.",
+    thresholds: Sequence[float] | None = None,
+    margin_scaling: str = "none",
+    max_accuracy_drop: float | None = 0.01,
+    gflops_budget: float | None = None,
+    batch_size: int = 32,
+    max_images: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sweep the gate threshold of a saved WaveCLIP model on labelled images; write JSON and a plot.
+
+    Returns the report dict (also written to `<output_dir>/gate_calibration.json`, with the plot beside it).
+    """
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dataset, class_names = load_labelled_images(data, split, image_column, label_column)
+    if max_images is not None:
+        dataset = dataset.select(range(min(max_images, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"{data} ({split}) has no images.")
+
+    with torch.no_grad():
+        prompts = [hypothesis_template.format(name) for name in class_names]
+        text_inputs = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+        text_embeds = model.get_text_features(**text_inputs).pooler_output.float().cpu()
+
+    def batches():
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            yield processor(images=rows[image_column], return_tensors="pt")["pixel_values"]
+
+    stage_embeds = collect_stage_embeddings(model, batches(), progress, total=math.ceil(len(dataset) / batch_size))
+    labels = torch.tensor(dataset[label_column])
+    probs = stage_probabilities(stage_embeds, text_embeds, model.logit_scale.exp().item())
+    gflops = cumulative_stage_gflops(model.config)
+    points = sweep_thresholds(probs, labels, gflops, thresholds or default_thresholds(), margin_scaling)
+    fixed = fixed_stage_points(probs, labels, gflops)
+    chosen = choose_threshold(points, fixed[-1]["accuracy"], max_accuracy_drop, gflops_budget)
+    output = Path(output_dir)
+    target = (f"accuracy within {100 * max_accuracy_drop:g} points of the full model" if max_accuracy_drop is not None
+              else f"at most {gflops_budget:g} mean GFLOPs")
+    report_path = write_report(
+        output / "gate_calibration.json", points, fixed, chosen,
+        extra={"model": str(model_path), "data": str(data), "split": split, "num_images": len(dataset),
+               "hypothesis_template": hypothesis_template, "margin_scaling": margin_scaling, "target": target},
+    )
+    plot_tradeoff(points, fixed, output / "gate_calibration.png", chosen, title=f"Gate calibration ({len(dataset)} images)")
+    return json.loads(report_path.read_text())
