@@ -114,8 +114,12 @@ class WaveCLIPRefinementOutput(ModelOutput):
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
     """Stage index of every token of stages `first_stage..end_stage-1`, shape (tokens,)."""
-    lengths = torch.tensor(config.stage_lengths[first_stage:end_stage], device=device)
-    return torch.repeat_interleave(torch.arange(first_stage, end_stage, device=device), lengths)
+    lengths = config.stage_lengths[first_stage:end_stage]
+    return torch.repeat_interleave(
+        torch.arange(first_stage, end_stage, device=device),
+        torch.tensor(lengths, device=device),
+        output_size=sum(lengths),  # known on the host: no device sync, and meta/fake tensors work
+    )
 
 
 def block_causal_mask(
@@ -478,10 +482,13 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
 
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
         device = hidden_states.device
-        query_stages = token_stage_ids(self.config, first_stage, end_stage, device)
-        attention_mask = block_causal_mask(
-            query_stages, token_stage_ids(self.config, 0, end_stage, device), hidden_states.dtype
-        )
+        # One new stage sees every key (cached stages and itself): no mask, so SDPA may pick its fastest kernel.
+        attention_mask = None
+        if end_stage - first_stage > 1:
+            attention_mask = block_causal_mask(
+                token_stage_ids(self.config, first_stage, end_stage, device),
+                token_stage_ids(self.config, 0, end_stage, device), hidden_states.dtype
+            )
         # SDPA returns no probabilities; asking for them switches this call to the eager kernel.
         attn_implementation = "eager" if output_attentions else None
 
@@ -497,8 +504,10 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         # Each computed stage's class token sits at the first position of its block.
-        starts = torch.cumsum(torch.tensor([0] + self.config.stage_lengths[first_stage : end_stage - 1]), dim=0)
-        stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts.to(device)])
+        starts = [0]
+        for length in self.config.stage_lengths[first_stage : end_stage - 1]:
+            starts.append(starts[-1] + length)
+        stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts])
         output = WaveCLIPVisionModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=stage_pooler_outputs[:, -1],
