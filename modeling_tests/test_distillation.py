@@ -357,6 +357,24 @@ def test_resume_across_epochs_with_gradient_accumulation(teacher_dir, images_dir
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_label_vocabulary_kl_and_cached_teacher_embeddings(teacher_dir, images_dir, tmp_path):
+    config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=6, eval_every=3, log_every=3,
+                         label_vocabulary=PROMPTS, kl_weight=0.5, kl_temperature=2.0, cache_teacher_embeddings=True)
+    result = distill(config)
+    assert set(result.metrics) >= {"eval/top1_agreement_stage0", "eval/top1_agreement_stage1"}
+    assert result.train_flops_per_image["teacher_forward"] == 0  # cached: the teacher does not run per step
+    card = (Path(result.final_dir) / "README.md").read_text()
+    assert "on: 4 prompts, weight 0.5, temperature 2" in card and "top-1 agreement" in card
+    assert all(np.isfinite(entry["loss"]) for entry in read_log(tmp_path / "run") if "loss" in entry)
+
+
+def test_bf16_autocast_runs_on_cpu(teacher_dir, images_dir, tmp_path):
+    config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=4, mixed_precision="bf16", log_every=2)
+    result = distill(config)
+    assert result.step == 4 and np.isfinite(result.train_metrics["loss"])
+    assert next(result.student.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
 def test_corrupt_files_are_skipped_and_counted(teacher_dir, images_dir, tmp_path):
     data = tmp_path / "data"
     make_images(data, 24, seed=3)
@@ -446,22 +464,25 @@ def test_sigkill_and_resume_equals_uninterrupted_run(teacher_dir, images_dir, tm
 
 
 @pytest.mark.slow
-def test_sigterm_subprocess_checkpoints_and_exits_143(teacher_dir, images_dir, tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143(teacher_dir, images_dir, tmp_path):
+    """SIGTERM to the whole process group (as Slurm or `kill -TERM -<pgid>` do), data-loader workers included:
+    the run finishes its step, checkpoints, says so and exits with 143, without a traceback."""
     config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=100000, checkpoint_every=0,
-                         eval_holdout=0, log_every=1)
+                         eval_holdout=0, log_every=1, num_workers=2)
     process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.distill", *cli_args(config)], env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
     assert "Stopped by SIGTERM" in stderr and "Traceback" not in stderr
     checkpoint = latest_checkpoint(tmp_path / "run")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] >= 3 and checkpoint.name == f"step-{state['step']}"
+    load_file(checkpoint / "model.safetensors")
 
 
 @pytest.mark.slow

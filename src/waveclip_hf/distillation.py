@@ -764,6 +764,13 @@ class StageCosineEvaluation:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM: schedulers (Slurm, `kill -TERM -<pgid>`, Ctrl-C's cousin) signal the
+    whole process group, and a worker dying would crash the main process before it can checkpoint. Workers still
+    exit when the main process finishes or dies (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _StopFlag:
     """Set by SIGTERM; the loop checks it after each optimizer step."""
 
@@ -877,7 +884,8 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collator,
         num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=config.num_workers > 0,
+        persistent_workers=config.num_workers > 0, worker_init_fn=_ignore_sigterm,
+        generator=torch.Generator().manual_seed(config.seed),  # workers' base seed; keeps global RNG untouched
     )
 
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -1078,7 +1086,7 @@ def _embed_all(teacher, dataset, teacher_processor, student_processor, batch_siz
     """
     collator = DistillationCollator(student_processor, teacher_processor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, worker_init_fn=_ignore_sigterm)
     loader = accelerator.prepare_data_loader(loader)
     cache = None
     for batch in tqdm(loader, desc="teacher embeddings", disable=not accelerator.is_main_process):
