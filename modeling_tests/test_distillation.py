@@ -486,6 +486,43 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(teacher_dir, ima
 
 
 @pytest.mark.slow
+def test_two_cpu_processes_sigterm_and_resume_equal_an_uninterrupted_run(teacher_dir, images_dir, tmp_path):
+    """DDP over gloo (torchrun, 2 processes on CPU): SIGTERM to the group checkpoints on every rank in step,
+    `--resume` continues, and the final weights equal an uninterrupted 2-process run bit for bit."""
+    env = subprocess_env(ACCELERATE_USE_CPU="1")
+
+    def torchrun(port):
+        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "waveclip_hf.distill"]
+
+    def config(name):
+        return tiny_config(teacher_dir, images_dir, tmp_path / name, max_steps=40, batch_size=4, checkpoint_every=0,
+                           eval_holdout=0, log_every=1, num_workers=1)
+
+    subprocess.run([*torchrun(29611), *cli_args(config("straight"))], check=True, env=env,
+                   capture_output=True)
+    process = subprocess.Popen([*torchrun(29612), *cli_args(config("stopped"))], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / "stopped" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 5):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "Stopped by SIGTERM" in stderr, stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "stopped")
+    assert 5 <= int(checkpoint.name[5:]) < 40
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                           "random_states_1.pkl"]
+    out = subprocess.run([*torchrun(29613), *cli_args(config("stopped")), "--resume"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_final_folder_loads_in_a_fresh_offline_process(teacher_dir, images_dir, tmp_path):
     config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=6, eval_every=0)
     result = distill(config)

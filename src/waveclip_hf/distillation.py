@@ -909,7 +909,8 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
         teacher_cache = _embed_all(teacher, train_set, teacher_processor, student_processor, eval_batch_size,
                                    accelerator, config.num_workers)
 
-    # -- evaluation -----------------------------------------------------------------------------------------
+    # -- evaluation (runs on the main process; `do_eval` is the same everywhere, so the barriers match) --------
+    do_eval = evaluate is not None or eval_set is not None
     eval_skipped = []
     if evaluate is None and eval_set is not None and main:
         eval_collator = DistillationCollator(student_processor, teacher_processor)
@@ -955,7 +956,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     interrupted = False
     step = state["step"]
 
-    if evaluate is not None and config.eval_every and step == 0:
+    if do_eval and config.eval_every and step == 0:
         eval_metrics = _run_evaluation(accelerator, module, evaluate, 0, output_dir)  # the starting point
 
     with _StopFlag() as stop:
@@ -1010,7 +1011,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
                     clock = time.perf_counter()
 
                 paused = time.perf_counter()
-                if evaluate is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                if do_eval and config.eval_every and step % config.eval_every == 0 and step < total_steps:
                     eval_metrics = _run_evaluation(accelerator, module, evaluate, step, output_dir) or eval_metrics
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                     checkpoint = save_checkpoint(accelerator, output_dir, step, _state_json(state, config),
@@ -1056,7 +1057,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     if last_saved != step and config.checkpoint_every:
         result.checkpoint = str(save_checkpoint(accelerator, output_dir, step, _state_json(state, config),
                                                 config.keep_checkpoints))
-    if evaluate is not None:
+    if do_eval:
         result.metrics = _run_evaluation(accelerator, module, evaluate, step, output_dir) or eval_metrics
     student = accelerator.unwrap_model(module).student
     result.student = student
@@ -1155,8 +1156,9 @@ def _log_window(accelerator, window, state, step, flops, peak, config, progress,
 
 
 def _run_evaluation(accelerator, module, evaluate, step, output_dir) -> dict:
+    """Evaluate on the main process while the others wait; call it on every process."""
     metrics = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and evaluate is not None:
         student = accelerator.unwrap_model(module).student
         student.eval()
         with torch.no_grad(), accelerator.autocast():
