@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+from waveclip_hf.benchmarks.synthetic import AXES, generate_benchmark
+from waveclip_hf.teacher_training import (
+    TeacherTrainingConfig,
+    build_image_processor,
+    evaluate_clip_zero_shot,
+    normalize_pixels,
+    pixel_cache,
+    read_training_info,
+    train_clip_teacher,
+)
+from waveclip_hf.zero_shot_evaluation import zero_shot_accuracy_per_axis
+
+TINY = TeacherTrainingConfig(
+    # 64-px inputs (the processor resizes the 224-px images) keep this test at a few seconds.
+    image_size=64,
+    patch_size=16,
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+    vision_num_layers=1,
+    vision_num_heads=2,
+    text_hidden_size=32,
+    text_intermediate_size=64,
+    text_num_layers=1,
+    text_num_heads=2,
+    projection_dim=16,
+    batch_size=8,
+    num_epochs=6,
+    learning_rate=3e-3,
+    warmup_fraction=0.0,
+    # Full captions only: with 8 pairs a batch, subset captions make the loss too noisy to see it fall.
+    full_caption_probability=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "bench"
+    return generate_benchmark(root, num_train=32, num_validation=8, num_test=8, seed=1, num_workers=1, progress=False)
+
+
+def test_pixel_cache_matches_image_processor(tiny_data):
+    processor = build_image_processor(224)
+    cache = pixel_cache(tiny_data, "validation", processor, num_workers=1, progress=False)
+    assert cache.shape == (8, 3, 224, 224) and cache.dtype == np.uint8
+    images = [Image.open(tiny_data / "validation" / f"{i:05d}.png") for i in range(3)]
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(normalize_pixels(torch.from_numpy(np.array(cache[:3])), processor), expected)
+    # Second call reads the file back.
+    again = pixel_cache(tiny_data, "validation", processor, num_workers=1, progress=False)
+    assert again.filename == cache.filename
+
+
+@pytest.fixture
+def one_thread():
+    # The tiny model gains nothing from a second thread, and on a busy 2-core machine
+    # OpenMP threads waiting on each other made this test 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_training_lowers_loss_and_reloads(tiny_data, tmp_path, one_thread):
+    out = tmp_path / "teacher"
+    result = train_clip_teacher(tiny_data, out, TINY, num_workers=1, progress=False, evaluate_split=None)
+    losses = result.info["losses"]
+    assert not result.skipped and len(losses) == 24
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
+
+    model = CLIPModel.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert model.config.vision_config.image_size == 64
+    assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
+    inputs = processor(images=Image.open(tiny_data / "test" / "00000.png"), return_tensors="pt")
+    text = tokenizer(AXES["shape"].prompts(), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs, **text).logits_per_image
+    assert logits.shape == (1, len(AXES["shape"].class_names))
+
+    # Same config + same data: the finished teacher is reused, not retrained.
+    again = train_clip_teacher(tiny_data, out, TINY, num_workers=1, progress=False, evaluate_split=None)
+    assert again.skipped and again.info == read_training_info(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]
+
+    accuracies = evaluate_clip_zero_shot(model, tokenizer, processor, tiny_data, "test", num_workers=1, progress=False)
+    assert set(accuracies) == set(AXES) and all(0.0 <= a <= 1.0 for a in accuracies.values())
+
+
+def test_zero_shot_accuracy_per_axis():
+    text = {"a": torch.eye(3), "b": torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}
+    images = torch.tensor([[2.0, 0.1, 0.0], [0.0, 0.0, 5.0], [0.1, 3.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = {"a": torch.tensor([0, 2, 1, 0]), "b": torch.tensor([0, 1, 0, 1])}
+    assert zero_shot_accuracy_per_axis(images, labels, text) == {"a": 0.75, "b": 0.75}
+    with pytest.raises(ValueError, match="labels"):
+        zero_shot_accuracy_per_axis(images, {"a": torch.tensor([0, 1])}, text)

@@ -1,0 +1,457 @@
+"""Train a small CLIP teacher on the generated benchmark, contrastively, with `accelerate`.
+
+The real teacher would be `openai/clip-vit-base-patch16`, which cannot be downloaded here
+(DESIGN.md §6). This module trains a stand-in with the same interface: the output
+folder holds a `CLIPModel`, its tokenizer and a `CLIPImageProcessor`, and loads with
+`CLIPModel.from_pretrained` / `AutoTokenizer` / `AutoImageProcessor` like the Hub
+checkpoint does.
+
+The loop is deliberately short (nanoGPT-style): config at the top, one function that
+prepares data, builds the model, trains with AdamW + warmup/cosine, and saves.
+Throughput on a 2-core CPU is the constraint, so the train split is decoded and
+preprocessed once into a uint8 array on disk (`pixel_cache`), and every epoch after
+that only reads memory.
+"""
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
+
+from .benchmarks.synthetic import AXES, label_ids, labels_of_row, load_benchmark_split, read_benchmark_info, sample_caption
+from .text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from .zero_shot_evaluation import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
+
+# OpenAI CLIP's statistics, so the teacher preprocesses exactly like the checkpoints it
+# stands in for (the benchmark's own statistics are close enough not to matter).
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+TRAINING_INFO_NAME = "training_info.json"
+
+
+@dataclass
+class TeacherTrainingConfig:
+    """Every knob of the teacher and its training run.
+
+    The defaults are a ViT with 32-px patches (7x7 = 49 tokens at 224), small enough to
+    train on the default benchmark's train split in minutes on a 2-core CPU, yet able to
+    read 1-px textures and 5x7-px glyphs (its patch projection sees full-resolution pixels).
+    """
+
+    # Vision tower.
+    image_size: int = 224
+    patch_size: int = 32
+    vision_hidden_size: int = 192
+    vision_intermediate_size: int = 768
+    vision_num_layers: int = 4
+    vision_num_heads: int = 3
+    # Text tower; captions are at most ~16 word-level tokens.
+    text_hidden_size: int = 128
+    text_intermediate_size: int = 512
+    text_num_layers: int = 2
+    text_num_heads: int = 2
+    max_text_length: int = 24
+    projection_dim: int = 64
+    # Optimisation.
+    batch_size: int = 128
+    num_epochs: float = 2.0
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16", as `accelerate` takes it.
+    # Probability that a training caption names every axis; otherwise it names a random
+    # subset (see `sample_caption`), which is what teaches single-axis prompts.
+    full_caption_probability: float = 0.5
+    num_train_images: int | None = None  # None: the whole train split.
+    seed: int = 0
+
+    def config_hash(self, data_info: dict | None = None) -> str:
+        """Short hash of this config (and of the benchmark's info): equal hashes, same teacher."""
+        payload = json.dumps({"config": asdict(self), "data": data_info}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_image_processor(image_size: int = 224) -> CLIPImageProcessor:
+    """The teacher's image processor, built without the Hub: shortest side -> `image_size`
+    (bicubic), centre crop, rescale to [0, 1], normalise with OpenAI CLIP's mean/std."""
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=int(Image.Resampling.BICUBIC),  # an int, as it reads back from JSON
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+        do_convert_rgb=True,
+    )
+
+
+def build_clip_config(config: TeacherTrainingConfig, tokenizer) -> CLIPConfig:
+    """A small `CLIPConfig` from the training config and the tokenizer's vocabulary."""
+    text_config = {
+        "hidden_size": config.text_hidden_size,
+        "intermediate_size": config.text_intermediate_size,
+        "num_hidden_layers": config.text_num_layers,
+        "num_attention_heads": config.text_num_heads,
+        "projection_dim": config.projection_dim,
+        **clip_text_config_kwargs(tokenizer),
+    }
+    vision_config = {
+        "hidden_size": config.vision_hidden_size,
+        "intermediate_size": config.vision_intermediate_size,
+        "num_hidden_layers": config.vision_num_layers,
+        "num_attention_heads": config.vision_num_heads,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "projection_dim": config.projection_dim,
+    }
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=config.projection_dim)
+
+
+# --------------------------------------------------------------------- pixel cache
+
+
+def _preprocess_chunk(job) -> None:
+    """Worker: decode PNGs [start, stop) and write their uint8 crops into the memmap."""
+    paths, cache_path, start, image_processor = job
+    cache = np.load(cache_path, mmap_mode="r+")
+    images = [Image.open(path) for path in paths]
+    # Resize and crop only: normalisation happens per batch in float (`normalize_pixels`),
+    # so the cache stays uint8 (4x smaller than float32).
+    pixels = image_processor(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+    cache[start : start + len(paths)] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    cache.flush()
+
+
+def pixel_cache(
+    data_root: str | os.PathLike,
+    split: str,
+    image_processor: CLIPImageProcessor,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> np.ndarray:
+    """The whole split, resized and cropped by `image_processor`, as a uint8 memmap.
+
+    Built once into ``<data_root>/<split>/pixels-<key>.npy`` (the key hashes the
+    processor's geometry and the benchmark's info) and reused afterwards; written to a
+    temporary file and renamed, so an interrupted build leaves no broken cache.
+
+    Returns:
+        (N, 3, S, S) uint8 read-only memmap, rows in `metadata.jsonl` order.
+    """
+    split_dir = Path(data_root) / split
+    rows = load_benchmark_split(data_root, split)
+    geometry = {k: image_processor.to_dict().get(k) for k in ("size", "crop_size", "resample", "do_resize", "do_center_crop")}
+    key = hashlib.sha256(json.dumps([geometry, read_benchmark_info(data_root), len(rows)], sort_keys=True).encode()).hexdigest()[:12]
+    path = split_dir / f"pixels-{key}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+
+    crop = image_processor.crop_size
+    tmp = split_dir / f".pixels-{key}.tmp-{os.getpid()}.npy"
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), 3, crop["height"], crop["width"])).flush()
+    chunk = 256
+    jobs = [
+        ([split_dir / row["file_name"] for row in rows[a : a + chunk]], tmp, a, image_processor)
+        for a in range(0, len(rows), chunk)
+    ]
+    try:
+        with tqdm(total=len(rows), desc=f"caching {split} pixels", unit="img", disable=not progress) as bar:
+            if num_workers > 1:
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                with multiprocessing.get_context(method).Pool(num_workers) as pool:
+                    for job, _ in zip(jobs, pool.imap(_preprocess_chunk, jobs)):
+                        bar.update(len(job[0]))
+            else:
+                for job in jobs:
+                    _preprocess_chunk(job)
+                    bar.update(len(job[0]))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")
+
+
+def normalize_pixels(pixels: torch.Tensor, image_processor: CLIPImageProcessor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 from `pixel_cache` -> (B, 3, S, S) float32 `pixel_values`,
+    identical to what `image_processor(images)` returns for the same images."""
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (pixels.float() * image_processor.rescale_factor - mean) / std
+
+
+class _CachedImages(torch.utils.data.Dataset):
+    """Index -> (3, S, S) uint8 pixels from the cache, plus the index (for the labels)."""
+
+    def __init__(self, pixels: np.ndarray, num_images: int):
+        self.pixels = pixels
+        self.num_images = num_images
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        return torch.from_numpy(np.array(self.pixels[index])), index
+
+
+class _CaptionCollator:
+    """Stacks and normalises pixels, and draws a fresh random caption for each image."""
+
+    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int):
+        self.labels = [labels_of_row(row) for row in rows]
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.full_caption_probability = full_caption_probability
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, items) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([pixels for pixels, _ in items])
+        captions = [sample_caption(self.labels[i], self.rng, self.full_caption_probability) for _, i in items]
+        text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        return {
+            "pixel_values": normalize_pixels(pixels, self.image_processor),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+        }
+
+
+# ------------------------------------------------------------------------ training
+
+
+@dataclass
+class TeacherTrainingResult:
+    """What `train_clip_teacher` did: where the teacher is and how training went."""
+
+    output_dir: Path
+    skipped: bool  # True when a finished teacher with the same config hash was reused
+    info: dict  # the contents of training_info.json
+
+
+def read_training_info(output_dir: str | os.PathLike) -> dict | None:
+    """`training_info.json` of a finished teacher folder, or None."""
+    path = Path(output_dir) / TRAINING_INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_clip_teacher(
+    data_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config: TeacherTrainingConfig | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+    evaluate_split: str | None = "validation",
+) -> TeacherTrainingResult:
+    """Train a CLIP teacher on (image, caption) pairs of the benchmark's train split.
+
+    Idempotent: if `output_dir` holds a finished teacher whose config hash (config +
+    benchmark info) matches, nothing is trained. The folder is written under a temporary
+    name and renamed at the end, so it is either complete or absent.
+
+    Args:
+        data_root: a folder made by `generate_benchmark`.
+        output_dir: where the `save_pretrained` folder goes (model, tokenizer, image
+            processor, and `training_info.json` with config, losses and timings).
+        config: model and optimisation settings; default `TeacherTrainingConfig()`.
+        num_workers: processes used to build the pixel cache.
+        progress: show tqdm progress bars.
+        evaluate_split: split to score zero-shot at the end (stored in the info), or None.
+
+    Returns:
+        A `TeacherTrainingResult`.
+    """
+    config = config or TeacherTrainingConfig()
+    data_root, output_dir = Path(data_root), Path(output_dir)
+    data_info = read_benchmark_info(data_root)
+    if data_info is None:
+        raise FileNotFoundError(f"{data_root} holds no generated benchmark (no info.json); run generate_benchmark first")
+    config_hash = config.config_hash(data_info)
+    existing = read_training_info(output_dir)
+    if existing is not None and existing.get("config_hash") == config_hash:
+        return TeacherTrainingResult(output_dir, skipped=True, info=existing)
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+    set_seed(config.seed)
+
+    # Data: uint8 pixels cached once; captions drawn per step from the labels.
+    rows = load_benchmark_split(data_root, "train")
+    num_images = len(rows) if config.num_train_images is None else min(config.num_train_images, len(rows))
+    image_processor = build_image_processor(config.image_size)
+    with accelerator.main_process_first():
+        pixels = pixel_cache(data_root, "train", image_processor, num_workers, progress and accelerator.is_main_process)
+    # The vocabulary: every caption word plus the words of the zero-shot prompts.
+    tokenizer = build_word_level_tokenizer(
+        [row["caption"] for row in rows] + [p for axis in AXES.values() for p in axis.prompts()],
+        max_length=config.max_text_length,
+    )
+    collator = _CaptionCollator(
+        rows, tokenizer, image_processor, config.full_caption_probability, seed=config.seed + accelerator.process_index
+    )
+    loader = torch.utils.data.DataLoader(
+        _CachedImages(pixels, num_images),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+    model = CLIPModel(build_clip_config(config, tokenizer))
+    # No weight decay on biases, norms, embeddings and the temperature, as in CLIP.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    batches_per_epoch = num_images // config.batch_size // accelerator.num_processes
+    total_steps = max(1, math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    losses, step, seen = [], 0, 0
+    images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="training teacher", unit="step", disable=not (progress and accelerator.is_main_process))
+    while step < total_steps:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = model(**batch, return_loss=True).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            # CLIP clamps the learned temperature at 100 to keep the loss stable.
+            with torch.no_grad():
+                accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+            step += 1
+            seen += images_per_step
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{seen / elapsed:.0f}")
+            bar.update()
+            if step >= total_steps:
+                break
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    accelerator.wait_for_everyone()
+    info = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model).eval()
+        info = {
+            "config_hash": config_hash,
+            "config": asdict(config),
+            "data": {"root": str(data_root), "info": data_info, "num_train_images": num_images},
+            "steps": step,
+            "images_seen": seen,
+            "train_seconds": round(train_seconds, 1),
+            "images_per_second": round(seen / train_seconds, 1),
+            "loss_first": losses[0],
+            "loss_last": float(np.mean(losses[-10:])),
+            "losses": [round(v, 4) for v in losses],
+        }
+        if evaluate_split is not None:
+            info[f"zero_shot_{evaluate_split}"] = evaluate_clip_zero_shot(
+                model, tokenizer, image_processor, data_root, evaluate_split, num_workers=num_workers, progress=progress
+            )
+        _save_teacher(output_dir, model, tokenizer, image_processor, info)
+    accelerator.wait_for_everyone()
+    return TeacherTrainingResult(output_dir, skipped=False, info=info)
+
+
+def _save_teacher(output_dir: Path, model, tokenizer, image_processor, info: dict) -> None:
+    """Write the `save_pretrained` folder under a temporary name, then swap it in."""
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    (tmp / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    if output_dir.exists():
+        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, output_dir)
+
+
+@torch.no_grad()
+def evaluate_clip_zero_shot(
+    model: CLIPModel,
+    tokenizer,
+    image_processor: CLIPImageProcessor,
+    data_root: str | os.PathLike,
+    split: str = "test",
+    batch_size: int = 256,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Zero-shot top-1 accuracy of a CLIP model on every axis of a benchmark split.
+
+    Each axis is a separate classification over its class prompts (`AXES[axis].prompts()`).
+
+    Returns:
+        axis name -> accuracy in [0, 1].
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rows = load_benchmark_split(data_root, split)
+    pixels = pixel_cache(data_root, split, image_processor, num_workers, progress)
+    text_embeds = text_embeddings_per_axis(model, tokenizer, {name: axis.prompts() for name, axis in AXES.items()})
+    batches = (
+        normalize_pixels(torch.from_numpy(np.array(pixels[a : a + batch_size])), image_processor)
+        for a in range(0, len(rows), batch_size)
+    )
+    image_embeds = image_embeddings(
+        lambda x: model.get_image_features(pixel_values=x.to(device)),
+        batches,
+        total=len(rows),
+        progress=progress,
+        desc=f"zero-shot {split}",
+    )
+    labels = {axis: torch.from_numpy(label_ids(rows, axis)) for axis in AXES}
+    return zero_shot_accuracy_per_axis(image_embeds, labels, text_embeds)
+
+
+__all__ = [
+    "TeacherTrainingConfig",
+    "TeacherTrainingResult",
+    "build_clip_config",
+    "build_image_processor",
+    "evaluate_clip_zero_shot",
+    "normalize_pixels",
+    "pixel_cache",
+    "read_training_info",
+    "train_clip_teacher",
+]
