@@ -1,0 +1,42 @@
+"""The README's main job on a miniature benchmark: every step runs, reports are written, a rerun reuses them.
+
+Marked slow (about 1.5 minutes on 2 cores): `bash scripts/run_tests.sh -m slow`.
+"""
+
+import json
+
+import pytest
+
+from waveclip_hf.end_to_end import EndToEndConfig, run
+
+MINIATURE = {
+    "num_train": 192, "num_validation": 32, "num_test": 64,
+    "teacher": {"num_epochs": 1.0, "batch_size": 32},
+    "distillation": {"max_steps": 6, "batch_size": 16},
+}
+
+
+@pytest.mark.slow
+def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
+    config = EndToEndConfig(cache_dir=str(tmp_path / "cache"), docs_dir=str(tmp_path / "docs"), overrides=MINIATURE,
+                            progress=False, demo_images=2)
+    report = run(config)
+    per_axis = report["per_axis"]
+    assert set(per_axis) == {"color", "shape", "texture", "glyph"}
+    for row in per_axis.values():
+        assert len(row["stages"]) == 2 and all(0 <= a <= 1 for a in row["stages"])
+        assert row["student_text_equals_teacher"]
+    sweep = report["sweep_mean"]
+    gflops = report["student_cumulative_gflops"]
+    assert sweep[0]["threshold"] == 0 and sweep[0]["mean_gflops"] == pytest.approx(gflops[0])
+    assert sweep[-1]["threshold"] > 1 and sweep[-1]["mean_gflops"] == pytest.approx(gflops[-1])
+    assert sweep[-1]["accuracy"] == pytest.approx(report["summary"]["student_stage_mean"][-1])
+    results_md = (tmp_path / "docs" / "results.md").read_text()
+    assert "| texture | fine |" in results_md and "python -m waveclip_hf.end_to_end" in results_md
+    assert (tmp_path / "docs" / "figures" / "e2e_accuracy_vs_gflops.png").stat().st_size > 10_000
+    assert len(report["context"]["demo"]) == 2
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"] == report["summary"]
+
+    # A second run reuses data, teacher, student and test embeddings: same numbers.
+    again = run(config)
+    assert again["per_axis"] == per_axis
