@@ -27,13 +27,30 @@ def probability_margin(probs: torch.Tensor) -> torch.Tensor:
     return top2[..., 0] - top2[..., 1]
 
 
+def check_margin_threshold(margin_threshold) -> float:
+    """`margin_threshold` as a float, or a `ValueError` naming what is wrong with it (not a number, NaN, < 0).
+
+    Strings are refused rather than parsed: a threshold read from a config file or a form as text is a bug
+    upstream, and "0.5" vs 0.5 should not silently mean the same thing in one place and fail in another.
+    """
+    if isinstance(margin_threshold, (str, bytes, bool)):
+        raise ValueError(f"`margin_threshold` must be a number >= 0, got {margin_threshold!r}.")
+    try:
+        value = float(margin_threshold)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`margin_threshold` must be a number >= 0, got {type(margin_threshold).__name__} {margin_threshold!r}."
+        ) from None
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"`margin_threshold` must be a number >= 0, got {value}.")
+    return value
+
+
 def effective_threshold(margin_threshold: float, num_labels: int, margin_scaling: str = "none") -> float:
     """The probability margin an image needs to stop, after optional class-count scaling."""
     if margin_scaling not in MARGIN_SCALINGS:
         raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {margin_scaling!r}.")
-    margin_threshold = float(margin_threshold)
-    if not margin_threshold >= 0:  # also rejects NaN
-        raise ValueError(f"`margin_threshold` must be a number >= 0, got {margin_threshold}.")
+    margin_threshold = check_margin_threshold(margin_threshold)
     return margin_threshold * num_labels if margin_scaling == "num_labels" else margin_threshold
 
 

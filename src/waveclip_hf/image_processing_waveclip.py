@@ -581,6 +581,10 @@ def _numpy_to_tensor(array: np.ndarray, what: str) -> tuple[torch.Tensor, str]:
         kind = "uint16" if dtype.kind == "u" and dtype.itemsize == 2 else "int"
     elif dtype.kind == "f":
         kind = "float"
+        if dtype.itemsize > 4 and array.size:
+            # Check before the cast: float32 turns values beyond ±3.4e38 into inf, which the later check would
+            # misreport as "NaN or inf" for an image that merely has the wrong range.
+            _check_float_values(bool(np.isfinite(array).all()), float(np.min(array)), float(np.max(array)), what)
     else:
         raise ValueError(
             f"{what}: unsupported dtype {dtype}; use bool, uint8, uint16, another integer type or a real float."
@@ -591,7 +595,13 @@ def _numpy_to_tensor(array: np.ndarray, what: str) -> tuple[torch.Tensor, str]:
 
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:
     """`torch.from_numpy` without its warning for read-only arrays (np.asarray of a PIL image is one): the
-    tensor is only ever read, every later step works out of place."""
+    tensor is only ever read, every later step works out of place.
+
+    Arrays with negative strides (`image[::-1]`, OpenCV's BGR -> RGB `image[..., ::-1]`) are copied first: torch
+    tensors cannot have negative strides. (`copy`, not `np.ascontiguousarray`: numpy calls an array with a negative
+    stride on a length-1 axis contiguous and would return it unchanged.)"""
+    if any(stride < 0 for stride in array.strides):
+        array = array.copy()
     if array.flags.writeable:
         return torch.from_numpy(array)
     with warnings.catch_warnings():
@@ -601,7 +611,13 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
 
 def _torch_to_tensor(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, str]:
     """torch → (CPU tensor, kind of its dtype), as `_numpy_to_tensor`."""
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{what}: the tensor is on the meta device and holds no data; pass a tensor with real values."
+        )
     tensor = tensor.detach().cpu()
+    if tensor.layout != torch.strided:  # sparse and other layouts: the checks below need dense values
+        tensor = tensor.to_dense()
     dtype = tensor.dtype
     if dtype == torch.bool:
         return tensor, "bool"
@@ -610,6 +626,10 @@ def _torch_to_tensor(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, str
     if dtype.is_complex:
         raise ValueError(f"{what}: unsupported dtype {dtype}; use an integer or real floating-point type.")
     if dtype.is_floating_point:
+        if dtype == torch.float64 and tensor.numel():  # check before float32 overflows huge values to inf
+            finite = bool(torch.isfinite(tensor).all())
+            low, high = (v.item() for v in torch.aminmax(tensor)) if finite else (0.0, 0.0)
+            _check_float_values(finite, low, high, what)
         return tensor.to(torch.float32), "float"
     return tensor.to(torch.float32), "uint16" if dtype == torch.uint16 else "int"
 
@@ -664,14 +684,9 @@ def _to_unit_float(values: torch.Tensor, kind: str, scale: float | None, what: s
     if kind == "bool":
         return values.to(torch.float32, memory_format=torch.contiguous_format)
     if kind == "float":
-        if not torch.isfinite(values).all():
-            raise ValueError(f"{what}: the image contains NaN or inf values; replace them before processing.")
-        low, high = (v.item() for v in torch.aminmax(values))
-        if low < -_FLOAT_RANGE_TOLERANCE or high > 1 + _FLOAT_RANGE_TOLERANCE:
-            raise ValueError(
-                f"{what}: float images must hold values in [0, 1], got {low:.4g}..{high:.4g}. Divide 0-255 data "
-                "by 255 (or pass it as uint8), and pass images before any normalisation."
-            )
+        finite = bool(torch.isfinite(values).all())
+        low, high = (v.item() for v in torch.aminmax(values)) if finite else (0.0, 0.0)
+        _check_float_values(finite, low, high, what)
         # Out of place: `values` may be the caller's own tensor or array.
         return values.clamp(0, 1).contiguous()
     if scale is None and kind == "uint8":
@@ -689,6 +704,17 @@ def _to_unit_float(values: torch.Tensor, kind: str, scale: float | None, what: s
         scale = 1 / 255 if high <= 255 else 1 / 65535
     # In place is safe here: uint8 is copied by the cast, and wider integers were already copied to float32.
     return values.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
+
+
+def _check_float_values(finite: bool, low: float, high: float, what: str) -> None:
+    """Reject float images with NaN / inf, or with values outside [0, 1] beyond the clamping tolerance."""
+    if not finite:
+        raise ValueError(f"{what}: the image contains NaN or inf values; replace them before processing.")
+    if low < -_FLOAT_RANGE_TOLERANCE or high > 1 + _FLOAT_RANGE_TOLERANCE:
+        raise ValueError(
+            f"{what}: float images must hold values in [0, 1], got {low:.4g}..{high:.4g}. Divide 0-255 data "
+            "by 255 (or pass it as uint8), and pass images before any normalisation."
+        )
 
 
 def _resize_and_crop(

@@ -12,6 +12,9 @@ This file is shipped as remote code with saved checkpoints: it imports only torc
 """
 
 
+import json
+import operator
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from transformers.models.clip.modeling_clip import (
 from transformers.utils import ModelOutput
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
-from .gating import gate_stops
+from .gating import MARGIN_SCALINGS, check_margin_threshold, gate_stops
 from .wavelet_layout import unpack_coefficients
 
 
@@ -143,6 +146,16 @@ def block_causal_mask(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def _as_stage_count(value, name: str) -> int:
+    """`value` as a Python int (ints, numpy / 0-d torch integers), or a `ValueError` naming `name`."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be an integer number of stages, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an integer number of stages, got {type(value).__name__} {value!r}.") from None
 
 
 class WaveCLIPVisionEmbeddings(nn.Module):
@@ -329,17 +342,87 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with a clear error when the weights do not fit the config."""
+        """`PreTrainedModel.from_pretrained`, with clear errors where a folder cannot give this model.
+
+        Raises a `ValueError` (or `FileNotFoundError` for missing files) that names the file and the fix when: a local
+        path does not exist; the folder has no `config.json` or another model's (e.g. a CLIP `config.json` copied
+        over); a `.safetensors` file is truncated or corrupt; the weights do not fit the config; or some of the
+        model's tensors are missing from the checkpoint (they would be silently random). Pass
+        `output_loading_info=True` to get the model and transformers' loading report instead of the last error.
+        """
+        from safetensors import SafetensorError
+
+        source = pretrained_model_name_or_path
+        folder = Path(source) if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) else None
+        if isinstance(source, (str, os.PathLike)) and folder is None:
+            text = os.fspath(source)
+            if os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text):
+                raise FileNotFoundError(
+                    f"{text} is not a folder: pass the folder written by `model.save_pretrained(...)` or a Hub id."
+                )
+        if folder is not None and kwargs.get("config") is None:
+            cls._check_local_config(folder)
+        want_report = kwargs.pop("output_loading_info", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, report = super().from_pretrained(source, *args, output_loading_info=True, **kwargs)
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
             raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} do not match the shapes its config.json asks for "
+                f"The weights in {source} do not match the shapes its config.json asks for "
                 "(the report above lists each tensor): the config and the safetensors come from different models. "
                 "Save both with `model.save_pretrained(folder)`, or pass the config the weights were trained with."
             ) from error
+        except SafetensorError as error:
+            bad = _unreadable_safetensors(folder) if folder is not None else []
+            where = ", ".join(map(str, bad)) if bad else f"a .safetensors file of {source}"
+            raise ValueError(
+                f"{where} is truncated or corrupt (safetensors: {error}). Download it again (for a Hub model, "
+                "`from_pretrained(..., force_download=True)`) or save the model again with `save_pretrained`."
+            ) from error
+        if want_report:
+            return model, report
+        missing = sorted(report.get("missing_keys") or [])
+        if missing:
+            hint = "Save the model with `model.save_pretrained(folder)` so that every tensor is written."
+            if any(key.startswith("vision_model.") for key in report.get("unexpected_keys") or []):
+                hint = (
+                    "The folder holds a full WaveCLIPModel: load it with `WaveCLIPModel.from_pretrained(...)` and use "
+                    "its `.vision_model`."
+                )
+            raise ValueError(
+                f"The checkpoint {source} has no weights for {len(missing)} of this {cls.__name__}'s tensors "
+                f"(e.g. {missing[:3]}): they would be randomly initialised. {hint}"
+            )
+        return model
+
+    @classmethod
+    def _check_local_config(cls, folder: Path) -> None:
+        """A local folder must hold this model's config.json (transformers would fall back to defaults, or warn
+        and build the wrong geometry from another model's config)."""
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no config.json: the weights cannot be read without the geometry it records. Save the "
+                "model with `model.save_pretrained(folder)` (it writes config.json next to model.safetensors), or "
+                "pass `config=`."
+            )
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (ValueError, AttributeError, OSError):
+            return  # not JSON (or not an object): transformers' own error names the file
+        expected = cls.config_class.model_type
+        if model_type != expected:
+            hint = (
+                " It is a full WaveCLIP checkpoint: load it with `WaveCLIPModel.from_pretrained(...)` and use its "
+                "`.vision_model`." if model_type == "waveclip" else
+                " Put back the config.json that was saved with these weights (`save_pretrained` writes both), or "
+                "pass `config=`."
+            )
+            raise ValueError(
+                f"{config_file} describes a {model_type!r} model, not a {expected!r} one ({cls.__name__}): the folder "
+                f"holds another model's config.{hint}"
+            )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus what a folder needs to load anywhere with `trust_remote_code`.
@@ -353,6 +436,20 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
         config.custom_pipelines = {task: dict(spec) for task, spec in _CUSTOM_PIPELINES.items()}
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_remote_code(save_directory)
+
+
+def _unreadable_safetensors(folder: Path) -> list[Path]:
+    """The `.safetensors` files in `folder` whose header safetensors cannot read."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            bad.append(path)
+    return bad
 
 
 def copy_remote_code(save_directory) -> list[Path]:
@@ -413,29 +510,78 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             )
         return boundaries.index(cached_tokens)
 
-    def _check_inputs(self, pixel_values: torch.Tensor, past_key_values: Cache | None, num_stages: int | None):
+    def _check_pixel_values(self, pixel_values) -> None:
         config = self.config
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values` (packed DWT coefficients from WaveCLIPImageProcessor).")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(
+                f"`pixel_values` must be a torch tensor, got {type(pixel_values).__name__}. Use "
+                "`WaveCLIPImageProcessor(...)(images, return_tensors='pt')['pixel_values']`."
+            )
         if pixel_values.dim() != 4 or pixel_values.shape[1:] != (config.num_channels, config.image_size, config.image_size):
             raise ValueError(
                 f"`pixel_values` must have shape (batch, {config.num_channels}, {config.image_size}, "
                 f"{config.image_size}) (packed DWT coefficients from WaveCLIPImageProcessor), got "
                 f"{tuple(pixel_values.shape)}."
             )
+        if not pixel_values.is_floating_point():
+            # Raw 8-bit pixels have the right shape once resized; casting them would silently give nonsense.
+            raise ValueError(
+                f"`pixel_values` must be floating point (packed DWT coefficients), got {pixel_values.dtype}: these "
+                "look like raw pixels. Run the images through WaveCLIPImageProcessor first."
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("`pixel_values` holds no images (batch size 0): pass at least one image.")
+
+    def _check_cache(self, past_key_values, batch_size: int) -> int:
+        """How many stages `past_key_values` holds, after checking it can continue these images on this model."""
+        if past_key_values is None:
+            return 0
+        if not isinstance(past_key_values, Cache):
+            raise ValueError(
+                f"`past_key_values` must be a transformers `Cache` returned by this model (e.g. `DynamicCache`), got "
+                f"{type(past_key_values).__name__}. Legacy tuple caches are not supported."
+            )
         cached = self.cached_stages(past_key_values)
-        if cached and past_key_values.layers[0].keys.shape[0] != pixel_values.shape[0]:
+        if not cached:
+            return 0
+        config = self.config
+        keys = past_key_values.layers[0].keys
+        if keys.shape[0] != batch_size:
             raise ValueError(
-                f"The cache holds {past_key_values.layers[0].keys.shape[0]} images but `pixel_values` has "
-                f"{pixel_values.shape[0]}. After an early exit, call `past_key_values.batch_select_indices(idx)` "
-                "with the indices of the images that continue, and pass `pixel_values[idx]`."
+                f"The cache holds {keys.shape[0]} images but `pixel_values` has {batch_size}. After an early "
+                "exit, call `past_key_values.batch_select_indices(idx)` with the indices of the images that "
+                "continue, and pass `pixel_values[idx]`."
             )
-        if cached and len(past_key_values.layers) != config.num_hidden_layers:
+        head_dim = config.hidden_size // config.num_attention_heads
+        if len(past_key_values.layers) != config.num_hidden_layers or tuple(keys.shape[1::2]) != (
+            config.num_attention_heads, head_dim
+        ):
             raise ValueError(
-                f"The cache has {len(past_key_values.layers)} layers but this model has {config.num_hidden_layers}: "
-                "it comes from another model."
+                f"The cache has {len(past_key_values.layers)} layers of {keys.shape[1]} heads x {keys.shape[-1]} but "
+                f"this model has {config.num_hidden_layers} layers of {config.num_attention_heads} heads x {head_dim}: "
+                "it comes from another model. Start without a cache, or pass the cache this model returned."
             )
-        num_stages = config.num_stages if num_stages is None else num_stages
+        owner = getattr(past_key_values, "_waveclip_owner", None)
+        if owner is not None and owner != id(self):
+            raise ValueError(
+                "The cache was filled by another WaveCLIP model instance (same shapes, but other weights or another "
+                "config would give wrong answers): it comes from another model. Pass the cache this model returned."
+            )
+        weight = self.embeddings.patch_embeddings[0].weight
+        if keys.dtype != weight.dtype and not torch.is_autocast_enabled(weight.device.type):
+            raise ValueError(
+                f"The cache holds {keys.dtype} keys but the model runs in {weight.dtype}: it was filled before the "
+                "model was cast (or by another model). Start again without a cache after changing the dtype."
+            )
+        return cached
+
+    def _check_inputs(self, pixel_values: torch.Tensor, past_key_values: Cache | None, num_stages: int | None):
+        config = self.config
+        self._check_pixel_values(pixel_values)
+        cached = self._check_cache(past_key_values, pixel_values.shape[0])
+        num_stages = config.num_stages if num_stages is None else _as_stage_count(num_stages, "num_stages")
         if not cached < num_stages <= config.num_stages:
             raise ValueError(
                 f"`num_stages` ({num_stages}) is the number of stages processed after this call: it must be in "
@@ -508,6 +654,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         for length in self.config.stage_lengths[first_stage : end_stage - 1]:
             starts.append(starts[-1] + length)
         stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts])
+        if cache is not None:
+            cache._waveclip_owner = id(self)  # lets a later call tell this cache from another model's
         output = WaveCLIPVisionModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=stage_pooler_outputs[:, -1],
@@ -732,12 +880,23 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         Returns:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
         """
-        num_stages = self.num_stages if max_stages is None else max_stages
+        num_stages = self.num_stages if max_stages is None else _as_stage_count(max_stages, "max_stages")
         if not 1 <= num_stages <= self.num_stages:
             raise ValueError(f"`max_stages` must be in 1..{self.num_stages}, got {max_stages}.")
-        if text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
+        # Checked up front, not only when the gate first runs: a single label or max_stages=1 never reaches it.
+        margin_threshold = check_margin_threshold(margin_threshold)
+        if margin_scaling not in MARGIN_SCALINGS:
+            raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {margin_scaling!r}.")
+        self.vision_model._check_pixel_values(pixel_values)
+        if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
             raise ValueError(
-                f"`text_embeds` must be (num_labels >= 1, projection_dim), got {tuple(text_embeds.shape)}."
+                f"`text_embeds` must be a (num_labels >= 1, projection_dim) tensor, got "
+                f"{tuple(text_embeds.shape) if isinstance(text_embeds, torch.Tensor) else type(text_embeds).__name__}."
+            )
+        if text_embeds.shape[1] != self.projection_dim:
+            raise ValueError(
+                f"`text_embeds` have {text_embeds.shape[1]} dimensions but this model projects to "
+                f"{self.projection_dim}: use `get_text_features(...).pooler_output` of the same model."
             )
         batch_size = pixel_values.shape[0]
         device = self.logit_scale.device
