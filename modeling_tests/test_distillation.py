@@ -486,6 +486,27 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(teacher_dir, ima
 
 
 @pytest.mark.slow
+def test_a_crash_with_workers_exits_instead_of_hanging(teacher_dir, images_dir, tmp_path):
+    """Workers shrug off a group SIGTERM, but when the main process dies of an exception, multiprocessing's own
+    SIGTERM must still end them (an ignored SIGTERM made the interpreter wait forever at exit)."""
+    script = (
+        "import sys\n"
+        "from waveclip_hf.distillation import DistillationConfig, distill\n"
+        "def boom(model, step):\n"
+        "    if step == 2:\n"
+        "        raise RuntimeError('boom at step 2')\n"
+        "    return {}\n"
+        f"distill(DistillationConfig(teacher={str(teacher_dir)!r}, train_data={str(images_dir)!r}, "
+        f"output_dir={str(tmp_path / 'run')!r}, levels=1, cell_size=16, batch_size=8, max_steps=20, num_workers=2, "
+        "eval_every=1, eval_holdout=0, checkpoint_every=0, peak_tflops=1.0, progress_bar=False), evaluate=boom)\n"
+    )
+    start = time.time()
+    out = subprocess.run([PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "boom at step 2" in out.stderr
+    assert time.time() - start < 60
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_sigterm_and_resume_equal_an_uninterrupted_run(teacher_dir, images_dir, tmp_path):
     """DDP over gloo (torchrun, 2 processes on CPU): SIGTERM to the group checkpoints on every rank in step,
     `--resume` continues, and the final weights equal an uninterrupted 2-process run bit for bit."""

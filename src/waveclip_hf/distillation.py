@@ -793,11 +793,28 @@ class StageCosineEvaluation:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Data-loader workers ignore SIGTERM: schedulers (Slurm, `kill -TERM -<pgid>`, Ctrl-C's cousin) signal the
-    whole process group, and a worker dying would crash the main process before it can checkpoint. Workers still
-    exit when the main process finishes or dies (PyTorch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _guard_worker_from_sigterm(worker_id: int) -> None:
+    """Data-loader workers survive a SIGTERM sent to the whole process group, but obey their own parent's.
+
+    Schedulers (Slurm, `kill -TERM -<pgid>`, `docker stop` of a shell) signal every process of the group; a worker
+    dying would crash the main process before it can checkpoint. Simply ignoring SIGTERM is not enough: when the
+    main process exits on an exception, `multiprocessing` terminates its daemonic workers with SIGTERM and joins
+    them, which would then wait forever. So SIGTERM is blocked here and a thread reads it with `sigwaitinfo`: from
+    the parent (or once orphaned) the worker exits, from anyone else it is ignored. Where `sigwaitinfo` does not
+    exist (macOS, Windows) the default behaviour is kept.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait_for_parent():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent, name="sigterm-guard", daemon=True).start()
 
 
 class _StopFlag:
@@ -913,7 +930,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collator,
         num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=config.num_workers > 0, worker_init_fn=_ignore_sigterm,
+        persistent_workers=config.num_workers > 0, worker_init_fn=_guard_worker_from_sigterm,
         generator=torch.Generator().manual_seed(config.seed),  # workers' base seed; keeps global RNG untouched
     )
 
@@ -1063,6 +1080,10 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     progress.close()
 
     images_per_second, mfu = _overall_throughput(throughput, flops, peak, accelerator.num_processes)
+    if mfu is not None and mfu > 1.0:
+        _log(accelerator, f"MFU above 100% ({100 * mfu:.0f}%): the peak ({peak:.3f} TFLOPS, {peak_source}) is too low, "
+                          "e.g. measured while other processes shared the machine. Pass --peak-tflops.",
+             level=logging.WARNING)
     skipped = _gather_skipped(accelerator, state["skipped"])
     all_skipped = dict(skipped)
     for name, error in eval_skipped:
@@ -1116,7 +1137,7 @@ def _embed_all(teacher, dataset, teacher_processor, student_processor, batch_siz
     """
     collator = DistillationCollator(student_processor, teacher_processor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
-                                         num_workers=num_workers, worker_init_fn=_ignore_sigterm)
+                                         num_workers=num_workers, worker_init_fn=_guard_worker_from_sigterm)
     loader = accelerator.prepare_data_loader(loader)
     cache = None
     for batch in tqdm(loader, desc="teacher embeddings", disable=not accelerator.is_main_process):
