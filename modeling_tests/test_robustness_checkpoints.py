@@ -269,8 +269,8 @@ def test_out_of_disk_during_a_checkpoint_keeps_the_last_one_and_resume_uses_it(
     real_save = full_disk_when(monkeypatch, torch, "tmp-step-6")
     # The run stops with an error that says what failed, what is intact and what to do.
     with pytest.raises(OSError, match=r"Could not write checkpoint .*step-6 \(.*No space left on device.*\); nothing "
-                                      r"was published and earlier checkpoints are intact \(the last complete one is .*step-3\)\. Free disk space and "
-                                      r"resume with --resume"):
+                                      r"was published and earlier checkpoints are intact \(the last complete one is "
+                                      r".*step-3\)\. Free disk space and resume with --resume"):
         distill(config)
     checkpoints = output / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3"]  # no half-written tmp-step-6 left

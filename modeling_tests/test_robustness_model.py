@@ -45,7 +45,8 @@ def stage0_cache(model, pixel_values):
     [
         (lambda: random_pixels(2).numpy(), r"must be a torch tensor, got ndarray"),
         (lambda: random_pixels(1).tolist(), r"must be a torch tensor, got list"),
-        (lambda: (random_pixels(2) * 40 + 128).clamp(0, 255).to(torch.uint8), r"must be floating point .*torch\.uint8: these look like raw pixels"),
+        (lambda: (random_pixels(2) * 40 + 128).clamp(0, 255).to(torch.uint8),
+         r"must be floating point .*torch\.uint8: these look like raw pixels"),
         (lambda: random_pixels(2).long(), r"must be floating point .*torch\.int64"),
         (lambda: random_pixels(2) > 0, r"must be floating point .*torch\.bool"),
         (lambda: random_pixels(2)[:0], r"holds no images \(batch size 0\)"),
@@ -308,7 +309,8 @@ def save_folder_with_vocabulary(folder, words):
     """A tiny WaveCLIP folder whose tokenizer knows every word in `words` (one token each)."""
     tokenizer = build_word_level_tokenizer([f"This is a photo of {word}." for word in words])
     config = tiny_config(levels=1)
-    config.text_config = type(config.text_config)(**{**config.text_config.to_dict(), **clip_text_config_kwargs(tokenizer)})
+    text_config = {**config.text_config.to_dict(), **clip_text_config_kwargs(tokenizer)}
+    config.text_config = type(config.text_config)(**text_config)
     torch.manual_seed(0)
     model = WaveCLIPModel(config).eval()
     with torch.no_grad():

@@ -2,7 +2,8 @@
 `ValueError` that names the image and the problem; never another exception type, never a silent NaN.
 
 Hypothesis draws PIL images of every common mode, numpy arrays and torch tensors of every common dtype, channel
-layout and memory order (C, Fortran, negative strides), sizes from 1 x 1 to 4096 x 300, in-range values, out-of-range values, NaN and inf, and batches mixing them.
+layout and memory order (C, Fortran, negative strides), sizes from 1 x 1 to 4096 x 300, in-range values,
+out-of-range values, NaN and inf, and batches mixing them.
 Pixel data comes from a seeded numpy generator (hypothesis draws only the seed), so a 4096 x 300 example costs a
 few MB and no shrinking time. Each success is checked three ways:
 
@@ -309,7 +310,10 @@ def test_arrays_with_negative_strides_are_accepted(flip, dtype):
     """OpenCV users write `image[..., ::-1]` (BGR -> RGB): a negative-stride view that torch cannot wrap."""
     rng = np.random.default_rng(0)
     image = rng.random((40, 50, 3))
-    image = (image * 255).astype(np.uint8) if dtype is np.uint8 else (image > 0.5 if dtype is bool else image.astype(dtype))
+    if dtype is bool:
+        image = image > 0.5
+    else:
+        image = (image * 255).astype(np.uint8) if dtype is np.uint8 else image.astype(dtype)
     view = {
         "bgr_to_rgb": image[..., ::-1],
         "upside_down": image[::-1],
@@ -338,3 +342,38 @@ def test_meta_and_sparse_tensors():
         processor(images=torch.empty(3, 8, 8, device="meta"))
     dense = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(processor(images=dense.to_sparse())["pixel_values"], processor(images=dense)["pixel_values"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8, torch.int16, torch.uint16, torch.uint32])
+def test_torch_only_dtypes(dtype):
+    """dtypes numpy lacks (bfloat16) or that torch handles with few kernels: read like their numpy cousins."""
+    rng = np.random.default_rng(5)
+    processor = WaveCLIPImageProcessor(image_size=SIZE)
+    if dtype.is_floating_point:
+        image = torch.from_numpy(rng.random((3, 40, 50), dtype=np.float32))
+        expected = processor(images=image.to(dtype).float())["pixel_values"]
+    else:
+        # Fits every integer type. uint16 means 16-bit (/ 65535) in both libraries; the others are inferred from
+        # the values (here 8-bit).
+        levels = rng.integers(0, 128, (3, 40, 50))
+        image = torch.from_numpy(levels)
+        cousin = np.dtype(str(dtype).removeprefix("torch."))
+        expected = processor(images=levels.astype(cousin))["pixel_values"]  # numpy reads (3, 40, 50) channels-first
+    assert torch.equal(processor(images=image.to(dtype))["pixel_values"], expected)
+
+
+def test_a_batch_array_with_zero_images_is_an_empty_batch():
+    with pytest.raises(ValueError, match=r"Empty batch: .* 4-D array with zero images"):
+        WaveCLIPImageProcessor(image_size=SIZE)(images=np.zeros((0, 8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize("mode, via", [("PA", "RGBA"), ("La", "LA"), ("RGBa", "RGBA"), ("YCbCr", "RGB"),
+                                       ("LAB", "RGB"), ("HSV", "RGB"), ("RGBX", "RGB")])
+def test_rarer_pil_modes_convert_as_pillow_does(mode, via):
+    rng = np.random.default_rng(6)
+    base = PIL.Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8))  # RGBA
+    image = base.convert("P").convert("PA") if mode == "PA" else base.convert(mode)
+    assert image.mode == mode
+    processor = WaveCLIPImageProcessor(image_size=SIZE)
+    expected = processor(images=np.asarray(image.convert(via)))["pixel_values"]
+    assert torch.equal(processor(images=image)["pixel_values"], expected)

@@ -155,7 +155,9 @@ def _as_stage_count(value, name: str) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"`{name}` must be an integer number of stages, got {type(value).__name__} {value!r}.") from None
+        raise ValueError(
+            f"`{name}` must be an integer number of stages, got {type(value).__name__} {value!r}."
+        ) from None
 
 
 class WaveCLIPVisionEmbeddings(nn.Module):

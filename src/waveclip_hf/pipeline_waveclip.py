@@ -125,7 +125,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         except TypeError:
             value = None
         if value is None or not 1 <= value <= num_stages:
-            raise ValueError(f"`max_stages` must be an integer in 1..{num_stages} (or None for all), got {max_stages!r}.")
+            raise ValueError(
+                f"`max_stages` must be an integer in 1..{num_stages} (or None for all), got {max_stages!r}."
+            )
         return value
 
     def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", timeout=None,
