@@ -97,6 +97,17 @@ def _hash(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _fresh_accelerator_state() -> None:
+    """Let the next step build its own `Accelerator` (teacher and student may use other mixed precision).
+
+    accelerate keeps one `AcceleratorState` per process and refuses a second `Accelerator` with other settings;
+    the process-level `PartialState` (device, process group) is kept, so multi-GPU launches still work.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _log(message: str) -> None:
     print(f"[end_to_end {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -116,6 +127,7 @@ def build_benchmark(config: EndToEndConfig, settings: dict) -> Path:
 
 def build_teacher(config: EndToEndConfig, settings: dict, data_root: Path):
     teacher_config = TeacherTrainingConfig(seed=config.seed, **settings.get("teacher", {}))
+    _fresh_accelerator_state()
     output = Path(config.cache_dir) / f"teacher-{teacher_config.config_hash({'data': str(data_root.name)})}"
     return train_clip_teacher(data_root, output, teacher_config, num_workers=config.num_workers,
                               progress=config.progress)
@@ -143,6 +155,7 @@ def build_student(config: EndToEndConfig, settings: dict, data_root: Path, teach
     if (final / "config.json").is_file() and (output_dir / "summary.json").is_file():
         _log(f"student: reusing {final}")
         return final
+    _fresh_accelerator_state()
     result = distill(DistillationConfig(output_dir=str(output_dir), **fields))
     if result.interrupted or result.final_dir is None:
         raise RuntimeError(f"distillation into {output_dir} was interrupted; run the same command again to resume")
