@@ -693,6 +693,7 @@ def train_flops_per_image(student_config, teacher_config, teacher_cached: bool) 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
                           seconds: float = 0.5) -> float:
     """Best achieved TFLOPS of a square matmul on `device`: a quick, honest stand-in for an unknown peak."""
+    repeats = 4 if device.type == "cuda" else 1  # many short rounds on a CPU: the best one is the least disturbed
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):  # warm-up (kernel selection, thread pools)
@@ -702,11 +703,11 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(4):
+        for _ in range(repeats):
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e12)
+        best = max(best, repeats * 2 * size**3 / (time.perf_counter() - start) / 1e12)
     return best
 
 
@@ -723,7 +724,7 @@ def peak_tflops(config: DistillationConfig, device: torch.device) -> tuple[float
     if device.type == "cpu":
         dtype = torch.float32  # CPU autocast runs matmuls in bf16 only where supported; fp32 is the honest peak
     size = 4096 if device.type == "cuda" else 2048  # 1024 on CPU reads ~25% lower than 2048 (cache effects)
-    measured = measure_matmul_tflops(device, dtype, size=size, seconds=1.0)
+    measured = measure_matmul_tflops(device, dtype, size=size, seconds=2.0)
     return measured, f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul on {device.type}"
 
 
@@ -988,7 +989,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
          f"Distilling {config.teacher} into WaveCLIP (levels={config.levels}, cell={config.cell_size}, "
          f"{student.num_stages} stages) on {len(train_set)} images ({accelerator.num_processes} process(es), "
          f"global batch {global_batch}, {total_steps} steps, {batches_per_epoch} batches per epoch per process). "
-         f"Train FLOPs/image {flops['total'] / 1e9:.2f} G ({FLOPS_CONVENTION}); peak {peak:.2f} TFLOPS per "
+         f"Train FLOPs/image {flops['total'] / 1e9:.2f} G ({FLOPS_CONVENTION}); peak {peak:.3g} TFLOPS per "
          f"device ({peak_source}).")
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -1196,7 +1197,7 @@ def _log_window(accelerator, window, state, step, flops, peak, config, progress,
     if accelerator.is_main_process:
         postfix = {"loss": f"{metrics['loss']:.4f}"}
         postfix.update({f"c{s}": f"{float(c):.3f}" for s, c in enumerate(cosine.reshape(-1))})
-        postfix.update({"img/s": f"{images_per_second:.1f}", "mfu": f"{100 * mfu:.1f}%"})
+        postfix.update({"img/s": f"{images_per_second:.3g}", "mfu": f"{100 * mfu:.3g}%"})
         if state["skipped"]:
             postfix["skipped"] = len(state["skipped"])
         progress.set_postfix(postfix, refresh=False)
@@ -1255,7 +1256,7 @@ def _gather_skipped(accelerator, skipped: dict) -> dict:
 
 def _summary_line(result: DistillationResult) -> str:
     cos = ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in result.metrics.items())
-    speed = (f"{result.images_per_second:.1f} images/s, MFU {100 * result.mfu:.2f}% of {result.peak_tflops:.2f} "
+    speed = (f"{result.images_per_second:.3g} images/s, MFU {100 * result.mfu:.3g}% of {result.peak_tflops:.3g} "
              f"TFLOPS ({result.peak_source})" if result.images_per_second else "no throughput measured")
     skipped = f"{result.skipped_count} unreadable image(s) skipped"
     if result.skipped_count:

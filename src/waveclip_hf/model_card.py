@@ -64,14 +64,19 @@ def card_fields(config, result, student_config, teacher_config=None, accuracy_ma
     weights = config.resolved_stage_weights(vision.num_stages).tolist()
 
     data = f"`{config.train_data}`: {result.num_train_images} training images"
+    if config.eval_data and config.eval_data == config.train_data:
+        eval_source = "the training images themselves: this measures fit, not generalisation"
+    elif config.eval_data:
+        eval_source = f"`{config.eval_data}`"
+    else:
+        eval_source = "held out of the training data"
     if result.num_eval_images:
-        source = f"`{config.eval_data}`" if config.eval_data else "held out of the training data"
-        data += f", {result.num_eval_images} evaluation images ({source})"
+        data += f", {result.num_eval_images} evaluation images ({eval_source})"
     data += f"; {result.skipped_count} unreadable file(s) skipped"
 
     cosine_rows = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/cosine_stage")]
     if cosine_rows:
-        lines = ["| stage | cosine to teacher (held-out) |", "|---:|---:|"]
+        lines = ["| stage | cosine to teacher |", "|---:|---:|"]
         lines += [f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} |" for k, v in cosine_rows]
         agreement = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/top1_agreement_stage")]
         if agreement:
@@ -80,11 +85,13 @@ def card_fields(config, result, student_config, teacher_config=None, accuracy_ma
                 f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} | {a:.4f} |"
                 for (k, v), (_, a) in zip(cosine_rows, agreement)
             ]
-        cosine_table = "\n".join(lines) + f"\n\nMeasured on {result.num_eval_images} held-out images after step {result.step}."
+        cosine_table = "\n".join(lines) + (
+            f"\n\nMean over {result.num_eval_images} evaluation images ({eval_source}) after step {result.step}."
+        )
     else:
         train = [(k, v) for k, v in result.train_metrics.items() if k.startswith("cosine_stage")]
         if train:
-            cosine_table = "No held-out images were evaluated. Mean training cosine over the last logging window:\n\n"
+            cosine_table = "No evaluation images. Mean training cosine over the last logging window:\n\n"
             cosine_table += "| stage | cosine to teacher (training batches) |\n|---:|---:|\n"
             cosine_table += "\n".join(f"| {k.removeprefix('cosine_stage')} | {v:.4f} |" for k, v in train)
         else:
@@ -92,8 +99,9 @@ def card_fields(config, result, student_config, teacher_config=None, accuracy_ma
 
     if result.images_per_second:
         throughput = (
-            f"{result.images_per_second:.1f} images/s over {result.step} steps, model FLOPs utilisation "
-            f"{100 * result.mfu:.2f}% of {result.peak_tflops:.2f} TFLOPS per device ({result.peak_source}); "
+            f"{result.images_per_second:.3g} images/s over {result.step} steps on {result.num_processes} device(s), "
+            f"model FLOPs utilisation {100 * result.mfu:.3g}% of {result.peak_tflops:.3g} TFLOPS per device "
+            f"({result.peak_source}); "
             f"{result.train_flops_per_image['total'] / 1e9:.2f} GFLOPs per training image (3 x the student's full "
             f"forward {result.train_flops_per_image['student_forward'] / 1e9:.2f} + teacher forward "
             f"{result.train_flops_per_image['teacher_forward'] / 1e9:.2f}; 1 multiply-add = 2 FLOPs)."
@@ -121,7 +129,8 @@ def card_fields(config, result, student_config, teacher_config=None, accuracy_ma
         "model_name": config.push_to_hub.split("/")[-1] if config.push_to_hub else f"WaveCLIP distilled from {config.teacher}",
         "model_id": model_id,
         "teacher": config.teacher,
-        "teacher_url": (Path(config.teacher).name if teacher_is_local else f"https://huggingface.co/{config.teacher}"),
+        "teacher_link": (f"`{config.teacher}`" if teacher_is_local
+                         else f"[{config.teacher}](https://huggingface.co/{config.teacher})"),
         "levels": vision.levels,
         "wavelet": vision.wavelet,
         "num_stages": vision.num_stages,
