@@ -74,10 +74,19 @@ class TeacherTrainingConfig:
     warmup_fraction: float = 0.05
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16", as `accelerate` takes it.
+    # "no", "bf16" or "fp16", as `accelerate` takes it. bf16 autocast is ~1.6x faster than
+    # fp32 on a CPU with avx512_bf16 and on any recent GPU.
+    mixed_precision: str = "bf16"
     # Probability that a training caption names every axis; otherwise it names a random
     # subset (see `sample_caption`), which is what teaches single-axis prompts.
-    full_caption_probability: float = 0.5
+    full_caption_probability: float = 0.25
+    # The text tower stays at its random initialisation for this fraction of the steps.
+    # Trained jointly from the start, it learns within a few hundred steps to ignore the
+    # words the image tower cannot see yet (shape, glyph: slower to learn than colour and
+    # texture), which removes the image tower's only gradient towards them; the two then
+    # sit at that saddle for good. A fixed random text tower still tells every word
+    # apart, so the image tower learns all axes first; then both towers align.
+    text_freeze_fraction: float = 0.3
     num_train_images: int | None = None  # None: the whole train split.
     seed: int = 0
 
@@ -329,6 +338,8 @@ def train_clip_teacher(
     batches_per_epoch = num_images // config.batch_size // accelerator.num_processes
     total_steps = max(1, math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps))
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * total_steps), total_steps)
+    text_params = [*model.text_model.parameters(), *model.text_projection.parameters()]
+    text_frozen_steps = round(config.text_freeze_fraction * total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     losses, step, seen = [], 0, 0
@@ -343,6 +354,9 @@ def train_clip_teacher(
                     loss = model(**batch, return_loss=True).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    if step < text_frozen_steps:
+                        for p in text_params:
+                            p.grad = None  # AdamW skips parameters without a gradient
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
