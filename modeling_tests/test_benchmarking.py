@@ -1,0 +1,150 @@
+"""Smoke test of the benchmark harness: every section runs on tiny configs and the reports carry the expected keys.
+
+No timing assertions: the numbers depend on the machine and on whatever else runs on it.
+"""
+
+import json
+
+import pytest
+import torch
+
+import waveclip_hf.benchmarking as benchmarking
+from waveclip_hf.benchmarking import (
+    ENCODER_CONFIGS,
+    HAND_WRITTEN_MARKER,
+    BenchmarkSettings,
+    QuietPolicy,
+    Schedule,
+    run_benchmarks,
+    run_interleaved,
+    summarize,
+    write_reports,
+)
+
+
+def tiny_settings(**overrides) -> BenchmarkSettings:
+    settings = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=64,
+        patch_size=8, projection_dim=16, cell_size=16, levels=1,
+        text_hidden_size=32, text_num_hidden_layers=2, text_num_attention_heads=4, text_intermediate_size=64,
+        text_max_length=16,
+        cpu_schedules=(Schedule(1, 1, 2), Schedule(3, 0, 1)),
+        cpu_early_exit=Schedule(4, 0, 2),
+        preprocessing_single=Schedule(1, 0, 1), preprocessing_batch=Schedule(3, 0, 1),
+        profile_batch_size=2, gpu_schedules=(Schedule(2, 0, 1),), gpu_early_exit=Schedule(4, 0, 1),
+        num_labels=12, pipeline_images=2, stock_pipeline_images=1, pipeline_rounds=1,
+        pipeline_batch_sizes=(1, 2),
+    )
+    settings.update(overrides)
+    return BenchmarkSettings(**settings)
+
+
+def test_summarize_gives_median_quartiles_and_range():
+    summary = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (summary["median"], summary["q1"], summary["q3"], summary["iqr"]) == (3.0, 2.0, 4.0, 2.0)
+    assert (summary["min"], summary["max"], summary["n"]) == (1.0, 5.0, 5)
+    with pytest.raises(ValueError, match="No samples"):
+        summarize([])
+
+
+def test_run_interleaved_runs_warmup_untimed_then_rotates_the_trials():
+    calls = []
+
+    def case(name):
+        def run(watch):
+            calls.append(name)
+            with watch.part("inner"):
+                pass
+        return run
+
+    times = run_interleaved({"a": case("a"), "b": case("b")}, warmup=1, trials=2, device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a"]
+    assert set(times) == {"a", "b"}
+    assert all(len(times[name]["total"]) == 2 and len(times[name]["inner"]) == 2 for name in times)
+
+
+def test_rounds_during_which_other_processes_were_busy_are_re_run(monkeypatch):
+    readings = iter([2.0, 0.0, 1.5, 1.5, 0.1])  # round 1: busy then quiet; round 2: busy, busy, then quiet
+
+    class FakeMonitor:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.result = {"others_busy_cores": next(readings), "steal_cores": 0.0, "seconds": 5.0}
+
+    monkeypatch.setattr(benchmarking, "CpuMonitor", FakeMonitor)
+    monkeypatch.setattr(benchmarking, "wait_for_idle", lambda *args, **kwargs: {})
+    calls, stats = [], {}
+    times = run_interleaved({"a": lambda watch: calls.append("a")}, warmup=0, trials=2, device=torch.device("cpu"),
+                            quiet=QuietPolicy(max_busy_cores=0.3, max_retries=3), stats=stats)
+    assert len(calls) == 5 and len(times["a"]["total"]) == 2
+    assert stats == {"rounds_busy_cores": [0.0, 0.1], "discarded_rounds": 3, "contended_rounds_kept": 0}
+
+
+def test_quick_run_writes_json_markdown_and_plot(tmp_path):
+    results = run_benchmarks(tiny_settings(), command="pytest smoke", log=lambda *_: None)
+    paths = write_reports(results, tmp_path, notes="profiled nothing")
+    assert set(paths) == {"json", "markdown", "plot"}
+    assert paths["plot"].stat().st_size > 0
+
+    report = json.loads(paths["json"].read_text())
+    assert {"meta", "settings", "encoder", "encoder_profile", "early_exit", "preprocessing", "pipeline",
+            "targets"} <= set(report)
+    assert set(report["encoder_profile"]["calls"]) == {
+        "clip_full", "waveclip_stage0_cached", "waveclip_stage1_from_cache", "waveclip_full_forward"}
+    meta = report["meta"]
+    assert {"cpu_model", "cpu_cores", "torch", "date_utc", "command", "flops_convention", "wall_seconds"} <= set(meta)
+    assert meta["command"] == "pytest smoke"
+
+    encoder = report["encoder"]["cpu"]["float32"]
+    assert set(encoder) == {"1", "3"}
+    for entry in encoder.values():
+        assert set(entry["configs"]) == set(ENCODER_CONFIGS)
+        for row in entry["configs"].values():
+            assert {"median", "q1", "q3", "min", "max", "samples", "ms_per_image", "gflops_per_image",
+                    "gflops_per_second"} <= set(row)
+            assert row["gflops_per_image"] > 0
+    if torch.cuda.is_available():
+        assert set(report["encoder"]["cuda"]) == {"float32", "bfloat16"}
+    else:  # the GPU path is skipped, and the report says why
+        assert "torch.cuda.is_available() is False" in report["encoder"]["cuda"]["skipped"]
+        assert "torch.cuda.is_available() is False" in paths["markdown"].read_text()
+
+    rows = report["early_exit"]["cpu"]["rows"]
+    assert [row["exit_fraction"] for row in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [row["exited_images"] for row in rows] == [0, 1, 2, 3, 4]
+    assert all({"predicted_seconds", "deviation_percent", "gflops_per_image"} <= set(row) for row in rows)
+    # GFLOPs fall with the exit fraction; at f = 1 every image stops after stage 0.
+    assert [row["gflops_per_image"] for row in rows] == sorted((row["gflops_per_image"] for row in rows), reverse=True)
+
+    preprocessing = report["preprocessing"]
+    assert preprocessing["processors"]["waveclip"] == "WaveCLIPImageProcessor"
+    assert {"astronaut", "coffee", "chelsea", "rocket", "random_1024"} == set(preprocessing["single"])
+
+    pipeline = report["pipeline"]
+    assert pipeline["num_labels"] == 12
+    assert pipeline["waveclip_pipeline_class"] == "WaveCLIPZeroShotImageClassificationPipeline"
+    runs = pipeline["runs"]
+    assert set(runs) == {"stock", "stock_image_side", "waveclip_theta0_first", "waveclip_theta0",
+                         "waveclip_theta_middle", "waveclip_theta_high", "stock@batch2", "waveclip_theta0@batch2",
+                         "waveclip_theta_middle@batch2", "waveclip_theta_high@batch2"}
+    assert runs["waveclip_theta_high@batch2"]["exit_fraction_stage0"] == 0.0
+    assert runs["waveclip_theta0"]["exit_fraction_stage0"] == 1.0
+    assert runs["waveclip_theta_high"]["exit_fraction_stage0"] == 0.0
+    assert all(run["images_per_second"] > 0 and run["gflops_per_image"] > 0 for run in runs.values())
+
+    targets = report["targets"]
+    assert len(targets) >= 10 and all(isinstance(t["passed"], bool) for t in targets)
+
+    markdown = paths["markdown"].read_text()
+    for heading in ("## Targets", "## 1. Image encoder", "## 2. Preprocessing", "## 3. Zero-shot pipeline",
+                    "## 4. Early exit", "## Profiling notes"):
+        assert heading in markdown
+    assert "`pytest smoke`" in markdown and "FLOPs convention" in markdown and meta["cpu_model"] in markdown
+
+    # A hand-written analysis after the marker survives regeneration, once.
+    paths["markdown"].write_text(markdown + "\n" + HAND_WRITTEN_MARKER + "\n## Findings\n\nstage 1 is slow\n")
+    write_reports(results, tmp_path)
+    regenerated = paths["markdown"].read_text()
+    assert regenerated.count(HAND_WRITTEN_MARKER) == 1 and regenerated.endswith("stage 1 is slow\n")
