@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .benchmarks.synthetic import AXES, generate_benchmark, label_ids, load_benchmark_split
+from .benchmarks.synthetic import AXES, GENERATOR_VERSION, generate_benchmark, label_ids, load_benchmark_split
 from .calibration import (
     OperatingPoint,
     cumulative_stage_gflops,
@@ -51,7 +51,7 @@ SIZES = {
     # Sized so that the first run stays within ~20 minutes on a 2-core CPU.
     "small": dict(
         num_train=12_000, num_validation=1_000, num_test=5_000,
-        teacher=dict(num_epochs=2.0),
+        teacher=dict(num_epochs=6.0),
         distillation=dict(max_steps=400, batch_size=24, learning_rate=5e-4, mixed_precision="bf16"),
     ),
     # For a GPU: more data, a longer teacher and a longer distillation.
@@ -480,7 +480,8 @@ def run(config: EndToEndConfig) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
         "wall_minutes": (time.time() - started) / 60,
-        "data": f"generated benchmark, seed {config.seed}, {settings['num_train']} train / "
+        "data": f"generated benchmark (generator version {GENERATOR_VERSION}), seed {config.seed}, "
+                f"{settings['num_train']} train / "
                 f"{settings['num_validation']} validation / {settings['num_test']} test images at 224 px; axes "
                 + ", ".join(f"{n} ({a.scale}, {len(a.class_names)} classes)" for n, a in AXES.items()),
         "teacher": f"CLIP ViT, patch {teacher_vision.patch_size}, width {teacher_vision.hidden_size}, "
