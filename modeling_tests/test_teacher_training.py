@@ -9,6 +9,7 @@ from waveclip_hf.teacher_training import (
     TeacherTrainingConfig,
     build_image_processor,
     evaluate_clip_zero_shot,
+    multi_positive_clip_loss,
     normalize_pixels,
     pixel_cache,
     read_training_info,
@@ -100,3 +101,18 @@ def test_zero_shot_accuracy_per_axis():
     assert zero_shot_accuracy_per_axis(images, labels, text) == {"a": 0.75, "b": 0.75}
     with pytest.raises(ValueError, match="labels"):
         zero_shot_accuracy_per_axis(images, {"a": torch.tensor([0, 1])}, text)
+
+
+def test_multi_positive_clip_loss():
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 5) * 3
+    # One positive per row: exactly CLIP's loss.
+    torch.testing.assert_close(multi_positive_clip_loss(logits, torch.eye(5, dtype=torch.bool)), image_text_contrastive_loss(logits.T))
+    # Captions 0 and 1 are both true of images 0 and 1: the target spreads over them.
+    matches = torch.eye(5, dtype=torch.bool)
+    matches[0, 1] = matches[1, 0] = True
+    expected_row0 = -(logits[0].log_softmax(0)[:2].mean())
+    image_loss = -(matches / matches.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
+    torch.testing.assert_close(image_loss[0], expected_row0)

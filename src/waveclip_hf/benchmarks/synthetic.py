@@ -148,7 +148,9 @@ def caption_for(labels: dict[str, str], axes: Sequence[str] | None = None) -> st
     return _fix_articles(" ".join(words))
 
 
-def sample_caption(labels: dict[str, str], rng: np.random.Generator, p_full: float = 0.25) -> str:
+def sample_caption(
+    labels: dict[str, str], rng: np.random.Generator, p_full: float = 0.25, return_axes: bool = False
+) -> str | tuple[str, tuple[str, ...]]:
     """A random training caption for an image: the full caption with probability
     `p_full`, else one naming a random non-empty subset of the axes; half of the time
     prefixed with "a photo of ".
@@ -157,6 +159,10 @@ def sample_caption(labels: dict[str, str], rng: np.random.Generator, p_full: flo
     what single-axis zero-shot prompts rely on. They also keep the contrastive task
     from being solved by the easy axes alone: in a batch of full captions, colour and
     texture already tell most pairs apart, and shape and glyph get little gradient.
+
+    Returns:
+        The caption, or `(caption, axes it names)` with `return_axes=True` (a caption
+        that does not name an axis is true of every value of that axis).
     """
     if rng.random() < p_full:
         axes = tuple(AXES)
@@ -166,7 +172,9 @@ def sample_caption(labels: dict[str, str], rng: np.random.Generator, p_full: flo
             keep[rng.integers(len(AXES))] = True
         axes = tuple(axis for axis, k in zip(AXES, keep) if k)
     caption = caption_for(labels, axes)
-    return _fix_articles("a photo of " + caption) if rng.random() < 0.5 else caption
+    if rng.random() < 0.5:
+        caption = _fix_articles("a photo of " + caption)
+    return (caption, axes) if return_axes else caption
 
 
 # --------------------------------------------------------------------------- drawing
