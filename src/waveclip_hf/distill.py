@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
     g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate)
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    g.add_argument("--fresh-lr-multiplier", type=float, default=defaults.fresh_lr_multiplier,
+                   help="learning-rate factor for the parameters the teacher has no counterpart for "
+                        "(detail projections, band embeddings)")
     g.add_argument("--warmup-steps", type=_optional_int, default=defaults.warmup_steps,
                    help="default: --warmup-ratio of the run")
     g.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)

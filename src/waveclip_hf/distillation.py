@@ -107,6 +107,9 @@ class DistillationConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.05  # on matrices and embeddings only (dim >= 2), as nanoGPT
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    # The detail projections and band embeddings start at random while everything else starts at the teacher;
+    # a larger step for them lets the detail path catch up without shaking the copied blocks.
+    fresh_lr_multiplier: float = 1.0
     warmup_steps: int | None = None  # None: `warmup_ratio` of the run
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1  # cosine decays to `min_lr_ratio * learning_rate`
@@ -143,6 +146,8 @@ class DistillationConfig:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"`max_steps` must be at least 1, got {self.max_steps}.")
+        if self.fresh_lr_multiplier <= 0:
+            raise ValueError(f"`fresh_lr_multiplier` must be positive, got {self.fresh_lr_multiplier}.")
         if self.kl_temperature <= 0:
             raise ValueError(f"`kl_temperature` must be positive, got {self.kl_temperature}.")
         self.adam_betas = tuple(self.adam_betas)
@@ -525,6 +530,32 @@ def distillation_loss(
         kl_mean = (kl * mask[:, None]).sum(0) / count * kl_temperature**2
         loss = loss + kl_weight * (weights * kl_mean).sum()
     return loss, {"cosine": cosine_mean.detach(), "kl": None if kl_mean is None else kl_mean.detach()}
+
+
+def fresh_parameter_names(student: WaveCLIPModel) -> list[str]:
+    """Names of the student parameters `from_clip` initialises at random (the teacher has no counterpart):
+    the detail stages' patch projections and the band embeddings."""
+    prefix = "vision_model.embeddings."
+    return [name for name, _ in student.named_parameters()
+            if name.startswith(prefix + "band_embedding.")
+            or (name.startswith(prefix + "patch_embeddings.") and not name.startswith(prefix + "patch_embeddings.0."))]
+
+
+def optimizer_groups(student: WaveCLIPModel, config: DistillationConfig) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices and embeddings only (dim >= 2); the fresh parameters
+    (`fresh_parameter_names`) at `fresh_lr_multiplier` times the learning rate. Each group carries `lr_scale`,
+    which the schedule multiplies in."""
+    fresh = set(fresh_parameter_names(student))
+    groups = {}
+    for name, parameter in student.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decay = parameter.dim() >= 2
+        scale = config.fresh_lr_multiplier if name in fresh else 1.0
+        group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
+                                                   "weight_decay": config.weight_decay if decay else 0.0})
+        group["params"].append(parameter)
+    return list(groups.values())
 
 
 def lr_at(step: int, config: DistillationConfig, total_steps: int) -> float:
@@ -935,13 +966,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
         generator=torch.Generator().manual_seed(config.seed),  # workers' base seed; keeps global RNG untouched
     )
 
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=config.adam_betas,
-    )
+    optimizer = torch.optim.AdamW(optimizer_groups(student, config), lr=config.learning_rate, betas=config.adam_betas)
     module = StudentStages(student)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
 
@@ -954,7 +979,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     teacher_cache = None
     if config.cache_teacher_embeddings:
         teacher_cache = _embed_all(teacher, train_set, teacher_processor, student_processor, eval_batch_size,
-                                   accelerator, config.num_workers)
+                                   accelerator, config.num_workers, config.progress_bar)
 
     # -- evaluation (runs on the main process; `do_eval` is the same everywhere, so the barriers match) --------
     do_eval = evaluate is not None or eval_set is not None
@@ -1016,7 +1041,7 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
                 batches.set_epoch(state["epoch"])
             for batch in batches:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, config, total_steps)
+                    group["lr"] = lr_at(step, config, total_steps) * group["lr_scale"]
                 with accelerator.accumulate(module):
                     with accelerator.autocast():
                         student_embeds = module(batch["pixel_values"])
@@ -1130,7 +1155,8 @@ def _teacher_embeds(teacher, batch, cache, accelerator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _embed_all(teacher, dataset, teacher_processor, student_processor, batch_size, accelerator, num_workers):
+def _embed_all(teacher, dataset, teacher_processor, student_processor, batch_size, accelerator, num_workers,
+               progress_bar: bool = True):
     """Teacher embeddings of every training image, (N, P) float32 on CPU, computed once in a fixed order.
 
     Each process embeds a shard; `gather_for_metrics` reassembles them (dropping the padding of the last batch).
@@ -1141,7 +1167,7 @@ def _embed_all(teacher, dataset, teacher_processor, student_processor, batch_siz
                                          num_workers=num_workers, worker_init_fn=_guard_worker_from_sigterm)
     loader = accelerator.prepare_data_loader(loader)
     cache = None
-    for batch in tqdm(loader, desc="teacher embeddings", disable=not accelerator.is_main_process):
+    for batch in tqdm(loader, desc="teacher embeddings", disable=not (accelerator.is_main_process and progress_bar)):
         with accelerator.autocast():
             embeds = teacher.get_image_features(pixel_values=batch["teacher_pixel_values"]).pooler_output.float()
         embeds, index = accelerator.gather_for_metrics((embeds, batch["index"]))
@@ -1164,7 +1190,7 @@ def _state_json(state: dict, config: DistillationConfig) -> dict:
 
 
 _RESUME_SENSITIVE = ("train_data", "batch_size", "gradient_accumulation_steps", "seed", "levels", "wavelet",
-                     "cell_size", "teacher", "max_steps", "num_epochs", "learning_rate")
+                     "cell_size", "teacher", "max_steps", "num_epochs", "learning_rate", "fresh_lr_multiplier")
 
 
 def _warn_config_changes(accelerator, saved: dict, config: DistillationConfig) -> None:
@@ -1322,6 +1348,8 @@ __all__ = [
     "list_image_files",
     "load_image_dataset",
     "load_teacher",
+    "fresh_parameter_names",
+    "optimizer_groups",
     "lr_at",
     "measure_matmul_tflops",
     "peak_tflops",
