@@ -357,3 +357,19 @@ def test_ten_thousand_labels(tmp_path, photo):
     assert len(again) == 2 and all(entry["stage"] == 0 for entry in again[0])
     print(f"10,000 labels: first call {first:.2f} s (text tower + image), cached call for 2 images {second:.2f} s")
     assert first < 30 and second < first
+
+
+def test_a_cache_outliving_its_model_is_refused_by_a_new_one():
+    """The owner is held by weak reference: a new model that happens to get the freed model's `id` is still
+    another model."""
+    import gc
+
+    pixel_values = random_pixels(2)
+    model = tiny_model(levels=1)
+    cache = stage0_cache(model, pixel_values)
+    del model
+    gc.collect()
+    assert cache._waveclip_owner() is None
+    newcomer = tiny_model(levels=1)
+    with pytest.raises(ValueError, match=r"filled by another WaveCLIP model instance"):
+        newcomer.get_image_features(pixel_values, past_key_values=cache)

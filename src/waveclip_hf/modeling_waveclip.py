@@ -16,6 +16,7 @@ import json
 import operator
 import os
 import shutil
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -565,8 +566,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                 f"this model has {config.num_hidden_layers} layers of {config.num_attention_heads} heads x {head_dim}: "
                 "it comes from another model. Start without a cache, or pass the cache this model returned."
             )
-        owner = getattr(past_key_values, "_waveclip_owner", None)
-        if owner is not None and owner != id(self):
+        owner = getattr(past_key_values, "_waveclip_owner", None)  # a weakref: ids are reused, objects are not
+        if owner is not None and owner() is not self:
             raise ValueError(
                 "The cache was filled by another WaveCLIP model instance (same shapes, but other weights or another "
                 "config would give wrong answers): it comes from another model. Pass the cache this model returned."
@@ -657,7 +658,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             starts.append(starts[-1] + length)
         stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts])
         if cache is not None:
-            cache._waveclip_owner = id(self)  # lets a later call tell this cache from another model's
+            cache._waveclip_owner = weakref.ref(self)  # lets a later call tell this cache from another model's
         output = WaveCLIPVisionModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=stage_pooler_outputs[:, -1],
