@@ -278,6 +278,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         "flops_convention": FLOPS_CONVENTION,
         "student_cumulative_gflops": gflops,
         "teacher_gflops": teacher_gflops,
+        "teacher_patch_size": teacher_config.vision_config.patch_size,
         "per_axis": per_axis,
         "sweep_per_axis": {name: [dataclasses.asdict(p) for p in points] for name, points in sweeps.items()},
         "sweep_mean": [dataclasses.asdict(p) for p in mean_curve],
@@ -376,6 +377,7 @@ def _machine() -> str:
 def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
     per_axis, summary = results["per_axis"], results["summary"]
     gflops = results["student_cumulative_gflops"]
+    teacher_patch = results["teacher_patch_size"]
     stages = len(gflops)
     lines = [
         "# Results on the generated offline benchmark",
@@ -384,7 +386,9 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
         f"`{context['command']}`); do not edit by hand.",
         "",
         f"- Date: {context['date']}; machine: {context['machine']}; wall time of this run: {context['wall_minutes']:.1f} min"
-        " (steps reused from the cache take no time).",
+        " (steps reused from the cache take no time)"
+        + (f"; the first run with these settings (nothing cached) took {first['minutes']:.1f} min on {first['date']}"
+           f" ({first['machine']})." if (first := context.get("first_run")) else "."),
         f"- Data: {context['data']}.",
         f"- Teacher: {context['teacher']}.",
         f"- Student: {context['student']}.",
@@ -414,6 +418,12 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
         f"({', '.join(COARSE_AXES)}) vs {100 * summary['stage0_fine_mean']:.1f}% on the fine axes "
         f"({', '.join(FINE_AXES)}).",
     ]
+    for name, row in per_axis.items():
+        gain = 100 * (row["stages"][-1] - row["stages"][0])
+        reading = ("the detail band carries it" if gain > 10 else
+                   "the approximation band alone answers it" if abs(gain) < 1 else "the detail band helps")
+        lines.append(f"- {name} ({row['scale']} by construction): stage 0 {100 * row['stages'][0]:.1f}% → full "
+                     f"{100 * row['stages'][-1]:.1f}% ({gain:+.1f} points): {reading}.")
     if best:
         lines.append(f"- Best gated point at ≤ {summary['gflops_budget'] / gflops[-1]:.1f}× the full model's GFLOPs "
                      f"({summary['gflops_budget']:.3f}): θ = {best['threshold']:g}, {100 * best['accuracy']:.1f}% "
@@ -424,6 +434,12 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
                      f"{100 * cheapest['accuracy']:.1f}% at {cheapest['mean_gflops']:.3f} GFLOPs "
                      f"({cheapest['mean_gflops'] / gflops[-1]:.2f}× the full model).")
     lines += [
+        f"- GFLOPs: the teacher reads one token per {teacher_patch}-px cell; the student reads each cell as one "
+        "approximation token (stage 0) plus three detail tokens (stage 1), the layout that at ViT-B/16 geometry "
+        "gives 198 tokens against ViT-B/16's 197. So the full student costs "
+        f"{gflops[-1] / results['teacher_gflops']:.1f}x this patch-{teacher_patch} teacher, and stage 0 "
+        f"{gflops[0] / results['teacher_gflops']:.2f}x. The gate's saving is measured against the full student; the "
+        "cost against a plain CLIP ViT of the same token count is in docs/benchmarks.md.",
         "",
         "## Accuracy vs GFLOPs",
         "",
@@ -449,6 +465,18 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
     lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def _first_run_record(cache: Path, key: dict, minutes: float) -> dict:
+    """The wall time of the first run with these settings, kept in the cache so that a rerun that reuses every
+    step still reports what the whole job costs. Written once (the run that created the cached steps)."""
+    path = cache / f"first-run-{_hash(key)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    record = {"minutes": round(minutes, 2), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": _machine()}
+    path.write_text(json.dumps(record) + "\n")
+    return record
 
 
 def run(config: EndToEndConfig) -> dict:
@@ -491,6 +519,8 @@ def run(config: EndToEndConfig) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
         "wall_minutes": (time.time() - started) / 60,
+        "first_run": _first_run_record(cache, {"settings": settings, "seed": config.seed, "levels": config.levels},
+                                       (time.time() - started) / 60),
         "data": f"generated benchmark (generator version {GENERATOR_VERSION}), seed {config.seed}, "
                 f"{settings['num_train']} train / "
                 f"{settings['num_validation']} validation / {settings['num_test']} test images at 224 px; axes "
@@ -508,6 +538,86 @@ def run(config: EndToEndConfig) -> dict:
     write_results_markdown(docs / "results.md", results, context)
     _log(f"wrote {docs / 'results.md'}, {docs / 'results.json'} and figures in {(time.time() - started) / 60:.1f} min")
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation ablation: the same data and teacher, several distillation settings
+# ----------------------------------------------------------------------------------------------------------------
+
+# Each variant is merged into the size's distillation settings; "main job" is the size's own recipe.
+DISTILLATION_VARIANTS = {
+    "main job": {},
+    "fresh parameters at 1x lr": {"fresh_lr_multiplier": 1.0},
+    "cosine only (no KL)": {"kl_on_benchmark_prompts": False},
+}
+
+
+def run_distillation_ablation(config: EndToEndConfig, variants: dict | None = None) -> dict:
+    """Distil one student per variant from the main job's data and teacher (both reused from the cache) and
+    report per-axis accuracy of every fixed stage and the best gated point; writes
+    docs/distillation_ablation.{json,md}."""
+    started = time.time()
+    variants = DISTILLATION_VARIANTS if variants is None else variants
+    base = config.settings()
+    data_root = build_benchmark(config, base)
+    teacher = build_teacher(config, base, data_root)
+    rows = load_benchmark_split(data_root, "test")
+    from transformers import AutoConfig, CLIPConfig
+
+    teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
+    report = {}
+    for name, overrides in variants.items():
+        settings = json.loads(json.dumps(base))
+        settings["distillation"].update(overrides)
+        _log(f"variant {name!r}: {settings['distillation']}")
+        student_dir = build_student(config, settings, data_root, teacher.output_dir)
+        embeddings = embed_test_split(
+            data_root, rows, teacher.output_dir, student_dir,
+            Path(config.cache_dir) / f"test-embeddings-{_hash([str(teacher.output_dir), str(student_dir)])}.safetensors",
+            config.eval_batch_size, config.progress,
+        )
+        student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
+        results = evaluate(embeddings, rows, student_config, teacher_config, list(config.thresholds),
+                           config.gflops_target)
+        report[name] = {"distillation": settings["distillation"], "per_axis": results["per_axis"],
+                        "summary": results["summary"], "student_dir": str(student_dir)}
+    context = {"command": "python scripts/distillation_ablation.py " + " ".join(sys.argv[1:]),
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
+               "wall_minutes": (time.time() - started) / 60, "teacher": str(teacher.output_dir),
+               "data": str(data_root)}
+    docs = Path(config.docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "distillation_ablation.json").write_text(json.dumps({"context": context, "variants": report}, indent=2,
+                                                                default=str) + "\n")
+    (docs / "distillation_ablation.md").write_text(_ablation_markdown(report, context))
+    return report
+
+
+def _ablation_markdown(report: dict, context: dict) -> str:
+    axes = list(AXES)
+    lines = [
+        "# Distillation ablation on the generated offline benchmark",
+        "",
+        f"Written by `{context['command']}` on {context['date']} ({context['machine']}; {context['wall_minutes']:.1f} min"
+        " including any distillation not already cached); do not edit by hand. Same data and teacher as the main job"
+        " (docs/results.md); only the distillation settings differ. Zero-shot accuracy on the 5,000-image test split"
+        " (%), full student = last stage; gated = the best threshold at <= 0.6x the full model's mean GFLOPs.",
+        "",
+        "| variant | " + " | ".join(f"{a}, stage 0 / full" for a in axes) + " | mean, full | teacher mean |"
+        " gated mean (x full GFLOPs) |",
+        "|---|" + "---:|" * (len(axes) + 3),
+    ]
+    for name, entry in report.items():
+        per_axis, summary = entry["per_axis"], entry["summary"]
+        cells = [f"{100 * per_axis[a]['stages'][0]:.1f} / {100 * per_axis[a]['stages'][-1]:.1f}" for a in axes]
+        gated = summary["best_within_budget"]
+        gated_cell = (f"{100 * gated['accuracy']:.1f} ({gated['mean_gflops'] / summary['full_gflops']:.2f}x)"
+                      if gated else "none")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * summary['student_stage_mean'][-1]:.1f} | "
+                     f"{100 * summary['teacher_mean']:.1f} | {gated_cell} |")
+    lines += ["", "Settings per variant:", ""]
+    lines += [f"- {name}: `{json.dumps(entry['distillation'], sort_keys=True)}`" for name, entry in report.items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
