@@ -220,6 +220,12 @@ def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, t
     assert moved[1.0] > 0 and moved[10.0] > 3 * moved[1.0], moved
 
 
+def test_checkpoint_every_zero_still_checkpoints_the_end(teacher_dir, images_dir, tmp_path):
+    result = distill(tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=4, checkpoint_every=0))
+    assert [path.name for path in complete_checkpoints(tmp_path / "run")] == ["step-4"]
+    assert result.checkpoint == str(tmp_path / "run" / "checkpoints" / "step-4")
+
+
 def test_stage_weights_default_equal_and_validated():
     torch.testing.assert_close(DistillationConfig().resolved_stage_weights(3), torch.full((3,), 1 / 3))
     torch.testing.assert_close(DistillationConfig(stage_weights=[1, 3]).resolved_stage_weights(2), torch.tensor([0.25, 0.75]))

@@ -109,7 +109,7 @@ class DistillationConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     # The detail projections and band embeddings start at random while everything else starts at the teacher;
     # a larger step for them lets the detail path catch up without shaking the copied blocks.
-    fresh_lr_multiplier: float = 1.0
+    fresh_lr_multiplier: float = 10.0
     warmup_steps: int | None = None  # None: `warmup_ratio` of the run
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1  # cosine decays to `min_lr_ratio * learning_rate`
@@ -1130,7 +1130,8 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
         return result
 
     # -- the end: final checkpoint, evaluation, Hub-ready folder --------------------------------------------
-    if last_saved != step and config.checkpoint_every:
+    # Always, also with checkpoint_every=0: a failure while writing the final folder must not lose the run.
+    if last_saved != step:
         result.checkpoint = str(save_checkpoint(accelerator, output_dir, step, _state_json(state, config),
                                                 config.keep_checkpoints))
     if do_eval:
