@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from waveclip_hf.end_to_end import EndToEndConfig, run
+from waveclip_hf.end_to_end import EndToEndConfig, run, run_distillation_ablation
 
 MINIATURE = {
     "num_train": 192, "num_validation": 32, "num_test": 64,
@@ -40,3 +40,15 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
     # A second run reuses data, teacher, student and test embeddings: same numbers.
     again = run(config)
     assert again["per_axis"] == per_axis
+    # ... and still reports what the first, uncached run took.
+    assert again["context"]["first_run"] == report["context"]["first_run"]
+    assert again["context"]["first_run"]["minutes"] == pytest.approx(report["context"]["wall_minutes"], abs=0.01)
+    assert "the first run with these settings (nothing cached) took" in (tmp_path / "docs" / "results.md").read_text()
+
+    # The ablation reuses the main job's data, teacher and (for the unchanged variant) student.
+    ablation = run_distillation_ablation(config, {"main job": {}, "fresh at 1x": {"fresh_lr_multiplier": 1.0}})
+    assert ablation["main job"]["per_axis"] == per_axis
+    assert ablation["fresh at 1x"]["distillation"]["fresh_lr_multiplier"] == 1.0
+    assert ablation["fresh at 1x"]["student_dir"] != ablation["main job"]["student_dir"]
+    table = (tmp_path / "docs" / "distillation_ablation.md").read_text()
+    assert "| main job |" in table and "| fresh at 1x |" in table
