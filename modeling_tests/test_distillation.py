@@ -215,8 +215,8 @@ def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, t
         result = distill(tiny_config(teacher_dir, images_dir, tmp_path / f"m{multiplier}", max_steps=3,
                                      fresh_lr_multiplier=multiplier))
         trained = WaveCLIPModel.from_pretrained(result.final_dir)
-        moved[multiplier] = float((trained.vision_model.embeddings.patch_embeddings[1].weight
-                                   - start.vision_model.embeddings.patch_embeddings[1].weight).abs().mean())
+        moved[multiplier] = float((trained.vision_model.embeddings.patch_embeddings[1].weight.detach()
+                                   - start.vision_model.embeddings.patch_embeddings[1].weight.detach()).abs().mean())
     assert moved[1.0] > 0 and moved[10.0] > 3 * moved[1.0], moved
 
 
