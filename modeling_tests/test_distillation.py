@@ -668,6 +668,30 @@ def test_model_card_rendering_fails_on_missing_values(tmp_path):
         render_model_card({"teacher": "x/y", "steps": None}, template)
 
 
+def test_an_installed_package_finds_the_model_card_template(tmp_path):
+    """pyproject.toml ships hub_card/README.md.template inside the wheel as `waveclip_hf/hub_card/`; a package laid
+    out that way (no repository around it) renders cards without `--model-card-template`."""
+    import shutil
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    setuptools_config = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools_config["package-dir"]["waveclip_hf.hub_card"] == "hub_card"
+    assert "waveclip_hf.hub_card" in setuptools_config["packages"]
+    assert setuptools_config["package-data"]["waveclip_hf.hub_card"] == ["README.md.template"]
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(repo / "src" / "waveclip_hf", site / "waveclip_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "waveclip_hf" / "hub_card").mkdir()
+    shutil.copy(repo / "hub_card" / "README.md.template", site / "waveclip_hf" / "hub_card")
+    found = subprocess.run(
+        [PYTHON, "-c", "import waveclip_hf.model_card as m; print(m.__file__); print(m.DEFAULT_TEMPLATE)"],
+        cwd=tmp_path, env=subprocess_env(PYTHONPATH=str(site)), capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert found == [str(site / "waveclip_hf" / "model_card.py"),
+                     str(site / "waveclip_hf" / "hub_card" / "README.md.template")]
+
+
 def test_cli_help_and_bad_teacher(tmp_path, images_dir):
     from waveclip_hf.distill import build_parser, config_from_args
 

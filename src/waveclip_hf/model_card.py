@@ -11,7 +11,23 @@ import string
 from importlib import metadata
 from pathlib import Path
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "hub_card" / "README.md.template"
+
+
+def _default_template() -> Path:
+    """`hub_card/README.md.template`: in a checkout the repository's file; in an installed wheel the copy shipped
+    as package data of `waveclip_hf.hub_card` (pyproject.toml maps that package to hub_card/)."""
+    checkout = Path(__file__).resolve().parents[2] / "hub_card" / "README.md.template"
+    if checkout.is_file():
+        return checkout
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("waveclip_hf.hub_card").joinpath("README.md.template")))
+    except ModuleNotFoundError:
+        return checkout
+
+
+DEFAULT_TEMPLATE = _default_template()
 
 
 def render_model_card(fields: dict, template: str | os.PathLike | None = None) -> str:
