@@ -87,3 +87,15 @@ def test_calibration_script_on_a_labelled_image_folder(tmp_path):
     assert report["sweep"][-1]["accuracy"] == pytest.approx(report["fixed_stages"][-1]["accuracy"])
     assert (out / "gate_calibration.png").stat().st_size > 10_000
     assert "chosen θ" in result.stdout or "no threshold meets" in result.stdout
+
+
+def test_oracle_exit_takes_the_earliest_stage_that_agrees_with_the_last():
+    from waveclip_hf.calibration import oracle_exit_point
+
+    # 3 images, 3 stages, 2 classes: stage predictions (0,0,0), (1,0,0), (1,1,0).
+    predictions = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]])
+    probs = torch.nn.functional.one_hot(predictions, 2).float() * 0.8 + 0.1
+    point = oracle_exit_point(probs, torch.tensor([0, 0, 1]), [1.0, 3.0, 10.0])
+    assert point.stage_share == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert point.mean_gflops == pytest.approx((1.0 + 3.0 + 10.0) / 3)
+    assert point.accuracy == pytest.approx(2 / 3)  # the full model's: image 2 ends at class 0, label 1

@@ -31,6 +31,8 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
     assert sweep[0]["threshold"] == 0 and sweep[0]["mean_gflops"] == pytest.approx(gflops[0])
     assert sweep[-1]["threshold"] > 1 and sweep[-1]["mean_gflops"] == pytest.approx(gflops[-1])
     assert sweep[-1]["accuracy"] == pytest.approx(report["summary"]["student_stage_mean"][-1])
+    # The oracle gate bounds every threshold that keeps the full model's answers: between stage 0 and the full cost.
+    assert gflops[0] - 1e-9 <= report["summary"]["oracle_exit_gflops"] <= gflops[-1] + 1e-9
     results_md = (tmp_path / "docs" / "results.md").read_text()
     assert "| texture | fine |" in results_md and "python -m waveclip_hf.end_to_end" in results_md
     assert (tmp_path / "docs" / "figures" / "e2e_accuracy_vs_gflops.png").stat().st_size > 10_000

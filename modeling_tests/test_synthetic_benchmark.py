@@ -125,6 +125,20 @@ def test_textures_vanish_in_the_haar_approximation():
             assert coarse < 0.02 * full, (a, b, coarse, full)
 
 
+def test_glyphs_vanish_in_the_haar_approximation():
+    """The digit is drawn in aligned zero-mean 2x2 blocks: all six digits give the same 2x2 block means (up to
+    uint8 rounding), while at full resolution they differ on the tags."""
+    params = image_params(0, "test", 5)
+    renders = {glyph: render_image(dataclasses.replace(params, glyph=glyph)) for glyph in AXES["glyph"].class_names}
+    names = list(renders)
+    for a in names:
+        for b in names[names.index(a) + 1 :]:
+            diff = np.abs(renders[a].astype(np.float64) - renders[b])
+            coarse = np.abs(haar_approximation(renders[a]) - haar_approximation(renders[b]))
+            assert diff.max() >= 60 and diff.mean() > 0.1, (a, b, diff.max(), diff.mean())  # amplitude >= 60
+            assert coarse.max() <= 1.0 and coarse.mean() < 0.01 * diff.mean(), (a, b, coarse.max(), coarse.mean())
+
+
 def test_sample_caption_names_only_true_labels():
     labels = labels_of(image_params(0, "train", 1))
     rng = np.random.default_rng(0)

@@ -101,6 +101,30 @@ def sweep_thresholds(
     return points
 
 
+def oracle_exit_point(stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float]) -> OperatingPoint:
+    """The exit an all-knowing gate would take: each image answers at the earliest stage whose prediction already
+    equals the last stage's. Accuracy equals the full model's; the mean GFLOPs is the least any gate can spend
+    without changing a single answer of the full model (the bound the margin gate is compared with).
+
+    Args:
+        stage_probs: (N, stages, C) probabilities from `stage_probabilities`.
+        labels: (N,) true label indices.
+        cumulative_gflops: GFLOPs to have an answer after each stage with the cache.
+    """
+    predictions = stage_probs.argmax(-1)  # (N, stages)
+    agrees = predictions == predictions[:, -1:]  # the last stage always agrees with itself
+    stages = agrees.int().argmax(dim=1)  # first True
+    num_stages = stage_probs.shape[1]
+    gflops = torch.tensor(cumulative_gflops, dtype=torch.float64)
+    share = torch.bincount(stages, minlength=num_stages).double() / len(stages)
+    return OperatingPoint(
+        threshold=float("nan"),
+        accuracy=float((predictions[:, -1] == labels).double().mean()),
+        mean_gflops=float(gflops[stages].mean()),
+        stage_share=[float(v) for v in share],
+    )
+
+
 def fixed_stage_points(stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float]):
     """Accuracy and GFLOPs of answering every image after stage s, for each s."""
     predictions = stage_probs.argmax(-1)

@@ -3,7 +3,8 @@
     python -m waveclip_hf.end_to_end            # default: sized for a 2-core CPU
     python -m waveclip_hf.end_to_end --size large   # a bigger run for a GPU
 
-1. generate the benchmark (coarse axes: colour, shape; fine axes: 2x2-periodic texture, 5x7 glyph);
+1. generate the benchmark (coarse axes: colour, shape; fine axes: 2x2-periodic texture, a digit drawn in 2x2
+   checker blocks);
 2. train a small CLIP teacher on its captions (`teacher_training.py`, accelerate);
 3. distil a WaveCLIP student from that teacher (`distillation.py`, the same code path as for
    `openai/clip-vit-base-patch16`);
@@ -37,6 +38,7 @@ from .calibration import (
     OperatingPoint,
     cumulative_stage_gflops,
     default_thresholds,
+    oracle_exit_point,
     stage_probabilities,
     sweep_thresholds,
 )
@@ -229,7 +231,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     gflops = cumulative_stage_gflops(student_config)
     teacher_gflops = clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
     num_stages = len(gflops)
-    per_axis, sweeps = {}, {}
+    per_axis, sweeps, oracles = {}, {}, {}
     for name in AXES:
         labels = torch.from_numpy(label_ids(rows, name))
         text = torch.nn.functional.normalize(embeddings[f"text.{name}"], dim=-1)
@@ -238,6 +240,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         probs = stage_probabilities(embeddings["student"], text, logit_scale)
         stage_accuracy = [float((probs[:, s].argmax(-1) == labels).double().mean()) for s in range(num_stages)]
         sweeps[name] = sweep_thresholds(probs, labels, gflops, thresholds)
+        oracles[name] = oracle_exit_point(probs, labels, gflops)
         per_axis[name] = {
             "scale": AXES[name].scale,
             "num_classes": len(AXES[name].class_names),
@@ -246,6 +249,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
             "stages": stage_accuracy,
             "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
                                                             embeddings[f"text.{name}"])),
+            "oracle_exit": {"mean_gflops": oracles[name].mean_gflops, "stage_share": oracles[name].stage_share},
         }
     # The gate runs per task (axis); the curve averages accuracy and GFLOPs over the four tasks.
     mean_curve = []
@@ -269,6 +273,8 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         "student_full_minus_teacher_points": 100 * (full_accuracy - float(np.mean([per_axis[n]["teacher"] for n in AXES]))),
         "stage0_coarse_mean": float(np.mean([per_axis[n]["stages"][0] for n in COARSE_AXES])),
         "stage0_fine_mean": float(np.mean([per_axis[n]["stages"][0] for n in FINE_AXES])),
+        # The least any gate can spend without changing one of the full model's answers (`oracle_exit_point`).
+        "oracle_exit_gflops": float(np.mean([oracles[n].mean_gflops for n in AXES])),
         "full_gflops": gflops[-1],
         "gflops_budget": budget,
         "best_within_budget": dataclasses.asdict(best_within_budget) if best_within_budget else None,
@@ -299,14 +305,18 @@ def plot_results(results: dict, figures: Path) -> dict:
     names = list(per_axis)
 
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.8), dpi=110)
-    panels = [("mean over axes", results["sweep_mean"], summary["teacher_mean"], summary["student_stage_mean"])]
-    panels += [(name, results["sweep_per_axis"][name], per_axis[name]["teacher"], per_axis[name]["stages"])
-               for name in names]
-    for ax, (title, sweep, teacher, stages) in zip(axes, panels):
+    panels = [("mean over axes", results["sweep_mean"], summary["teacher_mean"], summary["student_stage_mean"],
+               summary.get("oracle_exit_gflops"))]
+    panels += [(name, results["sweep_per_axis"][name], per_axis[name]["teacher"], per_axis[name]["stages"],
+                per_axis[name].get("oracle_exit", {}).get("mean_gflops")) for name in names]
+    for ax, (title, sweep, teacher, stages, oracle) in zip(axes, panels):
         ax.plot([p["mean_gflops"] for p in sweep], [100 * p["accuracy"] for p in sweep], "-o", ms=2.5,
                 label="gated student (θ sweep)")
         for s, accuracy in enumerate(stages):
             ax.scatter(gflops[s], 100 * accuracy, marker="s", s=36, zorder=3, label=f"stage {s} (fixed)")
+        if oracle is not None:  # the oracle keeps every full-model answer: the full model's accuracy
+            ax.scatter(oracle, 100 * stages[-1], marker="D", s=30, facecolors="none", edgecolors="red", zorder=3,
+                       label="oracle gate (bound)")
         ax.scatter(results["teacher_gflops"], 100 * teacher, marker="*", s=110, c="black", zorder=3, label="teacher")
         if title != "mean over axes":
             ax.axhline(100 * per_axis[title]["chance"], color="gray", ls=":", lw=1, label="chance")
@@ -433,6 +443,14 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
         lines.append(f"- Cheapest gated point within 1 point of the full model: θ = {cheapest['threshold']:g}, "
                      f"{100 * cheapest['accuracy']:.1f}% at {cheapest['mean_gflops']:.3f} GFLOPs "
                      f"({cheapest['mean_gflops'] / gflops[-1]:.2f}× the full model).")
+    if "oracle_exit_gflops" in summary:
+        oracle = summary["oracle_exit_gflops"]
+        lines.append(
+            f"- Bound: a gate that knew when an earlier stage already gives the full model's answer would spend "
+            f"{oracle:.3f} GFLOPs ({oracle / gflops[-1]:.2f}× the full model; per axis "
+            + ", ".join(f"{n} {row['oracle_exit']['mean_gflops'] / gflops[-1]:.2f}×" for n, row in per_axis.items())
+            + "). No margin gate can keep every full-model answer for less; an axis that stage 0 cannot see "
+            "costs ~1× whatever the gate does.")
     lines += [
         f"- GFLOPs: the teacher reads one token per {teacher_patch}-px cell; the student reads each cell as one "
         "approximation token (stage 0) plus three detail tokens (stage 1), the layout that at ViT-B/16 geometry "
@@ -519,7 +537,8 @@ def run(config: EndToEndConfig) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
         "wall_minutes": (time.time() - started) / 60,
-        "first_run": _first_run_record(cache, {"settings": settings, "seed": config.seed, "levels": config.levels},
+        "first_run": _first_run_record(cache, {"settings": settings, "seed": config.seed, "levels": config.levels,
+                                               "generator_version": GENERATOR_VERSION},
                                        (time.time() - started) / 60),
         "data": f"generated benchmark (generator version {GENERATOR_VERSION}), seed {config.seed}, "
                 f"{settings['num_train']} train / "

@@ -49,7 +49,8 @@ class TeacherTrainingConfig:
 
     The defaults are a ViT with 32-px patches (7x7 = 49 tokens at 224), small enough to
     train on the default benchmark's train split in minutes on a 2-core CPU, yet able to
-    read 1-px textures and 5x7-px glyphs (its patch projection sees full-resolution pixels).
+    read 1-px textures and digits drawn in 2x2 checker blocks (its patch projection sees
+    full-resolution pixels).
     """
 
     # Vision tower.

@@ -12,10 +12,13 @@ clutter and noise, and carries four independent labels:
   aligned 2x2 block, and the object's mask is drawn on the half-resolution grid, so
   the Haar level-1 approximation (the 2x2 block mean) of the image does not depend on
   the texture at all: it lives entirely in the level-1 detail bands.
-- ``glyph``   (fine):   a 5x7-pixel digit with 1-px strokes on 9x11-px light tags at
-  the centre of three random cells of the 32-px grid (the same digit on each). At half resolution the digit is a
-  ~3x4-pixel smudge, so it mostly needs the finest level too (some coarse evidence
-  remains, unlike for texture).
+- ``glyph``   (fine):   a 5x7 digit on 14x18-px grey tags near the centre of three random
+  cells of the 32-px grid (the same digit on each). Each pixel of the 5x7 bitmap is an
+  aligned 2x2 checker block (+a, -a / -a, +a) on the tag, so every aligned 2x2 block of
+  the tag has the tag's grey as its mean: the digit is invisible in the Haar level-1
+  approximation and lives entirely in the diagonal detail band. (Generator v4 drew dark
+  1-px strokes instead; 2x2 averaging blurred them but left the six digits tellable
+  apart, and stage 0 read them at 100%.)
 
 Images are written in the `datasets` imagefolder layout::
 
@@ -43,7 +46,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 # Bump whenever a change alters the pixels or the metadata: it invalidates caches.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 SPLITS = ("train", "validation", "test")
 
@@ -111,7 +114,11 @@ GLYPH_BITMAPS = {
 # Each template is "a photo of " + the caption that names only that axis (see
 # `caption_for`), so the prompts are phrases the text tower has seen in training.
 GLYPH_CELL_SIZE = 32
-TAG_SIZE = (9, 11)  # (width, height): the 5x7 glyph with a 2-px margin
+GLYPH_PIXEL = 2  # each bitmap pixel is an aligned 2x2 zero-mean checker block
+TAG_MARGIN = 2
+# (width, height): the 10x14-px glyph with a 2-px margin. Tag origins are even, so the
+# glyph's blocks are aligned with the Haar level-1 2x2 blocks.
+TAG_SIZE = (5 * GLYPH_PIXEL + 2 * TAG_MARGIN, 7 * GLYPH_PIXEL + 2 * TAG_MARGIN)
 # Tags per image, all showing the image's glyph. With one tag (1 token of 49) a small ViT
 # did not learn the glyph at all in 600 supervised steps; with three it did in 300.
 GLYPH_COPIES = 3
@@ -199,7 +206,7 @@ class ImageParams:
     background: tuple[tuple[int, int, int], tuple[int, int, int], float]  # two colours, gradient angle
     clutter: tuple[tuple[str, str, float, float, float, float], ...]  # (shape, color, x, y, radius, angle)
     tag_origins: tuple[tuple[int, int], ...]  # top-left (x, y) of each glyph tag (all show the same glyph)
-    tag_shade: tuple[int, int]  # (paper, ink) grey levels
+    tag_shade: tuple[int, int]  # (tag grey, checker amplitude a of the glyph's 2x2 blocks)
     noise_sigma: float
     noise_seed: int
 
@@ -267,10 +274,12 @@ def sample_image_params(
         background=(desaturated_color(), desaturated_color(), float(rng.uniform(0, 2 * math.pi))),
         clutter=clutter,
         tag_origins=tuple(
-            (int(c % (s // cell)) * cell + (cell - TAG_SIZE[0]) // 2, int(c // (s // cell)) * cell + (cell - TAG_SIZE[1]) // 2)
+            (int(c % (s // cell)) * cell + ((cell - TAG_SIZE[0]) // 2 & ~1),
+             int(c // (s // cell)) * cell + ((cell - TAG_SIZE[1]) // 2 & ~1))
             for c in cells
         ),
-        tag_shade=(int(rng.integers(200, 251)), int(rng.integers(0, 60))),
+        # grey +- a stays within [20, 240]: no clipping, which would shift a block mean.
+        tag_shade=(int(rng.integers(110, 151)), int(rng.integers(60, 91))),
         noise_sigma=float(rng.uniform(1.0, 5.0)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
@@ -375,13 +384,15 @@ def render_image(params: ImageParams, image_size: int = 224) -> np.ndarray:
     pattern = texture_pattern(params.texture, s, params.texture_amplitude)
     image[mask] = base + pattern[mask][:, None]
 
-    # Glyph: dark 1-px strokes on a light tag, on top of everything.
-    paper, ink = params.tag_shade
-    bitmap = np.asarray([[c == "1" for c in row] for row in GLYPH_BITMAPS[params.glyph]])
+    # Glyph: zero-mean 2x2 checker blocks on a grey tag, on top of everything.
+    grey, amplitude = params.tag_shade
+    bitmap = np.asarray([[c == "1" for c in row] for row in GLYPH_BITMAPS[params.glyph]], np.float32)
+    checker = np.array([[1.0, -1.0], [-1.0, 1.0]], np.float32)
+    glyph = amplitude * np.kron(bitmap, checker)  # (14, 10), every aligned 2x2 block sums to 0
     for tx, ty in params.tag_origins:
-        image[ty : ty + TAG_SIZE[1], tx : tx + TAG_SIZE[0]] = paper
-        region = image[ty + 2 : ty + 9, tx + 2 : tx + 7]
-        region[bitmap] = ink
+        image[ty : ty + TAG_SIZE[1], tx : tx + TAG_SIZE[0]] = grey
+        m = TAG_MARGIN
+        image[ty + m : ty + m + glyph.shape[0], tx + m : tx + m + glyph.shape[1]] += glyph[:, :, None]
 
     image += params.noise_sigma * _noise_crop(params.noise_seed, s)
     return np.clip(np.rint(image, out=image), 0, 255, out=image).astype(np.uint8)
