@@ -620,20 +620,23 @@ def _ablation_markdown(report: dict, context: dict) -> str:
         f"Written by `{context['command']}` on {context['date']} ({context['machine']}; {context['wall_minutes']:.1f} min"
         " including any distillation not already cached); do not edit by hand. Same data and teacher as the main job"
         " (docs/results.md); only the distillation settings differ. Zero-shot accuracy on the 5,000-image test split"
-        " (%), full student = last stage; gated = the best threshold at <= 0.6x the full model's mean GFLOPs.",
+        " (%), full student = last stage. Gated: one margin threshold for all axes, GFLOPs as a fraction of the full"
+        " student's; the oracle gate keeps every full-student answer at the least cost (`oracle_exit_point`).",
         "",
         "| variant | " + " | ".join(f"{a}, stage 0 / full" for a in axes) + " | mean, full | teacher mean |"
-        " gated mean (x full GFLOPs) |",
-        "|---|" + "---:|" * (len(axes) + 3),
+        " best gated at <= 0.6x GFLOPs | cheapest gated within 1 point | oracle gate |",
+        "|---|" + "---:|" * (len(axes) + 5),
     ]
     for name, entry in report.items():
         per_axis, summary = entry["per_axis"], entry["summary"]
         cells = [f"{100 * per_axis[a]['stages'][0]:.1f} / {100 * per_axis[a]['stages'][-1]:.1f}" for a in axes]
-        gated = summary["best_within_budget"]
-        gated_cell = (f"{100 * gated['accuracy']:.1f} ({gated['mean_gflops'] / summary['full_gflops']:.2f}x)"
-                      if gated else "none")
+        full = summary["full_gflops"]
+        gated_cells = [f"{100 * p['accuracy']:.1f}% at {p['mean_gflops'] / full:.2f}x" if p else "none"
+                       for p in (summary["best_within_budget"], summary["cheapest_within_one_point"])]
+        oracle = summary.get("oracle_exit_gflops")
+        gated_cells.append(f"{oracle / full:.2f}x" if oracle is not None else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * summary['student_stage_mean'][-1]:.1f} | "
-                     f"{100 * summary['teacher_mean']:.1f} | {gated_cell} |")
+                     f"{100 * summary['teacher_mean']:.1f} | " + " | ".join(gated_cells) + " |")
     lines += ["", "Settings per variant:", ""]
     lines += [f"- {name}: `{json.dumps(entry['distillation'], sort_keys=True)}`" for name, entry in report.items()]
     return "\n".join(lines) + "\n"
