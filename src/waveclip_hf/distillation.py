@@ -535,10 +535,10 @@ def distillation_loss(
 def fresh_parameter_names(student: WaveCLIPModel) -> list[str]:
     """Names of the student parameters `from_clip` initialises at random (the teacher has no counterpart):
     the detail stages' patch projections and the band embeddings."""
-    prefix = "vision_model.embeddings."
-    return [name for name, _ in student.named_parameters()
-            if name.startswith(prefix + "band_embedding.")
-            or (name.startswith(prefix + "patch_embeddings.") and not name.startswith(prefix + "patch_embeddings.0."))]
+    embeddings = student.vision_model.embeddings
+    modules = (*embeddings.patch_embeddings[1:], embeddings.band_embedding)
+    fresh = {id(parameter) for module in modules for parameter in module.parameters()}
+    return [name for name, parameter in student.named_parameters() if id(parameter) in fresh]
 
 
 def optimizer_groups(student: WaveCLIPModel, config: DistillationConfig) -> list[dict]:
@@ -1345,14 +1345,14 @@ __all__ = [
     "complete_checkpoints",
     "distill",
     "distillation_loss",
+    "fresh_parameter_names",
     "latest_checkpoint",
     "list_image_files",
     "load_image_dataset",
     "load_teacher",
-    "fresh_parameter_names",
-    "optimizer_groups",
     "lr_at",
     "measure_matmul_tflops",
+    "optimizer_groups",
     "peak_tflops",
     "push_folder_to_hub",
     "save_checkpoint",

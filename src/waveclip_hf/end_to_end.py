@@ -292,6 +292,23 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     }
 
 
+def evaluate_student(config: EndToEndConfig, data_root: Path, rows, teacher_dir: Path, teacher_config,
+                     student_dir: Path):
+    """Embed the test split with teacher and student (cached per teacher and student folder) and `evaluate`.
+
+    Returns:
+        (results of `evaluate`, the student's config)
+    """
+    from transformers import AutoConfig
+
+    cache = Path(config.cache_dir) / f"test-embeddings-{_hash([str(teacher_dir), str(student_dir)])}.safetensors"
+    embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, config.eval_batch_size,
+                                  config.progress)
+    student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
+    results = evaluate(embeddings, rows, student_config, teacher_config, list(config.thresholds), config.gflops_target)
+    return results, student_config
+
+
 def plot_results(results: dict, figures: Path) -> dict:
     """Accuracy vs mean GFLOPs (mean over axes and per axis) and the share of images answered per stage."""
     import matplotlib
@@ -511,16 +528,11 @@ def run(config: EndToEndConfig) -> dict:
     _log(f"student: {student_dir}")
 
     rows = load_benchmark_split(data_root, "test")
-    embeddings = embed_test_split(
-        data_root, rows, teacher.output_dir, student_dir,
-        cache / f"test-embeddings-{_hash([str(teacher.output_dir), str(student_dir)])}.safetensors",
-        config.eval_batch_size, config.progress,
-    )
-    from transformers import AutoConfig, CLIPConfig
+    from transformers import CLIPConfig
 
-    student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
     teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
-    results = evaluate(embeddings, rows, student_config, teacher_config, list(config.thresholds), config.gflops_target)
+    results, student_config = evaluate_student(config, data_root, rows, teacher.output_dir, teacher_config,
+                                               student_dir)
     chosen = results["summary"]["best_within_budget"] or results["summary"]["cheapest_within_one_point"]
     threshold = chosen["threshold"] if chosen else 0.5
     demo = pipeline_demo(student_dir, data_root, rows, threshold, config.demo_images)
@@ -581,7 +593,7 @@ def run_distillation_ablation(config: EndToEndConfig, variants: dict | None = No
     data_root = build_benchmark(config, base)
     teacher = build_teacher(config, base, data_root)
     rows = load_benchmark_split(data_root, "test")
-    from transformers import AutoConfig, CLIPConfig
+    from transformers import CLIPConfig
 
     teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
     report = {}
@@ -590,14 +602,7 @@ def run_distillation_ablation(config: EndToEndConfig, variants: dict | None = No
         settings["distillation"].update(overrides)
         _log(f"variant {name!r}: {settings['distillation']}")
         student_dir = build_student(config, settings, data_root, teacher.output_dir)
-        embeddings = embed_test_split(
-            data_root, rows, teacher.output_dir, student_dir,
-            Path(config.cache_dir) / f"test-embeddings-{_hash([str(teacher.output_dir), str(student_dir)])}.safetensors",
-            config.eval_batch_size, config.progress,
-        )
-        student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
-        results = evaluate(embeddings, rows, student_config, teacher_config, list(config.thresholds),
-                           config.gflops_target)
+        results, _ = evaluate_student(config, data_root, rows, teacher.output_dir, teacher_config, student_dir)
         report[name] = {"distillation": settings["distillation"], "per_axis": results["per_axis"],
                         "summary": results["summary"], "student_dir": str(student_dir)}
     context = {"command": "python scripts/distillation_ablation.py " + " ".join(sys.argv[1:]),

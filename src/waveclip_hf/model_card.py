@@ -12,7 +12,6 @@ from importlib import metadata
 from pathlib import Path
 
 
-
 def _default_template() -> Path:
     """`hub_card/README.md.template`: in a checkout the repository's file; in an installed wheel the copy shipped
     as package data of `waveclip_hf.hub_card` (pyproject.toml maps that package to hub_card/)."""
