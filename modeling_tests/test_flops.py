@@ -88,8 +88,8 @@ def measure_stages(model: WaveCLIPModel, batch_size: int = 1, naive_first: int =
 
         def step():
             nonlocal cache
-            out = model.get_image_features(pixel_values, num_stages=stage + 1, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model.get_image_features(pixel_values, num_stages=stage + 1, cache=cache, use_cache=True)
+            cache = out.cache
 
         cached.append(count(step))
         if stage < naive_first:
@@ -137,7 +137,7 @@ def test_projection_dim_zero_counts_the_bare_vision_tower():
     model = build(WaveCLIPVisionModel, config)
     pixel_values = torch.randn(1, 3, config.image_size, config.image_size)
     out = model(pixel_values, num_stages=1, use_cache=True)
-    increment = count(lambda: model(pixel_values, num_stages=2, past_key_values=out.past_key_values))
+    increment = count(lambda: model(pixel_values, num_stages=2, cache=out.cache))
     full = count(lambda: model(pixel_values))
     assert stage_flops(config, projection_dim=0)[1] == increment
     assert full_forward_flops(config, projection_dim=0) == full

@@ -16,8 +16,8 @@ def run_stage_by_stage(model, pixel_values):
     """Answer after every stage through the cache; returns [(pooler (B,P), last_hidden_state)] per stage."""
     cache, results = None, []
     for stage in range(1, model.num_stages + 1):
-        out = model.get_image_features(pixel_values, num_stages=stage, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model.get_image_features(pixel_values, num_stages=stage, cache=cache, use_cache=True)
+        cache = out.cache
         results.append((out.pooler_output, out.last_hidden_state))
     return results, cache
 
@@ -50,9 +50,24 @@ def test_cached_stage_by_stage_equals_one_block_causal_forward(levels):
     with torch.no_grad():
         cache2 = None
         for stage in range(1, levels + 2):
-            out = model.vision_model(pixel_values, num_stages=stage, past_key_values=cache2, use_cache=True)
-            cache2 = out.past_key_values
+            out = model.vision_model(pixel_values, num_stages=stage, cache=cache2, use_cache=True)
+            cache2 = out.cache
     assert (full_vision.pooler_output - out.pooler_output).abs().max() < 1e-4
+
+
+def test_the_pre_5_24_spelling_past_key_values_still_works():
+    """transformers 5.24 renamed `past_key_values` to `cache`; callers written for older releases keep working."""
+    model = tiny_model(1)
+    pixel_values = random_pixels(2)
+    with torch.no_grad():
+        first = model.get_image_features(pixel_values, num_stages=1, use_cache=True)
+        assert first.past_key_values is first.cache and first.cache.get_seq_length() == 17
+        legacy = model.get_image_features(pixel_values, past_key_values=first.cache).pooler_output
+        legacy_vision = model.vision_model(pixel_values, num_stages=1, use_cache=True)
+        continued = model.vision_model(pixel_values, past_key_values=legacy_vision.past_key_values)
+        full = model.get_image_features(pixel_values)
+    assert (legacy - full.pooler_output).abs().max() < 1e-5
+    assert continued.stage_pooler_outputs.shape == (2, 1, 32)
 
 
 @pytest.mark.parametrize("levels", [1, 2])
@@ -75,7 +90,7 @@ def test_several_stages_in_one_call_on_top_of_a_cache():
     with torch.no_grad():
         full = model.get_image_features(pixel_values)
         first = model.get_image_features(pixel_values, num_stages=1, use_cache=True)
-        rest = model.get_image_features(pixel_values, past_key_values=first.past_key_values)
+        rest = model.get_image_features(pixel_values, cache=first.cache)
     assert rest.stage_pooler_outputs.shape[1] == 3
     assert (rest.stage_pooler_outputs - full.stage_pooler_outputs[:, 1:]).abs().max() < 1e-4
 
@@ -126,9 +141,9 @@ def test_early_exit_continues_the_remaining_images_exactly():
     keep = torch.tensor([1, 3])
     with torch.no_grad():
         stage0 = model.get_image_features(pixel_values, num_stages=1, use_cache=True)
-        cache = stage0.past_key_values
+        cache = stage0.cache
         cache.batch_select_indices(keep)
-        continued = model.get_image_features(pixel_values[keep], past_key_values=cache)
+        continued = model.get_image_features(pixel_values[keep], cache=cache)
         alone = model.get_image_features(pixel_values[keep])
     assert (continued.pooler_output - alone.pooler_output).abs().max() < 1e-4
     assert (continued.stage_pooler_outputs - alone.stage_pooler_outputs[:, 1:]).abs().max() < 1e-4
@@ -175,18 +190,18 @@ def test_num_stages_out_of_range_and_cache_mismatches_are_clear_errors():
     with pytest.raises(ValueError, match=r"must be in 1\.\.2"):
         model.vision_model(pixel_values, num_stages=0)
     with torch.no_grad():
-        cache = model.vision_model(pixel_values, num_stages=1, use_cache=True).past_key_values
+        cache = model.vision_model(pixel_values, num_stages=1, use_cache=True).cache
     with pytest.raises(ValueError, match="cache holds 1 of 2 stages"):
-        model.vision_model(pixel_values, num_stages=1, past_key_values=cache)
+        model.vision_model(pixel_values, num_stages=1, cache=cache)
     with pytest.raises(ValueError, match="batch_select_indices"):
-        model.vision_model(pixel_values[:1], past_key_values=cache)
+        model.vision_model(pixel_values[:1], cache=cache)
     other = tiny_model(levels=1, num_hidden_layers=3)
     with pytest.raises(ValueError, match="comes from another model"):
-        other.vision_model(pixel_values, past_key_values=cache)
+        other.vision_model(pixel_values, cache=cache)
     odd_cache = DynamicCache()
     odd_cache.update(torch.zeros(2, 4, 7, 8), torch.zeros(2, 4, 7, 8), 0)
     with pytest.raises(ValueError, match="not a whole number of stages"):
-        model.vision_model(pixel_values, past_key_values=odd_cache)
+        model.vision_model(pixel_values, cache=odd_cache)
 
 
 def test_config_rejects_geometry_that_does_not_tile():

@@ -32,7 +32,7 @@ def random_pixels(batch: int, seed: int = 1) -> torch.Tensor:
 
 def stage0_cache(model, pixel_values):
     with torch.no_grad():
-        return model.get_image_features(pixel_values, num_stages=1, use_cache=True).past_key_values
+        return model.get_image_features(pixel_values, num_stages=1, use_cache=True).cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,14 +118,14 @@ def test_caches_from_another_model_are_refused():
     # Another width, another head count: the shapes say so.
     for other in (tiny_model(levels=1, hidden_size=48), tiny_model(levels=1, num_attention_heads=2)):
         with pytest.raises(ValueError, match=r"The cache has 2 layers of 4 heads x 8 but .* comes from another model"):
-            other.get_image_features(pixel_values, past_key_values=cache)
+            other.get_image_features(pixel_values, cache=cache)
     # Same shapes, other weights or another number of levels: only the cache's owner tells.
     for other in (tiny_model(levels=1, seed=5), tiny_model(levels=2)):
         with pytest.raises(ValueError, match=r"filled by another WaveCLIP model instance .* comes from another model"):
-            other.get_image_features(pixel_values, past_key_values=cache)
+            other.get_image_features(pixel_values, cache=cache)
     # The cache itself is untouched by the refusals and still continues its own model exactly.
     with torch.no_grad():
-        continued = model.get_image_features(pixel_values, past_key_values=cache).pooler_output
+        continued = model.get_image_features(pixel_values, cache=cache).pooler_output
         full = model.get_image_features(pixel_values).pooler_output
     assert (continued - full).abs().max() < 1e-4
 
@@ -137,7 +137,7 @@ def test_a_cache_rebuilt_from_tensors_is_accepted():
     cache = stage0_cache(model, pixel_values)
     rebuilt = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
     with torch.no_grad():
-        continued = model.get_image_features(pixel_values, past_key_values=rebuilt).pooler_output
+        continued = model.get_image_features(pixel_values, cache=rebuilt).pooler_output
         full = model.get_image_features(pixel_values).pooler_output
     assert (continued - full).abs().max() < 1e-4
 
@@ -148,10 +148,10 @@ def test_cache_in_another_dtype_and_legacy_tuples_are_refused():
     cache = stage0_cache(model, pixel_values)
     legacy = tuple((layer.keys, layer.values) for layer in cache.layers)
     with pytest.raises(ValueError, match=r"must be a transformers `Cache` .* got tuple"):
-        model.get_image_features(pixel_values, past_key_values=legacy)
+        model.get_image_features(pixel_values, cache=legacy)
     model.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"cache holds torch.float32 keys but the model runs in torch.bfloat16"):
-        model.get_image_features(pixel_values, past_key_values=cache)
+        model.get_image_features(pixel_values, cache=cache)
 
 
 def test_a_cache_filled_under_autocast_continues_under_autocast():
@@ -160,9 +160,9 @@ def test_a_cache_filled_under_autocast_continues_under_autocast():
     with torch.no_grad():
         full = model.get_image_features(pixel_values).pooler_output
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            cache = model.get_image_features(pixel_values, num_stages=1, use_cache=True).past_key_values
+            cache = model.get_image_features(pixel_values, num_stages=1, use_cache=True).cache
             assert cache.layers[0].keys.dtype == torch.bfloat16  # != the fp32 weights, and that is fine here
-            continued = model.get_image_features(pixel_values, past_key_values=cache).pooler_output
+            continued = model.get_image_features(pixel_values, cache=cache).pooler_output
     assert (continued.float() - full).abs().max() < 0.05 * full.abs().max()
 
 
@@ -172,7 +172,7 @@ def test_batch_select_indices_with_the_wrong_count():
     cache = stage0_cache(model, pixel_values)
     cache.batch_select_indices(torch.tensor([0, 2, 3]))  # three continue ...
     with pytest.raises(ValueError, match=r"cache holds 3 images but `pixel_values` has 2\. .*batch_select_indices"):
-        model.get_image_features(pixel_values[[0, 2]], past_key_values=cache)  # ... but two are passed
+        model.get_image_features(pixel_values[[0, 2]], cache=cache)  # ... but two are passed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,4 +372,4 @@ def test_a_cache_outliving_its_model_is_refused_by_a_new_one():
     assert cache._waveclip_owner() is None
     newcomer = tiny_model(levels=1)
     with pytest.raises(ValueError, match=r"filled by another WaveCLIP model instance"):
-        newcomer.get_image_features(pixel_values, past_key_values=cache)
+        newcomer.get_image_features(pixel_values, cache=cache)

@@ -473,7 +473,7 @@ def encoder_cases(clip_vision, waveclip, pixel_values: torch.Tensor) -> dict[str
         for stage in range(1, num_stages):
             with watch.part(f"stage{stage}"):
                 out = waveclip.get_image_features(
-                    pixel_values, num_stages=stage + 1, past_key_values=out.past_key_values,
+                    pixel_values, num_stages=stage + 1, cache=out.cache,
                     use_cache=stage + 1 < num_stages,
                 )
 
@@ -580,13 +580,13 @@ def profile_encoder(clip_vision, waveclip, batch_size: int, settings: BenchmarkS
     held = {}
 
     def stage0():
-        held["cache"] = waveclip.get_image_features(pixel_values, num_stages=1, use_cache=True).past_key_values
+        held["cache"] = waveclip.get_image_features(pixel_values, num_stages=1, use_cache=True).cache
 
     def stage1():
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in held["cache"].layers])
-        waveclip.get_image_features(pixel_values, num_stages=2, past_key_values=cache)
+        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
 
     stage0()
     calls = {"clip_full": lambda: clip_vision(pixel_values=pixel_values), "waveclip_stage0_cached": stage0}
@@ -632,7 +632,7 @@ def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Ten
         with watch.part("stage0"):
             out0 = waveclip.get_image_features(pixel_values, num_stages=1, use_cache=True)
             probability_margin(score(out0))  # the gate's statistic; the decision itself is forced below
-        stage0_cache = [(layer.keys, layer.values) for layer in out0.past_key_values.layers]
+        stage0_cache = [(layer.keys, layer.values) for layer in out0.cache.layers]
         for fraction, stopped in zip(fractions, counts):
             if stopped == batch_size:
                 continue
@@ -648,10 +648,10 @@ def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Ten
                 for stage in range(1, num_stages):
                     last = stage == num_stages - 1
                     out = waveclip.get_image_features(
-                        inputs, num_stages=stage + 1, past_key_values=cache, use_cache=not last
+                        inputs, num_stages=stage + 1, cache=cache, use_cache=not last
                     )
                     score(out)
-                    cache = out.past_key_values
+                    cache = out.cache
 
     return run
 

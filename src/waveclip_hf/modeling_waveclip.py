@@ -39,6 +39,7 @@ from transformers.models.clip.modeling_clip import (
     image_text_contrastive_loss,
 )
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .gating import MARGIN_SCALINGS, check_margin_threshold, gate_stops
@@ -76,8 +77,9 @@ class WaveCLIPVisionModelOutput(ModelOutput):
         ([`WaveCLIPModel.get_image_features`] puts the projected embedding here, as `CLIPModel` does.)
     stage_pooler_outputs (`torch.FloatTensor` of shape `(batch_size, new_stages, hidden_size)`):
         The same for every stage computed in this call, in stage order (one full forward gives all stages).
-    past_key_values (`Cache`, *optional*):
-        Keys and values of every processed token per layer, to continue with the next stage.
+    cache (`Cache`, *optional*):
+        Keys and values of every processed token per layer, to continue with the next stage (transformers < 5.24
+        called this `past_key_values`; that name still reads it).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Input of every layer plus the final output, each `(batch_size, new_tokens, hidden_size)`.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -87,9 +89,14 @@ class WaveCLIPVisionModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     stage_pooler_outputs: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        # transformers >= 5.24 gives every output this alias; older releases have no `cache` field to alias.
+        return self.cache
 
 
 @dataclass
@@ -238,7 +245,7 @@ class WaveCLIPAttention(CLIPAttention):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attn_implementation: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(batch, new_tokens, hidden) -> same shape, and the attention probabilities when `eager`."""
@@ -247,8 +254,8 @@ class WaveCLIPAttention(CLIPAttention):
         queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if past_key_values is not None:
-            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        if cache is not None:
+            keys, values = cache.update(keys, values, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             attn_implementation or self.config._attn_implementation, eager_attention_forward
@@ -278,12 +285,12 @@ class WaveCLIPEncoderLayer(CLIPEncoderLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attn_implementation: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, attn_weights = self.self_attn(
-            self.layer_norm1(hidden_states), attention_mask, past_key_values, attn_implementation
+            self.layer_norm1(hidden_states), attention_mask, cache, attn_implementation
         )
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
@@ -479,7 +486,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
 
     ```python
     >>> out0 = vision(pixel_values, num_stages=1, use_cache=True)   # stage 0 only: 50 tokens
-    >>> out1 = vision(pixel_values, num_stages=2, past_key_values=out0.past_key_values)  # adds 148 tokens
+    >>> out1 = vision(pixel_values, num_stages=2, cache=out0.cache)  # adds 148 tokens
     ```
     """
 
@@ -498,11 +505,11 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings[0]
 
-    def cached_stages(self, past_key_values: Cache | None) -> int:
-        """How many stages `past_key_values` holds (0 for `None` or an empty cache)."""
-        if past_key_values is None:
+    def cached_stages(self, cache: Cache | None) -> int:
+        """How many stages `cache` holds (0 for `None` or an empty cache)."""
+        if cache is None:
             return 0
-        cached_tokens = past_key_values.get_seq_length()
+        cached_tokens = cache.get_seq_length()
         boundaries = [0]
         for length in self.config.stage_lengths:
             boundaries.append(boundaries[-1] + length)
@@ -537,36 +544,36 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         if pixel_values.shape[0] == 0:
             raise ValueError("`pixel_values` holds no images (batch size 0): pass at least one image.")
 
-    def _check_cache(self, past_key_values, batch_size: int) -> int:
-        """How many stages `past_key_values` holds, after checking it can continue these images on this model."""
-        if past_key_values is None:
+    def _check_cache(self, cache, batch_size: int) -> int:
+        """How many stages `cache` holds, after checking it can continue these images on this model."""
+        if cache is None:
             return 0
-        if not isinstance(past_key_values, Cache):
+        if not isinstance(cache, Cache):
             raise ValueError(
-                f"`past_key_values` must be a transformers `Cache` returned by this model (e.g. `DynamicCache`), got "
-                f"{type(past_key_values).__name__}. Legacy tuple caches are not supported."
+                f"`cache` must be a transformers `Cache` returned by this model (e.g. `DynamicCache`), got "
+                f"{type(cache).__name__}. Legacy tuple caches are not supported."
             )
-        cached = self.cached_stages(past_key_values)
+        cached = self.cached_stages(cache)
         if not cached:
             return 0
         config = self.config
-        keys = past_key_values.layers[0].keys
+        keys = cache.layers[0].keys
         if keys.shape[0] != batch_size:
             raise ValueError(
                 f"The cache holds {keys.shape[0]} images but `pixel_values` has {batch_size}. After an early "
-                "exit, call `past_key_values.batch_select_indices(idx)` with the indices of the images that "
+                "exit, call `cache.batch_select_indices(idx)` with the indices of the images that "
                 "continue, and pass `pixel_values[idx]`."
             )
         head_dim = config.hidden_size // config.num_attention_heads
-        if len(past_key_values.layers) != config.num_hidden_layers or tuple(keys.shape[1::2]) != (
+        if len(cache.layers) != config.num_hidden_layers or tuple(keys.shape[1::2]) != (
             config.num_attention_heads, head_dim
         ):
             raise ValueError(
-                f"The cache has {len(past_key_values.layers)} layers of {keys.shape[1]} heads x {keys.shape[-1]} but "
+                f"The cache has {len(cache.layers)} layers of {keys.shape[1]} heads x {keys.shape[-1]} but "
                 f"this model has {config.num_hidden_layers} layers of {config.num_attention_heads} heads x {head_dim}: "
                 "it comes from another model. Start without a cache, or pass the cache this model returned."
             )
-        owner = getattr(past_key_values, "_waveclip_owner", None)  # a weakref: ids are reused, objects are not
+        owner = getattr(cache, "_waveclip_owner", None)  # a weakref: ids are reused, objects are not
         if owner is not None and owner() is not self:
             raise ValueError(
                 "The cache was filled by another WaveCLIP model instance (same shapes, but other weights or another "
@@ -580,10 +587,10 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             )
         return cached
 
-    def _check_inputs(self, pixel_values: torch.Tensor, past_key_values: Cache | None, num_stages: int | None):
+    def _check_inputs(self, pixel_values: torch.Tensor, cache: Cache | None, num_stages: int | None):
         config = self.config
         self._check_pixel_values(pixel_values)
-        cached = self._check_cache(past_key_values, pixel_values.shape[0])
+        cached = self._check_cache(cache, pixel_values.shape[0])
         num_stages = config.num_stages if num_stages is None else _as_stage_count(num_stages, "num_stages")
         if not cached < num_stages <= config.num_stages:
             raise ValueError(
@@ -592,11 +599,12 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             )
         return cached, num_stages
 
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         num_stages: int | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -609,7 +617,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             num_stages (`int`, *optional*):
                 How many stages have been processed after this call, cached ones included (default: all). With a
                 cache holding k stages only stages k..num_stages-1 are computed.
-            past_key_values (`Cache`, *optional*):
+            cache (`Cache`, *optional*):
                 A cache returned by an earlier call on the same images; it is extended in place.
             use_cache (`bool`, *optional*):
                 Return a cache to continue from (a new `DynamicCache` if none was passed).
@@ -623,11 +631,11 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        use_cache = use_cache if use_cache is not None else past_key_values is not None
-        first_stage, end_stage = self._check_inputs(pixel_values, past_key_values, num_stages)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache or first_stage > 0 else None
+        use_cache = use_cache if use_cache is not None else cache is not None
+        first_stage, end_stage = self._check_inputs(pixel_values, cache, num_stages)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        cache = cache if use_cache or first_stage > 0 else None
 
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
         device = hidden_states.device
@@ -663,7 +671,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             last_hidden_state=hidden_states,
             pooler_output=stage_pooler_outputs[:, -1],
             stage_pooler_outputs=stage_pooler_outputs,
-            past_key_values=cache if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -826,11 +834,12 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
         return outputs if return_dict is not False else outputs.to_tuple()
 
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         num_stages: int | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -845,7 +854,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         outputs = self.vision_model(
             pixel_values=pixel_values,
             num_stages=num_stages,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -915,7 +924,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         for stage in range(num_stages):
             last = stage == num_stages - 1
             outputs = self.get_image_features(
-                pixel_values[active], num_stages=stage + 1, past_key_values=cache, use_cache=not last
+                pixel_values[active], num_stages=stage + 1, cache=cache, use_cache=not last
             )
             embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(text_embeds.dtype)
             logits = logit_scale * embeds @ text_embeds.t()
@@ -928,7 +937,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             exit_stage[answered] = stage
             if bool(stops.all()):
                 break
-            cache = outputs.past_key_values
+            cache = outputs.cache
             continuing = (~stops).nonzero().squeeze(1)
             if not bool((~stops).all()):
                 cache.batch_select_indices(continuing)
@@ -946,6 +955,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             gflops=cumulative.to(device)[exit_stage].float(),
         )
 
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -953,7 +963,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         num_stages: int | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         return_loss: bool | None = None,
         output_attentions: bool | None = None,
@@ -964,7 +974,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         vision_outputs = self.get_image_features(
             pixel_values,
             num_stages=num_stages,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
