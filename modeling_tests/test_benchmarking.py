@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-import waveclip_hf.benchmarking as benchmarking
-from waveclip_hf.benchmarking import (
+import waveclip_hf.benchmarking.harness as benchmarking
+from waveclip_hf.benchmarking.harness import (
     ENCODER_CONFIGS,
     HAND_WRITTEN_MARKER,
     BenchmarkSettings,

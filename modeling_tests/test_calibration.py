@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_model
 from test_hub_loading import save_tiny_folder
-from waveclip_hf.calibration import (
+from waveclip_hf.evaluation.calibration import (
     OperatingPoint,
     choose_threshold,
     collect_stage_embeddings,
@@ -90,7 +90,7 @@ def test_calibration_script_on_a_labelled_image_folder(tmp_path):
 
 
 def test_oracle_exit_takes_the_earliest_stage_that_agrees_with_the_last():
-    from waveclip_hf.calibration import oracle_exit_point
+    from waveclip_hf.evaluation.calibration import oracle_exit_point
 
     # 3 images, 3 stages, 2 classes: stage predictions (0,0,0), (1,0,0), (1,1,0).
     predictions = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]])

@@ -1,7 +1,7 @@
 """Distillation trainer: learning, frozen text side, atomic checkpoints, exact resume, SIGTERM, bad files, Hub folder.
 
 Every test builds a tiny CLIP teacher (64 px images, patch 16) and a folder of small structured PNGs; nothing is
-downloaded. Subprocess tests run `python -m waveclip_hf.distill` like a user would.
+downloaded. Subprocess tests run `python -m waveclip_hf.cli.distill` like a user would.
 """
 
 import json
@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from waveclip_hf import WaveCLIPModel
-from waveclip_hf.distillation import (
+from waveclip_hf.conversion import convert_clip_to_waveclip
+from waveclip_hf.training.distillation import (
     DistillationConfig,
     complete_checkpoints,
     distill,
@@ -33,7 +34,7 @@ from waveclip_hf.distillation import (
     optimizer_groups,
     save_checkpoint,
 )
-from waveclip_hf.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
 PYTHON = sys.executable
 PROMPTS = ["a photo of a red square", "a photo of a blue circle", "a photo of green stripes", "a photo of noise"]
@@ -175,10 +176,10 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, tmp_path):
-    """The detail projection and band embeddings (random at `from_clip`) run at `fresh_lr_multiplier` x the
+    """The detail projection and band embeddings (random at conversion) run at `fresh_lr_multiplier` x the
     schedule; everything copied from the teacher at 1x; the frozen text side is in no group."""
-    student = WaveCLIPModel.from_clip(CLIPModel.from_pretrained(teacher_dir), levels=1, cell_size=16)
-    from waveclip_hf.distillation import freeze_text_side, fresh_parameter_names
+    student = convert_clip_to_waveclip(CLIPModel.from_pretrained(teacher_dir), levels=1, cell_size=16)
+    from waveclip_hf.training.distillation import freeze_text_side, fresh_parameter_names
 
     freeze_text_side(student)
     assert sorted(fresh_parameter_names(student)) == [
@@ -203,7 +204,7 @@ def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, t
     # In a run, the fresh parameters move further from their (seeded, identical) start than at multiplier 1.
     from accelerate.utils import set_seed
 
-    from waveclip_hf.distillation import build_student
+    from waveclip_hf.training.distillation import build_student
 
     set_seed(config.seed)  # as `distill` does before building the student
     teacher, teacher_processor, _ = load_teacher(str(teacher_dir))
@@ -329,7 +330,7 @@ def test_short_run_improves_stages_and_keeps_text_side_exact(teacher_dir, images
     result = distill(config)
     start = next(entry for entry in read_log(tmp_path / "run") if entry["step"] == 0)
     end = result.metrics
-    # from_clip starts stage 0 as the teacher looking at a 2x downsampled image (close already); the detail stage
+    # The conversion starts stage 0 as the teacher looking at a 2x downsampled image (close already); the detail stage
     # starts from fresh projections, far away.
     assert start["eval/cosine_stage0"] > 0.75 and start["eval/cosine_stage1"] < 0.4
     assert end["eval/cosine_stage1"] > start["eval/cosine_stage1"] + 0.3
@@ -469,17 +470,17 @@ def test_sigterm_in_process_saves_a_checkpoint_and_stops(teacher_dir, images_dir
 
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted_run(teacher_dir, images_dir, tmp_path):
-    """A real `python -m waveclip_hf.distill` killed with SIGKILL after its 2nd checkpoint, then resumed, ends with
+    """A real `python -m waveclip_hf.cli.distill` killed with SIGKILL after its 2nd checkpoint, then resumed, ends with
     exactly the weights of an uninterrupted run; every step-* folder that ever appeared was complete."""
     steps = 150
     straight = tiny_config(teacher_dir, images_dir, tmp_path / "straight", max_steps=steps, checkpoint_every=10,
                            keep_checkpoints=3, eval_holdout=0)
-    subprocess.run([PYTHON, "-m", "waveclip_hf.distill", *cli_args(straight)], check=True, env=subprocess_env(),
+    subprocess.run([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(straight)], check=True, env=subprocess_env(),
                    capture_output=True)
 
     killed = tiny_config(teacher_dir, images_dir, tmp_path / "killed", max_steps=steps, checkpoint_every=10,
                          keep_checkpoints=3, eval_holdout=0)
-    process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.distill", *cli_args(killed)], env=subprocess_env(),
+    process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(killed)], env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     seen = set()
@@ -506,7 +507,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(teacher_dir, images_dir, tm
     last = latest_checkpoint(tmp_path / "killed")
     assert 10 <= int(last.name[5:]) < steps
 
-    out = subprocess.run([PYTHON, "-m", "waveclip_hf.distill", *cli_args(killed), "--resume"], env=subprocess_env(),
+    out = subprocess.run([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(killed), "--resume"], env=subprocess_env(),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Resumed from {last}" in out.stderr
@@ -522,7 +523,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(teacher_dir, ima
     the run finishes its step, checkpoints, says so and exits with 143, without a traceback."""
     config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=100000, checkpoint_every=0,
                          eval_holdout=0, log_every=1, num_workers=2)
-    process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.distill", *cli_args(config)], env=subprocess_env(),
+    process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(config)], env=subprocess_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
@@ -544,7 +545,7 @@ def test_a_crash_with_workers_exits_instead_of_hanging(teacher_dir, images_dir, 
     SIGTERM must still end them (an ignored SIGTERM made the interpreter wait forever at exit)."""
     script = (
         "import sys\n"
-        "from waveclip_hf.distillation import DistillationConfig, distill\n"
+        "from waveclip_hf.training.distillation import DistillationConfig, distill\n"
         "def boom(model, step):\n"
         "    if step == 2:\n"
         "        raise RuntimeError('boom at step 2')\n"
@@ -567,7 +568,7 @@ def test_two_cpu_processes_sigterm_and_resume_equal_an_uninterrupted_run(teacher
 
     def torchrun(port):
         return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", "waveclip_hf.distill"]
+                "-m", "waveclip_hf.cli.distill"]
 
     def config(name):
         return tiny_config(teacher_dir, images_dir, tmp_path / name, max_steps=40, batch_size=4, checkpoint_every=0,
@@ -606,7 +607,7 @@ def test_final_folder_loads_in_a_fresh_offline_process(teacher_dir, images_dir, 
         assert (final / name).exists(), name
 
     images = sorted(images_dir.rglob("*.png"))[:3]
-    from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor
+    from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
     processor = WaveCLIPImageProcessor.from_pretrained(final)
     pixels = processor(images=[Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
@@ -657,7 +658,7 @@ def test_model_card_front_matter_and_no_placeholders(teacher_dir, images_dir, tm
 
 
 def test_model_card_rendering_fails_on_missing_values(tmp_path):
-    from waveclip_hf.model_card import render_model_card
+    from waveclip_hf.hub.model_card import render_model_card
 
     template = tmp_path / "t.md"
     template.write_text("---\nbase_model: $teacher\n---\n$steps steps, cost $$5\n")
@@ -685,15 +686,15 @@ def test_an_installed_package_finds_the_model_card_template(tmp_path):
     (site / "waveclip_hf" / "hub_card").mkdir()
     shutil.copy(repo / "hub_card" / "README.md.template", site / "waveclip_hf" / "hub_card")
     found = subprocess.run(
-        [PYTHON, "-c", "import waveclip_hf.model_card as m; print(m.__file__); print(m.DEFAULT_TEMPLATE)"],
+        [PYTHON, "-c", "import waveclip_hf.hub.model_card as m; print(m.__file__); print(m.DEFAULT_TEMPLATE)"],
         cwd=tmp_path, env=subprocess_env(PYTHONPATH=str(site)), capture_output=True, text=True, check=True,
     ).stdout.split()
-    assert found == [str(site / "waveclip_hf" / "model_card.py"),
+    assert found == [str(site / "waveclip_hf" / "hub" / "model_card.py"),
                      str(site / "waveclip_hf" / "hub_card" / "README.md.template")]
 
 
 def test_cli_help_and_bad_teacher(tmp_path, images_dir):
-    from waveclip_hf.distill import build_parser, config_from_args
+    from waveclip_hf.cli.distill import build_parser, config_from_args
 
     args = build_parser().parse_args(["--train-data", "x", "--output-dir", "y", "--max-steps", "7", "--lr", "0.1",
                                       "--stage-weights", "1", "2", "--mixed-precision", "bf16"])

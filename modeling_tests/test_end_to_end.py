@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from waveclip_hf.end_to_end import EndToEndConfig, run, run_distillation_ablation
+from waveclip_hf.experiments.end_to_end import EndToEndConfig, run, run_distillation_ablation
 
 MINIATURE = {
     "num_train": 192, "num_validation": 32, "num_test": 64,
@@ -34,7 +34,7 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
     # The oracle gate bounds every threshold that keeps the full model's answers: between stage 0 and the full cost.
     assert gflops[0] - 1e-9 <= report["summary"]["oracle_exit_gflops"] <= gflops[-1] + 1e-9
     results_md = (tmp_path / "docs" / "results.md").read_text()
-    assert "| texture | fine |" in results_md and "python -m waveclip_hf.end_to_end" in results_md
+    assert "| texture | fine |" in results_md and "python -m waveclip_hf.experiments.end_to_end" in results_md
     assert (tmp_path / "docs" / "figures" / "e2e_accuracy_vs_gflops.png").stat().st_size > 10_000
     assert len(report["context"]["demo"]) == 2
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"] == report["summary"]

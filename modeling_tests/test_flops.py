@@ -12,7 +12,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.initialization import no_init_weights
 
 from waveclip_hf import WaveCLIPConfig, WaveCLIPModel, WaveCLIPVisionConfig, WaveCLIPVisionModel
-from waveclip_hf.flops import (
+from waveclip_hf.models.waveclip.flops import (
     FLOPS_CONVENTION,
     clip_vit_flops,
     cumulative_flops,

@@ -19,8 +19,8 @@ from transformers import ZeroShotImageClassificationPipeline, pipeline
 
 from conftest import tiny_config
 from waveclip_hf import WaveCLIPModel
-from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor
-from waveclip_hf.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
 LABELS = ["cat", "astronaut", "coffee cup", "rocket"]
 PHOTOS = {"cat": skimage.data.chelsea, "astronaut": skimage.data.astronaut, "coffee cup": skimage.data.coffee}

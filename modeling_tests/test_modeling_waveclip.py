@@ -6,6 +6,7 @@ from transformers.cache_utils import DynamicCache
 
 from conftest import tiny_config, tiny_model
 from waveclip_hf import WaveCLIPConfig, WaveCLIPVisionConfig, WaveCLIPVisionModel
+from waveclip_hf.conversion import convert_clip_to_waveclip
 
 
 def random_pixels(batch: int, size: int = 64, seed: int = 1) -> torch.Tensor:
@@ -231,13 +232,13 @@ def test_half_precision_weights_run_and_stay_close(dtype):
     assert (half.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-def test_from_clip_copies_the_teacher_and_stage0_is_the_teacher_at_half_resolution():
+def test_conversion_copies_the_teacher_and_stage0_is_the_teacher_at_half_resolution():
     import skimage.data
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from waveclip_hf import WaveCLIPModel
-    from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor
+    from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
     torch.manual_seed(0)
     teacher_config = CLIPConfig(
@@ -248,7 +249,7 @@ def test_from_clip_copies_the_teacher_and_stage0_is_the_teacher_at_half_resoluti
         projection_dim=16,
     )
     teacher = CLIPModel(teacher_config).eval()
-    student = WaveCLIPModel.from_clip(teacher).eval()
+    student = convert_clip_to_waveclip(teacher).eval()
     assert student.config.vision_config.stage_lengths == [50, 148]
     input_ids = torch.tensor([[0, 5, 6, 1]])
     images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
@@ -266,4 +267,4 @@ def test_from_clip_copies_the_teacher_and_stage0_is_the_teacher_at_half_resoluti
     # Exact up to resampling differences (resize kernels, position-embedding interpolation).
     assert cosine.min() > 0.999
     with pytest.raises(TypeError, match="needs a transformers `CLIPModel` teacher"):
-        WaveCLIPModel.from_clip(student)
+        convert_clip_to_waveclip(student)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from waveclip_hf.flops import stage_flops
-from waveclip_hf.gating import effective_threshold, gate_stops, probability_margin
+from waveclip_hf.models.waveclip.flops import stage_flops
+from waveclip_hf.models.waveclip.gating import effective_threshold, gate_stops, probability_margin
 
 
 def inputs(levels: int = 2, batch: int = 8, labels: int = 5, seed: int = 3):

@@ -22,8 +22,8 @@ from transformers.cache_utils import DynamicCache
 from conftest import tiny_config, tiny_model
 from test_hub_loading import LABELS, save_tiny_folder
 from waveclip_hf import WaveCLIPModel
-from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor
-from waveclip_hf.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
 
 def random_pixels(batch: int, seed: int = 1) -> torch.Tensor:

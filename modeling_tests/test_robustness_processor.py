@@ -27,7 +27,7 @@ import PIL.Image
 import pytest
 import torch
 
-from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
 
 SIZE = 32  # output side S: small, so each example is cheap; divisible by 2**3 for levels 1..3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from waveclip_hf.benchmarks.synthetic import (
+from waveclip_hf.data.synthetic import (
     AXES,
     caption_for,
     generate_benchmark,

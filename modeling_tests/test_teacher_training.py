@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from waveclip_hf.benchmarks.synthetic import AXES, generate_benchmark
-from waveclip_hf.teacher_training import (
+from waveclip_hf.data.synthetic import AXES, generate_benchmark
+from waveclip_hf.training.teacher import (
     TeacherTrainingConfig,
     build_image_processor,
     evaluate_clip_zero_shot,
@@ -15,7 +15,7 @@ from waveclip_hf.teacher_training import (
     read_training_info,
     train_clip_teacher,
 )
-from waveclip_hf.zero_shot_evaluation import zero_shot_accuracy_per_axis
+from waveclip_hf.evaluation.zero_shot import zero_shot_accuracy_per_axis
 
 TINY = TeacherTrainingConfig(
     # 64-px inputs (the processor resizes the 224-px images) keep this test at a few seconds.

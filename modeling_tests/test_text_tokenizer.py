@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from waveclip_hf.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
 CORPUS = [
     "a red star with vertical stripes and the glyph 7",

@@ -1,4 +1,4 @@
-"""Benchmark WaveCLIP against a plain CLIP ViT side by side (thin wrapper over `waveclip_hf.benchmarking`).
+"""Benchmark WaveCLIP against a plain CLIP ViT side by side (thin wrapper over `waveclip_hf.benchmarking.harness`).
 
     .venv/bin/python scripts/benchmark.py                 # the full CPU run (and the GPU path where CUDA is up)
     .venv/bin/python scripts/benchmark.py --quick         # every section at tiny size, under a minute
@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from waveclip_hf.benchmarking import (
+from waveclip_hf.benchmarking.harness import (
     BenchmarkSettings,
     Schedule,
     command_line,

@@ -1,5 +1,5 @@
 """Sweep the margin threshold of a saved WaveCLIP model on labelled images (thin wrapper over
-`waveclip_hf.calibration.calibrate`).
+`waveclip_hf.evaluation.calibration.calibrate`).
 
     python scripts/calibrate_gate.py --model <folder or hub id> --data <image folder or dataset> \
         --split validation --max-accuracy-drop 0.01 --output-dir runs/calibration
@@ -10,7 +10,7 @@ stages; the chosen threshold) and gate_calibration.png (accuracy vs mean GFLOPs)
 
 import argparse
 
-from waveclip_hf.calibration import calibrate
+from waveclip_hf.evaluation.calibration import calibrate
 
 
 def main(argv=None):

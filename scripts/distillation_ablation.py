@@ -1,14 +1,14 @@
 """Distil one student per variant of the main job's distillation settings (same cached data and teacher) and
-compare them per axis (thin wrapper over `waveclip_hf.end_to_end.run_distillation_ablation`).
+compare them per axis (thin wrapper over `waveclip_hf.experiments.end_to_end.run_distillation_ablation`).
 
     .venv/bin/python scripts/distillation_ablation.py              # after `bash scripts/run_main.sh`
 
-Writes docs/distillation_ablation.{json,md}. Variants: `waveclip_hf.end_to_end.DISTILLATION_VARIANTS`.
+Writes docs/distillation_ablation.{json,md}. Variants: `waveclip_hf.experiments.end_to_end.DISTILLATION_VARIANTS`.
 """
 
 import argparse
 
-from waveclip_hf.end_to_end import SIZES, EndToEndConfig, run_distillation_ablation
+from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig, run_distillation_ablation
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Render the docs' pictures into docs/figures/ (thin wrapper over `waveclip_hf.figures` and the processor).
+"""Render the docs' pictures into docs/figures/ (thin wrapper over `waveclip_hf.figures.diagrams` and the processor).
 
     python scripts/make_figures.py
 """
@@ -8,8 +8,9 @@ from pathlib import Path
 import skimage.data
 
 from waveclip_hf import WaveCLIPVisionConfig
-from waveclip_hf.figures import plot_attention_mask, plot_stage_tokens
-from waveclip_hf.image_processing_waveclip import WaveCLIPImageProcessor, plot_subband_pyramid
+from waveclip_hf.figures.diagrams import plot_attention_mask, plot_stage_tokens
+from waveclip_hf.figures.diagrams import plot_subband_pyramid
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "figures"
 

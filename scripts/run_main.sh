@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README's main job: set up .venv if needed, then run the whole method end to end on the generated
 # offline benchmark (data -> teacher -> distilled student -> evaluation -> pipeline). Extra arguments go to
-# `python -m waveclip_hf.end_to_end`, e.g. `--size large` on a GPU machine.
+# `python -m waveclip_hf.experiments.end_to_end`, e.g. `--size large` on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
-exec .venv/bin/python -m waveclip_hf.end_to_end "$@"
+exec .venv/bin/python -m waveclip_hf.experiments.end_to_end "$@"

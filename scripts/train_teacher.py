@@ -17,8 +17,8 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from waveclip_hf.benchmarks.synthetic import AXES, GENERATOR_VERSION, generate_benchmark
-from waveclip_hf.teacher_training import TeacherTrainingConfig, evaluate_clip_zero_shot, train_clip_teacher
+from waveclip_hf.data.synthetic import AXES, GENERATOR_VERSION, generate_benchmark
+from waveclip_hf.training.teacher import TeacherTrainingConfig, evaluate_clip_zero_shot, train_clip_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ the folder carries).
 
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
-from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
-from .modeling_waveclip import WaveCLIPModel, WaveCLIPPreTrainedModel, WaveCLIPVisionModel, WaveCLIPVisionModelOutput
+from .models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
+from .models.waveclip.modeling_waveclip import WaveCLIPModel, WaveCLIPPreTrainedModel, WaveCLIPVisionModel, WaveCLIPVisionModelOutput
 
 AutoConfig.register(WaveCLIPConfig.model_type, WaveCLIPConfig, exist_ok=True)
 AutoConfig.register(WaveCLIPVisionConfig.model_type, WaveCLIPVisionConfig, exist_ok=True)

@@ -1,7 +1,7 @@
 """The README's main job: the whole method, end to end, on the generated offline benchmark.
 
-    python -m waveclip_hf.end_to_end            # default: sized for a 2-core CPU
-    python -m waveclip_hf.end_to_end --size large   # a bigger run for a GPU
+    python -m waveclip_hf.experiments.end_to_end            # default: sized for a 2-core CPU
+    python -m waveclip_hf.experiments.end_to_end --size large   # a bigger run for a GPU
 
 1. generate the benchmark (coarse axes: colour, shape; fine axes: 2x2-periodic texture, a digit drawn in 2x2
    checker blocks);
@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .benchmarks.synthetic import AXES, GENERATOR_VERSION, generate_benchmark, label_ids, load_benchmark_split
-from .calibration import (
+from ..data.synthetic import AXES, GENERATOR_VERSION, generate_benchmark, label_ids, load_benchmark_split
+from ..evaluation.calibration import (
     OperatingPoint,
     cumulative_stage_gflops,
     default_thresholds,
@@ -42,12 +42,12 @@ from .calibration import (
     stage_probabilities,
     sweep_thresholds,
 )
-from .distillation import DistillationConfig, distill
-from .flops import FLOPS_CONVENTION, clip_vit_flops
-from .teacher_training import TeacherTrainingConfig, train_clip_teacher
-from .zero_shot_evaluation import text_embeddings_per_axis
+from ..training.distillation import DistillationConfig, distill
+from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
+from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
+from ..evaluation.zero_shot import text_embeddings_per_axis
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 SIZES = {
     # Sized so that the first run stays within ~20 minutes on a 2-core CPU (measured: docs/results.md).
@@ -545,7 +545,7 @@ def run(config: EndToEndConfig) -> dict:
     summary = json.loads((student_dir.parent / "summary.json").read_text())
     teacher_vision = teacher_config.vision_config
     context = {
-        "command": "python -m waveclip_hf.end_to_end " + " ".join(sys.argv[1:]),
+        "command": "python -m waveclip_hf.experiments.end_to_end " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
         "wall_minutes": (time.time() - started) / 60,

@@ -31,9 +31,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from .benchmarks.synthetic import AXES, label_ids, labels_of_row, load_benchmark_split, read_benchmark_info, sample_caption
-from .text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
-from .zero_shot_evaluation import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
+from ..data.synthetic import AXES, label_ids, labels_of_row, load_benchmark_split, read_benchmark_info, sample_caption
+from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
 
 # OpenAI CLIP's statistics, so the teacher preprocesses exactly like the checkpoints it
 # stands in for (the benchmark's own statistics are close enough not to matter).

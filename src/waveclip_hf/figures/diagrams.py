@@ -3,12 +3,16 @@
 `python scripts/make_figures.py` renders them into docs/figures/.
 """
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .configuration_waveclip import WaveCLIPVisionConfig
-from .modeling_waveclip import block_causal_mask, token_stage_ids
+from ..models.waveclip.configuration_waveclip import WaveCLIPVisionConfig
+from ..models.waveclip.image_processing_waveclip import CHANNEL_NAMES, as_packed_tensor
+from ..models.waveclip.modeling_waveclip import block_causal_mask, token_stage_ids
+from ..models.waveclip.wavelet_layout import ORIENTATIONS, unpack_coefficients
 
 
 def plot_attention_mask(config: WaveCLIPVisionConfig, path, title: str | None = None):
@@ -94,3 +98,83 @@ def plot_stage_tokens(pixel_values: torch.Tensor, config: WaveCLIPVisionConfig, 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return Path(path)
+
+
+def plot_subband_pyramid(pixel_values, levels: int, path: str | os.PathLike | None = None, channel: int | str = 0):
+    """Render one channel of packed `pixel_values` as the classic wavelet pyramid picture.
+
+    Each subband is contrast-stretched on its own (percentiles 1-99): the approximation linearly, details as
+    log(1 + |c|) so that weak edges stay visible next to strong ones. Thin lines separate the subbands and each
+    carries its label (A_L, then H_j, V_j, D_j).
+
+    Args:
+        pixel_values: (3, S, S) or (1, 3, S, S) packed coefficients of one image (tensor or array).
+        levels: number of DWT levels L they hold.
+        path: where to save a PNG, if given.
+        channel: 0 / "Y", 1 / "Cb" or 2 / "Cr".
+
+    Returns:
+        `matplotlib.figure.Figure` (drawn with the Agg canvas, so no display or pyplot state is touched).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib import patheffects
+
+    packed = as_packed_tensor(pixel_values)
+    if packed.ndim == 4:
+        if packed.shape[0] != 1:
+            raise ValueError(f"plot_subband_pyramid draws one image, got a batch of {packed.shape[0]}.")
+        packed = packed[0]
+    if isinstance(channel, str):
+        if channel not in CHANNEL_NAMES:
+            raise ValueError(f"`channel` must be 0, 1, 2 or one of {CHANNEL_NAMES}, got {channel!r}.")
+        channel = CHANNEL_NAMES.index(channel)
+    if channel not in (0, 1, 2):
+        raise ValueError(f"`channel` must be 0, 1, 2 or one of {CHANNEL_NAMES}, got {channel!r}.")
+    coefficients = unpack_coefficients(packed[channel].detach().to(torch.float64).cpu(), levels)
+    size = packed.shape[-1]
+
+    def stretch(band: np.ndarray) -> np.ndarray:
+        low, high = np.percentile(band, [1, 99])
+        return np.clip((band - low) / (high - low), 0, 1) if high > low else np.zeros_like(band)
+
+    canvas = np.zeros((size, size))
+    labels = []  # (text, row centre, column centre, subband side)
+    n = size >> levels
+    canvas[:n, :n] = stretch(coefficients[0].numpy())
+    labels.append((f"$A_{{{levels}}}$", n / 2, n / 2, n))
+    for level_offset, details in enumerate(coefficients[1:]):
+        level = levels - level_offset
+        # ORIENTATIONS order = (horizontal, vertical, diagonal); their quadrants (row, column) in the layout.
+        for name, band, (row, col) in zip(ORIENTATIONS, details, ((n, 0), (0, n), (n, n))):
+            canvas[row : row + n, col : col + n] = stretch(np.log1p(np.abs(band.numpy())))
+            labels.append((f"${name[0].upper()}_{{{level}}}$", row + n / 2, col + n / 2, n))
+        n *= 2
+
+    figure = Figure(figsize=(6, 6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0, 0, 1, 0.94))
+    axes.imshow(canvas, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    axes.set_axis_off()
+    n = size >> levels
+    for _ in range(levels):
+        # Pixel centres sit at integers, so subband borders are at k - 0.5.
+        axes.plot([n - 0.5, n - 0.5], [-0.5, 2 * n - 0.5], color="tab:orange", linewidth=0.8)
+        axes.plot([-0.5, 2 * n - 0.5], [n - 0.5, n - 0.5], color="tab:orange", linewidth=0.8)
+        n *= 2
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    for text, row, col, side in labels:
+        axes.text(
+            col,
+            row,
+            text,
+            color="yellow",
+            ha="center",
+            va="center",
+            fontsize=max(6.0, min(16.0, 40.0 * side / size)),
+            path_effects=outline,
+        )
+    figure.suptitle(f"{CHANNEL_NAMES[channel]} subbands, {levels}-level DWT", y=0.985)
+    if path is not None:
+        figure.savefig(os.fspath(path), dpi=100)
+    return figure

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .flops import FLOPS_CONVENTION, stage_flops
-from .gating import effective_threshold, probability_margin
+from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
+from ..models.waveclip.gating import effective_threshold, probability_margin
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
 

@@ -1,10 +1,10 @@
 """Command line for `distillation.distill`: distil a CLIP teacher into a WaveCLIP student.
 
-    python -m waveclip_hf.distill --teacher openai/clip-vit-base-patch16 --train-data /data/images \\
+    python -m waveclip_hf.cli.distill --teacher openai/clip-vit-base-patch16 --train-data /data/images \\
         --output-dir runs/waveclip-b16 --max-steps 20000 --batch-size 128 --mixed-precision bf16
 
-    accelerate launch --num_processes 8 -m waveclip_hf.distill ...   # multi-GPU, same flags
-    python -m waveclip_hf.distill ... --resume                        # continue from the last complete checkpoint
+    accelerate launch --num_processes 8 -m waveclip_hf.cli.distill ...   # multi-GPU, same flags
+    python -m waveclip_hf.cli.distill ... --resume                        # continue from the last complete checkpoint
 
 Exit status: 0 when the run finished (the final folder is written), 143 when SIGTERM stopped it after saving a
 checkpoint (so `distill && upload` does not upload a half-trained model), 2 on bad arguments.
@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .distillation import SIGTERM_EXIT_CODE, DistillationConfig, distill
+from ..training.distillation import SIGTERM_EXIT_CODE, DistillationConfig, distill
 
 
 def _optional_int(text: str) -> int | None:
@@ -26,7 +26,7 @@ def _optional_int(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     defaults = DistillationConfig()
     p = argparse.ArgumentParser(
-        prog="python -m waveclip_hf.distill",
+        prog="python -m waveclip_hf.cli.distill",
         description="Distil a frozen CLIP teacher into a WaveCLIP student (only the vision side trains).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .flops import FLOPS_CONVENTION, clip_vit_flops, cumulative_flops, full_forward_flops, gflops, stage_flops
-from .gating import probability_margin
+from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, cumulative_flops, full_forward_flops, gflops, stage_flops
+from ..models.waveclip.gating import probability_margin
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,14 +391,14 @@ def build_models(settings: BenchmarkSettings, tokenizer=None):
 
     Returns:
         (clip_vision, clip, waveclip): a `CLIPVisionModelWithProjection` (the encoder baseline), a `CLIPModel`
-        with the text tower of `settings` (the stock pipeline's model) and `WaveCLIPModel.from_clip(clip)` (same
+        with the text tower of `settings` (the stock pipeline's model) and `convert_clip_to_waveclip(clip)` (same
         width and text tower; cells of `cell_size`, `levels` DWT levels). All in eval mode with
         `settings.attn_implementation`.
     """
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
-    from .modeling_waveclip import WaveCLIPModel
-    from .text_tokenizer import clip_text_config_kwargs
+    from ..conversion.clip_to_waveclip import convert_clip_to_waveclip
+    from ..data.text_tokenizer import clip_text_config_kwargs
 
     torch.manual_seed(settings.seed)
     text_config = dict(
@@ -413,7 +413,7 @@ def build_models(settings: BenchmarkSettings, tokenizer=None):
     clip = CLIPModel(
         CLIPConfig(text_config=text_config, vision_config=vision.to_dict(), projection_dim=settings.projection_dim)
     ).eval()
-    waveclip = WaveCLIPModel.from_clip(clip, cell_size=settings.cell_size, levels=settings.levels).eval()
+    waveclip = convert_clip_to_waveclip(clip, cell_size=settings.cell_size, levels=settings.levels).eval()
     for model in (clip_vision, clip, waveclip):
         model.set_attn_implementation(settings.attn_implementation)
     return clip_vision, clip, waveclip
@@ -736,7 +736,7 @@ def benchmark_preprocessing(settings: BenchmarkSettings, log=print) -> dict[str,
     """`WaveCLIPImageProcessor` against `CLIPImageProcessor()` per image and per batch, on the same PIL images."""
     from transformers import CLIPImageProcessor
 
-    from .image_processing_waveclip import WaveCLIPImageProcessor
+    from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
     processors = {
         "waveclip": WaveCLIPImageProcessor(image_size=settings.image_size, levels=settings.levels),
@@ -847,7 +847,7 @@ PIPELINE_RUNS = {
 def benchmark_pipelines(settings: BenchmarkSettings, log=print) -> dict[str, Any]:
     """The stock zero-shot pipeline around a `CLIPModel` against the WaveCLIP pipeline, both loaded from folders.
 
-    Both models share the text tower (`WaveCLIPModel.from_clip`), the labels, the tokenizer (word level, built over
+    Both models share the text tower (`convert_clip_to_waveclip`), the labels, the tokenizer (word level, built over
     the prompts) and the images. Each pipeline first classifies one image against two unrelated labels, which
     warms its kernels without touching the 1,000-label text cache. Then, at the default `batch_size=1`:
     - WaveCLIP at theta = 0, first call: the text cache is cold, so the 1,000 prompts are encoded once (one
@@ -860,8 +860,8 @@ def benchmark_pipelines(settings: BenchmarkSettings, log=print) -> dict[str, Any
     """
     from transformers import CLIPImageProcessor, pipeline
 
-    from .image_processing_waveclip import WaveCLIPImageProcessor
-    from .text_tokenizer import build_word_level_tokenizer
+    from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+    from ..data.text_tokenizer import build_word_level_tokenizer
 
     labels = label_names(settings.num_labels)
     template = "This is a photo of {}."
@@ -1348,7 +1348,7 @@ def markdown_report(results: dict[str, Any], notes: str | None = None) -> str:
             f"{pipe['num_labels']} labels (\"object 0\" … ), template \"{pipe['hypothesis_template']}\" "
             f"({pipe['prompt_tokens']} tokens with padding), word-level tokenizer. Text tower: {tt['layers']} layers, "
             f"width {tt['hidden_size']}, {tt['heads']} heads ({clip_text}random weights, shared by both "
-            f"models via `from_clip`); one label set costs {pipe['text_gflops_per_label_set']:.0f} GFLOPs of text. "
+            f"models via `convert_clip_to_waveclip`); one label set costs {pipe['text_gflops_per_label_set']:.0f} GFLOPs of text. "
             "Stock: `pipeline(\"zero-shot-image-classification\", model=clip_folder)` → "
             f"`{pipe['stock_pipeline_class']}` "
             f"with `{pipe['stock_image_processor']}`; WaveCLIP: `trust_remote_code=True` → "

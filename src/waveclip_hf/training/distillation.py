@@ -3,7 +3,7 @@
 Read top to bottom: config -> data -> teacher and student -> loss -> checkpoints -> FLOPs/MFU -> evaluation ->
 the training loop (`distill`) -> the final Hub-ready folder.
 
-The student is `WaveCLIPModel.from_clip(teacher)`: text tower, text projection and logit scale are the
+The student is ``convert_clip_to_waveclip(teacher)``: text tower, text projection and logit scale are the
 teacher's and stay frozen (so student text embeddings equal the teacher's bit for bit); only the vision side
 trains. One student forward gives the projected embedding after every stage (block-causal mask), so the
 per-stage loss costs one forward and one backward:
@@ -44,9 +44,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from .flops import FLOPS_CONVENTION, clip_vit_flops, full_forward_flops
-from .image_processing_waveclip import WaveCLIPImageProcessor
-from .modeling_waveclip import WaveCLIPModel
+from ..conversion.clip_to_waveclip import convert_clip_to_waveclip
+from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, full_forward_flops
+from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ _SHOW_SKIPPED = 5  # skipped files named in logs and summaries
 
 @dataclass
 class DistillationConfig:
-    """Every knob of a distillation run; the CLI (`python -m waveclip_hf.distill`) maps one flag to each field.
+    """Every knob of a distillation run; the CLI (`python -m waveclip_hf.cli.distill`) maps one flag to each field.
 
     Stage weights: `None` means equal weights, normalised to sum to 1. Every stage is an exit the margin gate can
     take at inference, so each must answer like the teacher on its own; nothing in the method says one exit
@@ -433,14 +434,14 @@ def load_teacher(name_or_path: str, torch_dtype=torch.float32):
 
 
 def build_student(teacher: CLIPModel, teacher_processor, levels: int, wavelet: str, cell_size: int):
-    """`WaveCLIPModel.from_clip(teacher)` and its `WaveCLIPImageProcessor`; only the vision side trains.
+    """``convert_clip_to_waveclip(teacher)`` and its `WaveCLIPImageProcessor`; only the vision side trains.
 
     Returns:
         (student `WaveCLIPModel`, `WaveCLIPImageProcessor`)
     """
     image_size = teacher.config.vision_config.image_size
     processor = WaveCLIPImageProcessor(image_size=image_size, wavelet=wavelet, levels=levels)
-    student = WaveCLIPModel.from_clip(
+    student = convert_clip_to_waveclip(
         teacher,
         teacher_image_mean=list(getattr(teacher_processor, "image_mean", None) or []) or None,
         teacher_image_std=list(getattr(teacher_processor, "image_std", None) or []) or None,
@@ -533,7 +534,7 @@ def distillation_loss(
 
 
 def fresh_parameter_names(student: WaveCLIPModel) -> list[str]:
-    """Names of the student parameters `from_clip` initialises at random (the teacher has no counterpart):
+    """Names of the student parameters `convert_clip_to_waveclip` initialises at random (the teacher has no counterpart):
     the detail stages' patch projections and the band embeddings."""
     embeddings = student.vision_model.embeddings
     modules = (*embeddings.patch_embeddings[1:], embeddings.band_embedding)
@@ -1305,7 +1306,7 @@ def save_final(student: WaveCLIPModel, processor, tokenizer, config: Distillatio
                result: DistillationResult, teacher_config=None) -> Path:
     """`output_dir/final`: weights + remote code (`save_pretrained`), image processor, the teacher's tokenizer and
     a model card rendered from real figures of this run. Written to `final.tmp` and renamed, like checkpoints."""
-    from .model_card import card_fields, render_model_card
+    from ..hub.model_card import card_fields, render_model_card
 
     output_dir = Path(config.output_dir)
     final, tmp = output_dir / "final", output_dir / "final.tmp"
@@ -1328,7 +1329,7 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message="Upload WaveCLIP distilled with waveclip_hf.distill")
+                             commit_message="Upload WaveCLIP distilled with waveclip_hf.cli.distill")
     logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)
     return str(info)
 

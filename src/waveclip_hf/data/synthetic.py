@@ -433,7 +433,7 @@ def _write_chunk(job: tuple[str, int, str, int, int, int]) -> list[dict]:
 def _benchmark_info(seed: int, counts: dict[str, int], image_size: int) -> dict:
     # Round-tripped through JSON (tuples -> lists) so it compares equal to info.json read back.
     return json.loads(json.dumps({
-        "generator": "waveclip_hf.benchmarks.synthetic",
+        "generator": "waveclip_hf.data.synthetic",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,

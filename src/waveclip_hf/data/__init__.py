@@ -1,4 +1,4 @@
-"""Benchmarks the project generates offline (see DESIGN.md §6)."""
+"""Data the project generates offline: the synthetic zero-shot benchmark and its word-level tokenizer."""
 
 from .synthetic import AXES, LabelAxis, caption_for, generate_benchmark, label_ids, load_benchmark_split
 

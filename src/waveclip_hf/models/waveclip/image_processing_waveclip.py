@@ -6,8 +6,8 @@ layout of `wavelet_layout.py` (approximation top-left, then H / V / D quadrants 
 tensor has the shape of an image, so pipelines, collators and `datasets.map` move it like any `pixel_values`.
 
 This file ships with saved models as remote code (`trust_remote_code=True`): it imports only torch, numpy,
-PIL, ptwt, pywt, transformers and its sibling `wavelet_layout.py` (relative import). Matplotlib is imported
-inside `plot_subband_pyramid` only.
+PIL, ptwt, pywt, transformers and its sibling `wavelet_layout.py` (relative import). Pictures of the subband
+pyramid live with the other figures (`waveclip_hf.figures`), outside the shipped files.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-from .wavelet_layout import ORIENTATIONS, check_packable, pack_coefficients, unpack_coefficients
+from .wavelet_layout import check_packable, pack_coefficients, unpack_coefficients
 
 
 logger = logging.get_logger(__name__)
@@ -77,7 +77,7 @@ _TORCH_INTERPOLATION = {
     PILImageResampling.BILINEAR: "bilinear",
     PILImageResampling.BICUBIC: "bicubic",
 }
-_CHANNEL_NAMES = ("Y", "Cb", "Cr")
+CHANNEL_NAMES = ("Y", "Cb", "Cr")
 
 
 def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
@@ -398,7 +398,7 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
             `[A_L, (H_L, V_L, D_L), ..., (H_1, V_1, D_1)]` (the `ptwt.wavedec2` structure): torch views of shape
             (..., 3, S / 2**j, S / 2**j) for level j, coarsest first.
         """
-        return unpack_coefficients(_as_packed_tensor(pixel_values), self.levels if levels is None else levels)
+        return unpack_coefficients(as_packed_tensor(pixel_values), self.levels if levels is None else levels)
 
     def inverse(
         self,
@@ -426,7 +426,7 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
             raise ValueError(f"`to` must be 'rgb' or 'ycbcr', got {to!r}.")
         levels = self.levels if levels is None else levels
         wavelet = self.wavelet if wavelet is None else wavelet
-        packed = _as_packed_tensor(pixel_values)
+        packed = as_packed_tensor(pixel_values)
         image_mean, image_std, _ = _check_settings(
             packed.shape[-1],
             wavelet,
@@ -445,7 +445,7 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
         return ycbcr_to_rgb(ycbcr) if to == "rgb" else ycbcr
 
 
-def _as_packed_tensor(pixel_values) -> torch.Tensor:
+def as_packed_tensor(pixel_values) -> torch.Tensor:
     """Accept a tensor, array or `BatchFeature`; check it is (..., 3, S, S); return a float torch tensor."""
     if isinstance(pixel_values, (BatchFeature, dict)):
         pixel_values = pixel_values["pixel_values"]
@@ -770,96 +770,10 @@ def _resize(image: torch.Tensor, target: tuple[int, int], resample: PILImageResa
     return torch.from_numpy(np.stack(channels))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Visualisation
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def plot_subband_pyramid(pixel_values, levels: int, path: str | os.PathLike | None = None, channel: int | str = 0):
-    """Render one channel of packed `pixel_values` as the classic wavelet pyramid picture.
-
-    Each subband is contrast-stretched on its own (percentiles 1-99): the approximation linearly, details as
-    log(1 + |c|) so that weak edges stay visible next to strong ones. Thin lines separate the subbands and each
-    carries its label (A_L, then H_j, V_j, D_j).
-
-    Args:
-        pixel_values: (3, S, S) or (1, 3, S, S) packed coefficients of one image (tensor or array).
-        levels: number of DWT levels L they hold.
-        path: where to save a PNG, if given.
-        channel: 0 / "Y", 1 / "Cb" or 2 / "Cr".
-
-    Returns:
-        `matplotlib.figure.Figure` (drawn with the Agg canvas, so no display or pyplot state is touched).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib import patheffects
-
-    packed = _as_packed_tensor(pixel_values)
-    if packed.ndim == 4:
-        if packed.shape[0] != 1:
-            raise ValueError(f"plot_subband_pyramid draws one image, got a batch of {packed.shape[0]}.")
-        packed = packed[0]
-    if isinstance(channel, str):
-        if channel not in _CHANNEL_NAMES:
-            raise ValueError(f"`channel` must be 0, 1, 2 or one of {_CHANNEL_NAMES}, got {channel!r}.")
-        channel = _CHANNEL_NAMES.index(channel)
-    if channel not in (0, 1, 2):
-        raise ValueError(f"`channel` must be 0, 1, 2 or one of {_CHANNEL_NAMES}, got {channel!r}.")
-    coefficients = unpack_coefficients(packed[channel].detach().to(torch.float64).cpu(), levels)
-    size = packed.shape[-1]
-
-    def stretch(band: np.ndarray) -> np.ndarray:
-        low, high = np.percentile(band, [1, 99])
-        return np.clip((band - low) / (high - low), 0, 1) if high > low else np.zeros_like(band)
-
-    canvas = np.zeros((size, size))
-    labels = []  # (text, row centre, column centre, subband side)
-    n = size >> levels
-    canvas[:n, :n] = stretch(coefficients[0].numpy())
-    labels.append((f"$A_{{{levels}}}$", n / 2, n / 2, n))
-    for level_offset, details in enumerate(coefficients[1:]):
-        level = levels - level_offset
-        # ORIENTATIONS order = (horizontal, vertical, diagonal); their quadrants (row, column) in the layout.
-        for name, band, (row, col) in zip(ORIENTATIONS, details, ((n, 0), (0, n), (n, n))):
-            canvas[row : row + n, col : col + n] = stretch(np.log1p(np.abs(band.numpy())))
-            labels.append((f"${name[0].upper()}_{{{level}}}$", row + n / 2, col + n / 2, n))
-        n *= 2
-
-    figure = Figure(figsize=(6, 6), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_axes((0, 0, 1, 0.94))
-    axes.imshow(canvas, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-    axes.set_axis_off()
-    n = size >> levels
-    for _ in range(levels):
-        # Pixel centres sit at integers, so subband borders are at k - 0.5.
-        axes.plot([n - 0.5, n - 0.5], [-0.5, 2 * n - 0.5], color="tab:orange", linewidth=0.8)
-        axes.plot([-0.5, 2 * n - 0.5], [n - 0.5, n - 0.5], color="tab:orange", linewidth=0.8)
-        n *= 2
-    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
-    for text, row, col, side in labels:
-        axes.text(
-            col,
-            row,
-            text,
-            color="yellow",
-            ha="center",
-            va="center",
-            fontsize=max(6.0, min(16.0, 40.0 * side / size)),
-            path_effects=outline,
-        )
-    figure.suptitle(f"{_CHANNEL_NAMES[channel]} subbands, {levels}-level DWT", y=0.985)
-    if path is not None:
-        figure.savefig(os.fspath(path), dpi=100)
-    return figure
-
-
 __all__ = [
     "WAVECLIP_YCBCR_MEAN",
     "WAVECLIP_YCBCR_STD",
     "WaveCLIPImageProcessor",
-    "plot_subband_pyramid",
     "rgb_to_ycbcr",
     "ycbcr_to_rgb",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 def _default_template() -> Path:
     """`hub_card/README.md.template`: in a checkout the repository's file; in an installed wheel the copy shipped
     as package data of `waveclip_hf.hub_card` (pyproject.toml maps that package to hub_card/)."""
-    checkout = Path(__file__).resolve().parents[2] / "hub_card" / "README.md.template"
+    checkout = Path(__file__).resolve().parents[3] / "hub_card" / "README.md.template"
     if checkout.is_file():
         return checkout
     try:
@@ -71,7 +71,7 @@ def card_fields(config, result, student_config, teacher_config=None, accuracy_ma
         teacher_config: the teacher's `CLIPConfig`, to show a plain CLIP ViT beside the stage costs (optional).
         accuracy_markdown: measured accuracy to publish (e.g. a zero-shot table); default: says none was measured.
     """
-    from .flops import format_flops_table
+    from ..models.waveclip.flops import format_flops_table
 
     vision = student_config.vision_config
     teacher_is_local = Path(config.teacher).expanduser().exists()

@@ -1,0 +1,1 @@
+"""Speed benchmarks: WaveCLIP against a plain CLIP ViT, side by side in one process."""

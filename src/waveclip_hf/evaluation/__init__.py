@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot accuracy from embeddings, and the gate's accuracy / GFLOPs calibration."""

@@ -1,0 +1,1 @@
+"""Hub: the model card of a distilled checkpoint."""
