@@ -179,6 +179,9 @@ def test_label_embeddings_are_computed_once_per_label_set(tmp_path):
     assert len(calls) == 1 and first == second
     classifier(skimage.data.chelsea(), candidate_labels=LABELS, hypothesis_template="a photo of {}")
     assert len(calls) == 2
+    # Other tokenizer settings give other token ids: a new entry, not the stale embeddings of the first call.
+    truncated = classifier(skimage.data.chelsea(), candidate_labels=LABELS, tokenizer_kwargs={"max_length": 4, "truncation": True})
+    assert len(calls) == 3 and truncated != first
 
 
 @pytest.mark.parametrize(

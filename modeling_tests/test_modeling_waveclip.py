@@ -186,13 +186,13 @@ def test_bad_pixel_values_name_the_problem(pixel_values, message):
 def test_num_stages_out_of_range_and_cache_mismatches_are_clear_errors():
     model = tiny_model(levels=1)
     pixel_values = random_pixels(2)
-    with pytest.raises(ValueError, match=r"must be in 1\.\.2"):
+    with pytest.raises(ValueError, match=r"must be an integer in 1\.\.2"):
         model.vision_model(pixel_values, num_stages=3)
-    with pytest.raises(ValueError, match=r"must be in 1\.\.2"):
+    with pytest.raises(ValueError, match=r"must be an integer in 1\.\.2"):
         model.vision_model(pixel_values, num_stages=0)
     with torch.no_grad():
         cache = model.vision_model(pixel_values, num_stages=1, use_cache=True).cache
-    with pytest.raises(ValueError, match="cache holds 1 of 2 stages"):
+    with pytest.raises(ValueError, match=r"must be an integer in 2\.\.2 \(the stages processed after this call; the cache holds 1 of 2\)"):
         model.vision_model(pixel_values, num_stages=1, cache=cache)
     with pytest.raises(ValueError, match="batch_select_indices"):
         model.vision_model(pixel_values[:1], cache=cache)

@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model
 from waveclip_hf.models.waveclip.flops import stage_flops
 from waveclip_hf.models.waveclip.gating import effective_threshold, gate_stops, probability_margin
+from waveclip_hf.models.waveclip.scoring import zero_shot_logits
 
 
 def inputs(levels: int = 2, batch: int = 8, labels: int = 5, seed: int = 3):
@@ -22,9 +23,18 @@ def inputs(levels: int = 2, batch: int = 8, labels: int = 5, seed: int = 3):
 @torch.no_grad()
 def full_model_scores(model, pixel_values, text_embeds, num_stages=None):
     image = model.get_image_features(pixel_values, num_stages=num_stages).stage_pooler_outputs
-    image = torch.nn.functional.normalize(image, dim=-1)
-    text = torch.nn.functional.normalize(text_embeds, dim=-1)
-    return (model.logit_scale.exp() * image @ text.t()).softmax(-1)  # (batch, stages, labels)
+    return zero_shot_logits(image, text_embeds, model.logit_scale.exp()).softmax(-1)  # (batch, stages, labels)
+
+
+def test_zero_shot_logits_equal_the_dual_encoders_logits_per_image():
+    model, pixel_values, _ = inputs(levels=1, batch=3)
+    input_ids = torch.tensor([[0, 5, 6, 1], [0, 7, 8, 1]])
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
+        image = model.get_image_features(pixel_values).pooler_output
+        text = model.get_text_features(input_ids).pooler_output
+    assert (zero_shot_logits(image, text, model.logit_scale.exp()) - reference).abs().max() < 1e-5
+    assert torch.equal(zero_shot_logits(image, text).argmax(-1), reference.argmax(-1))
 
 
 def count_tokens_through_first_layer(model):
@@ -42,10 +52,10 @@ def test_threshold_zero_answers_everything_at_stage_zero():
     assert torch.allclose(out.gflops, torch.full((8,), stage_flops(model.config)[0] / 1e9))
 
 
-@pytest.mark.parametrize("levels", [1, 2, 3])
-def test_threshold_above_one_runs_every_stage_and_equals_the_full_model(levels):
+@pytest.mark.parametrize("levels, threshold", [(1, 1.01), (2, 1.01), (3, 1.01), (2, None), (3, None)])
+def test_threshold_above_one_or_none_runs_every_stage_and_equals_the_full_model(levels, threshold):
     model, pixel_values, text_embeds = inputs(levels)
-    out = model.refine(pixel_values, text_embeds, margin_threshold=1.01)
+    out = model.refine(pixel_values, text_embeds, margin_threshold=threshold)
     assert out.exit_stage.tolist() == [levels] * 8
     expected = full_model_scores(model, pixel_values, text_embeds)[:, -1]
     assert (out.scores - expected).abs().max() < 1e-4
@@ -93,7 +103,7 @@ def test_max_stages_caps_the_refinement():
     assert out.exit_stage.tolist() == [1] * 8
     expected = full_model_scores(model, pixel_values, text_embeds, num_stages=2)[:, 1]
     assert (out.scores - expected).abs().max() < 1e-4
-    with pytest.raises(ValueError, match=r"`max_stages` must be in 1\.\.4"):
+    with pytest.raises(ValueError, match=r"`max_stages` must be an integer in 1\.\.4"):
         model.refine(pixel_values, text_embeds, margin_threshold=0.5, max_stages=5)
 
 

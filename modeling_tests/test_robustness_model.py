@@ -67,7 +67,7 @@ def test_pixel_values_that_are_not_packed_coefficients(make, message):
 
 @pytest.mark.parametrize("num_stages", [1.5, 2.0, "2", True, [2]])
 def test_num_stages_must_be_an_integer(num_stages):
-    with pytest.raises(ValueError, match=r"`num_stages` must be an integer number of stages"):
+    with pytest.raises(ValueError, match=r"`num_stages` must be an integer in 1\.\.2"):
         tiny_model().get_image_features(random_pixels(1), num_stages=num_stages)
 
 
@@ -184,15 +184,14 @@ def test_batch_select_indices_with_the_wrong_count():
     "kwargs, message",
     [
         (dict(margin_threshold="0.5"), r"`margin_threshold` must be a number >= 0, got '0\.5'"),
-        (dict(margin_threshold=None), r"`margin_threshold` must be a number >= 0, got NoneType None"),
         (dict(margin_threshold=[0.5]), r"`margin_threshold` must be a number >= 0, got list"),
         (dict(margin_threshold=float("nan")), r"`margin_threshold` must be a number >= 0, got nan"),
         # Before: accepted silently, since one label or one stage never reaches the gate.
         (dict(margin_threshold=-1.0, labels=1), r"`margin_threshold` must be a number >= 0, got -1\.0"),
         (dict(margin_threshold=-1.0, max_stages=1), r"`margin_threshold` must be a number >= 0, got -1\.0"),
-        (dict(max_stages=1.5), r"`max_stages` must be an integer number of stages, got float 1\.5"),
-        (dict(max_stages="2"), r"`max_stages` must be an integer number of stages, got str '2'"),
-        (dict(max_stages=0), r"`max_stages` must be in 1\.\.3, got 0"),
+        (dict(max_stages=1.5), r"`max_stages` must be an integer in 1\.\.3, got 1\.5"),
+        (dict(max_stages="2"), r"`max_stages` must be an integer in 1\.\.3, got '2'"),
+        (dict(max_stages=0), r"`max_stages` must be an integer in 1\.\.3, got 0"),
         (dict(margin_scaling="per_label", max_stages=1), r"`margin_scaling` must be one of \('none', 'num_labels'\)"),
         (dict(text_dim=8), r"`text_embeds` have 8 dimensions but this model projects to 16"),
         (dict(labels=0), r"`text_embeds` must be a \(num_labels >= 1, projection_dim\) tensor, got \(0, 16\)"),

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, cumulative_flops, full_forward_flops, gflops, stage_flops
 from ..models.waveclip.gating import probability_margin
+from ..models.waveclip.scoring import zero_shot_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,13 +621,11 @@ def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Ten
 
     batch_size = pixel_values.shape[0]
     num_stages = waveclip.num_stages
-    text = nn.functional.normalize(text_embeds, dim=-1)
     scale = waveclip.logit_scale.exp()
     counts = _forced_exit_counts(batch_size, fractions)
 
     def score(outputs):
-        logits = scale * nn.functional.normalize(outputs.pooler_output, dim=-1).to(text.dtype) @ text.t()
-        return logits.softmax(-1)
+        return zero_shot_logits(outputs.pooler_output, text_embeds, scale).softmax(-1)
 
     def run(watch: Stopwatch) -> None:
         with watch.part("stage0"):
@@ -914,10 +913,10 @@ def benchmark_pipelines(settings: BenchmarkSettings, log=print) -> dict[str, Any
         )["first"]["total"]
 
         # Middle threshold: the median stage-0 margin of these very images (untimed, text cache warm).
-        text_embeds = nn.functional.normalize(wave.label_embeddings(labels, template), dim=-1)
+        text_embeds = wave.label_embeddings(labels, template)
         pixel_values = wave.image_processor(images=images, return_tensors="pt")["pixel_values"]
         stage0 = wave.model.get_image_features(pixel_values, num_stages=1).pooler_output
-        probs = (wave.model.logit_scale.exp() * nn.functional.normalize(stage0, dim=-1) @ text_embeds.t()).softmax(-1)
+        probs = zero_shot_logits(stage0, text_embeds, wave.model.logit_scale.exp()).softmax(-1)
         thresholds = {"waveclip_theta0": 0.0, "waveclip_theta_middle": float(probability_margin(probs).median()),
                       "waveclip_theta_high": settings.high_threshold}
 

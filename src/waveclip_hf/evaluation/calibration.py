@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
+from ..models.waveclip.scoring import zero_shot_logits
 from ..models.waveclip.gating import effective_threshold, probability_margin
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
@@ -53,8 +54,7 @@ def collect_stage_embeddings(model, batches: Iterable[torch.Tensor], progress: b
 
 def stage_probabilities(stage_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """(N, stages, P) image and (C, P) label embeddings -> (N, stages, C) zero-shot probabilities."""
-    text = torch.nn.functional.normalize(text_embeds.float().cpu(), dim=-1)
-    return (logit_scale * stage_embeds @ text.t()).softmax(-1)
+    return zero_shot_logits(stage_embeds, text_embeds.float().cpu(), logit_scale).softmax(-1)
 
 
 def exit_stages(stage_probs: torch.Tensor, threshold: float, margin_scaling: str = "none") -> torch.Tensor:

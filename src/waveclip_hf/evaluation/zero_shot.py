@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..models.waveclip.scoring import zero_shot_logits
+
 
 @torch.no_grad()
 def text_embeddings_per_axis(
@@ -79,9 +81,7 @@ def zero_shot_predictions(image_embeds: torch.Tensor, text_embeds: torch.Tensor)
 
     The logit scale of CLIP does not change the argmax, so it is not needed here.
     """
-    image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-    text_embeds = torch.nn.functional.normalize(text_embeds.float().to(image_embeds.device), dim=-1)
-    return (image_embeds @ text_embeds.T).argmax(dim=-1)
+    return zero_shot_logits(image_embeds.float(), text_embeds.float()).argmax(dim=-1)
 
 
 def zero_shot_accuracy_per_axis(

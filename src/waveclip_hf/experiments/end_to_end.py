@@ -45,7 +45,7 @@ from ..evaluation.calibration import (
 from ..training.distillation import DistillationConfig, distill
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
 from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
-from ..evaluation.zero_shot import text_embeddings_per_axis
+from ..evaluation.zero_shot import text_embeddings_per_axis, zero_shot_predictions
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -234,9 +234,8 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     per_axis, sweeps, oracles = {}, {}, {}
     for name in AXES:
         labels = torch.from_numpy(label_ids(rows, name))
-        text = torch.nn.functional.normalize(embeddings[f"text.{name}"], dim=-1)
-        teacher = torch.nn.functional.normalize(embeddings["teacher"], dim=-1)
-        teacher_accuracy = float(((teacher @ text.t()).argmax(-1) == labels).double().mean())
+        text = embeddings[f"text.{name}"]
+        teacher_accuracy = float((zero_shot_predictions(embeddings["teacher"], text) == labels).double().mean())
         probs = stage_probabilities(embeddings["student"], text, logit_scale)
         stage_accuracy = [float((probs[:, s].argmax(-1) == labels).double().mean()) for s in range(num_stages)]
         sweeps[name] = sweep_thresholds(probs, labels, gflops, thresholds)

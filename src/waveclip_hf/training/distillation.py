@@ -48,6 +48,7 @@ from ..conversion.clip_to_waveclip import convert_clip_to_waveclip
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, full_forward_flops
 from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
+from ..models.waveclip.scoring import zero_shot_logits
 
 
 logger = logging.getLogger(__name__)
@@ -808,8 +809,9 @@ class StageCosineEvaluation:
             cosine = (stages * teacher[:, None]).sum(-1).sum(0)
             sums = cosine if sums is None else sums + cosine
             if self.text_embeds is not None:
-                text = self.text_embeds.to(device)
-                same = ((stages @ text.T).argmax(-1) == (teacher @ text.T).argmax(-1)[:, None]).sum(0)
+                same = zero_shot_logits(stages, self.text_embeds).argmax(-1) == zero_shot_logits(
+                    teacher, self.text_embeds).argmax(-1)[:, None]
+                same = same.sum(0)
                 agree = same if agree is None else agree + same
             count += int(valid.sum())
         if count == 0:

@@ -100,6 +100,15 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
         return [1 + cells] + [1 + 3 * cells] * self.levels
 
     @property
+    def stage_offsets(self) -> list[int]:
+        """Position of each stage's first token (its class token) in the full sequence, plus the total at the end:
+        [0, 1 + G^2, 2 + 4 G^2, ...]. The one place stage boundaries are computed."""
+        offsets = [0]
+        for length in self.stage_lengths:
+            offsets.append(offsets[-1] + length)
+        return offsets
+
+    @property
     def stage_patch_sizes(self) -> list[int]:
         """Side of one cell in the subband a stage reads: cell / 2^L for stages 0 and 1, then doubling."""
         return [self.cell_size >> self.levels] + [self.cell_size >> (self.levels - k + 1) for k in range(1, self.levels + 1)]

@@ -14,6 +14,8 @@ A single candidate label always stops at stage 0: there is nothing to separate.
 This file is shipped as remote code with saved checkpoints.
 """
 
+import operator
+
 import torch
 
 MARGIN_SCALINGS = ("none", "num_labels")
@@ -46,10 +48,28 @@ def check_margin_threshold(margin_threshold) -> float:
     return value
 
 
-def effective_threshold(margin_threshold: float, num_labels: int, margin_scaling: str = "none") -> float:
-    """The probability margin an image needs to stop, after optional class-count scaling."""
+def check_margin_scaling(margin_scaling) -> str:
+    """`margin_scaling` unchanged, or a `ValueError` naming the accepted values."""
     if margin_scaling not in MARGIN_SCALINGS:
         raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {margin_scaling!r}.")
+    return margin_scaling
+
+
+def check_stage_count(value, name: str, num_stages: int, minimum: int = 1, hint: str = "") -> int:
+    """`value` as a Python int in `minimum..num_stages` (ints, numpy / 0-d torch integers), or a `ValueError` that
+    names `name`, the range and `hint`. The one validator for `num_stages` and `max_stages` everywhere."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or not minimum <= count <= num_stages:
+        raise ValueError(f"`{name}` must be an integer in {minimum}..{num_stages}{hint}, got {value!r}.")
+    return count
+
+
+def effective_threshold(margin_threshold: float, num_labels: int, margin_scaling: str = "none") -> float:
+    """The probability margin an image needs to stop, after optional class-count scaling."""
+    check_margin_scaling(margin_scaling)
     margin_threshold = check_margin_threshold(margin_threshold)
     return margin_threshold * num_labels if margin_scaling == "num_labels" else margin_threshold
 

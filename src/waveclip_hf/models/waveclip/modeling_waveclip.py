@@ -42,7 +42,8 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
-from .gating import MARGIN_SCALINGS, check_margin_threshold, gate_stops
+from .scoring import zero_shot_logits
+from .gating import check_margin_scaling, check_margin_threshold, check_stage_count, gate_stops
 from .wavelet_layout import unpack_coefficients
 
 
@@ -125,11 +126,12 @@ class WaveCLIPRefinementOutput(ModelOutput):
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
     """Stage index of every token of stages `first_stage..end_stage-1`, shape (tokens,)."""
+    offsets = config.stage_offsets
     lengths = config.stage_lengths[first_stage:end_stage]
     return torch.repeat_interleave(
         torch.arange(first_stage, end_stage, device=device),
         torch.tensor(lengths, device=device),
-        output_size=sum(lengths),  # known on the host: no device sync, and meta/fake tensors work
+        output_size=offsets[end_stage] - offsets[first_stage],  # known on the host: no sync, meta tensors work
     )
 
 
@@ -154,18 +156,6 @@ def block_causal_mask(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
-
-
-def _as_stage_count(value, name: str) -> int:
-    """`value` as a Python int (ints, numpy / 0-d torch integers), or a `ValueError` naming `name`."""
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be an integer number of stages, got {value!r}.")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(
-            f"`{name}` must be an integer number of stages, got {type(value).__name__} {value!r}."
-        ) from None
 
 
 class WaveCLIPVisionEmbeddings(nn.Module):
@@ -510,9 +500,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         if cache is None:
             return 0
         cached_tokens = cache.get_seq_length()
-        boundaries = [0]
-        for length in self.config.stage_lengths:
-            boundaries.append(boundaries[-1] + length)
+        boundaries = self.config.stage_offsets
         if cached_tokens not in boundaries:
             raise ValueError(
                 f"The cache holds {cached_tokens} tokens, which is not a whole number of stages for this config "
@@ -591,13 +579,10 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         config = self.config
         self._check_pixel_values(pixel_values)
         cached = self._check_cache(cache, pixel_values.shape[0])
-        num_stages = config.num_stages if num_stages is None else _as_stage_count(num_stages, "num_stages")
-        if not cached < num_stages <= config.num_stages:
-            raise ValueError(
-                f"`num_stages` ({num_stages}) is the number of stages processed after this call: it must be in "
-                f"{cached + 1}..{config.num_stages} (the cache holds {cached} of {config.num_stages} stages)."
-            )
-        return cached, num_stages
+        if num_stages is None:
+            return cached, config.num_stages
+        hint = f" (the stages processed after this call; the cache holds {cached} of {config.num_stages})"
+        return cached, check_stage_count(num_stages, "num_stages", config.num_stages, cached + 1, hint)
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
@@ -661,9 +646,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         # Each computed stage's class token sits at the first position of its block.
-        starts = [0]
-        for length in self.config.stage_lengths[first_stage : end_stage - 1]:
-            starts.append(starts[-1] + length)
+        offsets = self.config.stage_offsets
+        starts = [offset - offsets[first_stage] for offset in offsets[first_stage:end_stage]]
         stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts])
         if cache is not None:
             cache._waveclip_owner = weakref.ref(self)  # lets a later call tell this cache from another model's
@@ -753,7 +737,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         text_embeds: torch.Tensor,
-        margin_threshold: float,
+        margin_threshold: float | None = None,
         max_stages: int | None = None,
         margin_scaling: str = "none",
     ) -> WaveCLIPRefinementOutput:
@@ -768,21 +752,19 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             pixel_values: (batch, 3, S, S) packed coefficients from [`WaveCLIPImageProcessor`].
             text_embeds: (num_labels, projection_dim) label embeddings (`get_text_features(...).pooler_output`,
                 normalised here).
-            margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0; > 1:
-                every image through every stage).
+            margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0;
+                `None`, the default: no early exit, every image through every stage up to `max_stages`).
             max_stages: answer at the latest after this many stages (default: all).
             margin_scaling: `"none"` or `"num_labels"` (the paper's threshold x number of labels).
 
         Returns:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
         """
-        num_stages = self.num_stages if max_stages is None else _as_stage_count(max_stages, "max_stages")
-        if not 1 <= num_stages <= self.num_stages:
-            raise ValueError(f"`max_stages` must be in 1..{self.num_stages}, got {max_stages}.")
+        num_stages = self.num_stages if max_stages is None else check_stage_count(max_stages, "max_stages", self.num_stages)
         # Checked up front, not only when the gate first runs: a single label or max_stages=1 never reaches it.
-        margin_threshold = check_margin_threshold(margin_threshold)
-        if margin_scaling not in MARGIN_SCALINGS:
-            raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {margin_scaling!r}.")
+        if margin_threshold is not None:
+            margin_threshold = check_margin_threshold(margin_threshold)
+        check_margin_scaling(margin_scaling)
         self.vision_model._check_pixel_values(pixel_values)
         if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
             raise ValueError(
@@ -796,7 +778,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             )
         batch_size = pixel_values.shape[0]
         device = self.logit_scale.device
-        text_embeds = nn.functional.normalize(text_embeds.to(device), dim=-1)
         logit_scale = self.logit_scale.exp()
         num_labels = text_embeds.shape[0]
 
@@ -810,11 +791,14 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             outputs = self.get_image_features(
                 pixel_values[active], num_stages=stage + 1, cache=cache, use_cache=not last
             )
-            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(text_embeds.dtype)
-            logits = logit_scale * embeds @ text_embeds.t()
-            stops = torch.ones_like(active, dtype=torch.bool) if last else gate_stops(
-                logits.softmax(-1), margin_threshold, margin_scaling
-            )
+            logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
+            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
+            if last:
+                stops = torch.ones_like(active, dtype=torch.bool)
+            elif margin_threshold is None:
+                stops = torch.zeros_like(active, dtype=torch.bool)
+            else:
+                stops = gate_stops(logits.softmax(-1), margin_threshold, margin_scaling)
             answered = active[stops]
             logits_per_image[answered] = logits[stops]
             image_embeds[answered] = embeds[stops]

@@ -19,14 +19,13 @@ raise a `ValueError` before any image is decoded.
 This file is shipped as remote code with saved checkpoints.
 """
 
-import operator
 from collections import OrderedDict
 
 import torch
 from transformers.image_utils import load_image
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
-from .gating import MARGIN_SCALINGS, check_margin_threshold
+from .gating import check_margin_scaling, check_margin_threshold, check_stage_count
 
 # Label sets kept per pipeline; a serving process cycling through more sets recomputes the oldest.
 _TEXT_CACHE_SIZE = 32
@@ -106,29 +105,18 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             if name in kwargs:
                 forward_params[name] = kwargs[name]
         # Checked here, before any image is decoded, rather than deep inside the first forward.
-        if forward_params.get("margin_scaling", "none") not in MARGIN_SCALINGS:
-            raise ValueError(f"`margin_scaling` must be one of {MARGIN_SCALINGS}, got {forward_params['margin_scaling']!r}.")
+        check_margin_scaling(forward_params.get("margin_scaling", "none"))
         if forward_params.get("margin_threshold") is not None:
             forward_params["margin_threshold"] = check_margin_threshold(forward_params["margin_threshold"])
         if forward_params.get("max_stages") is not None:
-            forward_params["max_stages"] = self._check_max_stages(forward_params["max_stages"])
+            forward_params["max_stages"] = check_stage_count(
+                forward_params["max_stages"], "max_stages", self.model.num_stages, hint=" (or None for all)"
+            )
         if "hypothesis_template" in preprocess_params:
             check_hypothesis_template(preprocess_params["hypothesis_template"])
         if tokenizer_kwargs is not None:
             preprocess_params["tokenizer_kwargs"] = tokenizer_kwargs
         return preprocess_params, forward_params, {}
-
-    def _check_max_stages(self, max_stages) -> int:
-        num_stages = self.model.num_stages
-        try:
-            value = None if isinstance(max_stages, bool) else operator.index(max_stages)
-        except TypeError:
-            value = None
-        if value is None or not 1 <= value <= num_stages:
-            raise ValueError(
-                f"`max_stages` must be an integer in 1..{num_stages} (or None for all), got {max_stages!r}."
-            )
-        return value
 
     def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", timeout=None,
                    tokenizer_kwargs=None):
@@ -145,7 +133,8 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
 
     def label_embeddings(self, candidate_labels: list[str], hypothesis_template: str, tokenizer_kwargs=None):
         """(num_labels, projection_dim) text embeddings of the prompts, computed once per (labels, template)."""
-        key = (tuple(candidate_labels), hypothesis_template)
+        # Tokenizer settings change the token ids, hence the embeddings: they are part of the key.
+        key = (tuple(candidate_labels), hypothesis_template, tuple(sorted((tokenizer_kwargs or {}).items())))
         if key in self._text_embeddings:
             self._text_embeddings.move_to_end(key)
             return self._text_embeddings[key]
@@ -179,10 +168,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if isinstance(labels[0], list):  # batched: one entry per image, all from the same call
             labels, template, tokenizer_kwargs = labels[0], template[0], tokenizer_kwargs[0]
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
-        # Without a threshold nothing may stop early: a threshold above 1 sends every image through every stage.
-        threshold = 2.0 if margin_threshold is None else margin_threshold
         outputs = self.model.refine(
-            model_inputs["pixel_values"], text_embeds, threshold, max_stages=max_stages, margin_scaling=margin_scaling
+            model_inputs["pixel_values"], text_embeds, margin_threshold, max_stages=max_stages,
+            margin_scaling=margin_scaling,
         )
         return {
             "candidate_labels": labels_per_image,
