@@ -46,12 +46,12 @@ class DistillationConfig:
     batch_size: int = 64  # per device and micro-batch
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    weight_decay: float = 0.05  # on matrices and embeddings only (dim >= 2), as nanoGPT
+    weight_decay: float = 0.05  # CLIP's rule: not on biases, norms, embeddings (`optimization.decays`)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     # The detail projections and band embeddings start at random while everything else starts at the teacher;
     # a larger step for them lets the detail path catch up without shaking the copied blocks.
     fresh_lr_multiplier: float = 10.0
-    warmup_steps: int | None = None  # None: `warmup_ratio` of the run
+    warmup_steps: int | None = None  # linear from 0; None: `warmup_ratio` of the run
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1  # cosine decays to `min_lr_ratio * learning_rate`
     max_grad_norm: float | None = 1.0  # None or 0: no clipping

@@ -7,7 +7,8 @@ folder holds a `CLIPModel`, its tokenizer and a `CLIPImageProcessor`, and loads 
 checkpoint does.
 
 Read top to bottom: config -> model -> loss -> the training loop (`train_clip_teacher`,
-nanoGPT-style: data, model, AdamW + warmup/cosine, the loop, save). The data (a uint8
+nanoGPT-style: data, model, AdamW + warmup/cosine (the schedule and weight-decay rule of
+`optimization.py`, shared with the distiller), the loop, save). The data (a uint8
 pixel cache and captions drawn per batch) is `teacher_data.py`.
 """
 
@@ -25,11 +26,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from ..data.synthetic import AXES, label_ids, load_benchmark_split, read_benchmark_info
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
+from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
 
 TRAINING_INFO_NAME = "training_info.json"
@@ -189,10 +191,14 @@ def train_clip_teacher(
     set_seed(config.seed)
     data = _TeacherData.load(config, data_root, accelerator, num_workers, progress)
     model = CLIPModel(build_clip_config(config, data.tokenizer))
-    optimizer, scheduler, total_steps = _optimizer_and_schedule(config, model, data.num_images, accelerator)
+    # CLIP's betas and eps; weight decay and schedule as every trainer here (`optimization.py`), decaying to 0.
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    total_steps = _total_steps(config, data.num_images, accelerator.num_processes)
+    warmup_steps = round(config.warmup_fraction * total_steps)
     text_params = [*model.text_model.parameters(), *model.text_projection.parameters()]
     text_frozen_steps = round(config.text_freeze_fraction * total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, data.loader)
 
     losses, step = [], 0
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
@@ -203,6 +209,7 @@ def train_clip_teacher(
                disable=not (progress and accelerator.is_main_process))
     while step < total_steps:
         batch = next(batches)
+        set_learning_rate(optimizer, config.learning_rate * cosine_schedule_with_warmup(step, warmup_steps, total_steps))
         with accelerator.accumulate(model):
             matches = batch.pop("caption_matches")  # (B, B): caption j is true of image i
             with accelerator.autocast():
@@ -215,7 +222,6 @@ def train_clip_teacher(
                         p.grad = None  # AdamW skips parameters without a gradient
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue  # accumulating gradients: not an optimizer step yet
@@ -293,22 +299,10 @@ class _TeacherData:
         return cls(rows, num_images, tokenizer, image_processor, loader)
 
 
-def _optimizer_and_schedule(config: TeacherTrainingConfig, model: CLIPModel, num_images: int,
-                            accelerator: Accelerator):
-    """(AdamW with CLIP's betas and eps, its warmup + cosine scheduler, the number of optimizer steps)."""
-    # No weight decay on biases, norms, embeddings and the temperature, as in CLIP.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    batches_per_epoch = num_images // config.batch_size // accelerator.num_processes
-    total_steps = max(1, math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * total_steps), total_steps)
-    return optimizer, scheduler, total_steps
+def _total_steps(config: TeacherTrainingConfig, num_images: int, num_processes: int) -> int:
+    """Optimizer steps for `config.num_epochs` passes over `num_images` (full batches only)."""
+    batches_per_epoch = num_images // config.batch_size // num_processes
+    return max(1, math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps))
 
 
 def _epochs(loader):
