@@ -157,19 +157,19 @@ class WaveCLIPVisionModelTest(ModelTesterMixin, unittest.TestCase):
     def test_inputs_embeds_matches_input_ids(self):
         pass
 
-    @unittest.skip(reason="As CLIP's vision tower: no head, so no loss to train on (see test_gradient_checkpointing_*)")
+    @unittest.skip(reason="As CLIP's vision tower: no head, so no loss to train on (WaveCLIPModelTest trains)")
     def test_training(self):
         pass
 
-    @unittest.skip(reason="As CLIP's vision tower: no loss (WaveCLIPModelTest and this module's own tests cover it)")
+    @unittest.skip(reason="As CLIP's vision tower: no loss (test_transformers_integration.py checks its gradients)")
     def test_training_gradient_checkpointing(self):
         pass
 
-    @unittest.skip(reason="As CLIP's vision tower: no loss (WaveCLIPModelTest and this module's own tests cover it)")
+    @unittest.skip(reason="As CLIP's vision tower: no loss (test_transformers_integration.py checks its gradients)")
     def test_training_gradient_checkpointing_use_reentrant_false(self):
         pass
 
-    @unittest.skip(reason="As CLIP's vision tower: no loss (WaveCLIPModelTest and this module's own tests cover it)")
+    @unittest.skip(reason="As CLIP's vision tower: no loss (test_transformers_integration.py checks its gradients)")
     def test_training_gradient_checkpointing_use_reentrant_true(self):
         pass
 

@@ -32,7 +32,6 @@ from transformers.models.clip.modeling_clip import (
     CLIPEncoderLayer,
     CLIPMLP,
     CLIPOutput,
-    CLIPTextEmbeddings,
     CLIPTextModel,
     eager_attention_forward,
     image_text_contrastive_loss,
@@ -340,15 +339,12 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # CLIP's scheme for the blocks it shares with us (text embeddings, attention, MLP); the wavelet
-        # embeddings are new. `init.*` respects parameters already loaded from a checkpoint.
+        # CLIP's scheme for the vision blocks it shares with us (attention, MLP); the wavelet embeddings are new.
+        # The text tower is CLIP's `CLIPTextModel`, initialised by CLIP's own `_init_weights` (see
+        # `initialize_weights`). `init.*` respects parameters already loaded from a checkpoint.
         super()._init_weights(module)
         factor = self.config.initializer_factor
-        if isinstance(module, CLIPTextEmbeddings):
-            init.normal_(module.token_embedding.weight, std=factor * 0.02)
-            init.normal_(module.position_embedding.weight, std=factor * 0.02)
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
-        elif isinstance(module, WaveCLIPVisionEmbeddings):
+        if isinstance(module, WaveCLIPVisionEmbeddings):
             std = module.config.initializer_range * factor
             init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
             init.normal_(module.position_embedding.weight, std=std)
