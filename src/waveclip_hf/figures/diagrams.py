@@ -25,7 +25,7 @@ def plot_attention_mask(config: WaveCLIPVisionConfig, path, title: str | None = 
     from matplotlib.figure import Figure
 
     stages = token_stage_ids(config, 0, config.num_stages)
-    mask = block_causal_mask(stages, stages, torch.float32)
+    mask = block_causal_mask(config, 0, config.num_stages, torch.float32)
     allowed = torch.ones(len(stages), len(stages)) if mask is None else (mask[0, 0] == 0).float()
     lengths = config.stage_lengths
     edges = torch.tensor([0] + lengths).cumsum(0).tolist()
