@@ -38,7 +38,7 @@ def test_every_public_name_and_every_name_the_docs_import_resolves():
     assert documented <= set(waveclip_hf.__all__)
     from waveclip_hf import DistillationConfig, WaveCLIPImageProcessor, WaveCLIPZeroShotImageClassificationPipeline
 
-    assert DistillationConfig.__module__ == "waveclip_hf.training.distillation"
+    assert DistillationConfig.__module__ == "waveclip_hf.training.config"
     assert issubclass(WaveCLIPZeroShotImageClassificationPipeline, ZeroShotImageClassificationPipeline)
     assert WaveCLIPImageProcessor().levels >= 1
 

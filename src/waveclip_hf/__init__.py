@@ -37,7 +37,7 @@ AutoImageProcessor.register(WaveCLIPConfig, slow_image_processor_class=WaveCLIPI
 
 # Public names imported on first use, and where they live.
 _LAZY = {
-    "DistillationConfig": ".training.distillation",
+    "DistillationConfig": ".training.config",
     "distill": ".training.distillation",
     "convert_clip_to_waveclip": ".conversion.clip_to_waveclip",
 }
