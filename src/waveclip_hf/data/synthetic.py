@@ -46,6 +46,10 @@ from tqdm.auto import tqdm
 
 # Bump whenever a change alters the pixels or the metadata: it invalidates caches.
 GENERATOR_VERSION = 5
+# The generator's name in info.json: the module path it had when version 5 was made. It is an identifier, not an
+# import path: info.json enters the key of every cache built on a benchmark (the teacher, its pixel cache), so
+# following the module when it moves would regenerate every benchmark and retrain every teacher.
+GENERATOR_NAME = "waveclip_hf.benchmarks.synthetic"
 
 SPLITS = ("train", "validation", "test")
 
@@ -451,7 +455,7 @@ def _write_chunk(job: tuple[str, int, str, int, int, int]) -> list[dict]:
 def _benchmark_info(seed: int, counts: dict[str, int], image_size: int) -> dict:
     # Round-tripped through JSON (tuples -> lists) so it compares equal to info.json read back.
     return json.loads(json.dumps({
-        "generator": "waveclip_hf.data.synthetic",
+        "generator": GENERATOR_NAME,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
@@ -593,6 +597,7 @@ def label_ids(rows: Sequence[dict], axis: str) -> np.ndarray:
 
 __all__ = [
     "AXES",
+    "GENERATOR_NAME",
     "GENERATOR_VERSION",
     "ImageParams",
     "LabelAxis",
