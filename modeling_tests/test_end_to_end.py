@@ -16,6 +16,7 @@ from transformers import CLIPConfig
 
 from conftest import tiny_config
 from waveclip_hf.data.synthetic import AXES
+from waveclip_hf.experiments import cached_steps
 from waveclip_hf.experiments.cached_steps import settings_hash, student_distillation_fields, student_output_dir
 from waveclip_hf.experiments.distillation_ablation import run_distillation_ablation
 from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig, build_parser, run
@@ -142,23 +143,28 @@ def test_evaluation_and_report_on_known_answers(tmp_path):
         assert (tmp_path / "docs" / "figures" / name).stat().st_size > 10_000
 
 
-def test_cache_keys_are_those_of_existing_caches():
-    """The keys name the cached folders: a changed key silently retrains. These values are what the main job
-    wrote before its evaluation and report moved to their own modules."""
+def test_cache_keys_are_those_of_existing_caches(monkeypatch):
+    """The keys name the cached folders: a changed key silently retrains, an unchanged one after a change to the
+    trainer silently reuses a stale student. Benchmark and teacher keys are those of existing caches; the student
+    keys moved when the optimisation rules changed (`OPTIMIZATION_RULES_VERSION` 2)."""
     settings = EndToEndConfig(cache_dir="/c/cache").settings()
     counts = {k: settings[k] for k in ("num_train", "num_validation", "num_test")}
     assert settings_hash({"seed": 0, "generator_version": 5, **counts}) == "6a4eae49cbab"
     data_root, teacher_dir = Path("/c/cache/benchmark-v5-abc"), Path("/c/cache/teacher-def")
     fields = student_distillation_fields(settings, data_root, teacher_dir, levels=1, seed=0, num_workers=2,
                                          progress=True)
+    assert student_output_dir(Path("/c/cache"), fields) == Path("/c/cache/student-3ce23c2bf13a")
+    # Under the version-1 rules the key is the one the old caches carry.
+    monkeypatch.setattr(cached_steps, "OPTIMIZATION_RULES_VERSION", 1)
     assert student_output_dir(Path("/c/cache"), fields) == Path("/c/cache/student-770427770943")
+    monkeypatch.undo()
     # Progress bars and worker counts do not change the student.
     quiet = student_distillation_fields(settings, data_root, teacher_dir, 1, 0, num_workers=0, progress=False)
-    assert student_output_dir(Path("/c/cache"), quiet) == Path("/c/cache/student-770427770943")
+    assert student_output_dir(Path("/c/cache"), quiet) == Path("/c/cache/student-3ce23c2bf13a")
     settings["distillation"]["kl_on_benchmark_prompts"] = True
     with_kl = student_distillation_fields(settings, data_root, teacher_dir, 1, 0, 2, True)
     assert len(with_kl["label_vocabulary"]) == sum(len(axis.class_names) for axis in AXES.values())
-    assert student_output_dir(Path("/c/cache"), with_kl) == Path("/c/cache/student-91841b3f526b")
+    assert student_output_dir(Path("/c/cache"), with_kl) == Path("/c/cache/student-dc1b3daf287a")
     assert embeddings_cache_path(Path("/c"), teacher_dir, Path("/c/cache/student-x/final")).name == \
         "test-embeddings-3fe05b030915.safetensors"
     first_run_key = {"settings": EndToEndConfig().settings(), "seed": 0, "levels": 1, "generator_version": 5}

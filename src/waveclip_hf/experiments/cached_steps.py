@@ -17,6 +17,7 @@ from pathlib import Path
 from ..data.synthetic import AXES, GENERATOR_VERSION, generate_benchmark
 from ..training.distillation import DistillationConfig, distill
 from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
+from ..training.optimization import OPTIMIZATION_RULES_VERSION
 
 # Distillation fields that change how a run looks or resumes, not what it computes: left out of the cache key.
 _UNKEYED_DISTILLATION_FIELDS = ("progress_bar", "num_workers", "resume")
@@ -91,8 +92,10 @@ def student_distillation_fields(settings: dict, data_root: Path, teacher_dir: Pa
 def student_output_dir(cache_dir: Path, fields: dict) -> Path:
     """`<cache>/student-<hash>`: the hash covers every field of `student_distillation_fields` that changes the
     student."""
-    key = settings_hash({k: v for k, v in fields.items() if k not in _UNKEYED_DISTILLATION_FIELDS})
-    return Path(cache_dir) / f"student-{key}"
+    keyed = {k: v for k, v in fields.items() if k not in _UNKEYED_DISTILLATION_FIELDS}
+    if OPTIMIZATION_RULES_VERSION != 1:  # version 1 students keep the keys they were cached under
+        keyed["optimization_rules_version"] = OPTIMIZATION_RULES_VERSION
+    return Path(cache_dir) / f"student-{settings_hash(keyed)}"
 
 
 def distil_or_reuse_student(cache_dir: Path, fields: dict) -> Path:

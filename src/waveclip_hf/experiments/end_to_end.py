@@ -134,8 +134,9 @@ def _run_context(config: EndToEndConfig, settings: dict, inputs: MainJobInputs, 
     """Provenance of this run for the report: command, date, machine, wall times, data, teacher and student."""
     summary = json.loads((student_dir.parent / "summary.json").read_text())
     teacher_vision = inputs.teacher_config.vision_config
+    # The student folder's name tells which run made it: a new student is a new first run.
     first_run_key = {"settings": settings, "seed": config.seed, "levels": config.levels,
-                     "generator_version": GENERATOR_VERSION}
+                     "generator_version": GENERATOR_VERSION, "student": student_dir.parent.name}
     return {
         "command": "python -m waveclip_hf.experiments.end_to_end " + " ".join(sys.argv[1:]),
         "date": utc_now(),

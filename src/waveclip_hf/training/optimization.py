@@ -20,6 +20,11 @@ from torch import nn
 
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 
+# Bumped whenever these rules change what a distillation run produces, so that cached students made under other
+# rules are not reused (experiments/cached_steps.py keys on it). 1: the distiller's own warmup ((step + 1) / w) and
+# decay on every matrix; 2: the schedule and weight-decay rule shared with the teacher (this module).
+OPTIMIZATION_RULES_VERSION = 2
+
 
 def cosine_schedule_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_rate: float = 0.0) -> float:
     """The learning-rate multiplier of optimizer step `step` (0-based: the number of updates made before it).
