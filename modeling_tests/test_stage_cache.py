@@ -169,32 +169,29 @@ def test_crop_and_reset_go_back_to_a_stage_boundary():
 
 
 def test_a_reset_cache_is_reused_without_allocating():
-    """Later images (as many or fewer, after early exits too) go into the same storage; an empty cache also takes
-    a new dtype, and only more images than it has rows need a new storage."""
+    """The next images of the same batch size go into the same buffers; an empty cache takes any batch size or
+    dtype (new buffers), and early exit copies the kept images into buffers of their size."""
     model = tiny_model(levels=2)
     cache = WaveCLIPStageCache(model.config)
-    storage = lambda: cache.layers[1].key_storage.data_ptr()  # noqa: E731
+    buffer = lambda: cache.layers[1].key_buffer.data_ptr()  # noqa: E731
+    pixel_values = random_pixels(4)
     with torch.no_grad():
-        model.get_image_features(random_pixels(4), num_stages=1, cache=cache)
-        first = storage()
-        cache.batch_select_indices(torch.tensor([3, 1]))  # early exit: rows move to the front, in place
-        continued = model.get_image_features(random_pixels(4)[[3, 1]], num_stages=3, cache=cache).pooler_output
-        assert storage() == first
+        model.get_image_features(random_pixels(4, seed=5), num_stages=1, cache=cache)
+        first = buffer()
         cache.reset()
-        pixel_values = random_pixels(3, seed=2)
-        again = model.get_image_features(pixel_values, num_stages=3, cache=cache).pooler_output
-        assert storage() == first and cache.layers[1].key_buffer.shape[0] == 3
-        alone = model.get_image_features(pixel_values).pooler_output
-        cache.reset()
-        more = model.get_image_features(random_pixels(5), num_stages=1, cache=cache)
-        assert storage() != first and cache.layers[1].key_storage.shape[0] == 5
+        model.get_image_features(pixel_values, num_stages=1, cache=cache)
+        assert buffer() == first and cache.get_seq_length() == 17
+        cache.batch_select_indices(torch.tensor([3, 1]))
+        assert cache.layers[1].key_buffer.shape == (2, 4, 115, 8)
+        continued = model.get_image_features(pixel_values[[3, 1]], num_stages=3, cache=cache).pooler_output
+        alone = model.get_image_features(pixel_values[[3, 1]]).pooler_output
         cache.reset()
         model.double()
-        doubled = model.get_image_features(random_pixels(2).double(), num_stages=1, cache=cache)
-    assert (continued - model.float().get_image_features(random_pixels(4)[[3, 1]]).pooler_output).abs().max() < 1e-5
-    assert (again - alone).abs().max() < 1e-5
-    assert cache.layers[0].keys.dtype == torch.float64 and doubled.pooler_output.dtype == torch.float64
-    assert more.cache is cache
+        doubled = model.get_image_features(random_pixels(3).double(), num_stages=2, cache=cache)
+        model.float()
+    assert (continued - alone).abs().max() < 1e-5
+    assert doubled.cache is cache and cache.layers[0].keys.dtype == torch.float64
+    assert cache.layers[0].key_buffer.shape == (3, 4, 115, 8) and cache.get_seq_length() == 66
 
 
 def test_it_is_a_transformers_cache_with_static_shapes():

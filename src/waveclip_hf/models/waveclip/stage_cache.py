@@ -1,15 +1,15 @@
 """A KV cache allocated once for every stage: WaveCLIP knows each stage's length before the first stage runs.
 
 A transformers `DynamicCache` grows by `torch.cat`, so every stage copies all earlier keys and values again. Here
-the config fixes how many tokens each stage adds (`stage_offsets`), so each layer allocates its storage for all
+the config fixes how many tokens each stage adds (`stage_offsets`), so each layer allocates its buffers for all
 stages at its first `update`,
 
     keys, values of layer i:  (batch, heads, total_tokens, head_dim)     total_tokens = stage_offsets[num_stages]
 
 each stage writes its keys and values into its own slice `[:, :, start:end]`, and attention reads the filled
-prefix `[:, :, :end]` as a view (no copy). Early exit (`batch_select_indices`) moves the continuing images'
-prefix to the first rows; `reset()` empties the cache and keeps the storage for the next images. Every stage
-has static shapes, which is what `torch.compile` needs.
+prefix `[:, :, :end]` as a view (no copy). Early exit (`batch_select_indices`) copies the continuing images'
+prefix into buffers of their size; `reset()` empties the cache and keeps the buffers for the next images. Every
+stage has static shapes, which is what `torch.compile` needs.
 
     >>> cache = WaveCLIPStageCache(model.config)
     >>> out0 = model.get_image_features(pixel_values, num_stages=1, cache=cache)       # writes tokens 0..49
@@ -30,14 +30,15 @@ from .gating import check_stage_count
 
 
 class WaveCLIPStageCacheLayer(CacheLayerMixin):
-    """One layer's keys and values for every stage, in storage allocated at the first `update` and then reused.
+    """One layer's keys and values for every stage, in buffers allocated at the first `update`.
 
     `keys` / `values` are always the filled prefix, views of shape (batch, heads, filled, head_dim), as a
-    `DynamicLayer`'s would be; `key_buffer` / `value_buffer` are the rows in use of the whole storage,
-    (batch, heads, max_cache_len, head_dim). Dropping images (`batch_select_indices`) moves the kept rows to the
-    front of the storage, and `reset()` empties the cache but keeps the storage, so a cache reused for the next
-    images (of at most as many) allocates nothing: on CPU, the first write to fresh memory costs a page fault per
-    4 KiB, more than the copy itself.
+    `DynamicLayer`'s would be; `key_buffer` / `value_buffer` are the whole (batch, heads, max_cache_len, head_dim).
+    `reset()` empties the layer but keeps the buffers, so a cache reused for as many images allocates nothing: on
+    CPU, the first write to fresh memory costs a page fault per 4 KiB, more than the copy itself. Dropping images
+    (`batch_select_indices`) copies the kept images' prefix into new buffers of their size: buffers are never
+    views of larger ones, which torch.compile with `dynamic=True` does not handle (torch 2.13) when they are
+    written to.
 
     Args:
         max_cache_len: tokens of every stage the cache serves (`stage_offsets[num_stages]`).
@@ -56,7 +57,7 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
         self.stage_offsets = tuple(stage_offsets)
         self.num_heads, self.head_dim, self.layer_idx = num_heads, head_dim, layer_idx
         self.filled = 0
-        self.key_storage = self.value_storage = self.key_buffer = self.value_buffer = None
+        self.key_buffer = self.value_buffer = None
 
     def __repr__(self):
         shape = None if self.key_buffer is None else tuple(self.key_buffer.shape)
@@ -69,28 +70,23 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
     max_batch_size = batch_size
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Make room for `key_states`' batch with their dtype and device: the storage's first rows when it has
-        enough of them, else a new (batch, heads, max_cache_len, head_dim) storage."""
+        """Buffers for `key_states`' batch, dtype and device: the current ones if they match, else new
+        (batch, heads, max_cache_len, head_dim) ones."""
         self._check_geometry(key_states, value_states)
-        batch_size, storage = key_states.shape[0], self.key_storage
-        fits = (
-            storage is not None and storage.shape[0] >= batch_size
-            and storage.dtype == key_states.dtype and storage.device == key_states.device
-        )
-        if not fits:
-            shape = (batch_size, self.num_heads, self.max_cache_len, self.head_dim)
+        buffer = self.key_buffer
+        shape = (key_states.shape[0], self.num_heads, self.max_cache_len, self.head_dim)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (shape, key_states.dtype, key_states.device):
             # `empty`, not `zeros`: only the filled prefix is ever read, and on CPU the pages of the detail stages'
             # slice are then only committed if an image gets that far.
-            self.key_storage = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
-            self.value_storage = torch.empty_like(self.key_storage)
-        self._bind(batch_size, filled=0)
+            buffer = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+            self._bind(buffer, torch.empty_like(buffer), filled=0)
+        else:
+            self._bind(buffer, self.value_buffer, filled=0)
 
-    def _bind(self, batch_size: int, filled: int) -> None:
-        """Use the first `batch_size` rows of the storage, of which the first `filled` tokens hold keys."""
-        self.key_buffer, self.value_buffer = self.key_storage[:batch_size], self.value_storage[:batch_size]
-        self.filled = filled
-        self.keys, self.values = self.key_buffer[:, :, :filled], self.value_buffer[:, :, :filled]
-        self.dtype, self.device = self.key_storage.dtype, self.key_storage.device
+    def _bind(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, filled: int) -> None:
+        self.key_buffer, self.value_buffer, self.filled = key_buffer, value_buffer, filled
+        self.keys, self.values = key_buffer[:, :, :filled], value_buffer[:, :, :filled]
+        self.dtype, self.device = key_buffer.dtype, key_buffer.device
         self.is_initialized = True
 
     def _check_geometry(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -125,14 +121,17 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
                     f"{states.device}: it was filled before the model was cast or moved. Start with a new cache (or "
                     "`cache.reset()`) after changing the model's dtype or device."
                 )
-        end = self.filled + key_states.shape[2]
-        if end not in self.stage_offsets[self.stage_offsets.index(self.filled) + 1 :]:
-            raise ValueError(
-                f"Layer {self.layer_idx} holds {self.filled} tokens and got {key_states.shape[2]} more, which does not "
-                f"end on a stage boundary of this cache {list(self.stage_offsets)}: feed whole stages, and build the "
-                "cache with `num_stages` covering every stage you will run."
-            )
-        return end
+        new_tokens = key_states.shape[2]
+        # The boundary itself is returned, so `filled` stays a plain int even where torch.compile made the shapes
+        # symbolic (each `==` is then decided by a guard; `in` would not be).
+        for boundary in self.stage_offsets:
+            if boundary > self.filled and self.filled + new_tokens == boundary:
+                return boundary
+        raise ValueError(
+            f"Layer {self.layer_idx} holds {self.filled} tokens and got {new_tokens} more, which does not end on a "
+            f"stage boundary of this cache {list(self.stage_offsets)}: feed whole stages, and build the cache with "
+            "`num_stages` covering every stage you will run."
+        )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write (batch, heads, new_tokens, head_dim) keys and values after the filled prefix.
@@ -168,26 +167,19 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the images at `indices` (batch dim), in that order, moving their filled prefix to the first
-        rows of the storage (a new storage only when there are more of them than rows)."""
+        """Keep only the images at `indices` (batch dim), in that order; their filled prefix is copied, once, into
+        new buffers of their size."""
         if not self.is_initialized:
             return
         indices = torch.as_tensor(indices, device=self.device)
         if indices.dim() != 1:
             raise ValueError(f"`indices` must be a 1-D tensor of batch positions, got shape {tuple(indices.shape)}.")
-        kept, filled = indices.shape[0], self.filled
-        if kept <= self.key_storage.shape[0]:
-            # The gather makes a copy first, so writing it over rows it was read from is safe.
-            self.key_storage[:kept, :, :filled] = self.keys.index_select(0, indices)
-            self.value_storage[:kept, :, :filled] = self.values.index_select(0, indices)
-        else:
-            key_storage = self.key_storage.new_empty((kept, *self.key_storage.shape[1:]))
-            value_storage = self.value_storage.new_empty(key_storage.shape)
-            # index_select writes straight into the prefix of the new storage (one copy, no temporary).
-            torch.index_select(self.keys, 0, indices, out=key_storage[:, :, :filled])
-            torch.index_select(self.values, 0, indices, out=value_storage[:, :, :filled])
-            self.key_storage, self.value_storage = key_storage, value_storage
-        self._bind(kept, filled)
+        key_buffer = self.key_buffer.new_empty((indices.shape[0], *self.key_buffer.shape[1:]))
+        value_buffer = self.value_buffer.new_empty(key_buffer.shape)
+        # index_select writes straight into the prefix of the new buffers (one copy, no temporary).
+        torch.index_select(self.keys, 0, indices, out=key_buffer[:, :, : self.filled])
+        torch.index_select(self.values, 0, indices, out=value_buffer[:, :, : self.filled])
+        self._bind(key_buffer, value_buffer, self.filled)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -206,12 +198,13 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
                 f"(stage boundaries {list(self.stage_offsets)})."
             )
         if self.is_initialized:
-            self._bind(self.batch_size, kept)
+            self._bind(self.key_buffer, self.value_buffer, kept)
 
     def reset(self) -> None:
-        """Forget every token; the storage stays for the next images (any batch size, dtype or device)."""
+        """Forget every token; the buffers stay for the next images (any batch size, dtype or device is then
+        accepted, and the same ones allocate nothing)."""
         if self.is_initialized:
-            self._bind(self.batch_size, 0)
+            self._bind(self.key_buffer, self.value_buffer, 0)
 
     def offload(self):
         raise NotImplementedError("WaveCLIPStageCache does not offload: its buffers stay on the model's device.")
@@ -225,8 +218,8 @@ class WaveCLIPStageCache(Cache):
     Pass it as `cache=` to [`WaveCLIPVisionModel`] / [`WaveCLIPModel.get_image_features`] calls on the same
     images, stage after stage (or several stages per call); it fills in place. Equivalent to a `DynamicCache` (same
     keys and values per layer), without the re-copy of every earlier stage at each new one. `reset()` makes it
-    ready for the next images and keeps its storage (sized for the largest batch it has held), so a cache kept
-    across calls allocates nothing after the first.
+    ready for the next images and keeps its buffers, so a cache kept across calls on batches of one size
+    allocates nothing after the first.
 
     Args:
         config: a `WaveCLIPVisionConfig` or `WaveCLIPConfig` (its `vision_config` is used).
