@@ -63,6 +63,26 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
         shape = None if self.key_buffer is None else tuple(self.key_buffer.shape)
         return f"{type(self).__name__}(filled={self.filled}, buffer={shape})"
 
+    # `keys` / `values` are computed from the buffers on each read rather than stored: a stored view would reach a
+    # compiled graph as a second input aliasing its buffer, which torch.compile with `dynamic=True` cannot merge.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.key_buffer is None else self.key_buffer[:, :, : self.filled]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:  # `CacheLayerMixin.__init__` sets None; anything else would bypass the buffers
+            raise AttributeError("Write keys with `update(...)`; `keys` is the filled prefix of `key_buffer`.")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.value_buffer is None else self.value_buffer[:, :, : self.filled]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("Write values with `update(...)`; `values` is the filled prefix of `value_buffer`.")
+
     @property
     def batch_size(self) -> int:
         return self.key_buffer.shape[0] if self.key_buffer is not None else -1
@@ -85,7 +105,6 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
 
     def _bind(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, filled: int) -> None:
         self.key_buffer, self.value_buffer, self.filled = key_buffer, value_buffer, filled
-        self.keys, self.values = key_buffer[:, :, :filled], value_buffer[:, :, :filled]
         self.dtype, self.device = key_buffer.dtype, key_buffer.device
         self.is_initialized = True
 
@@ -148,8 +167,7 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
         self.key_buffer[:, :, start:end].copy_(key_states)
         self.value_buffer[:, :, start:end].copy_(value_states)
         self.filled = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
+        return self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
 
     def get_seq_length(self) -> int:
         return self.filled
