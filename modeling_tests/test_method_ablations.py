@@ -15,26 +15,43 @@ from waveclip_hf.experiments.method_ablations import VARIANTS, build_parser, run
 
 
 def test_transfer_pairs_compare_what_each_question_asks():
-    keys = [(seed, axis, size) for seed in (0, 1) for axis, sizes in (("color", (2, 3)), ("shape", (2,)))
-            for size in sizes]
+    # (student seed, data seed): seed 0 and seed 1 on their own benchmarks, seed 0's student on seed 2's benchmark.
+    keys = [(student, data, axis, size) for student, data in ((0, 0), (1, 1), (0, 2))
+            for axis, sizes in (("color", (2, 3)), ("shape", (2,))) for size in sizes]
     pairs = transfer_pairs(dict.fromkeys(keys))
-    assert sorted(pairs["across_label_set_sizes"]) == [((0, "color", 2), (0, "color", 3)), ((0, "color", 3), (0, "color", 2)),
-                                                       ((1, "color", 2), (1, "color", 3)), ((1, "color", 3), (1, "color", 2))]
-    # Across seeds: the whole label set of an axis (3 colours, 2 shapes), both directions.
-    assert sorted(pairs["across_seeds"]) == [((0, "color", 3), (1, "color", 3)), ((0, "shape", 2), (1, "shape", 2)),
-                                             ((1, "color", 3), (0, "color", 3)), ((1, "shape", 2), (0, "shape", 2))]
-    assert ((0, "color", 3), (0, "color", 2)) in pairs["from_all_labels"]
-    assert ((0, "color", 2), (0, "color", 3)) not in pairs["from_all_labels"]
+    assert ((0, 0, "color", 2), (0, 0, "color", 3)) in pairs["across_label_set_sizes"]
+    assert len(pairs["across_label_set_sizes"]) == 6  # two directions on the colour axis of each of three sources
+    # Across benchmark samples: seed 0's student on its own and on seed 2's test split, the whole label set.
+    assert sorted(pairs["across_benchmark_samples"]) == [
+        ((0, 0, "color", 3), (0, 2, "color", 3)), ((0, 0, "shape", 2), (0, 2, "shape", 2)),
+        ((0, 2, "color", 3), (0, 0, "color", 3)), ((0, 2, "shape", 2), (0, 0, "shape", 2))]
+    # Across retrained models: each seed's own student on its own benchmark (not seed 0's on seed 2's data).
+    assert sorted(pairs["across_retrained_models"]) == [
+        ((0, 0, "color", 3), (1, 1, "color", 3)), ((0, 0, "shape", 2), (1, 1, "shape", 2)),
+        ((1, 1, "color", 3), (0, 0, "color", 3)), ((1, 1, "shape", 2), (0, 0, "shape", 2))]
+    assert ((0, 2, "color", 3), (0, 2, "color", 2)) in pairs["from_all_labels"]
+    assert ((0, 2, "color", 2), (0, 2, "color", 3)) not in pairs["from_all_labels"]
     assert len(pairs["on_itself"]) == len(keys)
-    args = build_parser().parse_args(["--seeds", "0", "3", "--variant-seeds", "0"])
-    assert (args.seeds, args.variant_seeds, args.max_subsets) == ([0, 3], [0], 10)
+    # One seed, no other sample: only the label-set sizes remain.
+    alone = transfer_pairs(dict.fromkeys(key for key in keys if key[:2] == (0, 0)))
+    assert alone["across_benchmark_samples"] == alone["across_retrained_models"] == []
+    args = build_parser().parse_args(["--seeds", "0", "3", "--variant-seeds", "0", "--sample-seeds"])
+    assert (args.seeds, args.variant_seeds, args.sample_seeds, args.max_subsets) == ([0, 3], [0], [], 10)
+    assert build_parser().parse_args([]).sample_seeds == [1, 2]
 
 
 @pytest.mark.slow
 def test_method_ablations_miniature_and_cached_rerun(tmp_path):
     config = EndToEndConfig(cache_dir=str(tmp_path / "cache"), docs_dir=str(tmp_path / "docs"), overrides=MINIATURE,
                             progress=False)
-    report = run_method_ablations(config, seeds=(0, 1), variant_seeds=(0,), max_subsets=3)
+    # First one seed with the ablation students and another benchmark sample read by its student ...
+    alone = run_method_ablations(config, seeds=(0,), variant_seeds=(0,), sample_seeds=(1,), max_subsets=3)
+    assert alone["gate_stability"]["transfer_kinds"] == ["across_benchmark_samples", "across_label_set_sizes",
+                                                         "on_itself"]
+    assert alone["seed_spread"]["benchmark_samples"]["data_seeds"] == [0, 1]
+    assert "Retrained seeds were not run" in (tmp_path / "docs" / "ablations.md").read_text()
+    # ... then a second seed's main job, which reuses that benchmark.
+    report = run_method_ablations(config, seeds=(0, 1), variant_seeds=(0,), sample_seeds=(1,), max_subsets=3)
     saved = json.loads((tmp_path / "docs" / "ablations.json").read_text())
     assert 0 <= saved["causality"]["block_causal_mean_accuracy"] <= 1
     assert 0 <= saved["causality"]["bidirectional_mean_accuracy"] <= 1
@@ -42,6 +59,12 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
     assert len(saved["ordering"]["fine_to_coarse_stage_mean_accuracy"]) == 2
     assert saved["seed_spread"]["seeds"] == [0, 1] and len(saved["seed_spread"]["student_full_mean_accuracy"]) == 2
     assert "margin_per_label/label_free/0.01" in saved["gate_stability"]["results"]
+    assert "across_retrained_models" in saved["gate_stability"]["results"]["top1/labelled/0.01"]
+    assert report["causality"]["per_seed"] == alone["causality"]["per_seed"]  # the ablation students were reused
+    samples = report["seed_spread"]["benchmark_samples"]
+    assert samples["timing"][1]["data"] == report["seed_spread"]["folders"][1]["data"]
+    # The seed-0 student on seed 1's images is not seed 1's own student.
+    assert samples["per_sample"][1] != report["seed_spread"]["per_seed"][1]
 
     # The main job's student is the one the main job caches (its key is unchanged); the variants are new folders
     # whose configs carry the option.
@@ -69,9 +92,8 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
         assert (tmp_path / "docs" / "figures" / f"ablation_{name}.png").stat().st_size > 10_000
 
     # A rerun reuses every student and embedding: the same numbers, and the first run's time is kept.
-    again = run_method_ablations(config, seeds=(0, 1), variant_seeds=(0,), max_subsets=3)
+    again = run_method_ablations(config, seeds=(0, 1), variant_seeds=(0,), sample_seeds=(1,), max_subsets=3)
     assert again["causality"]["per_seed"] == report["causality"]["per_seed"]
     assert again["gate_stability"]["results"] == report["gate_stability"]["results"]
     assert again["context"]["first_run"] == report["context"]["first_run"]
     assert set(VARIANTS) == {"bidirectional", "fine_to_coarse"}
-

@@ -53,16 +53,29 @@ def _timing(timing: dict | None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def noise_level(spread: dict) -> str:
+    """The spread the full student's mean accuracy shows: over retrained seeds when there are several, else over
+    benchmark samples read by one student, else none measured."""
+    name = f"student_stage{spread['last_stage']}_mean_accuracy"
+    if len(spread["seeds"]) > 1:
+        return (f"a seed-to-seed spread of {100 * spread['spread'][name]['std']:.1f} points (std over "
+                f"{len(spread['seeds'])} retrained seeds) of the block-causal student itself")
+    samples = spread.get("benchmark_samples")
+    if samples:
+        return (f"a spread of {100 * samples['spread'][name]['std']:.1f} points (std) of the same student over the "
+                f"test splits of {len(samples['data_seeds'])} benchmark seeds (retraining adds to this)")
+    return "no measured seed-to-seed spread"
+
+
 def causality_answer(causality: dict, spread: dict) -> str:
     diffs = causality["difference_points_per_seed"]
     mean_diff = float(np.mean(diffs))
-    std = 100 * spread["spread"][f"student_stage{spread['last_stage']}_mean_accuracy"]["std"]
     verb = "costs" if mean_diff > 0 else "does not cost"
     return (f"**Cost of causality.** At full resolution the block-causal mask {verb} accuracy here: the block-causal "
             f"student averages {_pct(causality['block_causal_mean_accuracy'])}% over the four axes and the "
             f"bidirectional one {_pct(causality['bidirectional_mean_accuracy'])}% ({mean_diff:+.1f} points for "
-            f"bidirectional; per seed {', '.join(f'{d:+.1f}' for d in diffs)}: {_sign_agreement(diffs)}), against a "
-            f"seed-to-seed spread of {std:.1f} points (std) of the block-causal student itself.")
+            f"bidirectional; per seed {', '.join(f'{d:+.1f}' for d in diffs)}: {_sign_agreement(diffs)}), against "
+            f"{noise_level(spread)}.")
 
 
 def ordering_answer(ordering: dict) -> str:
@@ -83,26 +96,44 @@ def _mean_text(values: list[float]) -> str:
     return f"{np.mean(values):.2f}" if values else "no point"
 
 
+TRANSFER_NAMES = {
+    "across_label_set_sizes": "another number of labels of the same axis",
+    "across_benchmark_samples": "the test split of another benchmark seed (the same student)",
+    "across_retrained_models": "another seed's teacher and student on its own benchmark",
+}
+
+
 def gate_answer(stability: dict) -> str:
     results = stability["results"]
     labelled = {gate: results[f"{gate}/labelled/0.01"] for gate in stability["gates"]}
     sizes = {gate: entry["across_label_set_sizes"] for gate, entry in labelled.items()}
-    seeds = {gate: entry["across_seeds"] for gate, entry in labelled.items()}
     best = min(sizes, key=lambda gate: sizes[gate]["mean_shortfall_points"])
     parts = "; ".join(f"{gate}: {sizes[gate]['mean_shortfall_points']:.2f} points on average, "
                       f"{100 * sizes[gate]['share_missed']:.0f}% of transfers missed, "
                       f"{sizes[gate]['mean_cost_ratio']:.2f}x the GFLOPs of a threshold chosen in place"
                       for gate in stability["gates"])
-    seed_parts = "; ".join(f"{gate} {seeds[gate]['mean_shortfall_points']:.2f} points" for gate in stability["gates"])
+    others = []
+    for kind in ("across_benchmark_samples", "across_retrained_models"):
+        if kind in labelled[best]:
+            others.append(f"moved to {TRANSFER_NAMES[kind]}, " + ", ".join(
+                f"{gate} {labelled[gate][kind]['mean_shortfall_points']:.2f} points "
+                f"({100 * labelled[gate][kind]['share_missed']:.0f}% missed)" for gate in stability["gates"]))
+    label_free = {gate: results[f"{gate}/label_free/0.01"] for gate in stability["gates"]}
+    free_parts = ", ".join(f"{gate} {label_free[gate]['across_label_set_sizes']['mean_shortfall_points']:.2f}"
+                           for gate in stability["gates"])
     return (f"**Stability of the gate.** With thresholds chosen on labelled images for accuracy within 1 point of the "
-            f"full model and moved to another number of labels of the same axis, the shortfall below that target is "
-            f"smallest for the {best} gate ({parts}); moved to another benchmark seed (another teacher and student), "
-            f"{seed_parts}.")
+            f"full model and moved to {TRANSFER_NAMES['across_label_set_sizes']}, the shortfall below that target is "
+            f"smallest for the {best} gate ({parts}); " + "; ".join(others + [
+                f"chosen label-free (agreement with the full model) and moved across label-set sizes: {free_parts} "
+                "points"]) + ".")
 
 
 def spread_answer(spread: dict) -> str:
     s = spread["spread"]
     last = spread["last_stage"]
+    if len(spread["seeds"]) < 2:
+        return _sample_spread_answer(spread) + (" Retrained seeds were not run (one seed only), so the spread a "
+                                                "new teacher and student add is not measured here.")
     widest = max(AXES, key=lambda axis: s[f"{axis}_stage{last}"]["max"] - s[f"{axis}_stage{last}"]["min"])
     within_1 = s.get("gflops_ratio_within_0.01")
     within_half = s.get("gflops_ratio_within_0.005")
@@ -117,6 +148,22 @@ def spread_answer(spread: dict) -> str:
             f"({_pct(s[f'{widest}_stage{last}']['min'])}-{_pct(s[f'{widest}_stage{last}']['max'])}% for the full "
             f"student).{gated} A difference between two runs smaller than about twice these standard deviations "
             "is within what a new benchmark seed changes.")
+
+
+def _sample_spread_answer(spread: dict) -> str:
+    samples = spread.get("benchmark_samples")
+    if not samples:
+        return "**Spread.** Not measured (one seed, no other benchmark sample)."
+    s, last = samples["spread"], spread["last_stage"]
+    full = s[f"student_stage{last}_mean_accuracy"]
+    within_1 = s.get("gflops_ratio_within_0.01")
+    gated = (f"; its cheapest gated point within 1 point costs {within_1['min']:.2f}-{within_1['max']:.2f}x the full "
+             "GFLOPs") if within_1 else ""
+    return (f"**Spread.** The seed-{samples['student_seed']} teacher and student read on the test splits of "
+            f"benchmark seeds {', '.join(map(str, samples['data_seeds']))}: teacher "
+            f"{_pct(s['teacher_mean_accuracy']['mean'])} ± {_pct(s['teacher_mean_accuracy']['std'])}%, full student "
+            f"{_pct(full['mean'])} ± {_pct(full['std'])}% (mean ± std){gated}. This is the part of the spread that "
+            "the 5,000 test images alone account for.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,21 +278,25 @@ def _gated_cell(point: dict | None) -> str:
 
 
 def _stability_rows(stability: dict, drop: str) -> list[str]:
-    lines = ["| gate | calibration | across label-set sizes: mean / worst shortfall (points), missed, cost | "
-             "across seeds: mean / worst shortfall, missed, cost | on itself: worst shortfall, cost vs labelled |",
-             "|---|---|---|---|---|"]
+    kinds = [kind for kind in TRANSFER_NAMES if kind in stability["transfer_kinds"]]
+    headers = {"across_label_set_sizes": "across label-set sizes", "across_benchmark_samples": "across benchmark samples",
+               "across_retrained_models": "across retrained models"}
+    lines = ["| gate | calibration | " + " | ".join(f"{headers[kind]}: mean / worst shortfall (points), missed, cost"
+                                                   for kind in kinds)
+             + " | on itself: worst shortfall, cost vs labelled |", "|---|---|" + "---|" * (len(kinds) + 1)]
     results = stability["results"]
     for gate in stability["gates"]:
         labelled_self = results[f"{gate}/labelled/{drop}"]["on_itself"]["mean_gflops"]
         for calibration in stability["calibrations"]:
             entry = results[f"{gate}/{calibration}/{drop}"]
-            cells = [f"{e['mean_shortfall_points']:.2f} / {e['worst_shortfall_points']:.2f}, "
-                     f"{100 * e['share_missed']:.0f}%, {e['mean_cost_ratio']:.2f}x"
-                     for e in (entry["across_label_set_sizes"], entry["across_seeds"])]
+            cells = [f"{entry[kind]['mean_shortfall_points']:.2f} / {entry[kind]['worst_shortfall_points']:.2f}, "
+                     f"{100 * entry[kind]['share_missed']:.0f}%, {entry[kind]['mean_cost_ratio']:.2f}x"
+                     for kind in kinds]
             itself = entry["on_itself"]
             cells.append(f"{itself['worst_shortfall_points']:.2f}, {itself['mean_gflops'] / labelled_self:.2f}x")
             lines.append(f"| {GATE_NAMES[gate]} | {CALIBRATION_NAMES[calibration]} | " + " | ".join(cells) + " |")
-    return lines
+    counts = ", ".join(f"{headers[kind]} {stability['transfer_counts'][kind]}" for kind in kinds)
+    return lines + ["", f"Transfers per row: {counts}."]
 
 
 def _stability_section(report: dict) -> list[str]:
@@ -259,15 +310,19 @@ def _stability_section(report: dict) -> list[str]:
         "each gate, either on labelled images (the cheapest threshold whose accuracy is within the target of the "
         "full model's) or label-free (the cheapest threshold whose answers agree with the full model's on at least "
         "1 - target of the images: no labels needed, and it implies the accuracy target on the same images), and "
-        "applied to another setting: another n of the same axis and seed (across label-set sizes), or the whole "
-        "label set of the same axis on another seed, i.e. another benchmark sample, teacher and student (across "
-        "seeds). Shortfall: how many points the gated accuracy lands below that setting's own target (the full "
+        "applied to another setting: another n of the same axis, model and data (across label-set sizes); the whole "
+        "label set of the same axis read by the same student on the test split of another benchmark seed (across "
+        "benchmark samples: no new teacher, only new images); or the whole label set of the same axis with "
+        "another seed's teacher and student on its own benchmark (across retrained models, when other seeds were "
+        "run). Shortfall: how many points the gated accuracy lands below that setting's own target (the full "
         "model's accuracy minus the target); the mean counts a met target as 0. Missed: the share of transfers "
         "with a shortfall. Cost: mean GFLOPs over those of the threshold chosen the same way on the setting itself "
         "(below 1: the transferred threshold is cheaper than it should be, and usually misses). On itself: the "
         "calibration on the setting it is used on; cost relative to the labelled calibration there.",
         "",
-        f"Target: within 1 point of the full model ({stability['settings']} settings, seeds {stability['seeds']}).",
+        f"Target: within 1 point of the full model ({stability['settings']} settings; main-job seeds "
+        f"{stability['seeds']}, benchmark samples {stability['sample_seeds']} read by seed {stability['seeds'][0]}'s "
+        "student).",
         "",
     ]
     lines += _stability_rows(stability, "0.01")
@@ -279,32 +334,44 @@ def _stability_section(report: dict) -> list[str]:
     return lines
 
 
+def _figures_table(columns: dict, spread: dict) -> list[str]:
+    """One row per figure: its value in each column (column name -> figures), mean ± std, min - max."""
+    lines = ["| figure | " + " | ".join(columns) + " | mean ± std | min - max |", "|---|" + "---:|" * (len(columns) + 2)]
+    for name, values in spread.items():
+        ratio = name.startswith(("gflops", "oracle"))
+        show = (lambda v: f"{v:.2f}x") if ratio else _pct
+        cells = [show(figures[name]) if figures[name] is not None else "none" for figures in columns.values()]
+        std = f"{values['std']:.2f}" if ratio else _pct(values["std"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {show(values['mean'])} ± {std} | "
+                     f"{show(values['min'])} - {show(values['max'])} |")
+    return lines
+
+
 def _spread_section(report: dict) -> list[str]:
     spread = report["seed_spread"]
-    seeds = spread["seeds"]
     lines = [
         "## 4. Spread over benchmark seeds",
         "",
         "Each seed is the whole main job again (a new benchmark sample, a new teacher, a new student), as a new user "
         "would run it with `--seed`. Accuracy (%) and GFLOPs as a fraction of the full student's.",
         "",
-        "| figure | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean ± std | min - max |",
-        "|---|" + "---:|" * (len(seeds) + 2),
     ]
-    for name, values in spread["spread"].items():
-        ratio = name.startswith(("gflops", "oracle"))
-        show = (lambda v: f"{v:.2f}x") if ratio else _pct
-        per_seed = [spread["per_seed"][seed][name] for seed in seeds]
-        cells = [show(v) if v is not None else "none" for v in per_seed]
-        std = f"{values['std']:.2f}" if ratio else _pct(values["std"])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {show(values['mean'])} ± {std} | "
-                     f"{show(values['min'])} - {show(values['max'])} |")
+    lines += _figures_table({f"seed {seed}": spread["per_seed"][seed] for seed in spread["seeds"]}, spread["spread"])
+    samples = spread.get("benchmark_samples")
+    if samples:
+        lines += ["", f"The seed-{samples['student_seed']} teacher and student on the test split of each benchmark seed "
+                  "(only the benchmark is generated; the images change, the models do not):", ""]
+        lines += _figures_table({f"data seed {seed}": samples["per_sample"][seed] for seed in samples["data_seeds"]},
+                                samples["spread"])
     lines += ["", f"![spread over seeds]({report['figures']['seed_spread']})", ""]
     for seed, timing in spread["main_job_timing"].items():
         first = timing.get("main_job_first_run")
         first_text = f"{first['minutes']:.1f} min on {first['date']}" if first else "not recorded"
         lines.append(f"- seed {seed}: the main job's first run took {first_text}; its distillation "
                      f"{_timing(timing['student_distillation'])}.")
+    for seed, timing in (samples or {}).get("timing", {}).items():
+        lines.append(f"- data seed {seed}: generating the benchmark and embedding its test split took "
+                     f"{_timing(timing['first_run'])}.")
     lines.append("")
     return lines
 

@@ -5,7 +5,9 @@
 2. band order: does coarse-to-fine matter? A student that reads the finest details first and the approximation
    last (`band_order="fine_to_coarse"`), per stage and along the gated accuracy / GFLOPs curve;
 3. gate stability: does a margin threshold (plain, or scaled by the number of labels as the paper does) transfer
-   across label sets and retrained models better than a top-1 probability threshold? (`evaluation.gate_stability`);
+   across label sets, benchmark samples and retrained models better than a top-1 probability threshold?
+   (`evaluation.gate_stability`); the benchmark samples are the test splits generated with other seeds, read by the
+   first seed's teacher and student (no new teacher: only the benchmark is generated);
 4. spread: the main job's figures over several benchmark seeds, so that a difference can be told from noise.
 
     python scripts/method_ablations.py --cache-dir .cache/end_to_end     # after (or instead of) the main job
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from ..data.synthetic import AXES, GENERATOR_VERSION, label_ids
+from ..data.synthetic import AXES, GENERATOR_VERSION, label_ids, load_benchmark_split
 from ..evaluation.calibration import OperatingPoint, choose_threshold
 from ..evaluation.gate_stability import (
     CALIBRATIONS,
@@ -42,6 +44,7 @@ from ..evaluation.gate_stability import (
 from ..evaluation.zero_shot import zero_shot_predictions
 from ..models.waveclip.flops import answer_flops
 from .cached_steps import (
+    build_benchmark,
     distil_or_reuse_student,
     log,
     settings_hash,
@@ -50,7 +53,7 @@ from .cached_steps import (
 )
 from .end_to_end import SIZES, EndToEndConfig, MainJobInputs, main_job_inputs
 from .report import first_run_record, machine_description, utc_now
-from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate_student
+from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate, evaluate_student
 
 # Each variant is merged into the main job's distillation settings (so it enters the student's cache key, and the
 # main job's key is unchanged). The bidirectional student's stage weights default to the last stage only
@@ -60,6 +63,7 @@ VARIANTS = {
     "fine_to_coarse": {"band_order": "fine_to_coarse"},
 }
 DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_SAMPLE_SEEDS = (1, 2)
 ACCURACY_DROPS = (0.005, 0.01)  # the gated points and gate targets: within 0.5 and 1 point of the full model
 
 
@@ -134,6 +138,41 @@ def _test_embeddings(config: EndToEndConfig, inputs: MainJobInputs, student_dir:
     cache = embeddings_cache_path(config.cache_dir, inputs.teacher_dir, student_dir)
     return embed_test_split(inputs.data_root, inputs.rows, inputs.teacher_dir, student_dir, cache,
                             config.eval_batch_size, config.progress)
+
+
+@dataclass
+class SampleRun:
+    """The first seed's teacher and student on the test split of the benchmark generated with another seed."""
+
+    student_seed: int
+    data_seed: int
+    rows: list
+    results: dict  # `run_evaluation.evaluate`
+    embeddings: dict  # `run_evaluation.embed_test_split`
+    timing: dict
+
+
+def sample_run(run: SeedRun, data_seed: int) -> SampleRun:
+    """Generate (or reuse) the benchmark of `data_seed` and read its test split with `run`'s teacher and student
+    (no teacher is trained: a new benchmark sample, the same model). The embeddings are cached under a key that
+    holds the data folder too (the main job's key holds only the teacher's and the student's)."""
+    start = resource_snapshot()
+    config = run.config
+    data_root = build_benchmark(config.cache_dir, config.settings(), data_seed, config.num_workers, config.progress)
+    rows = load_benchmark_split(data_root, "test")
+    key = settings_hash([str(run.inputs.teacher_dir), str(run.student_dir), str(data_root)])
+    cache = Path(config.cache_dir) / f"test-embeddings-{key}.safetensors"
+    record = Path(config.cache_dir) / f"timing-sample-{key}.json"
+    built_here = not cache.is_file()
+    embeddings = embed_test_split(data_root, rows, run.inputs.teacher_dir, run.student_dir, cache,
+                                  config.eval_batch_size, config.progress)
+    if built_here and not record.is_file():  # what generating the benchmark and embedding its test split cost
+        record.write_text(json.dumps({**elapsed(start), "date": utc_now(), "machine": machine_description()}) + "\n")
+    student_config = AutoConfig.from_pretrained(run.student_dir, trust_remote_code=True)
+    results = evaluate(embeddings, rows, student_config, run.inputs.teacher_config, list(config.thresholds),
+                       config.gflops_target)
+    timing = {"this_run": elapsed(start), "first_run": json.loads(record.read_text()) if record.is_file() else None}
+    return SampleRun(run.seed, data_seed, rows, results, embeddings, {**timing, "data": str(data_root)})
 
 
 def variant_student(run: SeedRun, overrides: dict) -> tuple[Path, dict]:
@@ -250,42 +289,53 @@ def _order_entry(results: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def stability_settings(runs: list[SeedRun], max_subsets: int) -> dict:
-    """(seed, axis, label-set size) -> pooled (probabilities, labels) of the main student on that seed's test split."""
+def stability_settings(runs: list[SeedRun], samples: list[SampleRun], max_subsets: int) -> dict:
+    """(student seed, data seed, axis, label-set size) -> pooled (probabilities, labels): each seed's main student
+    on its own test split, and the first seed's student on the other benchmark samples."""
+    sources = [(run.seed, run.seed, run.inputs.rows, run.embeddings) for run in runs]
+    sources += [(sample.student_seed, sample.data_seed, sample.rows, sample.embeddings) for sample in samples]
     settings = {}
-    for run in runs:
-        embeddings = run.embeddings
+    for student_seed, data_seed, rows, embeddings in sources:
         for name in AXES:
-            labels = torch.from_numpy(label_ids(run.inputs.rows, name))
+            labels = torch.from_numpy(label_ids(rows, name))
             by_size = axis_settings(embeddings["student"], embeddings[f"text.{name}"],
-                                    float(embeddings["logit_scale"]), labels, max_subsets, seed=run.seed)
-            settings.update({(run.seed, name, size): setting for size, setting in by_size.items()})
+                                    float(embeddings["logit_scale"]), labels, max_subsets, seed=data_seed)
+            settings.update({(student_seed, data_seed, name, size): setting for size, setting in by_size.items()})
     return settings
 
 
+TRANSFER_KINDS = ("across_label_set_sizes", "across_benchmark_samples", "across_retrained_models", "on_itself")
+
+
 def transfer_pairs(settings: dict) -> dict[str, list[tuple]]:
-    """Which transfers each question asks about (source setting, target setting)."""
+    """Which transfers each question asks about (source setting, target setting); keys are (student seed, data
+    seed, axis, label-set size)."""
     keys = sorted(settings)
-    full = {(seed, name): max(size for s, n, size in keys if (s, n) == (seed, name)) for seed, name, _ in keys}
+    full = {key[:3]: max(k[3] for k in keys if k[:3] == key[:3]) for key in keys}
+    whole = [key for key in keys if key[3] == full[key[:3]]]
     return {
-        # Same seed and axis, another number of labels.
-        "across_label_set_sizes": [(a, b) for a in keys for b in keys if a[:2] == b[:2] and a[2] != b[2]],
-        # Same axis with all its labels, another benchmark seed (another teacher and student).
-        "across_seeds": [(a, b) for a in keys for b in keys
-                         if a[1] == b[1] and a[0] != b[0] and a[2] == full[a[:2]] and b[2] == full[b[:2]]],
+        # Same student, data and axis; another number of labels.
+        "across_label_set_sizes": [(a, b) for a in keys for b in keys if a[:3] == b[:3] and a[3] != b[3]],
+        # Same student and axis with all its labels; the test split of another benchmark seed.
+        "across_benchmark_samples": [(a, b) for a in whole for b in whole
+                                     if a[0] == b[0] and a[2] == b[2] and a[1] != b[1]],
+        # Same axis with all its labels; another seed's teacher and student, each on its own benchmark.
+        "across_retrained_models": [(a, b) for a in whole for b in whole
+                                    if a[0] == a[1] and b[0] == b[1] and a[0] != b[0] and a[2] == b[2]],
         # From the whole label set to each smaller one (the figure).
-        "from_all_labels": [(a, b) for a in keys for b in keys if a[:2] == b[:2] and a[2] == full[a[:2]]],
+        "from_all_labels": [(a, b) for a in whole for b in keys if a[:3] == b[:3]],
         # Each setting calibrated on itself (for the label-free calibration's own guarantee and cost).
         "on_itself": [(a, a) for a in keys],
     }
 
 
-def gate_stability(runs: list[SeedRun], max_subsets: int) -> dict:
+def gate_stability(runs: list[SeedRun], samples: list[SampleRun], max_subsets: int) -> dict:
     """For each gate, calibration and accuracy target: how far a threshold chosen on one setting misses the target
-    on another (summaries per kind of transfer; the shortfall by label-set size from the whole label set)."""
-    settings = stability_settings(runs, max_subsets)
+    on another (summaries per kind of transfer that has pairs; the shortfall by label-set size from the whole
+    label set)."""
+    settings = stability_settings(runs, samples, max_subsets)
     gflops = runs[0].results["student_cumulative_gflops"]
-    pairs = transfer_pairs(settings)
+    pairs = {kind: kind_pairs for kind, kind_pairs in transfer_pairs(settings).items() if kind_pairs}
     report = {}
     for gate in GATE_SCORES:
         for calibration in CALIBRATIONS:
@@ -298,13 +348,15 @@ def gate_stability(runs: list[SeedRun], max_subsets: int) -> dict:
                 report[f"{gate}/{calibration}/{drop:g}"] = entry
     return {"gates": list(GATE_SCORES), "calibrations": list(CALIBRATIONS), "accuracy_drops": list(ACCURACY_DROPS),
             "max_subsets_per_size": max_subsets, "seeds": [run.seed for run in runs],
+            "sample_seeds": [sample.data_seed for sample in samples], "transfer_kinds": sorted(pairs),
+            "transfer_counts": {kind: len(kind_pairs) for kind, kind_pairs in pairs.items()},
             "settings": len(settings), "results": report}
 
 
 def _shortfall_by_size(rows: list[dict]) -> dict[int, float]:
     """Mean shortfall (points, negative = margin to spare) per target label-set size, over seeds and axes."""
-    sizes = sorted({row["target"][2] for row in rows})
-    return {size: float(np.mean([row["shortfall_points"] for row in rows if row["target"][2] == size]))
+    sizes = sorted({row["target"][3] for row in rows})
+    return {size: float(np.mean([row["shortfall_points"] for row in rows if row["target"][3] == size]))
             for size in sizes}
 
 
@@ -313,14 +365,14 @@ def _shortfall_by_size(rows: list[dict]) -> dict[int, float]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _seed_figures(run: SeedRun) -> dict:
-    """The main job's headline figures of one seed (accuracies as fractions, GFLOPs as fractions of the full
-    student's)."""
-    summary, gated = run.results["summary"], gated_points(run.results)
+def _seed_figures(results: dict) -> dict:
+    """The main job's headline figures of one evaluation (`run_evaluation.evaluate`; accuracies as fractions,
+    GFLOPs as fractions of the full student's)."""
+    summary, gated = results["summary"], gated_points(results)
     figures = {"teacher_mean_accuracy": summary["teacher_mean"]}
     for stage, accuracy in enumerate(summary["student_stage_mean"]):
         figures[f"student_stage{stage}_mean_accuracy"] = accuracy
-    for name, row in run.results["per_axis"].items():
+    for name, row in results["per_axis"].items():
         figures[f"{name}_teacher"] = row["teacher"]
         figures.update({f"{name}_stage{stage}": accuracy for stage, accuracy in enumerate(row["stages"])})
     for key, point in gated.items():
@@ -336,12 +388,32 @@ def _spread(values: list[float]) -> dict:
             "min": float(np.min(values)), "max": float(np.max(values))}
 
 
-def seed_spread(runs: list[SeedRun]) -> dict:
-    """The main job's headline figures for every seed, with their spread over seeds."""
-    per_seed = {run.seed: _seed_figures(run) for run in runs}
+def _sample_spread(runs: list[SeedRun], samples: list[SampleRun]) -> dict | None:
+    """The first seed's teacher and student on every benchmark sample's test split (its own first): how much the
+    figures move with the test images alone."""
+    if not samples:
+        return None
+    per_sample = {runs[0].seed: _seed_figures(runs[0].results)}
+    per_sample.update({sample.data_seed: _seed_figures(sample.results) for sample in samples})
+    names = list(per_sample[runs[0].seed])
+    return {
+        "student_seed": runs[0].seed,
+        "data_seeds": list(per_sample),
+        "spread": {name: _spread([figures[name] for figures in per_sample.values() if figures[name] is not None])
+                   for name in names},
+        "per_sample": per_sample,
+        "timing": {sample.data_seed: sample.timing for sample in samples},
+    }
+
+
+def seed_spread(runs: list[SeedRun], samples: list[SampleRun] = ()) -> dict:
+    """The main job's headline figures for every seed, with their spread over seeds; and the first seed's models
+    on the other benchmark samples (`_sample_spread`)."""
+    per_seed = {run.seed: _seed_figures(run.results) for run in runs}
     last = len(runs[0].results["summary"]["student_stage_mean"]) - 1
     names = list(per_seed[runs[0].seed])
     return {
+        "benchmark_samples": _sample_spread(runs, list(samples)),
         "seeds": [run.seed for run in runs],
         "last_stage": last,
         "teacher_mean_accuracy": [figures["teacher_mean_accuracy"] for figures in per_seed.values()],
@@ -361,7 +433,7 @@ def seed_spread(runs: list[SeedRun]) -> dict:
 
 
 def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_seeds=None,
-                         max_subsets: int = 10) -> dict:
+                         sample_seeds=DEFAULT_SAMPLE_SEEDS, max_subsets: int = 10) -> dict:
     """Build (or reuse) every seed's main job and the ablation students, answer the four questions and write
     docs/ablations.{json,md} and the figures into `config.docs_dir`.
 
@@ -370,6 +442,8 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
             `seeds`.
         seeds: benchmark seeds of the main job (the spread and the gate's transfers across seeds).
         variant_seeds: seeds for which the bidirectional and fine-to-coarse students are distilled (default: all).
+        sample_seeds: benchmark seeds whose test split the first seed's teacher and student read (only the
+            benchmark is generated; the gate's transfers across benchmark samples).
         max_subsets: label subsets per label-set size in the gate-stability analysis.
 
     Returns:
@@ -380,20 +454,23 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
     start = resource_snapshot()
     runs = [seed_run(config, seed) for seed in seeds]
     variant_runs = [run for run in runs if run.seed in (seeds if variant_seeds is None else variant_seeds)]
-    sections = {
-        "seed_spread": lambda: seed_spread(runs),
-        "causality": lambda: causality(variant_runs),
-        "ordering": lambda: band_order(variant_runs),
-        "gate_stability": lambda: gate_stability(runs, max_subsets),
-    }
     report = {}
-    for name, section in sections.items():
+
+    def section(name, compute):
         section_start = resource_snapshot()
-        report[name] = section()
+        report[name] = compute()
         report[name]["timing_this_run"] = elapsed(section_start)
         log(f"{name}: done in {report[name]['timing_this_run']['wall_minutes']} min")
+
+    # In order of priority: the ablation students first, then the benchmark samples.
+    section("causality", lambda: causality(variant_runs))
+    section("ordering", lambda: band_order(variant_runs))
+    samples = [sample_run(runs[0], seed) for seed in sample_seeds if seed != runs[0].seed]
+    section("gate_stability", lambda: gate_stability(runs, samples, max_subsets))
+    section("seed_spread", lambda: seed_spread(runs, samples))
     total = elapsed(start)
     key = {"settings": config.settings(), "seeds": list(seeds), "variant_seeds": [run.seed for run in variant_runs],
+           "sample_seeds": [sample.data_seed for sample in samples],
            "max_subsets": max_subsets, "generator_version": GENERATOR_VERSION,
            "students": sorted(str(run.student_dir) for run in runs)}
     report["context"] = {
@@ -420,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="benchmark seeds of the main job (default: %(default)s)")
     parser.add_argument("--variant-seeds", type=int, nargs="+", default=None,
                         help="seeds with bidirectional and fine-to-coarse students (default: every seed)")
+    parser.add_argument("--sample-seeds", type=int, nargs="*", default=list(DEFAULT_SAMPLE_SEEDS),
+                        help="benchmark seeds whose test split the first seed's student reads, with no new teacher "
+                             "(default: %(default)s)")
     parser.add_argument("--max-subsets", type=int, default=10,
                         help="label subsets per label-set size in the gate-stability analysis (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
@@ -433,13 +513,15 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     config = EndToEndConfig(size=args.size, cache_dir=args.cache_dir, docs_dir=args.docs_dir,
                             num_workers=args.num_workers, overrides=args.override, progress=not args.no_progress)
-    return run_method_ablations(config, args.seeds, args.variant_seeds, args.max_subsets)
+    return run_method_ablations(config, args.seeds, args.variant_seeds, args.sample_seeds, args.max_subsets)
 
 
 __all__ = [
     "ACCURACY_DROPS",
+    "DEFAULT_SAMPLE_SEEDS",
     "DEFAULT_SEEDS",
     "VARIANTS",
+    "SampleRun",
     "SeedRun",
     "band_order",
     "build_parser",
@@ -447,6 +529,7 @@ __all__ = [
     "gate_stability",
     "main",
     "run_method_ablations",
+    "sample_run",
     "seed_spread",
     "stability_settings",
     "transfer_pairs",

@@ -76,19 +76,26 @@ def plot_gate_stability(stability: dict, path, drop: str = "0.01") -> Path:
 
 
 def plot_seed_spread(spread: dict, path) -> Path:
-    """Per seed: the teacher and the student at each stage, mean over axes and per axis."""
+    """Per seed (filled): the teacher and the student at each stage, mean over axes and per axis; per benchmark
+    sample read by the first seed's models (hollow)."""
     last = spread["last_stage"]
     names = ["teacher_mean_accuracy", "student_stage0_mean_accuracy", f"student_stage{last}_mean_accuracy"]
     names += [f"{axis}_{kind}" for axis in AXES for kind in ("teacher", f"stage{last}")]
+    samples = spread.get("benchmark_samples") or {"data_seeds": [], "per_sample": {}}
+    points = [(f"seed {seed}", spread["per_seed"][seed], "o", True) for seed in spread["seeds"]]
+    points += [(f"seed-{samples['student_seed']} models, data seed {seed}", samples["per_sample"][seed], "s", False)
+               for seed in samples["data_seeds"] if seed != samples.get("student_seed")]
     figure, ax = _figure((9.0, 3.8), 110)
-    for i, seed in enumerate(spread["seeds"]):
-        ax.scatter(np.arange(len(names)) + (i - 1) * 0.12, [100 * spread["per_seed"][seed][n] for n in names], s=18,
-                   color=f"C{i}", label=f"seed {seed}", zorder=3)
+    width = 0.6 / max(len(points), 1)
+    for i, (label, figures, marker, filled) in enumerate(points):
+        colour = f"C{i}"
+        ax.scatter(np.arange(len(names)) + (i - (len(points) - 1) / 2) * width, [100 * figures[n] for n in names],
+                   s=18, marker=marker, label=label, zorder=3, color=colour if filled else "none", edgecolors=colour)
     ax.set_xticks(np.arange(len(names)), [n.replace("_mean_accuracy", "").replace("_", "\n") for n in names],
                   fontsize=7)
     ax.set_ylabel("zero-shot accuracy (%)")
     ax.set_title("The main job's figures per benchmark seed", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(figure, path)
 
