@@ -47,7 +47,7 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
     # First one seed with the ablation students and another benchmark sample read by its student ...
     alone = run_method_ablations(config, seeds=(0,), variant_seeds=(0,), sample_seeds=(1,), max_subsets=3)
     assert alone["gate_stability"]["transfer_kinds"] == ["across_benchmark_samples", "across_label_set_sizes",
-                                                         "on_itself"]
+                                                         "from_all_labels", "on_itself"]
     assert alone["seed_spread"]["benchmark_samples"]["data_seeds"] == [0, 1]
     assert "Retrained seeds were not run" in (tmp_path / "docs" / "ablations.md").read_text()
     # ... then a second seed's main job, which reuses that benchmark.

@@ -171,15 +171,39 @@ def _sample_spread_answer(spread: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def recorded_costs(report: dict) -> dict:
+    """What building the steps this report reads cost, as recorded by the runs that built them (a step built by an
+    earlier, partial run keeps its own record): wall minutes per step, and CPU minutes where recorded."""
+    steps = {}
+    for seed, timing in report["seed_spread"]["main_job_timing"].items():
+        if timing.get("main_job_first_run"):
+            steps[f"main job, seed {seed}"] = {"wall_minutes": timing["main_job_first_run"]["minutes"]}
+    for section, variant in (("causality", "bidirectional"), ("ordering", "fine-to-coarse")):
+        for seed, entry in report[section]["per_seed"].items():
+            if entry["distillation_timing"]:
+                steps[f"{variant} student, seed {seed}"] = entry["distillation_timing"]
+    samples = report["seed_spread"].get("benchmark_samples") or {}
+    for seed, timing in samples.get("timing", {}).items():
+        if timing["first_run"]:
+            steps[f"benchmark sample {seed} (generation and embedding)"] = timing["first_run"]
+    return {"steps": steps, "wall_minutes": sum(step["wall_minutes"] for step in steps.values())}
+
+
+def _costs_text(costs: dict) -> str:
+    parts = [f"{name}: {step['wall_minutes']:.1f} min wall"
+             + (f" ({step['cpu_minutes']:.1f} min CPU)" if "cpu_minutes" in step else "")
+             for name, step in costs["steps"].items()]
+    return f"{costs['wall_minutes']:.1f} min wall in all ({'; '.join(parts)})" if parts else "not recorded"
+
+
 def _header(report: dict) -> list[str]:
     context = report["context"]
-    first = context["first_run"]
     return [
         "# Method ablations on the generated offline benchmark",
         "",
         f"Written by `{context['command']}` on {context['date']} ({context['machine']}); do not edit by hand. This "
-        f"run: {_timing(context['this_run'])}; the first run with these settings (distilling every student not "
-        f"already cached) took {first['minutes']:.1f} min on {first['date']}. Each seed's data, teacher and student "
+        f"run (reusing what the cache held): {_timing(context['this_run'])}. Building the steps it reads took, as "
+        f"recorded by the runs that built them: {_costs_text(recorded_costs(report))}. Each seed's data, teacher and student "
         "are the main job's (`python -m waveclip_hf.experiments.end_to_end --seed <seed>`, docs/results.md), reused "
         "from its cache; accuracies are zero-shot on each seed's 5,000-image test split, means over the four axes "
         "unless an axis is named; GFLOPs per image, 1 multiply-add = 2 FLOPs (docs/model.md). The time each student "
