@@ -67,7 +67,16 @@ def noise_level(spread: dict) -> str:
     return "no measured seed-to-seed spread"
 
 
+def _not_run_text(section: dict) -> str:
+    minutes = section.get("minutes_per_student_at_main_rate")
+    cost = f" (about {minutes:.0f} min of 2-core CPU per student at the main student's rate)" if minutes else ""
+    return f"Not measured in this report: the ablation students were not distilled{cost}. `{section['command']}` does."
+
+
 def causality_answer(causality: dict, spread: dict) -> str:
+    if causality.get("status") == "not run":
+        return (f"**Cost of causality.** {_not_run_text(causality)} The block-causal student's full-resolution mean "
+                f"accuracy, the side it would be compared with, is {_pct(causality['block_causal_mean_accuracy'])}%.")
     diffs = causality["difference_points_per_seed"]
     mean_diff = float(np.mean(diffs))
     verb = "costs" if mean_diff > 0 else "does not cost"
@@ -79,6 +88,10 @@ def causality_answer(causality: dict, spread: dict) -> str:
 
 
 def ordering_answer(ordering: dict) -> str:
+    if ordering.get("status") == "not run":
+        stages = ", ".join(_pct(a) for a in ordering["coarse_to_fine_stage_mean_accuracy"])
+        return (f"**Order of the bands.** {_not_run_text(ordering)} The coarse-to-fine student's per-stage mean "
+                f"accuracy is {stages}%.")
     seeds = list(ordering["per_seed"].values())
     c2f, f2c = ordering["coarse_to_fine_stage_mean_accuracy"], ordering["fine_to_coarse_stage_mean_accuracy"]
     g_c2f, g_f2c = seeds[0]["coarse_to_fine"]["cumulative_gflops"], seeds[0]["fine_to_coarse"]["cumulative_gflops"]
@@ -179,7 +192,7 @@ def recorded_costs(report: dict) -> dict:
         if timing.get("main_job_first_run"):
             steps[f"main job, seed {seed}"] = {"wall_minutes": timing["main_job_first_run"]["minutes"]}
     for section, variant in (("causality", "bidirectional"), ("ordering", "fine-to-coarse")):
-        for seed, entry in report[section]["per_seed"].items():
+        for seed, entry in report[section].get("per_seed", {}).items():
             if entry["distillation_timing"]:
                 steps[f"{variant} student, seed {seed}"] = entry["distillation_timing"]
     samples = report["seed_spread"].get("benchmark_samples") or {}
@@ -403,6 +416,10 @@ def _spread_section(report: dict) -> list[str]:
 def ablations_markdown(report: dict) -> str:
     """docs/ablations.md: the four answers, then one section per question."""
     lines = _header(report)
-    lines += _causality_section(report) + _ordering_section(report) + _stability_section(report)
+    for name, title, write in (("causality", "## 1. Cost of causality", _causality_section),
+                               ("ordering", "## 2. Order of the bands", _ordering_section)):
+        measured = report[name].get("status") != "not run"
+        lines += write(report) if measured else [title, "", _not_run_text(report[name]), ""]
+    lines += _stability_section(report)
     lines += _spread_section(report)
     return "\n".join(lines)
