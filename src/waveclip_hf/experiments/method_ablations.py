@@ -497,7 +497,8 @@ def not_run(run: SeedRun, config: EndToEndConfig, seeds, sample_seeds) -> tuple[
     settings = config.settings()["distillation"]
     minutes = settings["max_steps"] * settings["batch_size"] / rate / 60 if rate else None
     command = " ".join(["python scripts/method_ablations.py --cache-dir <the main job's cache> --seeds",
-                        *map(str, seeds), "--variant-seeds", str(run.seed), "--sample-seeds", *map(str, sample_seeds)])
+                        *map(str, seeds), "--variant-seeds", str(run.seed), "--sample-seeds",
+                        *map(str, sample_seeds or DEFAULT_SAMPLE_SEEDS)])
     status = {"status": "not run", "command": command, "minutes_per_student_at_main_rate": minutes,
               "main_student_images_per_second": rate}
     full = run.results["summary"]["student_stage_mean"]
