@@ -22,6 +22,7 @@ from ..evaluation.calibration import (
     stage_probabilities,
     sweep_thresholds,
 )
+from ..evaluation.metrics import early_exit_accuracy
 from ..evaluation.zero_shot import text_embeddings_per_axis, zero_shot_predictions
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
 from .cached_steps import settings_hash
@@ -109,21 +110,23 @@ def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], thresholds):
-    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep."""
+def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teacher_gflops: float, thresholds):
+    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep. Accuracies come from the
+    `early_exit_accuracy` metric (`evaluation.metrics`), with each answer's cumulative GFLOPs."""
     labels = torch.from_numpy(label_ids(rows, name))
     text = embeddings[f"text.{name}"]
-    teacher_accuracy = float((zero_shot_predictions(embeddings["teacher"], text) == labels).double().mean())
+    teacher = early_exit_accuracy(zero_shot_predictions(embeddings["teacher"], text), labels, teacher_gflops)
     probs = stage_probabilities(embeddings["student"], text, float(embeddings["logit_scale"]))
-    stage_accuracy = [float((probs[:, s].argmax(-1) == labels).double().mean()) for s in range(len(gflops))]
+    fixed = [early_exit_accuracy(probs[:, s].argmax(-1), labels, gflops[s])
+              for s in range(len(gflops))]
     sweep = sweep_thresholds(probs, labels, gflops, thresholds)
     oracle = oracle_exit_point(probs, labels, gflops)
     row = {
         "scale": AXES[name].scale,
         "num_classes": len(AXES[name].class_names),
         "chance": 1 / len(AXES[name].class_names),
-        "teacher": teacher_accuracy,
-        "stages": stage_accuracy,
+        "teacher": teacher["accuracy"],
+        "stages": [stage["accuracy"] for stage in fixed],
         "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
                                                         embeddings[f"text.{name}"])),
         "oracle_exit": {"mean_gflops": oracle.mean_gflops, "stage_share": oracle.stage_share},
@@ -185,14 +188,15 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         `per_axis` rows, the sweep per axis and averaged over axes, and `summary`.
     """
     gflops = cumulative_stage_gflops(student_config)
+    teacher_gflops = clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
     per_axis, sweeps = {}, {}
     for name in AXES:
-        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, thresholds)
+        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, teacher_gflops, thresholds)
     mean_curve = _mean_curve(sweeps, thresholds, len(gflops))
     return {
         "flops_convention": FLOPS_CONVENTION,
         "student_cumulative_gflops": gflops,
-        "teacher_gflops": clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9,
+        "teacher_gflops": teacher_gflops,
         "teacher_patch_size": teacher_config.vision_config.patch_size,
         "per_axis": per_axis,
         "sweep_per_axis": {name: [dataclasses.asdict(p) for p in points] for name, points in sweeps.items()},
