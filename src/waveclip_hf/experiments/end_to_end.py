@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, load_benchmark_split
 from ..evaluation.calibration import default_thresholds
+from ..training.outputs import rewrite_model_card
 from .cached_steps import (
     build_benchmark,
     build_teacher,
@@ -37,7 +38,7 @@ from .cached_steps import (
     student_distillation_fields,
 )
 from .report import first_run_record, machine_description, utc_now, write_reports
-from .run_evaluation import evaluate_student, pipeline_demo
+from .run_evaluation import card_results, evaluate_student, pipeline_demo
 
 SIZES = {
     # "small" is sized for a first run of about a quarter of an hour on a 2-core CPU (measured: docs/results.md).
@@ -182,6 +183,8 @@ def run(config: EndToEndConfig) -> dict:
                                                inputs.teacher_config, student_dir, config.thresholds,
                                                config.gflops_target, config.eval_batch_size, config.progress)
     demo = _demo(config, results, inputs, student_dir)
+    # The student's model card publishes what was just measured (per axis, every stage, the demo's gate).
+    rewrite_model_card(student_dir, card_results(results, len(inputs.rows), demo["demo_threshold"]))
     context = {**_run_context(config, settings, inputs, student_dir, student_config, started), **demo}
     report = {"settings": settings, "context": context, **results}
     results_md = write_reports(config.docs_dir, report, context)

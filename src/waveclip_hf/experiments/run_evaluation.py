@@ -205,6 +205,26 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     }
 
 
+def card_results(results: dict, num_images: int, threshold: float, split: str = "test") -> list:
+    """The per-axis accuracies of `evaluate` (on `num_images` test images) as the student's model card publishes
+    them: one [`ZeroShotResult`] per axis, with the gated point at `threshold` (one of the sweep's thresholds)."""
+    from ..evaluation.zero_shot import ZeroShotResult
+
+    tasks = []
+    for name, row in results["per_axis"].items():
+        gate = next((p for p in results["sweep_per_axis"][name] if p["threshold"] == threshold), None)
+        tasks.append(ZeroShotResult(
+            task=name, dataset_name=f"waveclip_hf generated benchmark, {name} axis ({row['scale']} scale)",
+            dataset_type="waveclip-hf-generated-benchmark", dataset_config=name, dataset_split=split,
+            num_images=num_images, class_names=list(AXES[name].class_names), prompt_template=AXES[name].template,
+            stage_accuracy=list(row["stages"]), stage_gflops=list(results["student_cumulative_gflops"]),
+            measured_by="the main job of waveclip_hf (`bash scripts/run_main.sh`) on the test split",
+            teacher_accuracy=row["teacher"],
+            gate=gate and {"threshold": threshold, "accuracy": gate["accuracy"], "mean_gflops": gate["mean_gflops"]},
+        ))
+    return tasks
+
+
 def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, teacher_config, student_dir: Path,
                      thresholds, gflops_target: float, batch_size: int, progress: bool):
     """Embed the test split with teacher and student (cached per teacher and student folder) and `evaluate`.
@@ -247,6 +267,7 @@ def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, co
 
 __all__ = [
     "COARSE_AXES",
+    "card_results",
     "FINE_AXES",
     "embed_test_split",
     "evaluate",
