@@ -23,6 +23,7 @@ from .models.waveclip.modeling_waveclip import (
     WaveCLIPModel,
     WaveCLIPPreTrainedModel,
     WaveCLIPRefinementOutput,
+    WaveCLIPStageCache,
     WaveCLIPVisionModel,
     WaveCLIPVisionModelOutput,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
     "WaveCLIPRefinementOutput",
+    "WaveCLIPStageCache",
     "WaveCLIPVisionConfig",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",
