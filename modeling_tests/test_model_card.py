@@ -150,7 +150,13 @@ def test_the_main_jobs_accuracy_reaches_the_card(distilled, tmp_path):
     """What `end_to_end.run` does after measuring: `card_results` of the evaluation, then `rewrite_model_card`."""
     _, run = distilled
     copy = tmp_path / "student"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(run, copy)
+    # A student cached before this fix: load-time keys in its tokenizer config, no config in its summary.json.
+    tokenizer_config = json.loads((copy / "final" / "tokenizer_config.json").read_text())
+    (copy / "final" / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "is_local": True,
+                                                                      "local_files_only": True}))
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     embeddings, rows = known_answer_embeddings()
     results = evaluate(embeddings, rows, tiny_student_config(levels=1), tiny_clip_config(), [0.0, 0.5, 1.01], 0.6)
     card_path = rewrite_model_card(copy / "final", card_results(results, len(rows), 0.5))
@@ -170,6 +176,10 @@ def test_the_main_jobs_accuracy_reaches_the_card(distilled, tmp_path):
     assert f"| Steps | {summary['step']} (global batch" in card
     assert str(tmp_path) not in card and str(run) not in card
     assert DistillationResult.from_json(summary).zero_shot[0].task == "labelled"
+    saved = (copy / "final" / "tokenizer_config.json").read_text()
+    assert "is_local" not in saved and "local_files_only" not in saved
+    assert AutoTokenizer.from_pretrained(copy / "final")("a red square")["input_ids"] == \
+        AutoTokenizer.from_pretrained(run / "final")("a red square")["input_ids"]
 
 
 def test_hub_private_creates_a_private_repository(tmp_path, monkeypatch):
@@ -259,3 +269,64 @@ def test_labelled_folder_errors_name_the_fix(tmp_path):
     assert classes == ["cat", "dog"] and [(p.name, c) for p, c in items] == [("a.png", 0), ("b.jpg", 1)]
     with pytest.raises(ValueError, match="--eval-prompt-template: `hypothesis_template` 'a photo' has no"):
         DistillationConfig(train_data="x", eval_labelled_data=str(tmp_path / "only"), eval_prompt_template="a photo")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def documented_distill_commands(markdown: str) -> list[list[str]]:
+    """The flags of every complete `waveclip_hf.cli.distill` command in the markdown's code blocks (continuation
+    lines joined; commands abbreviated with `...` left out)."""
+    import shlex
+
+    commands = []
+    for block in markdown.split("```")[1::2]:
+        if not block.startswith("bash"):
+            continue
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if "waveclip_hf.cli.distill" in words and "..." not in words:
+                commands.append(words[words.index("waveclip_hf.cli.distill") + 1:])
+    return commands
+
+
+def test_the_readme_gpu_install_and_recipe_commands_work_as_written():
+    """README's *Distilling on a GPU machine*: a CUDA torch goes in before the project, which keeps it (torch is a lower
+    bound only, and the setup script installs torch only where there is none); the distillation command it shows
+    parses into the ViT-B/16 recipe with the labelled evaluation and a private upload."""
+    import re
+    import tomllib
+
+    from waveclip_hf.cli.distill import config_from_args, parse_args
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Distilling on a GPU machine")[1].split("\n## ")[0]
+    install = section.split("```bash")[1].split("```")[0].splitlines()
+    cuda_torch = next(i for i, line in enumerate(install) if "download.pytorch.org/whl/cu" in line)
+    project = next(i for i, line in enumerate(install) if 'pip install -e ".[dev]"' in line)
+    assert cuda_torch < project and "torch.cuda.is_available()" in install[cuda_torch + 1]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_requirement,) = [d for d in dependencies if re.match(r"torch\b", d)]
+    assert re.fullmatch(r"torch>=[\d.]+", torch_requirement)  # any CUDA build already installed satisfies it
+    assert "if ! \"$WAVECLIP_VENV/bin/python\" -c 'import torch'" in (REPO / "scripts" / "setup_env.sh").read_text()
+
+    (flags,) = documented_distill_commands(section)
+    config = config_from_args(parse_args(flags)[1])
+    assert {k: getattr(config, k) for k in RECIPES["vit-b16"]} == RECIPES["vit-b16"]
+    assert (config.eval_labelled_data, config.eval_prompt_template) == ("/data/val-by-class", "a photo of a {}.")
+    assert (config.push_to_hub, config.hub_private) == ("your-org/waveclip-b16", True)
+    streamed = config_from_args(parse_args([*flags, "--train-data", "imagenet-1k", "--data-split", "train",
+                                            "--streaming"])[1])
+    assert (streamed.streaming, streamed.max_steps, streamed.train_data) == (True, 20_000, "imagenet-1k")
+
+
+def test_every_documented_distill_command_parses():
+    """Each complete command of README and docs/distillation.md is accepted by the CLI as written."""
+    from waveclip_hf.cli.distill import config_from_args, parse_args
+
+    commands = [flags for doc in ("README.md", "docs/distillation.md")
+                for flags in documented_distill_commands((REPO / doc).read_text())]
+    assert len(commands) >= 5
+    for flags in commands:
+        config = config_from_args(parse_args(flags)[1])
+        assert config.train_data and config.output_dir, flags

@@ -151,7 +151,8 @@ def save_final(student: WaveCLIPModel, processor, tokenizer, config: Distillatio
 def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroShotResult]) -> Path:
     """Re-render the card of a finished run's `final/` folder with accuracy measured after the run (e.g. by the main
     job): the run's config and result come from its `summary.json` (or, for runs older than that, the config from
-    the last checkpoint), the tokenizer and student config from the folder. Returns the card's path."""
+    the last checkpoint), the tokenizer and student config from the folder; the tokenizer files are saved again
+    without load-time keys (`save_tokenizer`). Returns the card's path."""
     from transformers import AutoConfig, AutoTokenizer
 
     final_dir = Path(final_dir)
@@ -166,10 +167,11 @@ def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroSho
         teacher_config = AutoConfig.from_pretrained(config.teacher)
     except Exception:  # noqa: BLE001 - the teacher's column of the cost table is optional
         teacher_config = None
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    save_tokenizer(tokenizer, final_dir)  # a folder saved before the load-time keys were dropped loses them now
     write_model_card(final_dir, config, DistillationResult.from_json(summary),
-                     AutoConfig.from_pretrained(final_dir, trust_remote_code=True),
-                     AutoTokenizer.from_pretrained(final_dir), teacher_config, zero_shot,
-                     datetime.date.fromtimestamp(summary_path.stat().st_mtime))
+                     AutoConfig.from_pretrained(final_dir, trust_remote_code=True), tokenizer, teacher_config,
+                     zero_shot, datetime.date.fromtimestamp(summary_path.stat().st_mtime))
     return final_dir / "README.md"
 
 
