@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from conftest import tiny_config as tiny_student_config
-from test_distillation import cli_args, make_images, make_teacher, tiny_config
+from test_distillation import PYTHON, cli_args, make_images, make_teacher, subprocess_env, tiny_config
 from test_end_to_end import known_answer_embeddings, tiny_clip_config
 from waveclip_hf.data.synthetic import AXES
 from waveclip_hf.experiments.run_evaluation import card_results, evaluate
@@ -129,6 +130,34 @@ def test_example_labels_are_words_the_saved_tokenizer_knows(distilled):
     fallback = example_labels(tokenizer, prompts=["a photo of a red square", "a photo of a blue circle"])
     assert fallback == ["square", "circle"] and all(tokenizes_without_unknown(tokenizer, w) for w in fallback)
     assert not tokenizes_without_unknown(tokenizer, "cat")
+
+
+def test_the_cards_snippet_runs_as_written_in_a_fresh_process(distilled, tmp_path):
+    """The card's Python snippet, copied as a user would (the model id pointed at the downloaded folder, the image at
+    one of theirs), runs offline in a fresh process without this package, and its example labels are scored as
+    words (scores not all equal, as unknown tokens would make them)."""
+    root, run = distilled
+    card = (run / "final" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    image = sorted((root / "labelled" / "circle").glob("*.png"))[0]
+    snippet = snippet.replace('"your-username/run"', repr(str(run / "final"))).replace('"cat.jpg"', repr(str(image)))
+    snippet = snippet.replace("classifier(image,", "results = classifier(image,")
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet + "\nimport json\nprint(json.dumps({'stages': list(stages.shape), 'results': results}))\n")
+    env = subprocess_env(PYTHONPATH="")  # the saved folder's remote code, not this package
+    done = subprocess.run([PYTHON, "-I", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # No interactive question (an AutoTokenizer call without trust_remote_code asked one) and no type warning.
+    assert "Do you wish to run the custom code" not in done.stdout + done.stderr
+    assert "to instantiate a model of type" not in done.stderr
+    output = json.loads(done.stdout)
+    assert output["stages"] == [1, 2, 16]
+    labels = json.loads(card.split("candidate_labels=")[1].split(", hypothesis_template")[0])
+    assert sorted(r["label"] for r in output["results"]) == sorted(labels)
+    assert sum(r["score"] for r in output["results"]) == pytest.approx(1.0, abs=1e-5)
+    assert max(r["score"] for r in output["results"]) - min(r["score"] for r in output["results"]) > 1e-4
+    assert all(r["stage"] in (0, 1) and r["gflops"] > 0 for r in output["results"])
 
 
 def test_licence_given_inherited_or_the_teachers_terms(tmp_path):
