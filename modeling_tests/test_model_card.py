@@ -245,6 +245,8 @@ def test_hub_private_creates_a_private_repository(tmp_path, monkeypatch):
     assert front_matter(card)["license"] == "mit" and "as given when distilling (`--license`)" in card
     assert 'AutoModel.from_pretrained("me/waveclip-tiny", trust_remote_code=True)' in card
     assert "stands for the Hub repository" not in card
+    with pytest.raises(ValueError, match="no repository was given: add --push-to-hub REPO_ID or drop --hub-private"):
+        DistillationConfig(train_data="x", hub_private=True)
 
 
 def test_recipe_vit_b16_gives_the_documented_settings_and_flags_override_it():

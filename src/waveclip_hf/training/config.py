@@ -112,6 +112,9 @@ class DistillationConfig:
         if self.streaming and self.cache_teacher_embeddings:
             raise ValueError("`cache_teacher_embeddings` embeds every training image once before step 0, which a "
                              "stream cannot do: drop --cache-teacher-embeddings or --streaming.")
+        if self.hub_private and not self.push_to_hub:
+            raise ValueError("`hub_private` makes the repository of `push_to_hub` private, but no repository was given: "
+                             "add --push-to-hub REPO_ID or drop --hub-private.")
         if self.shuffle_buffer < 1:
             raise ValueError(f"`shuffle_buffer` must be at least 1, got {self.shuffle_buffer}.")
         if self.eval_labelled_data is not None:

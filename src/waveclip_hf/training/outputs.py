@@ -167,7 +167,7 @@ def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroSho
         teacher_config = AutoConfig.from_pretrained(config.teacher)
     except Exception:  # noqa: BLE001 - the teacher's column of the cost table is optional
         teacher_config = None
-    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=True)
     save_tokenizer(tokenizer, final_dir)  # a folder saved before the load-time keys were dropped loses them now
     write_model_card(final_dir, config, DistillationResult.from_json(summary),
                      AutoConfig.from_pretrained(final_dir, trust_remote_code=True), tokenizer, teacher_config,
