@@ -209,6 +209,9 @@ def test_the_main_jobs_accuracy_reaches_the_card(distilled, tmp_path):
     assert "is_local" not in saved and "local_files_only" not in saved
     assert AutoTokenizer.from_pretrained(copy / "final")("a red square")["input_ids"] == \
         AutoTokenizer.from_pretrained(run / "final")("a red square")["input_ids"]
+    shutil.rmtree(copy / "checkpoints")  # and no checkpoint to read the config from: a clear error
+    with pytest.raises(FileNotFoundError, match="holds no config .* and .* no checkpoint to read it from"):
+        rewrite_model_card(copy / "final", card_results(results, len(rows), 0.5))
 
 
 def test_hub_private_creates_a_private_repository(tmp_path, monkeypatch):

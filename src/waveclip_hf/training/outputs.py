@@ -160,6 +160,10 @@ def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroSho
     summary = json.loads(summary_path.read_text())
     if "config" not in summary:
         checkpoint = latest_checkpoint(final_dir.parent)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{summary_path} holds no config (a run older than that) and "
+                                    f"{final_dir.parent / 'checkpoints'} no checkpoint to read it from: the card of "
+                                    f"{final_dir} cannot be re-rendered. Distil again to get a current folder.")
         summary["config"] = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
     known = {f.name for f in dataclasses.fields(DistillationConfig)}
     config = DistillationConfig(**{k: v for k, v in summary["config"].items() if k in known})
