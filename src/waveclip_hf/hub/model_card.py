@@ -193,6 +193,7 @@ def _teacher_fields(config) -> dict:
         "model_name": _model_name(config),
         "model_id": model_id,
         "model_id_note": note,
+        "teacher": teacher,  # for custom templates (`--model-card-template`); the default one uses the link
         "teacher_link": (f"`{teacher}` (a local folder)" if is_local(config.teacher)
                          else f"[{teacher}](https://huggingface.co/{teacher})"),
     }
