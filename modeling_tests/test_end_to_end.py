@@ -54,6 +54,12 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
     assert (tmp_path / "docs" / "figures" / "e2e_accuracy_vs_gflops.png").stat().st_size > 10_000
     assert len(report["context"]["demo"]) == 2
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"] == report["summary"]
+    # The student's card publishes the accuracy just measured, per axis, in its model-index too.
+    card = next((tmp_path / "cache").glob("student-*/final/README.md")).read_text()
+    assert "Not measured" not in card and "the main job of waveclip_hf" in card
+    color = per_axis["color"]
+    assert f"| {100 * color['teacher']:.1f}% | {100 * color['stages'][0]:.1f}% | {100 * color['stages'][1]:.1f}% |" in card
+    assert f"value: {round(color['stages'][-1], 4)}" in card and "config: glyph" in card
 
     # A second run reuses data, teacher, student and test embeddings: same numbers.
     again = run(config)

@@ -19,6 +19,7 @@ from ..figures.accuracy_vs_gflops import plot_tradeoff
 from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
 from ..models.waveclip.gating import effective_threshold, probability_margin
 from ..models.waveclip.scoring import zero_shot_logits
+from .metrics import early_exit_accuracy
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
 
@@ -91,11 +92,12 @@ def sweep_thresholds(
         stages = exit_stages(stage_probs, threshold, margin_scaling)
         answered = predictions.gather(1, stages[:, None]).squeeze(1)
         share = torch.bincount(stages, minlength=num_stages).double() / len(stages)
+        measured = early_exit_accuracy(answered, labels, gflops[stages])
         points.append(
             OperatingPoint(
                 threshold=float(threshold),
-                accuracy=float((answered == labels).double().mean()),
-                mean_gflops=float(gflops[stages].mean()),
+                accuracy=measured["accuracy"],
+                mean_gflops=measured["mean_gflops"],
                 stage_share=[float(s) for s in share],
             )
         )

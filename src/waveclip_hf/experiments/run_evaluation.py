@@ -22,6 +22,7 @@ from ..evaluation.calibration import (
     stage_probabilities,
     sweep_thresholds,
 )
+from ..evaluation.metrics import early_exit_accuracy
 from ..evaluation.zero_shot import text_embeddings_per_axis, zero_shot_predictions
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
 from .cached_steps import settings_hash
@@ -109,21 +110,23 @@ def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], thresholds):
-    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep."""
+def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teacher_gflops: float, thresholds):
+    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep. Accuracies come from the
+    `early_exit_accuracy` metric (`evaluation.metrics`), with each answer's cumulative GFLOPs."""
     labels = torch.from_numpy(label_ids(rows, name))
     text = embeddings[f"text.{name}"]
-    teacher_accuracy = float((zero_shot_predictions(embeddings["teacher"], text) == labels).double().mean())
+    teacher = early_exit_accuracy(zero_shot_predictions(embeddings["teacher"], text), labels, teacher_gflops)
     probs = stage_probabilities(embeddings["student"], text, float(embeddings["logit_scale"]))
-    stage_accuracy = [float((probs[:, s].argmax(-1) == labels).double().mean()) for s in range(len(gflops))]
+    fixed = [early_exit_accuracy(probs[:, s].argmax(-1), labels, gflops[s])
+              for s in range(len(gflops))]
     sweep = sweep_thresholds(probs, labels, gflops, thresholds)
     oracle = oracle_exit_point(probs, labels, gflops)
     row = {
         "scale": AXES[name].scale,
         "num_classes": len(AXES[name].class_names),
         "chance": 1 / len(AXES[name].class_names),
-        "teacher": teacher_accuracy,
-        "stages": stage_accuracy,
+        "teacher": teacher["accuracy"],
+        "stages": [stage["accuracy"] for stage in fixed],
         "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
                                                         embeddings[f"text.{name}"])),
         "oracle_exit": {"mean_gflops": oracle.mean_gflops, "stage_share": oracle.stage_share},
@@ -185,20 +188,41 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         `per_axis` rows, the sweep per axis and averaged over axes, and `summary`.
     """
     gflops = cumulative_stage_gflops(student_config)
+    teacher_gflops = clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
     per_axis, sweeps = {}, {}
     for name in AXES:
-        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, thresholds)
+        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, teacher_gflops, thresholds)
     mean_curve = _mean_curve(sweeps, thresholds, len(gflops))
     return {
         "flops_convention": FLOPS_CONVENTION,
         "student_cumulative_gflops": gflops,
-        "teacher_gflops": clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9,
+        "teacher_gflops": teacher_gflops,
         "teacher_patch_size": teacher_config.vision_config.patch_size,
         "per_axis": per_axis,
         "sweep_per_axis": {name: [dataclasses.asdict(p) for p in points] for name, points in sweeps.items()},
         "sweep_mean": [dataclasses.asdict(p) for p in mean_curve],
         "summary": _summary(per_axis, mean_curve, gflops, gflops_target),
     }
+
+
+def card_results(results: dict, num_images: int, threshold: float, split: str = "test") -> list:
+    """The per-axis accuracies of `evaluate` (on `num_images` test images) as the student's model card publishes
+    them: one [`ZeroShotResult`] per axis, with the gated point at `threshold` (one of the sweep's thresholds)."""
+    from ..evaluation.zero_shot import ZeroShotResult
+
+    tasks = []
+    for name, row in results["per_axis"].items():
+        gate = next((p for p in results["sweep_per_axis"][name] if p["threshold"] == threshold), None)
+        tasks.append(ZeroShotResult(
+            task=name, dataset_name=f"waveclip_hf generated benchmark, {name} axis ({row['scale']} scale)",
+            dataset_type="waveclip-hf-generated-benchmark", dataset_config=name, dataset_split=split,
+            num_images=num_images, class_names=list(AXES[name].class_names), prompt_template=AXES[name].template,
+            stage_accuracy=list(row["stages"]), stage_gflops=list(results["student_cumulative_gflops"]),
+            measured_by="the main job of waveclip_hf (`bash scripts/run_main.sh`) on the test split",
+            teacher_accuracy=row["teacher"],
+            gate=gate and {"threshold": threshold, "accuracy": gate["accuracy"], "mean_gflops": gate["mean_gflops"]},
+        ))
+    return tasks
 
 
 def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, teacher_config, student_dir: Path,
@@ -243,6 +267,7 @@ def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, co
 
 __all__ = [
     "COARSE_AXES",
+    "card_results",
     "FINE_AXES",
     "embed_test_split",
     "evaluate",
