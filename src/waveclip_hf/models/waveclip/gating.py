@@ -111,6 +111,37 @@ def images_that_continue(
     return continue_within_budget(probability_margin(probs), wants, affordable)
 
 
+class StageGate:
+    """Which images of `refine` continue after each stage: the margin gate, then a GFLOPs budget for the batch.
+
+    Args:
+        margin_threshold: the gate's threshold (`None`: every image wants to continue).
+        margin_scaling: `"none"` or `"num_labels"`.
+        cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
+        gflops_budget: mean GFLOPs per image for the batch (`None`: no budget); stage 0 is paid for every image,
+            the rest goes to the least sure images first.
+        batch_size: images in the batch, who share the budget.
+    """
+
+    def __init__(self, margin_threshold, margin_scaling: str, cumulative_gflops, gflops_budget, batch_size: int):
+        self.margin_threshold, self.margin_scaling = margin_threshold, margin_scaling
+        self.cumulative_gflops = [float(value) for value in cumulative_gflops]
+        self.budget_left = None
+        if gflops_budget is not None:  # what is left after stage 0, which every image runs
+            stage_zero = self.cumulative_gflops[0]
+            self.budget_left = batch_size * (check_gflops_budget(gflops_budget, stage_zero) - stage_zero)
+
+    def continues(self, probs: torch.Tensor, stage: int) -> torch.Tensor:
+        """(active, labels) probabilities after `stage` (not the last) -> (active,) bool, the images that go on;
+        their next stage is charged to the budget."""
+        step_cost = self.cumulative_gflops[stage + 1] - self.cumulative_gflops[stage]
+        affordable = None if self.budget_left is None else int((self.budget_left + 1e-9) // step_cost)
+        continues = images_that_continue(probs, self.margin_threshold, self.margin_scaling, affordable)
+        if self.budget_left is not None:
+            self.budget_left -= step_cost * int(continues.sum())
+        return continues
+
+
 def _as_number(value, name: str, expected: str) -> float:
     """`value` as a float (Python, numpy or 0-d torch numbers), or a `ValueError` naming `name` and `expected`."""
     if not isinstance(value, (str, bytes, bool)):

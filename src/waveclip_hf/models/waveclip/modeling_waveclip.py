@@ -41,13 +41,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .scoring import zero_shot_logits
-from .gating import (
-    check_gflops_budget,
-    check_margin_scaling,
-    check_margin_threshold,
-    check_stage_count,
-    images_that_continue,
-)
+from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
 from .wavelet_layout import unpack_coefficients
 
 
@@ -871,20 +865,20 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         check_margin_scaling(margin_scaling)
         self.vision_model._check_pixel_values(pixel_values)
         text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
-        batch_size, num_labels = pixel_values.shape[0], text_embeds.shape[0]
+        batch_size = pixel_values.shape[0]
+        device = self.logit_scale.device
+        logit_scale = self.logit_scale.exp()
+        num_labels = text_embeds.shape[0]
         cumulative = self._cumulative_stage_gflops()
-        budget_left = None
-        if gflops_budget is not None:  # what is left after stage 0, which every image runs
-            budget_left = batch_size * (check_gflops_budget(gflops_budget, float(cumulative[0])) - float(cumulative[0]))
-        device, logit_scale = self.logit_scale.device, self.logit_scale.exp()
+        gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, batch_size)
+        stage_scores = None
+        if return_all_stages:  # NaN marks the stages an image did not run
+            stage_scores = torch.full((batch_size, num_stages, num_labels), float("nan"), device=device,
+                                      dtype=text_embeds.dtype)
 
         logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
         image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
         exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        stage_scores = None
-        if return_all_stages:
-            stage_scores = torch.full((batch_size, num_stages, num_labels), float("nan"), device=device,
-                                      dtype=text_embeds.dtype)
         active = torch.arange(batch_size, device=device)
         cache = None
         for stage in range(num_stages):
@@ -893,24 +887,25 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
                 pixel_values[active], num_stages=stage + 1, cache=cache, use_cache=not last
             )
             logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
+            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
             probs = logits.softmax(-1)
             if stage_scores is not None:
                 stage_scores[active, stage] = probs
-            continues = torch.zeros_like(active, dtype=torch.bool)
-            if not last:
-                step_cost = float(cumulative[stage + 1] - cumulative[stage])
-                affordable = None if budget_left is None else int((budget_left + 1e-9) // step_cost)
-                continues = images_that_continue(probs, margin_threshold, margin_scaling, affordable)
-                if budget_left is not None:
-                    budget_left -= step_cost * int(continues.sum())
-            answered = active[~continues]
-            logits_per_image[answered] = logits[~continues]
-            image_embeds[answered] = nn.functional.normalize(outputs.pooler_output[~continues], dim=-1).to(logits.dtype)
+            if last:
+                stops = torch.ones_like(active, dtype=torch.bool)
+            else:
+                stops = ~gate.continues(probs, stage)
+            answered = active[stops]
+            logits_per_image[answered] = logits[stops]
+            image_embeds[answered] = embeds[stops]
             exit_stage[answered] = stage
-            if not bool(continues.any()):
+            if bool(stops.all()):
                 break
-            cache = self._continuing_cache(outputs.cache, continues)
-            active = active[continues]
+            cache = outputs.cache
+            continuing = (~stops).nonzero().squeeze(1)
+            if not bool((~stops).all()):
+                cache.batch_select_indices(continuing)
+            active = active[continuing]
 
         return WaveCLIPRefinementOutput(
             scores=logits_per_image.softmax(-1),
@@ -949,13 +944,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         from .flops import stage_flops  # the analytic per-stage count; imported here to keep model import light
 
         return torch.tensor(stage_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64).cumsum(0) / 1e9
-
-    @staticmethod
-    def _continuing_cache(cache: Cache, continues: torch.Tensor) -> Cache:
-        """The cache the next stage of `refine` reads: the entries of the images that continue, in batch order."""
-        if not bool(continues.all()):
-            cache.batch_select_indices(continues.nonzero().squeeze(1))
-        return cache
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
