@@ -127,6 +127,7 @@ def test_a_calibrated_threshold_does_online_what_it_promised():
     assert float(online.gflops.double().mean()) == pytest.approx(chosen.mean_gflops, rel=1e-6)
 
 
+@pytest.mark.slow  # a fresh process: about 20 s on 2 cores
 def test_the_calibration_command_on_an_unlabelled_folder(tmp_path):
     import json
     import subprocess
