@@ -29,6 +29,7 @@ from .models.waveclip.modeling_waveclip import (
     WaveCLIPModel,
     WaveCLIPPreTrainedModel,
     WaveCLIPRefinementOutput,
+    WaveCLIPStageCache,
     WaveCLIPVisionModel,
     WaveCLIPVisionModelOutput,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "WaveCLIPPreTrainedModel",
     "WaveCLIPProcessor",
     "WaveCLIPRefinementOutput",
+    "WaveCLIPStageCache",
     "WaveCLIPVisionConfig",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",

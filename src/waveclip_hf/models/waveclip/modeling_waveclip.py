@@ -42,6 +42,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .scoring import zero_shot_logits
 from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
+from .stage_cache import WaveCLIPStageCache
 from .wavelet_layout import unpack_coefficients
 
 
@@ -685,7 +686,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             cache (`Cache`, *optional*):
                 A cache returned by an earlier call on the same images; it is extended in place.
             use_cache (`bool`, *optional*):
-                Return a cache to continue from (a new `DynamicCache` if none was passed).
+                Return a cache to continue from (a new `DynamicCache` if none was passed; pass a
+                [`WaveCLIPStageCache`] to fill preallocated per-stage buffers instead).
             output_attentions (`bool`, *optional*):
                 Return attention probabilities (computed with `eager` attention for this call).
             output_hidden_states (`bool`, *optional*):
@@ -1004,6 +1006,7 @@ __all__ = [
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
     "WaveCLIPRefinementOutput",
+    "WaveCLIPStageCache",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",
     "block_causal_mask",
