@@ -22,6 +22,7 @@ from transformers import pipeline
 from test_hub_loading import LABELS, run_fresh_python, save_tiny_folder
 from waveclip_hf import WaveCLIPZeroShotImageClassificationPipeline
 from waveclip_hf.models.waveclip.gating import probability_margin
+from waveclip_hf.models.waveclip.scoring import zero_shot_logits
 
 TEMPLATES = ["This is a photo of {}.", "a photo of {}"]
 
@@ -140,7 +141,9 @@ def reference_pipeline(folder):
 
 def stage_probabilities(classifier, paths, labels, template=TEMPLATES[0]) -> torch.Tensor:
     """(N, stages, labels) probabilities of the in-process model after every stage."""
-    return classifier._stage_probabilities(paths, classifier.label_embeddings(labels, template), 8, None)
+    embeds = classifier.image_stage_embeddings(paths, batch_size=8)
+    return zero_shot_logits(embeds, classifier.label_embeddings(labels, template),
+                            classifier.model.logit_scale.exp()).softmax(-1)
 
 
 def test_label_free_calibration_keeps_its_promise_with_margin_threshold_auto(first_hour):
@@ -163,6 +166,15 @@ def test_label_free_calibration_keeps_its_promise_with_margin_threshold_auto(fir
     assert here.pop("threshold") == pytest.approx(calibration.pop("threshold"), abs=1e-6)
     assert here.pop("stage_share") == pytest.approx(calibration.pop("stage_share"))
     assert here == pytest.approx(calibration)
+    # Several label sets on the same images: embed them once, then calibrate each set from the embeddings.
+    embeds = classifier.image_stage_embeddings(first_hour["calibration_images"], batch_size=5)
+    assert embeds.shape == (24, 2, classifier.model.projection_dim)
+    again = classifier.calibrate(image_embeddings=embeds, candidate_labels=LABELS, target_agreement=0.9)
+    again, chosen = dataclasses.asdict(again), dataclasses.asdict(chosen)
+    assert again.pop("threshold") == pytest.approx(chosen.pop("threshold"), abs=1e-6)  # other batches, other roundings
+    assert again == chosen
+    with pytest.raises(ValueError, match="Pass the calibration images once"):
+        classifier.calibrate(first_hour["calibration_images"], LABELS, image_embeddings=embeds)
     assert "needs a calibration for these labels and template" in results["auto_without_calibration"]
     assert "classifier.calibrate(images, candidate_labels=" in results["auto_without_calibration"]
 

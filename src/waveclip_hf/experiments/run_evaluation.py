@@ -397,12 +397,14 @@ def label_free_pipeline_demo(student_dir: Path, data_root: Path, rows, count: in
                           pipeline_class=WaveCLIPZeroShotImageClassificationPipeline)
     unlabelled = [str(data_root / CALIBRATION_SPLIT / row["file_name"])
                   for row in load_benchmark_split(data_root, CALIBRATION_SPLIT)]
+    # The image encoder runs once on the unlabelled images; each axis is calibrated from those embeddings.
+    image_embeddings = classifier.image_stage_embeddings(unlabelled, batch_size=batch_size)
     thresholds = {}
     for name, axis in AXES.items():
-        thresholds[name] = classifier.calibrate(unlabelled, candidate_labels=list(axis.class_names),
+        thresholds[name] = classifier.calibrate(image_embeddings=image_embeddings,
+                                                candidate_labels=list(axis.class_names),
                                                 hypothesis_template=axis.template,
-                                                target_agreement=LABEL_FREE_TARGET_AGREEMENT,
-                                                batch_size=batch_size).threshold
+                                                target_agreement=LABEL_FREE_TARGET_AGREEMENT).threshold
     demo = []
     for row in rows[:count]:
         image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")

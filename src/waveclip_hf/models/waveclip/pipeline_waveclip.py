@@ -381,8 +381,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             results.append(entry)
         return results
 
-    def calibrate(self, images, candidate_labels, hypothesis_template=DEFAULT_TEMPLATE, target_agreement=None,
-                  gflops_budget=None, batch_size=None, tokenizer_kwargs=None, timeout=None) -> GateCalibration:
+    def calibrate(self, images=None, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE,
+                  target_agreement=None, gflops_budget=None, batch_size=None, tokenizer_kwargs=None, timeout=None,
+                  image_embeddings=None) -> GateCalibration:
         """Choose `margin_threshold` for one label set without labels, and remember it for `margin_threshold="auto"`.
 
         The full model's answer is the reference: on `images` (unlabelled images of your domain, not the ones you
@@ -394,6 +395,8 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             images: paths, URLs, PIL images or arrays, as a call takes them.
             candidate_labels, hypothesis_template, tokenizer_kwargs: the label set, as in a call.
             batch_size: images per forward (default: the pipeline's, else 32).
+            image_embeddings: instead of `images`, their `image_stage_embeddings(images)`: calibrating several label
+                sets on the same images then runs the image encoder once.
 
         Returns:
             [`GateCalibration`]: the threshold (`None`: only every stage meets the target), and its agreement, mean
@@ -403,8 +406,17 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         template = check_hypothesis_template(hypothesis_template)
         if target_agreement is None and gflops_budget is None:
             target_agreement = 0.99
+        if (images is None) == (image_embeddings is None):
+            raise ValueError(
+                "Pass the calibration images once: `images` (unlabelled images of your domain) or their "
+                "`image_embeddings=classifier.image_stage_embeddings(images)`."
+            )
+        if image_embeddings is None:
+            image_embeddings = self.image_stage_embeddings(images, batch_size, timeout)
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
-        stage_probs = self._stage_probabilities(images, text_embeds, batch_size or self._batch_size or 32, timeout)
+        with torch.no_grad():
+            stage_probs = zero_shot_logits(image_embeddings.to(self.device), text_embeds, self.model.logit_scale.exp())
+        stage_probs = stage_probs.float().softmax(-1).cpu()
         if len(stage_probs) < _FEW_CALIBRATION_IMAGES:
             logger.warning(
                 f"Calibrating on {len(stage_probs)} images: one disagreement moves the measured agreement by "
@@ -417,18 +429,22 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         return calibration
 
     @torch.no_grad()
-    def _stage_probabilities(self, images, text_embeds: torch.Tensor, batch_size: int, timeout) -> torch.Tensor:
-        """(N, stages, labels) float32 zero-shot probabilities after every stage, on the CPU (one block-causal
-        forward per batch gives every stage exactly as the cached refinement does)."""
+    def image_stage_embeddings(self, images, batch_size=None, timeout=None) -> torch.Tensor:
+        """(N, stages, projection_dim) image embeddings after every stage, in the model's dtype and on its device:
+        one block-causal forward per batch gives every stage exactly as the cached refinement does.
+
+        Args:
+            images: paths, URLs, PIL images or arrays, as a call takes them.
+            batch_size: images per forward (default: the pipeline's, else 32).
+        """
         if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
             images = [images]
-        logit_scale = self.model.logit_scale.exp()
-        probs, batch = [], []
+        batch_size = batch_size or self._batch_size or 32
+        embeds, batch = [], []
 
         def flush():
             pixel_values = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            stages = self.model.get_image_features(pixel_values.to(self.device, self.dtype)).stage_pooler_outputs
-            probs.append(zero_shot_logits(stages, text_embeds, logit_scale).float().softmax(-1).cpu())
+            embeds.append(self.model.get_image_features(pixel_values.to(self.device, self.dtype)).stage_pooler_outputs)
             batch.clear()
 
         for image in images:
@@ -437,10 +453,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 flush()
         if batch:
             flush()
-        if not probs:
+        if not embeds:
             raise ValueError("`calibrate` got no images: pass unlabelled images of your domain (a few hundred).")
-        return torch.cat(probs)
-
+        return torch.cat(embeds)
 
 __all__ = [
     "CALL_PARAMETERS",
