@@ -837,10 +837,8 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         tokens to the rest from the cache. No stage is ever computed twice.
 
         ```python
-        >>> inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=image, return_tensors="pt",
-        ...                    padding=True)
-        >>> out = model.refine(**inputs, margin_threshold=0.2)  # or model.refine(pixel_values, text_embeds, 0.2)
-        >>> out.scores, out.exit_stage, out.gflops
+        >>> inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=image, return_tensors="pt")
+        >>> model.refine(**inputs, margin_threshold=0.2)  # or model.refine(pixel_values, text_embeds, 0.2)
         ```
 
         Args:
@@ -873,10 +871,9 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         num_labels = text_embeds.shape[0]
         cumulative = self._cumulative_stage_gflops()
         gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, batch_size)
-        stage_scores = None
-        if return_all_stages:  # NaN marks the stages an image did not run
-            stage_scores = torch.full((batch_size, num_stages, num_labels), float("nan"), device=device,
-                                      dtype=text_embeds.dtype)
+        stage_scores = None  # with return_all_stages: (batch, stages, labels), NaN for the stages an image did not run
+        if return_all_stages:
+            stage_scores = text_embeds.new_full((batch_size, num_stages, num_labels), float("nan"), device=device)
 
         logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
         image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
