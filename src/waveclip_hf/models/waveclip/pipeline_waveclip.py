@@ -29,7 +29,8 @@ otherwise give such labels near-uniform scores without a word.
 `calibrate(images, candidate_labels=..., target_agreement=0.99)` chooses the threshold for one label set (and
 template) without labels: the full model's answers on unlabelled images of the user's domain are the reference
 that early exits must keep (`gating.calibrate_threshold`). It is remembered per label set and used by
-`margin_threshold="auto"`.
+`margin_threshold="auto"`. To calibrate several label sets on the same images, embed them once
+(`image_stage_embeddings(images)`) and pass `image_embeddings=` to each `calibrate`.
 
 Label text embeddings are computed once per (labels, template), in chunks of 1,024 prompts so that 10,000-label
 vocabularies fit in memory, and reused by later calls. Bad parameters (threshold, `max_stages`, template, labels)
