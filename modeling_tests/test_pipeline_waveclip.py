@@ -175,6 +175,8 @@ def test_label_free_calibration_keeps_its_promise_with_margin_threshold_auto(fir
     assert again == chosen
     with pytest.raises(ValueError, match="Pass the calibration images once"):
         classifier.calibrate(first_hour["calibration_images"], LABELS, image_embeddings=embeds)
+    with pytest.raises(ValueError, match=r"must be \(num_images, 2 stages, 16\) .* got \(24, 1, 16\)"):
+        classifier.calibrate(image_embeddings=embeds[:, :1], candidate_labels=LABELS)
     assert "needs a calibration for these labels and template" in results["auto_without_calibration"]
     assert "classifier.calibrate(images, candidate_labels=" in results["auto_without_calibration"]
 

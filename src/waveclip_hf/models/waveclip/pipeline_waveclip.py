@@ -414,6 +414,13 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             )
         if image_embeddings is None:
             image_embeddings = self.image_stage_embeddings(images, batch_size, timeout)
+        expected = (self.model.num_stages, self.model.projection_dim)
+        if not isinstance(image_embeddings, torch.Tensor) or tuple(image_embeddings.shape[1:]) != expected:
+            raise ValueError(
+                f"`image_embeddings` must be (num_images, {expected[0]} stages, {expected[1]}) from this pipeline's "
+                f"`image_stage_embeddings(images)`, got "
+                f"{tuple(image_embeddings.shape) if isinstance(image_embeddings, torch.Tensor) else type(image_embeddings).__name__}."
+            )
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
         with torch.no_grad():
             stage_probs = zero_shot_logits(image_embeddings.to(self.device), text_embeds, self.model.logit_scale.exp())
