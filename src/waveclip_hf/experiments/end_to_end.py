@@ -38,7 +38,7 @@ from .cached_steps import (
     student_distillation_fields,
 )
 from .report import first_run_record, machine_description, utc_now, write_reports
-from .run_evaluation import card_results, evaluate_student, pipeline_demo
+from .run_evaluation import card_results, evaluate_student, label_free_pipeline_demo, pipeline_demo
 
 SIZES = {
     # "small" is sized for a first run of about a quarter of an hour on a 2-core CPU (measured: docs/results.md).
@@ -161,10 +161,12 @@ def _demo(config: EndToEndConfig, results: dict, inputs: MainJobInputs, student_
     chosen = results["summary"]["best_within_budget"] or results["summary"]["cheapest_within_one_point"]
     threshold = chosen["threshold"] if chosen else 0.5
     demo = pipeline_demo(student_dir, inputs.data_root, inputs.rows, threshold, config.demo_images)
-    for item in demo:
-        log(f"pipeline: {item['file_name']}: " + ", ".join(
-            f"{axis}={a['predicted']} (true {a['true']}, stage {a['stage']})" for axis, a in item["answers"].items()))
-    return {"demo_threshold": threshold, "demo": demo}
+    label_free = label_free_pipeline_demo(student_dir, inputs.data_root, inputs.rows, config.demo_images)
+    for prefix, items in (("pipeline", demo), ("pipeline, label-free", label_free["demo"])):
+        for item in items:
+            log(f"{prefix}: {item['file_name']}: " + ", ".join(
+                f"{axis}={a['predicted']} (true {a['true']}, stage {a['stage']})" for axis, a in item["answers"].items()))
+    return {"demo_threshold": threshold, "demo": demo, "label_free_demo": label_free}
 
 
 def _publish_on_model_card(student_dir: Path, results: dict, num_images: int, threshold: float) -> None:

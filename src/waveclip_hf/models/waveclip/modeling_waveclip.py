@@ -41,16 +41,16 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .scoring import zero_shot_logits
-from .gating import check_margin_scaling, check_margin_threshold, check_stage_count, gate_stops
+from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
 from .stage_cache import WaveCLIPStageCache
 from .wavelet_layout import unpack_coefficients
 
 
 logger = logging.get_logger(__name__)
 
-# Shipped files that the model code does not import, copied into every saved folder so that `AutoImageProcessor`
-# and the gated zero-shot pipeline load from it with `trust_remote_code=True`.
-_EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py")
+# Shipped files that the model code does not import, copied into every saved folder so that `AutoImageProcessor`,
+# `AutoProcessor` and the gated zero-shot pipeline load from it with `trust_remote_code=True`.
+_EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py", "processing_waveclip.py")
 ZERO_SHOT_TASK = "zero-shot-image-classification"
 
 
@@ -103,6 +103,9 @@ class WaveCLIPRefinementOutput(ModelOutput):
         The stage that answered (0 = approximation band only).
     gflops (`torch.FloatTensor` of shape `(batch_size,)`):
         Image-encoder GFLOPs spent on each image with the cache (1 multiply-add = 2 FLOPs; text excluded).
+    stage_scores (`torch.FloatTensor` of shape `(batch_size, stages, num_labels)`, *optional*):
+        With `return_all_stages=True`: the scores after every stage up to `max_stages`; NaN after the stage
+        that answered (the image did not run those).
     """
 
     scores: torch.FloatTensor | None = None
@@ -110,6 +113,7 @@ class WaveCLIPRefinementOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     exit_stage: torch.LongTensor | None = None
     gflops: torch.FloatTensor | None = None
+    stage_scores: torch.FloatTensor | None = None
 
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
@@ -731,6 +735,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     _extra_auto_map = {
         "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
         "AutoImageProcessor": "image_processing_waveclip.WaveCLIPImageProcessor",
+        "AutoProcessor": "processing_waveclip.WaveCLIPProcessor",
     }
     _custom_pipelines = {
         ZERO_SHOT_TASK: {
@@ -815,26 +820,40 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     def refine(
         self,
         pixel_values: torch.Tensor,
-        text_embeds: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
         margin_threshold: float | None = None,
         max_stages: int | None = None,
         margin_scaling: str = "none",
+        gflops_budget: float | None = None,
+        return_all_stages: bool = False,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> WaveCLIPRefinementOutput:
-        """Margin-gated zero-shot classification, coarse to fine, in the spirit of `generate`.
+        """Margin-gated zero-shot classification, coarse to fine: the `generate` of this model.
 
-        Runs stage 0 on the batch, scores it against `text_embeds`, lets the images whose probability margin passes
-        the gate (see `gating.py`) answer, drops them from the batch and from the cache
-        (`Cache.batch_select_indices`), and feeds the next stage's tokens to the rest from the cache. No stage is
-        ever computed twice.
+        Runs stage 0 on the batch, scores it against the labels, lets the images whose probability margin passes
+        the gate (see `gating.py`) answer, drops them from the batch and from the cache, and feeds the next stage's
+        tokens to the rest from the cache. No stage is ever computed twice.
+
+        ```python
+        >>> inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=image, return_tensors="pt")
+        >>> model.refine(**inputs, margin_threshold=0.2)  # or model.refine(pixel_values, text_embeds, 0.2)
+        ```
 
         Args:
             pixel_values: (batch, 3, S, S) packed coefficients from [`WaveCLIPImageProcessor`].
             text_embeds: (num_labels, projection_dim) label embeddings (`get_text_features(...).pooler_output`,
-                normalised here).
+                normalised here); or give the labels' `input_ids` (and `attention_mask`) instead.
             margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0;
                 `None`, the default: no early exit, every image through every stage up to `max_stages`).
             max_stages: answer at the latest after this many stages (default: all).
             margin_scaling: `"none"` or `"num_labels"` (the paper's threshold x number of labels).
+            gflops_budget: mean image-encoder GFLOPs per image for this batch. After each stage, of the images the
+                gate sends on, those with the smallest margins continue first, as many as the budget still pays for.
+            return_all_stages: also return `stage_scores`, every image's scores after every stage it ran.
+            input_ids, attention_mask, position_ids: (num_labels, length) tokenised label prompts, instead of
+                `text_embeds` (e.g. from [`WaveCLIPProcessor`] with `text=`).
 
         Returns:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
@@ -845,20 +864,16 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             margin_threshold = check_margin_threshold(margin_threshold)
         check_margin_scaling(margin_scaling)
         self.vision_model._check_pixel_values(pixel_values)
-        if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
-            raise ValueError(
-                f"`text_embeds` must be a (num_labels >= 1, projection_dim) tensor, got "
-                f"{tuple(text_embeds.shape) if isinstance(text_embeds, torch.Tensor) else type(text_embeds).__name__}."
-            )
-        if text_embeds.shape[1] != self.projection_dim:
-            raise ValueError(
-                f"`text_embeds` have {text_embeds.shape[1]} dimensions but this model projects to "
-                f"{self.projection_dim}: use `get_text_features(...).pooler_output` of the same model."
-            )
+        text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
         batch_size = pixel_values.shape[0]
         device = self.logit_scale.device
         logit_scale = self.logit_scale.exp()
         num_labels = text_embeds.shape[0]
+        cumulative = self._cumulative_stage_gflops()
+        gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, batch_size)
+        stage_scores = None  # with return_all_stages: (batch, stages, labels), NaN for the stages an image did not run
+        if return_all_stages:
+            stage_scores = text_embeds.new_full((batch_size, num_stages, num_labels), float("nan"), device=device)
 
         logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
         image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
@@ -872,12 +887,13 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             )
             logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
             embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
+            probs = logits.softmax(-1)
+            if stage_scores is not None:
+                stage_scores[active, stage] = probs
             if last:
                 stops = torch.ones_like(active, dtype=torch.bool)
-            elif margin_threshold is None:
-                stops = torch.zeros_like(active, dtype=torch.bool)
             else:
-                stops = gate_stops(logits.softmax(-1), margin_threshold, margin_scaling)
+                stops = ~gate.continues(probs, stage)
             answered = active[stops]
             logits_per_image[answered] = logits[stops]
             image_embeds[answered] = embeds[stops]
@@ -890,17 +906,43 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
                 cache.batch_select_indices(continuing)
             active = active[continuing]
 
-        from .flops import stage_flops  # the analytic per-stage count; imported here to keep model import light
-
-        cumulative = torch.tensor(stage_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64)
-        cumulative = cumulative.cumsum(0) / 1e9
         return WaveCLIPRefinementOutput(
             scores=logits_per_image.softmax(-1),
             logits_per_image=logits_per_image,
             image_embeds=image_embeds,
             exit_stage=exit_stage,
             gflops=cumulative.to(device)[exit_stage].float(),
+            stage_scores=stage_scores,
         )
+
+    def _refinement_label_embeddings(self, text_embeds, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """(num_labels, projection_dim) label embeddings for `refine`: given, or from the labels' tokens."""
+        if (text_embeds is None) == (input_ids is None):
+            raise ValueError(
+                "Pass the labels once: either `text_embeds` (num_labels, projection_dim) or their `input_ids` (e.g. "
+                "`processor(text=prompts, images=images, return_tensors='pt', padding=True)`)."
+            )
+        if input_ids is not None:
+            text_embeds = self.get_text_features(
+                input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+            ).pooler_output
+        if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
+            raise ValueError(
+                f"`text_embeds` must be a (num_labels >= 1, projection_dim) tensor, got "
+                f"{tuple(text_embeds.shape) if isinstance(text_embeds, torch.Tensor) else type(text_embeds).__name__}."
+            )
+        if text_embeds.shape[1] != self.projection_dim:
+            raise ValueError(
+                f"`text_embeds` have {text_embeds.shape[1]} dimensions but this model projects to "
+                f"{self.projection_dim}: use `get_text_features(...).pooler_output` of the same model."
+            )
+        return text_embeds
+
+    def _cumulative_stage_gflops(self) -> torch.Tensor:
+        """(num_stages,) float64: image-encoder GFLOPs to have an answer after each stage, with the cache."""
+        from .flops import stage_flops  # the analytic per-stage count; imported here to keep model import light
+
+        return torch.tensor(stage_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64).cumsum(0) / 1e9
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
