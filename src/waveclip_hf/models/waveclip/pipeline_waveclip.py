@@ -92,6 +92,8 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._text_embeddings = OrderedDict()
+        # One stage cache for every call: `refine` resets it, and batches of one size reuse its buffers.
+        self._stage_cache = None
 
     def __call__(self, image=None, candidate_labels=None, **kwargs):
         # The stock pipeline indexes the first image before anything else: an empty list would be an IndexError.
@@ -172,9 +174,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if isinstance(labels[0], list):  # batched: one entry per image, all from the same call
             labels, template, tokenizer_kwargs = labels[0], template[0], tokenizer_kwargs[0]
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
+        if self._stage_cache is None:
+            self._stage_cache = self.model.new_stage_cache()
         outputs = self.model.refine(
             model_inputs["pixel_values"], text_embeds, margin_threshold, max_stages=max_stages,
-            margin_scaling=margin_scaling,
+            margin_scaling=margin_scaling, cache=self._stage_cache,
         )
         return {
             "candidate_labels": labels_per_image,
