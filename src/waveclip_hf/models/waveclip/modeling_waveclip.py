@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -555,6 +555,39 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings[0]
 
+    # Set by `compile_stages`: only then does `forward` tell torch.compile which dimensions vary.
+    stages_compiled = False
+
+    def compile_stages(self, **compile_kwargs) -> "WaveCLIPVisionModel":
+        """Compile the stages' tensor work with `torch.compile`, in place: the embeddings and the encoder.
+
+        The checks, the cache's buffers (see [`WaveCLIPStageCache.prepare`]) and the output stay in Python, so a
+        compiled stage sees static shapes: one graph per (stages computed, stages cached), for any batch of 2 or
+        more images (the batch dimension is marked dynamic, so the smaller batches of an early exit reuse the graphs),
+        and one more per stage for a single image (torch specialises size 1). The first call of each graph compiles
+        it (tens of seconds on a CPU). Reload the model to undo.
+
+        Args:
+            compile_kwargs: passed to `torch.compile` (e.g. `backend=`, `mode=`, `fullgraph=`).
+
+        Returns:
+            This model.
+        """
+        for module in (self.embeddings, self.encoder):
+            module.compile(**compile_kwargs)
+        self.stages_compiled = True
+        return self
+
+    def _mark_batch_dynamic(self, pixel_values: torch.Tensor, cache: Cache | None) -> None:
+        """Mark the batch dimension of the compiled stages' inputs dynamic, so the first compiled call makes a graph
+        for any batch size rather than for this one. Called only after `compile_stages`."""
+        tensors = [pixel_values]
+        if isinstance(cache, WaveCLIPStageCache):
+            tensors += [buffer for layer in cache.layers for buffer in (layer.key_buffer, layer.value_buffer)]
+        for tensor in tensors:
+            if tensor is not None and tensor.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
     def cached_stages(self, cache: Cache | None) -> int:
         """How many stages `cache` holds (0 for `None` or an empty cache)."""
         if cache is None:
@@ -598,7 +631,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             return 0
         if not isinstance(cache, Cache):
             raise ValueError(
-                f"`cache` must be a transformers `Cache` returned by this model (e.g. `DynamicCache`), got "
+                f"`cache` must be a transformers `Cache` returned by this model (e.g. `WaveCLIPStageCache`), got "
                 f"{type(cache).__name__}. Legacy tuple caches are not supported."
             )
         cached = self.cached_stages(cache)
@@ -628,6 +661,11 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                 "config would give wrong answers): it comes from another model. Pass the cache this model returned."
             )
         weight = self.embeddings.patch_embeddings[0].weight
+        if keys.device != weight.device:
+            raise ValueError(
+                f"The cache holds keys on {keys.device} but the model runs on {weight.device}: it was filled before "
+                "the model was moved. Start again without a cache (or `cache.reset()`) after moving the model."
+            )
         if keys.dtype != weight.dtype and not torch.is_autocast_enabled(weight.device.type):
             raise ValueError(
                 f"The cache holds {keys.dtype} keys but the model runs in {weight.dtype}: it was filled before the "
@@ -645,7 +683,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         return cached, check_stage_count(num_stages, "num_stages", config.num_stages, cached + 1, hint)
 
     def _cache_to_use(
-        self, cache: Cache | None, cached_stages: int, use_cache: bool | None
+        self, cache: Cache | None, cached_stages: int, use_cache: bool | None, batch_size: int
     ) -> tuple[Cache | None, bool]:
         """The cache this call reads and extends (`None`: none) and whether the output returns it."""
         use_cache = use_cache if use_cache is not None else cache is not None
@@ -661,7 +699,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                 logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing: no cache is returned.")
             return None, False
         if use_cache and cache is None:
-            cache = DynamicCache()
+            cache = WaveCLIPStageCache(self.config)
+        if isinstance(cache, WaveCLIPStageCache) and not cached_stages:
+            # Buffers are allocated (or kept) here, outside the modules `compile_stages` compiles, so that a compiled
+            # stage always finds them and has no allocating variant.
+            weight = self.encoder.layers[0].self_attn.k_proj.weight
+            device_type = weight.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+            cache.prepare(batch_size, dtype, weight.device)
         # A cache holding earlier stages is read (and extended) even when the caller wants no cache back.
         return (cache if use_cache or cached_stages else None), use_cache
 
@@ -686,8 +731,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             cache (`Cache`, *optional*):
                 A cache returned by an earlier call on the same images; it is extended in place.
             use_cache (`bool`, *optional*):
-                Return a cache to continue from (a new `DynamicCache` if none was passed; pass a
-                [`WaveCLIPStageCache`] to fill preallocated per-stage buffers instead).
+                Return a cache to continue from (a new [`WaveCLIPStageCache`] if none was passed; a `DynamicCache`
+                passed in works too).
             output_attentions (`bool`, *optional*):
                 Return attention probabilities (computed with `eager` attention for this call).
             output_hidden_states (`bool`, *optional*):
@@ -700,9 +745,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
         first_stage, end_stage = self._check_inputs(pixel_values, cache, num_stages)
-        cache, use_cache = self._cache_to_use(cache, first_stage, use_cache)
+        cache, use_cache = self._cache_to_use(cache, first_stage, use_cache, pixel_values.shape[0])
 
+        mark_dynamic = self.stages_compiled and not torch.compiler.is_compiling()
+        if mark_dynamic:
+            self._mark_batch_dynamic(pixel_values, cache)
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
+        if mark_dynamic:
+            self._mark_batch_dynamic(hidden_states, None)
         attention_mask = block_causal_mask(config, first_stage, end_stage, hidden_states.dtype, hidden_states.device)
         encoder_outputs = self.encoder(hidden_states, attention_mask, cache, output_attentions, output_hidden_states)
         hidden_states = encoder_outputs.last_hidden_state
@@ -761,6 +811,20 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     @property
     def num_stages(self) -> int:
         return self.config.vision_config.num_stages
+
+    def new_stage_cache(self, num_stages: int | None = None) -> WaveCLIPStageCache:
+        """An empty [`WaveCLIPStageCache`] for this model's stages (default: all), to keep across `refine` calls.
+
+        Build it here rather than from an import: a model and a pipeline loaded with `trust_remote_code` may come
+        from different copies of the WaveCLIP code, and `refine` takes only this model's own cache class.
+        """
+        return WaveCLIPStageCache(self.config.vision_config, num_stages)
+
+    def compile_stages(self, **compile_kwargs) -> "WaveCLIPModel":
+        """`torch.compile` the vision tower's stages in place (see [`WaveCLIPVisionModel.compile_stages`]); the text
+        tower, which `refine` does not run, stays eager. Returns this model."""
+        self.vision_model.compile_stages(**compile_kwargs)
+        return self
 
     def get_text_features(
         self,
@@ -829,6 +893,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: WaveCLIPStageCache | None = None,
     ) -> WaveCLIPRefinementOutput:
         """Margin-gated zero-shot classification, coarse to fine: the `generate` of this model.
 
@@ -854,6 +919,9 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             return_all_stages: also return `stage_scores`, every image's scores after every stage it ran.
             input_ids, attention_mask, position_ids: (num_labels, length) tokenised label prompts, instead of
                 `text_embeds` (e.g. from [`WaveCLIPProcessor`] with `text=`).
+            cache: a [`WaveCLIPStageCache`] from `new_stage_cache()` to reuse (it is reset first; by default a new
+                one per call). One kept across calls on batches of one size allocates nothing after the first call,
+                unless images leave the batch after a later stage than 0 (the pipeline keeps one).
 
         Returns:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
@@ -879,12 +947,16 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
         exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         active = torch.arange(batch_size, device=device)
-        cache = None
+        if margin_threshold == 0:
+            # Every probability margin is >= 0, so the gate stops every image at stage 0 (its documented meaning):
+            # run that stage alone, without a cache to fill.
+            num_stages = 1
+        cache = self._refine_cache(cache, num_stages)
         for stage in range(num_stages):
             last = stage == num_stages - 1
-            outputs = self.get_image_features(
-                pixel_values[active], num_stages=stage + 1, cache=cache, use_cache=not last
-            )
+            # Stage 0 reads every image: no gather copy of the pixels.
+            inputs = pixel_values if stage == 0 else pixel_values[active]
+            outputs = self.get_image_features(inputs, num_stages=stage + 1, cache=cache)
             logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
             embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
             probs = logits.softmax(-1)
@@ -900,7 +972,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             exit_stage[answered] = stage
             if bool(stops.all()):
                 break
-            cache = outputs.cache
             continuing = (~stops).nonzero().squeeze(1)
             if not bool((~stops).all()):
                 cache.batch_select_indices(continuing)
@@ -943,6 +1014,28 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         from .flops import stage_flops  # the analytic per-stage count; imported here to keep model import light
 
         return torch.tensor(stage_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64).cumsum(0) / 1e9
+
+    def _refine_cache(self, cache, num_stages: int) -> WaveCLIPStageCache | None:
+        """The empty cache `refine` fills: none for a single stage, else `cache` reset, or a new one for
+        `num_stages` stages."""
+        if num_stages == 1:
+            return None
+        if cache is None:
+            return WaveCLIPStageCache(self.config.vision_config, num_stages)
+        if not isinstance(cache, WaveCLIPStageCache):
+            raise ValueError(
+                f"`refine(cache=...)` reuses this model's `WaveCLIPStageCache`, got {type(cache).__module__}."
+                f"{type(cache).__name__}. Pass `model.new_stage_cache()` (or nothing: refine then makes its own)."
+            )
+        held = len(cache.stage_offsets) - 1
+        if held < num_stages or len(cache.layers) != self.config.vision_config.num_hidden_layers:
+            raise ValueError(
+                f"`refine(cache=...)` got a WaveCLIPStageCache for {held} stages of {len(cache.layers)} layers, but "
+                f"runs {num_stages} stages of {self.config.vision_config.num_hidden_layers} layers: build it with "
+                "`model.new_stage_cache()`."
+            )
+        cache.reset()
+        return cache
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(

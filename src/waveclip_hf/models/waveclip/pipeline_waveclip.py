@@ -176,6 +176,8 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
 
     def __init__(self, **kwargs):
         self._text_embeddings = OrderedDict()
+        # One stage cache for every call: `refine` resets it, and batches of one size reuse its buffers.
+        self._stage_cache = None
         self._calibrations = {}
         super().__init__(**kwargs)
 
@@ -349,9 +351,12 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if isinstance(margin_threshold, str):  # "auto", checked in _sanitize_parameters
             margin_threshold = self.calibrated_threshold(labels, template, tokenizer_kwargs)
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
+        if self._stage_cache is None:
+            self._stage_cache = self.model.new_stage_cache()
         outputs = self.model.refine(
             model_inputs["pixel_values"], text_embeds, margin_threshold, max_stages=max_stages,
             margin_scaling=margin_scaling, gflops_budget=gflops_budget, return_all_stages=return_all_stages,
+            cache=self._stage_cache,
         )
         num_images = model_inputs["pixel_values"].shape[0]
         return {
