@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
 from ..training.config import RECIPES, DistillationConfig
 from ..training.distillation import distill
 from ..training.signals import SIGTERM_EXIT_CODE
@@ -80,6 +81,11 @@ def _add_optimisation_flags(g, defaults: DistillationConfig) -> None:
     g.add_argument("--wavelet", default=defaults.wavelet, help="pywt wavelet name of the student's DWT")
     g.add_argument("--cell-size", type=int, default=defaults.cell_size,
                    help="pixels per token cell of the student (the image is a grid of such cells)")
+    g.add_argument("--attention", default=defaults.attention, choices=list(ATTENTION_MODES),
+                   help="block_causal (the method: every stage is an exit) or bidirectional (an ablation: one full "
+                        "forward, no early exit)")
+    g.add_argument("--band-order", default=defaults.band_order, choices=list(BAND_ORDERS),
+                   help="coarse_to_fine (the method: the approximation first) or fine_to_coarse (an ablation)")
     g.add_argument("--max-steps", type=_optional_int, default=defaults.max_steps,
                    help="optimizer steps; default: --num-epochs passes over the data")
     g.add_argument("--num-epochs", type=int, default=defaults.num_epochs, help="passes over the data without --max-steps")

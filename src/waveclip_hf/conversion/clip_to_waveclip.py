@@ -9,10 +9,11 @@ What the student takes from the teacher (docs/model.md, "Built from a teacher"):
   pre-layernorm, blocks and post-layernorm (parameter names match one to one);
 - resampled: the teacher's patch-position embeddings onto the G x G cell grid (antialiased bicubic, as timm's
   `resample_abs_pos_embed`); the class position is folded into every stage's class token;
-- folded: stage 0's patch projection is the teacher's patch convolution, resampled to the approximation patch size
-  and composed with the exact affine map from our normalised YCbCr approximation coefficients back to the
-  teacher's normalised RGB (colour matrix, both normalisations, the 2^L Haar gain), so that at initialisation
-  stage 0 is the teacher looking at a 2^L-times downsampled image;
+- folded: the approximation band's patch projection (stage 0's in the default coarse-to-fine order; the last
+  stage's with `band_order="fine_to_coarse"`) is the teacher's patch convolution, resampled to the approximation
+  patch size and composed with the exact affine map from our normalised YCbCr approximation coefficients back to
+  the teacher's normalised RGB (colour matrix, both normalisations, the 2^L Haar gain), so that at initialisation
+  the coarse stage is the teacher looking at a 2^L-times downsampled image;
 - fresh: the detail-stage projections and the detail band embeddings (the teacher has no counterpart).
 """
 
@@ -47,7 +48,8 @@ def convert_clip_to_waveclip(
         teacher_image_mean, teacher_image_std: the teacher processor's RGB normalisation (default: OpenAI CLIP's).
         image_processor: the student's [`WaveCLIPImageProcessor`] (default: one with the default YCbCr
             normalisation and the student's geometry).
-        **vision_overrides: student geometry, e.g. `levels=2`, `cell_size=32`, `wavelet="haar"`.
+        **vision_overrides: student geometry, e.g. `levels=2`, `cell_size=32`, `wavelet="haar"`, and the ablation
+            options `attention` and `band_order` (see `WaveCLIPVisionConfig`).
 
     Returns:
         A `WaveCLIPModel` in the teacher's dtype.
@@ -97,7 +99,7 @@ def copy_shared_weights(teacher: CLIPModel, student: WaveCLIPModel) -> None:
 
 def resample_position_embeddings(teacher: CLIPModel, student: WaveCLIPModel) -> None:
     """Teacher patch positions (1 + N^2, hidden) -> the student's G x G cell positions; class position folded into
-    every stage's class token; the approximation band embedding zeroed (stage 0 adds nothing the teacher lacks)."""
+    every stage's class token; the approximation band embedding zeroed (the approximation tokens add nothing the teacher lacks)."""
     embeddings, teacher_embeddings = student.vision_model.embeddings, teacher.vision_model.embeddings
     positions = teacher_embeddings.position_embedding.weight
     class_position, patch_positions = positions[0], positions[1:]
@@ -149,18 +151,19 @@ def fold_stage0_projection(
     teacher_image_mean=None,
     teacher_image_std=None,
 ) -> None:
-    """Stage 0's patch projection := the teacher's patch convolution composed with `coefficient_to_teacher_input`."""
+    """The approximation band's patch projection (`patch_embeddings[0]`, whichever stage reads it) := the teacher's
+    patch convolution composed with `coefficient_to_teacher_input`."""
     vision = student.config.vision_config
     affine, shift = coefficient_to_teacher_input(image_processor, vision, teacher_image_mean, teacher_image_std)
     kernel = teacher.vision_model.embeddings.patch_embedding.weight.to(torch.float64)  # (hidden, 3, P_t, P_t)
-    patch = vision.stage_patch_sizes[0]
+    patch = vision.band_group_patch_sizes[0]
     if kernel.shape[-1] != patch:
         # Keep the response to smooth inputs: resample the kernel and rescale by the area ratio.
         area_ratio = (kernel.shape[-1] / patch) ** 2
         kernel = nn.functional.interpolate(kernel, size=(patch, patch), mode="bicubic", antialias=True) * area_ratio
-    stage0 = student.vision_model.embeddings.patch_embeddings[0]
-    stage0.weight.copy_(torch.einsum("dcij,ce->deij", kernel, affine))
-    stage0.bias.copy_(torch.einsum("dcij,c->d", kernel, shift))
+    approximation = student.vision_model.embeddings.patch_embeddings[0]
+    approximation.weight.copy_(torch.einsum("dcij,ce->deij", kernel, affine))
+    approximation.bias.copy_(torch.einsum("dcij,c->d", kernel, shift))
 
 
 __all__ = ["convert_clip_to_waveclip", "student_config_from_clip"]

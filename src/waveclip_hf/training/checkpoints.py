@@ -27,8 +27,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 
 # Settings that change the run's trajectory: resuming with another value gives a different model.
 RESUME_SENSITIVE_FIELDS = ("train_data", "batch_size", "gradient_accumulation_steps", "seed", "levels", "wavelet",
-                           "cell_size", "teacher", "max_steps", "num_epochs", "learning_rate", "fresh_lr_multiplier",
-                           "streaming", "shuffle_buffer")
+                           "cell_size", "attention", "band_order", "teacher", "max_steps", "num_epochs",
+                           "learning_rate", "fresh_lr_multiplier", "streaming", "shuffle_buffer")
 
 
 @dataclass

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
+
 # Named settings for a real teacher (`--recipe`, `DistillationConfig.from_recipe`); explicit values override them.
 RECIPES = {
     # openai/clip-vit-base-patch16 on one GPU (docs/distillation.md): the student keeps the teacher's 224 px and
@@ -25,7 +27,9 @@ class DistillationConfig:
     matters more. Equal weights also do not need a ramp to be tuned: the coarse stage has the largest loss
     (it sees a 2^L-times smaller image), so it already pulls hardest on the shared blocks where it lags most,
     while the finest stage, which sees everything the teacher sees, is not starved. Pass e.g. `(1, 2)` to favour
-    the full-detail answer instead.
+    the full-detail answer instead. A bidirectional student (`attention="bidirectional"`, an ablation) has no
+    exits: every stage's class token sees every token and only the last one is read, so `None` puts all the
+    weight on the last stage there (a loss on the others would train read-outs that nothing uses).
 
     Optional KL: with a `label_vocabulary` (a list of prompts, e.g. "a photo of a {class}.") and `kl_weight > 0`,
     each stage's zero-shot distribution over the prompts is also matched to the teacher's at `kl_temperature`.
@@ -53,6 +57,9 @@ class DistillationConfig:
     levels: int = 1
     wavelet: str = "haar"
     cell_size: int = 32
+    # Ablations of the method (`WaveCLIPVisionConfig`): "bidirectional" attention, "fine_to_coarse" band order.
+    attention: str = "block_causal"
+    band_order: str = "coarse_to_fine"
 
     # Optimisation. One "step" is one optimizer update of `batch_size * gradient_accumulation_steps * processes`.
     max_steps: int | None = None  # None: `num_epochs` passes over the data
@@ -96,6 +103,10 @@ class DistillationConfig:
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"`mixed_precision` must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
+        if self.band_order not in BAND_ORDERS:
+            raise ValueError(f"`band_order` must be one of {BAND_ORDERS}, got {self.band_order!r}.")
         if self.data_format not in ("auto", "folder", "datasets"):
             raise ValueError(f"`data_format` must be 'auto', 'folder' or 'datasets', got {self.data_format!r}.")
         for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_every", "keep_checkpoints"):
@@ -131,8 +142,13 @@ class DistillationConfig:
             self.label_vocabulary = [str(p) for p in self.label_vocabulary]
 
     def resolved_stage_weights(self, num_stages: int) -> torch.Tensor:
-        """(num_stages,) weights summing to 1."""
-        weights = [1.0] * num_stages if self.stage_weights is None else list(self.stage_weights)
+        """(num_stages,) weights summing to 1 (the default: see the class docstring)."""
+        if self.stage_weights is not None:
+            weights = list(self.stage_weights)
+        elif self.attention == "bidirectional":
+            weights = [0.0] * (num_stages - 1) + [1.0]
+        else:
+            weights = [1.0] * num_stages
         if len(weights) != num_stages or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(
                 f"`stage_weights` must be {num_stages} non-negative numbers (levels={self.levels} gives "

@@ -241,7 +241,8 @@ def prepare_distillation(config: DistillationConfig, evaluate, accelerator: Acce
     teacher, teacher_processor, tokenizer = load_teacher(config.teacher)
     teacher.to(accelerator.device)
     student, student_processor = student_from_teacher(teacher, teacher_processor, config.levels, config.wavelet,
-                                                      config.cell_size)
+                                                      config.cell_size, attention=config.attention,
+                                                      band_order=config.band_order)
     text_embeds = None
     if config.label_vocabulary:
         text_embeds = teacher_text_embeddings(teacher, tokenizer, config.label_vocabulary, accelerator.device)

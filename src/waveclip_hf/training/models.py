@@ -65,9 +65,11 @@ def load_teacher(name_or_path: str, torch_dtype=torch.float32):
     return teacher, processor, tokenizer
 
 
-def student_from_teacher(teacher: CLIPModel, teacher_processor, levels: int, wavelet: str, cell_size: int):
+def student_from_teacher(teacher: CLIPModel, teacher_processor, levels: int, wavelet: str, cell_size: int,
+                         **vision_options):
     """The untrained student: ``convert_clip_to_waveclip(teacher)`` with its text side frozen, and its
     `WaveCLIPImageProcessor`. Its fresh parameters are drawn from the global RNG (seed it first).
+    `vision_options` go to the student's `WaveCLIPVisionConfig` (the ablations' `attention`, `band_order`).
 
     Returns:
         (student `WaveCLIPModel`, `WaveCLIPImageProcessor`)
@@ -82,6 +84,7 @@ def student_from_teacher(teacher: CLIPModel, teacher_processor, levels: int, wav
         levels=levels,
         wavelet=wavelet,
         cell_size=cell_size,
+        **vision_options,
     )
     freeze_text_side(student)
     return student, processor

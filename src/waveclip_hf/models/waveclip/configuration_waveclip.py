@@ -11,6 +11,9 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.clip.configuration_clip import CLIPTextConfig
 
+ATTENTION_MODES = ("block_causal", "bidirectional")
+BAND_ORDERS = ("coarse_to_fine", "fine_to_coarse")
+
 
 @strict
 class WaveCLIPVisionConfig(PreTrainedConfig):
@@ -39,6 +42,14 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
         initializer_range (`float`, defaults to 0.02): std of the normal initialiser.
         initializer_factor (`float`, defaults to 1.0): scale on initialiser stds (testing knob, as CLIP).
+        attention (`str`, defaults to `"block_causal"`): `"block_causal"`, the method: a token of stage s attends to
+            stages <= s, so every stage is an exit and a cache continues it. `"bidirectional"`, for ablations: every
+            token attends to every token; the model answers once, after one full forward of all stages (no cache,
+            no stage-by-stage calls, no early exit).
+        band_order (`str`, defaults to `"coarse_to_fine"`): the order in which stages read the bands.
+            `"coarse_to_fine"`, the method: stage 0 reads the approximation, stage k the details of level L - k + 1.
+            `"fine_to_coarse"`, for ablations: the reverse, stage 0 reads the finest (level-1) details and stage L
+            the approximation (`stage_band_groups`).
     """
 
     model_type = "waveclip_vision_model"
@@ -59,6 +70,8 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
     attention_dropout: int | float = 0.0
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
+    attention: str = "block_causal"
+    band_order: str = "coarse_to_fine"
 
     def validate_architecture(self):
         """Part of `@strict` validation: the geometry must tile exactly."""
@@ -81,6 +94,10 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
             )
         if self.num_channels != 3:
             raise ValueError(f"WaveCLIP reads Y, Cb and Cr: `num_channels` must be 3, got {self.num_channels}.")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
+        if self.band_order not in BAND_ORDERS:
+            raise ValueError(f"`band_order` must be one of {BAND_ORDERS}, got {self.band_order!r}.")
 
     # Derived geometry, used by the model, the FLOPs count and the pipeline.
     @property
@@ -94,15 +111,29 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
         return self.image_size // self.cell_size
 
     @property
+    def stage_band_groups(self) -> list[int]:
+        """The band group each stage reads: 0 = the level-L approximation, k >= 1 = the H, V, D details of level
+        L - k + 1. [0, 1, ..., L] coarse-to-fine (the default), [L, ..., 1, 0] fine-to-coarse."""
+        groups = list(range(self.levels + 1))
+        return groups if self.band_order == "coarse_to_fine" else groups[::-1]
+
+    @property
+    def band_group_patch_sizes(self) -> list[int]:
+        """Side of one cell in each band group's subbands, group 0 first: cell / 2^L for groups 0 and 1, then
+        doubling (the patch projection of group g reads (cell / 2^j)^2 patches of level j)."""
+        return [self.cell_size >> self.levels] + [self.cell_size >> (self.levels - k + 1) for k in range(1, self.levels + 1)]
+
+    @property
     def stage_lengths(self) -> list[int]:
-        """Tokens each stage adds, class token included: [1 + G^2, 1 + 3 G^2, ...]."""
+        """Tokens each stage adds, class token included: 1 + G^2 for the approximation, 1 + 3 G^2 for a detail
+        level ([1 + G^2, 1 + 3 G^2, ...] coarse-to-fine)."""
         cells = self.grid_size**2
-        return [1 + cells] + [1 + 3 * cells] * self.levels
+        return [1 + (cells if group == 0 else 3 * cells) for group in self.stage_band_groups]
 
     @property
     def stage_offsets(self) -> list[int]:
-        """Position of each stage's first token (its class token) in the full sequence, plus the total at the end:
-        [0, 1 + G^2, 2 + 4 G^2, ...]. The one place stage boundaries are computed."""
+        """Position of each stage's first token (its class token) in the full sequence, plus the total at the end
+        ([0, 1 + G^2, 2 + 4 G^2, ...] coarse-to-fine). The one place stage boundaries are computed."""
         offsets = [0]
         for length in self.stage_lengths:
             offsets.append(offsets[-1] + length)
@@ -110,8 +141,8 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
 
     @property
     def stage_patch_sizes(self) -> list[int]:
-        """Side of one cell in the subband a stage reads: cell / 2^L for stages 0 and 1, then doubling."""
-        return [self.cell_size >> self.levels] + [self.cell_size >> (self.levels - k + 1) for k in range(1, self.levels + 1)]
+        """Side of one cell in the subbands a stage reads (`band_group_patch_sizes` in stage order)."""
+        return [self.band_group_patch_sizes[group] for group in self.stage_band_groups]
 
 
 @strict
@@ -153,4 +184,4 @@ class WaveCLIPConfig(PreTrainedConfig):
 WaveCLIPConfig.register_for_auto_class()
 WaveCLIPVisionConfig.register_for_auto_class()
 
-__all__ = ["WaveCLIPConfig", "WaveCLIPVisionConfig"]
+__all__ = ["ATTENTION_MODES", "BAND_ORDERS", "WaveCLIPConfig", "WaveCLIPVisionConfig"]

@@ -24,6 +24,10 @@ The visual projection (hidden -> projection_dim) is counted for every answer: it
 `FlopCounterMode` sees and the gate needs it. Pass `projection_dim=0` to count the bare vision tower
 (`WaveCLIPVisionModel`, which has no projection).
 
+Every count follows the config's `band_order` (a stage's token count and patch size are those of the band group
+it reads). A bidirectional model (`attention="bidirectional"`) has no cache and answers once, after one full
+forward: `stage_flops` refuses the "cached" mode for it, and `answer_flops` gives that forward's cost.
+
 This file is shipped as remote code with saved checkpoints: it imports only torch, transformers and siblings.
 """
 
@@ -83,8 +87,8 @@ def _encoder_flops(config, new_tokens: int, key_tokens: int) -> int:
 
 
 def embedding_flops(vision_config: WaveCLIPVisionConfig, stage: int) -> int:
-    """Patch convolution of one stage (stage 0: the approximation; stage k >= 1: three orientations)."""
-    orientations = 1 if stage == 0 else 3
+    """Patch convolution of one stage (the approximation: one band; a detail level: three orientations)."""
+    orientations = 1 if vision_config.stage_band_groups[stage] == 0 else 3
     patch = vision_config.stage_patch_sizes[stage]
     outputs = orientations * vision_config.grid_size**2 * vision_config.hidden_size
     return 2 * outputs * vision_config.num_channels * patch * patch
@@ -133,6 +137,11 @@ def stage_flops(config, projection_dim: int | None = None, mode: str = "cached")
         return [full_forward_flops(vision_config, s + 1, projection_dim) for s in range(vision_config.num_stages)]
     if mode != "cached":
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    if vision_config.attention == "bidirectional":
+        raise ValueError(
+            "A bidirectional WaveCLIP (attention='bidirectional') has no cache and no per-stage answers: it answers "
+            "once, after one full forward. Count that with `answer_flops(config)` or `full_forward_flops(config)`."
+        )
     flops, seen = [], 0
     for stage, length in enumerate(vision_config.stage_lengths):
         seen += length
@@ -174,6 +183,19 @@ def clip_vit_flops(clip_vision_config: CLIPVisionConfig, projection_dim: int | N
     return patch_embedding + _encoder_flops(config, tokens, tokens) + 2 * config.hidden_size * projection_dim
 
 
+def answer_flops(config, projection_dim: int | None = None) -> list[int]:
+    """FLOPs per image to have the model's answer after each stage, the way the model runs (what `refine` reports).
+
+    Block-causal (the default): `cumulative_flops(config, projection_dim, "cached")`. Bidirectional: no stage
+    answers before the one full forward, so every entry is `full_forward_flops(config)` (and `refine` answers
+    at the last stage only).
+    """
+    vision_config, projection_dim = _resolve(config, projection_dim)
+    if vision_config.attention == "bidirectional":
+        return [full_forward_flops(vision_config, None, projection_dim)] * vision_config.num_stages
+    return cumulative_flops(vision_config, projection_dim, "cached")
+
+
 class FlopsRow(NamedTuple):
     """One stage of `flops_table` (GFLOPs per image, `FLOPS_CONVENTION`)."""
 
@@ -211,19 +233,28 @@ def flops_table(config, projection_dim: int | None = None) -> list[FlopsRow]:
 
 
 def format_flops_table(config, projection_dim: int | None = None, clip_vision_config=None) -> str:
-    """`flops_table` as a Markdown table, with the convention and (optionally) a plain CLIP ViT for reference."""
-    lines = [
-        "| stage | tokens | total tokens | cached GFLOPs | cumulative cached | naive re-run | cumulative naive |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in flops_table(config, projection_dim):
-        lines.append(
-            f"| {row.stage} | {row.tokens} | {row.total_tokens} | {row.cached_gflops:.2f} | "
-            f"{row.cumulative_cached_gflops:.2f} | {row.naive_gflops:.2f} | {row.cumulative_naive_gflops:.2f} |"
-        )
+    """`flops_table` as a Markdown table, with the convention and (optionally) a plain CLIP ViT for reference.
+    A bidirectional model has one row: its one full forward."""
+    vision_config, projection_dim = _resolve(config, projection_dim)
+    if vision_config.attention == "bidirectional":
+        lines = [
+            "| forward | tokens | GFLOPs |",
+            "|---|---:|---:|",
+            f"| one full forward (bidirectional attention: no cache, no early exit) | {sum(vision_config.stage_lengths)} "
+            f"| {gflops(full_forward_flops(vision_config, None, projection_dim)):.2f} |",
+        ]
+    else:
+        lines = [
+            "| stage | tokens | total tokens | cached GFLOPs | cumulative cached | naive re-run | cumulative naive |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in flops_table(vision_config, projection_dim):
+            lines.append(
+                f"| {row.stage} | {row.tokens} | {row.total_tokens} | {row.cached_gflops:.2f} | "
+                f"{row.cumulative_cached_gflops:.2f} | {row.naive_gflops:.2f} | {row.cumulative_naive_gflops:.2f} |"
+            )
     if clip_vision_config is not None:
-        _, projection = _resolve(config, projection_dim)
-        clip = gflops(clip_vit_flops(clip_vision_config, projection))
+        clip = gflops(clip_vit_flops(clip_vision_config, projection_dim))
         lines.append(f"\nPlain CLIP ViT (patch {clip_vision_config.patch_size}): {clip:.2f} GFLOPs.")
     lines.append(f"\nFLOPs convention: {FLOPS_CONVENTION}.")
     return "\n".join(lines)
@@ -247,6 +278,7 @@ def main(argv=None) -> None:
 __all__ = [
     "FLOPS_CONVENTION",
     "FlopsRow",
+    "answer_flops",
     "clip_vit_flops",
     "cumulative_flops",
     "embedding_flops",

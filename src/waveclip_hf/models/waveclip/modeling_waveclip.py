@@ -137,11 +137,11 @@ def block_causal_mask(
 
     Returns:
         (1, 1, Q, K) tensor with 0 where attention is allowed and the dtype's minimum elsewhere, or `None` when one new
-        stage is fed (on top of a cache or not): then every query may see every key, and SDPA keeps its fastest
-        kernel. The choice is made from the stage counts, known on the host, so `torch.export` and `torch.compile`
-        see no branch on tensor data.
+        stage is fed (on top of a cache or not) or the config's `attention` is `"bidirectional"`: then every query
+        may see every key, and SDPA keeps its fastest kernel. The choice is made from the stage counts and the
+        config, known on the host, so `torch.export` and `torch.compile` see no branch on tensor data.
     """
-    if end_stage - first_stage == 1:
+    if end_stage - first_stage == 1 or config.attention == "bidirectional":
         return None
     query_stages = token_stage_ids(config, first_stage, end_stage, device)
     key_stages = token_stage_ids(config, 0, end_stage, device)
@@ -154,10 +154,12 @@ def block_causal_mask(
 class WaveCLIPVisionEmbeddings(nn.Module):
     """Stage tokens from packed DWT coefficients.
 
-    Each stage has its own patch projection (a `cell / 2^j`-strided convolution over its subbands, since input
-    sizes differ per level); the three orientations of a level share it and are told apart by a band embedding.
-    Every token gets its cell's position embedding (shared by all stages) and its band embedding
-    (band 0 = approximation, band 1 + 3(k-1) + o = orientation o of stage k). Each stage has its own class token.
+    Each band group (0 = the approximation, k = the details of level L - k + 1) has its own patch projection (a
+    `cell / 2^j`-strided convolution over its subbands, since input sizes differ per level); the three orientations
+    of a level share it and are told apart by a band embedding. Every token gets its cell's position embedding
+    (shared by all stages) and its band embedding (band 0 = approximation, band 1 + 3(k-1) + o = orientation o of
+    group k). Each stage has its own class token. Stage s reads group `config.stage_band_groups[s]` (s itself in
+    the default coarse-to-fine order), so projections and band embeddings keep their meaning in either order.
     """
 
     def __init__(self, config: WaveCLIPVisionConfig):
@@ -170,7 +172,7 @@ class WaveCLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(self.num_stages, self.embed_dim))
         self.patch_embeddings = nn.ModuleList(
             nn.Conv2d(config.num_channels, self.embed_dim, kernel_size=patch, stride=patch, bias=True)
-            for patch in config.stage_patch_sizes
+            for patch in config.band_group_patch_sizes
         )
         self.position_embedding = nn.Embedding(self.num_cells, self.embed_dim)
         self.band_embedding = nn.Embedding(1 + 3 * config.levels, self.embed_dim)
@@ -180,22 +182,23 @@ class WaveCLIPVisionEmbeddings(nn.Module):
 
         Args:
             coefficients: output of `unpack_coefficients` for the batch.
-            stage: 0 (approximation) to L (finest details).
+            stage: 0 to L; coarse-to-fine, 0 is the approximation and L the finest details.
 
         Returns:
-            (batch, 1 + G^2, hidden) for stage 0, (batch, 1 + 3 G^2, hidden) otherwise, ordered
+            (batch, 1 + G^2, hidden) for the approximation, (batch, 1 + 3 G^2, hidden) for details, ordered
             [cls, H cells, V cells, D cells] with cells row-major.
         """
-        projection = self.patch_embeddings[stage]
+        group = self.config.stage_band_groups[stage]
+        projection = self.patch_embeddings[group]
         dtype = projection.weight.dtype
         positions = self.position_embedding.weight  # (G^2, hidden)
-        if stage == 0:
+        if group == 0:
             bands = coefficients[0].to(dtype)
             band_ids = torch.zeros(1, dtype=torch.long, device=positions.device)
         else:
             # Stack the orientations along the batch so one convolution embeds all three.
-            bands = torch.cat([band.to(dtype) for band in coefficients[stage]], dim=0)
-            band_ids = torch.arange(1 + 3 * (stage - 1), 1 + 3 * stage, device=positions.device)
+            bands = torch.cat([band.to(dtype) for band in coefficients[group]], dim=0)
+            band_ids = torch.arange(1 + 3 * (group - 1), 1 + 3 * group, device=positions.device)
         batch_size = coefficients[0].shape[0]
         tokens = projection(bands).flatten(2).transpose(1, 2)  # (orientations * batch, G^2, hidden)
         tokens = tokens.view(len(band_ids), batch_size, self.num_cells, self.embed_dim)
@@ -682,6 +685,20 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         hint = f" (the stages processed after this call; the cache holds {cached} of {config.num_stages})"
         return cached, check_stage_count(num_stages, "num_stages", config.num_stages, cached + 1, hint)
 
+    def _check_bidirectional_call(self, cache: Cache | None, use_cache: bool | None, end_stage: int) -> None:
+        """A bidirectional model (`config.attention="bidirectional"`) runs only one full forward: every token sees
+        every later stage, so a stage-by-stage call or a cache would give other answers than that forward."""
+        if self.config.attention != "bidirectional":
+            return
+        if cache is not None or use_cache or end_stage != self.config.num_stages:
+            raise ValueError(
+                "This WaveCLIP has `attention='bidirectional'`: every token attends to every stage, so it runs only "
+                f"one full forward of all {self.config.num_stages} stages, with no cache (got "
+                f"num_stages={end_stage}, cache={type(cache).__name__ if cache is not None else None}, "
+                f"use_cache={use_cache}). Call it without `num_stages`, `cache` and `use_cache`, or use a "
+                "block-causal model (the default) for stage-by-stage refinement."
+            )
+
     def _cache_to_use(
         self, cache: Cache | None, cached_stages: int, use_cache: bool | None, batch_size: int
     ) -> tuple[Cache | None, bool]:
@@ -745,6 +762,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
         first_stage, end_stage = self._check_inputs(pixel_values, cache, num_stages)
+        self._check_bidirectional_call(cache, use_cache, end_stage)
         cache, use_cache = self._cache_to_use(cache, first_stage, use_cache, pixel_values.shape[0])
 
         mark_dynamic = self.stages_compiled and not torch.compiler.is_compiling()
@@ -911,8 +929,9 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             text_embeds: (num_labels, projection_dim) label embeddings (`get_text_features(...).pooler_output`,
                 normalised here); or give the labels' `input_ids` (and `attention_mask`) instead.
             margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0;
-                `None`, the default: no early exit, every image through every stage up to `max_stages`).
-            max_stages: answer at the latest after this many stages (default: all).
+                `None`, the default: no early exit, every image through every stage up to `max_stages`). A
+                bidirectional model (`attention="bidirectional"`) takes only `None`: it answers after one full forward.
+            max_stages: answer at the latest after this many stages (default: all; a bidirectional model: all).
             margin_scaling: `"none"` or `"num_labels"` (the paper's threshold x number of labels).
             gflops_budget: mean image-encoder GFLOPs per image for this batch. After each stage, of the images the
                 gate sends on, those with the smallest margins continue first, as many as the budget still pays for.
@@ -931,6 +950,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         if margin_threshold is not None:
             margin_threshold = check_margin_threshold(margin_threshold)
         check_margin_scaling(margin_scaling)
+        first_stage = self._first_refined_stage(margin_threshold, num_stages)
         self.vision_model._check_pixel_values(pixel_values)
         text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
         batch_size = pixel_values.shape[0]
@@ -951,11 +971,12 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             # Every probability margin is >= 0, so the gate stops every image at stage 0 (its documented meaning):
             # run that stage alone, without a cache to fill.
             num_stages = 1
-        cache = self._refine_cache(cache, num_stages)
-        for stage in range(num_stages):
+        # A bidirectional model runs one full forward (first_stage = the last stage), without a cache.
+        cache = self._refine_cache(cache, num_stages) if first_stage == 0 else None
+        for stage in range(first_stage, num_stages):
             last = stage == num_stages - 1
-            # Stage 0 reads every image: no gather copy of the pixels.
-            inputs = pixel_values if stage == 0 else pixel_values[active]
+            # The first stage reads every image: no gather copy of the pixels.
+            inputs = pixel_values if stage == first_stage else pixel_values[active]
             outputs = self.get_image_features(inputs, num_stages=stage + 1, cache=cache)
             logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
             embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
@@ -1010,10 +1031,11 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         return text_embeds
 
     def _cumulative_stage_gflops(self) -> torch.Tensor:
-        """(num_stages,) float64: image-encoder GFLOPs to have an answer after each stage, with the cache."""
-        from .flops import stage_flops  # the analytic per-stage count; imported here to keep model import light
+        """(num_stages,) float64: image-encoder GFLOPs to have an answer after each stage, the way the model runs
+        (with the cache; for a bidirectional model, its one full forward at every entry)."""
+        from .flops import answer_flops  # the analytic per-stage count; imported here to keep model import light
 
-        return torch.tensor(stage_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64).cumsum(0) / 1e9
+        return torch.tensor(answer_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64) / 1e9
 
     def _refine_cache(self, cache, num_stages: int) -> WaveCLIPStageCache | None:
         """The empty cache `refine` fills: none for a single stage, else `cache` reset, or a new one for
@@ -1036,6 +1058,21 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             )
         cache.reset()
         return cache
+
+    def _first_refined_stage(self, margin_threshold: float | None, num_stages: int) -> int:
+        """The stage `refine` starts at: 0, or for a bidirectional model the last one (it runs one full forward and
+        answers there), after refusing an early exit it cannot make."""
+        vision_config = self.config.vision_config
+        if vision_config.attention != "bidirectional":
+            return 0
+        if margin_threshold is not None or num_stages != vision_config.num_stages:
+            raise ValueError(
+                "This WaveCLIP has `attention='bidirectional'`: every stage's class token sees every token, so no "
+                "stage answers before the full forward and there is no early exit. Call `refine` with "
+                f"margin_threshold=None and max_stages=None (got margin_threshold={margin_threshold}, max_stages="
+                f"{num_stages}), or use a block-causal model (the default) for gated refinement."
+            )
+        return num_stages - 1
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
