@@ -31,7 +31,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from ..data.synthetic import AXES, label_ids, labels_of_row, load_benchmark_split, read_benchmark_info, sample_caption
+from ..data.synthetic import (
+    AXES,
+    benchmark_axes,
+    label_ids,
+    labels_of_row,
+    load_benchmark_split,
+    read_benchmark_info,
+    sample_caption,
+)
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
 
@@ -234,9 +242,10 @@ class _CaptionCollator:
     `multi_positive_clip_loss`.
     """
 
-    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int):
-        self.labels = [labels_of_row(row) for row in rows]
-        self.label_ids = torch.stack([torch.from_numpy(label_ids(rows, axis)) for axis in AXES], dim=1)  # (N, A)
+    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int, axes=AXES):
+        self.axes = tuple(axes)  # the benchmark's axes (`benchmark_axes`)
+        self.labels = [labels_of_row(row, self.axes) for row in rows]
+        self.label_ids = torch.stack([torch.from_numpy(label_ids(rows, axis)) for axis in self.axes], dim=1)  # (N, A)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.full_caption_probability = full_caption_probability
@@ -247,9 +256,11 @@ class _CaptionCollator:
         indices = torch.tensor([i for _, i in items])
         captions, named = [], []
         for i in indices.tolist():
-            caption, axes = sample_caption(self.labels[i], self.rng, self.full_caption_probability, return_axes=True)
+            caption, axes = sample_caption(
+                self.labels[i], self.rng, self.full_caption_probability, return_axes=True, axes=self.axes
+            )
             captions.append(caption)
-            named.append([axis in axes for axis in AXES])
+            named.append([axis in axes for axis in self.axes])
         text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         labels = self.label_ids[indices]  # (B, A)
         named = torch.tensor(named)  # (B, A): axes caption j names
@@ -350,12 +361,14 @@ def train_clip_teacher(
     with accelerator.main_process_first():
         pixels = pixel_cache(data_root, "train", image_processor, num_workers, progress and accelerator.is_main_process)
     # The vocabulary: every caption word plus the words of the zero-shot prompts.
+    axes = benchmark_axes(data_info)
     tokenizer = build_word_level_tokenizer(
-        [row["caption"] for row in rows] + [p for axis in AXES.values() for p in axis.prompts()],
+        [row["caption"] for row in rows] + [p for axis in axes.values() for p in axis.prompts()],
         max_length=config.max_text_length,
     )
     collator = _CaptionCollator(
-        rows, tokenizer, image_processor, config.full_caption_probability, seed=config.seed + accelerator.process_index
+        rows, tokenizer, image_processor, config.full_caption_probability, seed=config.seed + accelerator.process_index,
+        axes=axes,
     )
     loader = torch.utils.data.DataLoader(
         _CachedImages(pixels, num_images),
@@ -476,7 +489,8 @@ def evaluate_clip_zero_shot(
 ) -> dict[str, float]:
     """Zero-shot top-1 accuracy of a CLIP model on every axis of a benchmark split.
 
-    Each axis is a separate classification over its class prompts (`AXES[axis].prompts()`).
+    Each axis of the benchmark (`benchmark_axes` of its info.json) is a separate classification over its class
+    prompts (`axis.prompts()`).
 
     Returns:
         axis name -> accuracy in [0, 1].
@@ -484,8 +498,9 @@ def evaluate_clip_zero_shot(
     model.eval()
     device = next(model.parameters()).device
     rows = load_benchmark_split(data_root, split)
+    axes = benchmark_axes(read_benchmark_info(data_root))
     pixels = pixel_cache(data_root, split, image_processor, num_workers, progress)
-    text_embeds = text_embeddings_per_axis(model, tokenizer, {name: axis.prompts() for name, axis in AXES.items()})
+    text_embeds = text_embeddings_per_axis(model, tokenizer, {name: axis.prompts() for name, axis in axes.items()})
     batches = (
         normalize_pixels(torch.from_numpy(np.array(pixels[a : a + batch_size])), image_processor)
         for a in range(0, len(rows), batch_size)
@@ -497,7 +512,7 @@ def evaluate_clip_zero_shot(
         progress=progress,
         desc=f"zero-shot {split}",
     )
-    labels = {axis: torch.from_numpy(label_ids(rows, axis)) for axis in AXES}
+    labels = {axis: torch.from_numpy(label_ids(rows, axis)) for axis in axes}
     return zero_shot_accuracy_per_axis(image_embeds, labels, text_embeds)
 
 
