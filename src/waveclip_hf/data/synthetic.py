@@ -47,7 +47,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -482,7 +482,9 @@ THREE_SCALE_AXES: dict[str, LabelAxis] = {
 """The three-scale layout's axes: `AXES` (colour and shape coarse, texture and glyph fine) plus the micro
 ``letter``. A superset of `AXES`, so it also serves to look up any axis by name."""
 
-# Nuisance settings of the three-scale layout's half-resolution scene (`sample_image_params` keywords).
+# Nuisance settings of the three-scale layout's half-resolution scene: `sample_image_params` keywords, plus
+# `center_jitter` (the main object's centre is the image centre + uniform(-j, j) x side per coordinate; None:
+# anywhere it fits, as in the two-scale layout).
 THREE_SCALE_SCENE: dict = {}
 
 
@@ -506,7 +508,11 @@ def sample_three_scale_params(rng: np.random.Generator, image_size: int = 448, *
     """Draw a half-resolution scene (`sample_image_params` with `THREE_SCALE_SCENE`, overridden by
     `scene_kwargs`) and the micro detail of one `image_size` image: the letter, uniform, on `LETTER_COPIES` tags
     centred in cells of the (2 * GLYPH_CELL_SIZE)-px grid that hold no glyph tag."""
-    scene = sample_image_params(rng, image_size // 2, **{**THREE_SCALE_SCENE, **scene_kwargs})
+    settings = {**THREE_SCALE_SCENE, **scene_kwargs}
+    center_jitter = settings.pop("center_jitter", None)
+    scene = sample_image_params(rng, image_size // 2, **settings)
+    if center_jitter is not None:
+        scene = _recentred(scene, rng, image_size // 2, center_jitter)
     letter = str(rng.choice(list(LETTER_BITMAPS)))
     cell = 2 * GLYPH_CELL_SIZE
     grid = image_size // cell
@@ -525,6 +531,12 @@ def sample_three_scale_params(rng: np.random.Generator, image_size: int = 448, *
         noise_sigma=float(rng.uniform(1.0, 3.0)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
+
+
+def _recentred(scene: ImageParams, rng: np.random.Generator, size: int, jitter: float) -> ImageParams:
+    """`scene` with its main object moved to the centre of the (size x size) image, +- `jitter` x size."""
+    offset = rng.uniform(-jitter, jitter, size=2) * size
+    return replace(scene, center=(float(size / 2 + offset[0]), float(size / 2 + offset[1])))
 
 
 def stamp_checker_tags(
