@@ -4,11 +4,12 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from waveclip_hf.data.synthetic import AXES, generate_benchmark
+from waveclip_hf.data.synthetic import AXES, generate_benchmark, sample_caption
 from waveclip_hf.training.teacher import (
     TeacherTrainingConfig,
     build_image_processor,
     evaluate_clip_zero_shot,
+    init_patch_projection_dct,
     multi_positive_clip_loss,
     normalize_pixels,
     pixel_cache,
@@ -116,3 +117,32 @@ def test_multi_positive_clip_loss():
     expected_row0 = -(logits[0].log_softmax(0)[:2].mean())
     image_loss = -(matches / matches.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
     torch.testing.assert_close(image_loss[0], expected_row0)
+
+
+def test_new_recipe_fields_keep_the_default_config_hash():
+    """Fields added later are hashed only when set: the default teacher's cache key is the one it always had."""
+    assert TeacherTrainingConfig().config_hash({"a": 1}) == "add01cc01df2bc62"
+    assert TeacherTrainingConfig(dct_patch_rows=8).config_hash({"a": 1}) != "add01cc01df2bc62"
+    assert TeacherTrainingConfig(single_axis_captions=True).config_hash({"a": 1}) != "add01cc01df2bc62"
+
+
+def test_dct_patch_projection_rows_are_an_orthonormal_low_frequency_basis():
+    weight = torch.randn(16, 3, 8, 8)
+    random_rows = weight[10:].clone()
+    init_patch_projection_dct(weight, 10)
+    rows = weight[:10].reshape(10, -1)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(10), atol=1e-5, rtol=0)
+    # Row c is the constant (DC) function of channel c; rows 3-5 the lowest vertical frequency of each channel.
+    for channel in range(3):
+        torch.testing.assert_close(weight[channel, channel], torch.full((8, 8), 1 / 8))
+        assert weight[channel].abs().sum() == weight[channel, channel].abs().sum()
+    assert torch.equal(weight[10:], random_rows)
+    with pytest.raises(ValueError, match="dct_patch_rows"):
+        init_patch_projection_dct(weight, 17)
+
+
+def test_single_axis_captions_name_one_axis():
+    labels = {"color": "red", "shape": "star", "texture": "dots", "glyph": "7"}
+    rng = np.random.default_rng(0)
+    named = [sample_caption(labels, rng, p_full=0.0, return_axes=True, single_axis=True)[1] for _ in range(200)]
+    assert all(len(axes) == 1 for axes in named) and {axes[0] for axes in named} == set(labels)

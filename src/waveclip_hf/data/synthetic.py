@@ -183,10 +183,12 @@ def sample_caption(
     p_full: float = 0.25,
     return_axes: bool = False,
     axes: Sequence[str] | None = None,
+    single_axis: bool = False,
 ) -> str | tuple[str, tuple[str, ...]]:
     """A random training caption for an image: the full caption with probability
-    `p_full`, else one naming a random non-empty subset of the axes; half of the time
-    prefixed with "a photo of ".
+    `p_full`, else one naming a random non-empty subset of the axes (with
+    `single_axis=True`: exactly one axis, uniformly); half of the time prefixed with
+    "a photo of ".
 
     Varied captions teach the text tower what each word means on its own, which is
     what single-axis zero-shot prompts rely on. They also keep the contrastive task
@@ -202,6 +204,8 @@ def sample_caption(
     candidates = tuple(AXES) if axes is None else tuple(axes)
     if rng.random() < p_full:
         axes = candidates
+    elif single_axis:
+        axes = (candidates[rng.integers(len(candidates))],)
     else:
         keep = rng.random(len(candidates)) < 0.5
         if not keep.any():

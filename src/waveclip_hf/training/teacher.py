@@ -51,6 +51,10 @@ CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 TRAINING_INFO_NAME = "training_info.json"
 
 
+# Fields added after teachers were first cached: hashed only when they differ from their defaults.
+_HASHED_ONLY_WHEN_SET = ("single_axis_captions", "dct_patch_rows")
+
+
 @dataclass
 class TeacherTrainingConfig:
     """Every knob of the teacher and its training run.
@@ -99,12 +103,23 @@ class TeacherTrainingConfig:
     # freeze, 60% and 100% with it). A fixed random text tower still tells every word
     # apart, so the image tower learns all axes first; then both towers align.
     text_freeze_fraction: float = 0.3
+    # Name exactly one axis in every caption that is not a full one (instead of a random subset): each caption is
+    # then a single-axis prompt, so every axis gets an equal share of the contrastive gradient.
+    single_axis_captions: bool = False
+    # Initialise the first `dct_patch_rows` rows of the patch projection as the lowest-frequency 2-D DCT basis
+    # functions of one colour channel each (unit norm; 0: all rows random, as CLIP). They hand the transformer the
+    # coarse layout of every patch (edges and their positions) from step 0; shape is learned from that layout.
+    dct_patch_rows: int = 0
     num_train_images: int | None = None  # None: the whole train split.
     seed: int = 0
 
     def config_hash(self, data_info: dict | None = None) -> str:
         """Short hash of this config (and of the benchmark's info): equal hashes, same teacher."""
-        payload = json.dumps({"config": asdict(self), "data": data_info}, sort_keys=True)
+        config = asdict(self)
+        for name in _HASHED_ONLY_WHEN_SET:  # so that adding a knob keeps every cached teacher valid
+            if config[name] == TeacherTrainingConfig.__dataclass_fields__[name].default:
+                del config[name]
+        payload = json.dumps({"config": config, "data": data_info}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -146,6 +161,23 @@ def build_clip_config(config: TeacherTrainingConfig, tokenizer) -> CLIPConfig:
         "projection_dim": config.projection_dim,
     }
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=config.projection_dim)
+
+
+@torch.no_grad()
+def init_patch_projection_dct(weight: torch.Tensor, num_rows: int) -> None:
+    """Overwrite rows [0, num_rows) of a (hidden, C, P, P) patch projection, in place, with unit-norm 2-D DCT-II
+    basis functions of one channel each, lowest frequency (u + v) first, channels interleaved."""
+    hidden, channels, patch, _ = weight.shape
+    if not 0 < num_rows <= min(hidden, channels * patch * patch):
+        raise ValueError(f"`dct_patch_rows` must be in 1..{min(hidden, channels * patch * patch)}, got {num_rows}.")
+    frequencies = sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+    x = torch.arange(patch, dtype=torch.float64)
+    rows = torch.zeros(num_rows, channels, patch, patch, dtype=torch.float64)
+    for row in range(num_rows):
+        (u, v), channel = frequencies[row // channels], row % channels
+        basis = torch.outer(torch.cos(math.pi * (2 * x + 1) * u / (2 * patch)), torch.cos(math.pi * (2 * x + 1) * v / (2 * patch)))
+        rows[row, channel] = basis / basis.norm()
+    weight[:num_rows] = rows.to(weight.dtype)
 
 
 # --------------------------------------------------------------------- pixel cache
@@ -242,8 +274,12 @@ class _CaptionCollator:
     `multi_positive_clip_loss`.
     """
 
-    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int, axes=AXES):
+    def __init__(
+        self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int, axes=AXES,
+        single_axis: bool = False,
+    ):
         self.axes = tuple(axes)  # the benchmark's axes (`benchmark_axes`)
+        self.single_axis = single_axis
         self.labels = [labels_of_row(row, self.axes) for row in rows]
         self.label_ids = torch.stack([torch.from_numpy(label_ids(rows, axis)) for axis in self.axes], dim=1)  # (N, A)
         self.tokenizer = tokenizer
@@ -257,7 +293,8 @@ class _CaptionCollator:
         captions, named = [], []
         for i in indices.tolist():
             caption, axes = sample_caption(
-                self.labels[i], self.rng, self.full_caption_probability, return_axes=True, axes=self.axes
+                self.labels[i], self.rng, self.full_caption_probability, return_axes=True, axes=self.axes,
+                single_axis=self.single_axis,
             )
             captions.append(caption)
             named.append([axis in axes for axis in self.axes])
@@ -368,7 +405,7 @@ def train_clip_teacher(
     )
     collator = _CaptionCollator(
         rows, tokenizer, image_processor, config.full_caption_probability, seed=config.seed + accelerator.process_index,
-        axes=axes,
+        axes=axes, single_axis=config.single_axis_captions,
     )
     loader = torch.utils.data.DataLoader(
         _CachedImages(pixels, num_images),
@@ -380,6 +417,8 @@ def train_clip_teacher(
     )
 
     model = CLIPModel(build_clip_config(config, tokenizer))
+    if config.dct_patch_rows:
+        init_patch_projection_dct(model.vision_model.embeddings.patch_embedding.weight, config.dct_patch_rows)
     # No weight decay on biases, norms, embeddings and the temperature, as in CLIP.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -522,6 +561,7 @@ __all__ = [
     "build_clip_config",
     "build_image_processor",
     "evaluate_clip_zero_shot",
+    "init_patch_projection_dct",
     "multi_positive_clip_loss",
     "normalize_pixels",
     "pixel_cache",
