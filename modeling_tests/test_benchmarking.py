@@ -8,18 +8,21 @@ import json
 import pytest
 import torch
 
-import waveclip_hf.benchmarking.harness as benchmarking
-from waveclip_hf.benchmarking.harness import (
-    ENCODER_CONFIGS,
+import waveclip_hf.benchmarking.timing as timing
+from waveclip_hf.benchmarking import (
     HAND_WRITTEN_MARKER,
+    SECTIONS,
     BenchmarkSettings,
-    QuietPolicy,
     Schedule,
+    evaluate_targets,
     run_benchmarks,
-    run_interleaved,
-    summarize,
-    write_reports,
 )
+from waveclip_hf.benchmarking.contention import QuietPolicy
+from waveclip_hf.benchmarking.encoder import ENCODER_CONFIGS, encoder_rows
+from waveclip_hf.benchmarking.report import write_reports
+from waveclip_hf.benchmarking.run import main
+from waveclip_hf.benchmarking.settings import SECTION_NAMES
+from waveclip_hf.benchmarking.timing import run_interleaved, summarize
 
 
 def tiny_settings(**overrides) -> BenchmarkSettings:
@@ -73,8 +76,8 @@ def test_rounds_during_which_other_processes_were_busy_are_re_run(monkeypatch):
         def __exit__(self, *exc):
             self.result = {"others_busy_cores": next(readings), "steal_cores": 0.0, "seconds": 5.0}
 
-    monkeypatch.setattr(benchmarking, "CpuMonitor", FakeMonitor)
-    monkeypatch.setattr(benchmarking, "wait_for_idle", lambda *args, **kwargs: {})
+    monkeypatch.setattr(timing, "CpuMonitor", FakeMonitor)
+    monkeypatch.setattr(timing, "wait_for_idle", lambda *args, **kwargs: {})
     calls, stats = [], {}
     times = run_interleaved({"a": lambda watch: calls.append("a")}, warmup=0, trials=2, device=torch.device("cpu"),
                             quiet=QuietPolicy(max_busy_cores=0.3, max_retries=3), stats=stats)
@@ -143,8 +146,65 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
         assert heading in markdown
     assert "`pytest smoke`" in markdown and "FLOPs convention" in markdown and meta["cpu_model"] in markdown
 
+    # The command line re-renders the same report from the JSON alone.
+    notes = tmp_path / "notes.md"
+    notes.write_text("profiled nothing")
+    main(["--from-json", str(paths["json"]), "--output-dir", str(tmp_path / "again"), "--notes", str(notes)])
+    assert (tmp_path / "again" / "benchmarks.md").read_text() == markdown
+    assert (tmp_path / "again" / "benchmark_time_vs_gflops.png").stat().st_size > 0
+
     # A hand-written analysis after the marker survives regeneration, once.
     paths["markdown"].write_text(markdown + "\n" + HAND_WRITTEN_MARKER + "\n## Findings\n\nstage 1 is slow\n")
     write_reports(results, tmp_path)
     regenerated = paths["markdown"].read_text()
     assert regenerated.count(HAND_WRITTEN_MARKER) == 1 and regenerated.endswith("stage 1 is slow\n")
+
+
+def test_the_sections_run_in_the_order_the_settings_name_them():
+    assert tuple(SECTIONS) == SECTION_NAMES == BenchmarkSettings().sections
+    assert [section.result_key for section in SECTIONS.values()] == [
+        "encoder", "encoder_profile", "early_exit", "preprocessing", "pipeline"]
+
+
+def test_encoder_rows_take_each_configuration_from_its_case_and_part():
+    times = {
+        "clip_full": {"total": [0.4, 0.6]},
+        "waveclip_cached_full": {"total": [0.5, 0.5], "stage0_cached": [0.1, 0.1], "stage1": [0.4, 0.4]},
+        "waveclip_naive": {"total": [0.9, 0.7], "stages_0-0": [0.2, 0.2], "stages_0-1": [0.7, 0.5]},
+    }
+    gflops = {"clip_full": 4.0, "waveclip_stage0": 1.0, "waveclip_cached_full": 4.0, "waveclip_naive": 5.0,
+              "waveclip_full_forward": 4.0}
+    rows = encoder_rows(times, batch_size=2, gflops_per_image=gflops, num_stages=2)
+    assert list(rows) == list(ENCODER_CONFIGS)
+    medians = {name: row["median"] for name, row in rows.items()}
+    assert medians == pytest.approx({"clip_full": 0.5, "waveclip_stage0": 0.2, "waveclip_cached_full": 0.5,
+                                     "waveclip_naive": 0.8, "waveclip_full_forward": 0.6})
+    assert rows["clip_full"]["ms_per_image"] == pytest.approx(250.0)
+    assert rows["clip_full"]["gflops_per_second"] == pytest.approx(4.0 * 2 / 0.5)
+    # Only configurations timed by a whole case with parts carry them.
+    assert set(rows["waveclip_cached_full"]["parts"]) == {"stage0_cached", "stage1"}
+    assert set(rows["waveclip_naive"]["parts"]) == {"stages_0-0", "stages_0-1"}
+    assert all("parts" not in rows[name] for name in ("clip_full", "waveclip_stage0", "waveclip_full_forward"))
+
+
+def test_a_single_section_runs_alone_and_is_reported_alone(tmp_path):
+    results = run_benchmarks(tiny_settings(sections=("early_exit",), use_gpu=False), log=lambda *_: None)
+    assert set(results) == {"meta", "settings", "early_exit", "targets"}
+    assert set(results["meta"]["contention"]) == {"early_exit"}
+    assert results["early_exit"]["cuda"] == {"skipped": "skipped: disabled (--no-gpu)"}
+    assert [t["target"].split(":")[0] for t in results["targets"]] == ["early exit"]
+    markdown = write_reports(results, tmp_path)["markdown"].read_text()
+    assert "## 4. Early exit" in markdown and "## 1. Image encoder" not in markdown
+    assert "**CUDA**: skipped: disabled (--no-gpu)." in markdown
+
+
+def test_encoder_targets_are_ratios_of_medians_against_their_bounds():
+    configs = {"clip_full": {"median": 1.0}, "waveclip_stage0": {"median": 0.3},
+               "waveclip_cached_full": {"median": 1.2}, "waveclip_naive": {"median": 1.8}}
+    targets = evaluate_targets({"encoder": {"cpu": {"float32": {"8": {"configs": configs}}}}})
+    assert [(t["target"], t["measured"], t["kind"], t["bound"], t["passed"]) for t in targets] == [
+        ("stage 0 / CLIP full pass, CPU batch 8", pytest.approx(0.3), "<=", 0.35, True),
+        ("cached full pass / CLIP full pass, CPU batch 8", pytest.approx(1.2), "<=", 1.10, False),
+        ("naive re-run / cached full pass, CPU batch 8", pytest.approx(1.5), ">=", 1.20, True),
+    ]
+    assert evaluate_targets({}) == []

@@ -21,19 +21,12 @@ from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from waveclip_hf import WaveCLIPModel
-from waveclip_hf.conversion import convert_clip_to_waveclip
-from waveclip_hf.training.distillation import (
-    DistillationConfig,
-    complete_checkpoints,
-    distill,
-    distillation_loss,
-    latest_checkpoint,
-    load_image_dataset,
-    load_teacher,
-    lr_at,
-    optimizer_groups,
-    save_checkpoint,
-)
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from waveclip_hf.training.checkpoints import complete_checkpoints, latest_checkpoint, save_checkpoint
+from waveclip_hf.training.config import DistillationConfig
+from waveclip_hf.training.data import load_image_dataset
+from waveclip_hf.training.distillation import distill, distillation_loss
+from waveclip_hf.training.models import load_teacher
 from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
 PYTHON = sys.executable
@@ -167,60 +160,6 @@ def test_loss_is_zero_for_identical_embeddings_and_ignores_invalid_rows():
     assert parts["kl"].shape == (2,)
 
 
-def test_learning_rate_warms_up_then_decays_to_the_floor():
-    config = DistillationConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(0, config, 100) == pytest.approx(0.1)
-    assert lr_at(9, config, 100) == pytest.approx(1.0)
-    assert lr_at(55, config, 100) == pytest.approx(0.55)
-    assert lr_at(100, config, 100) == pytest.approx(0.1)
-
-
-def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, tmp_path):
-    """The detail projection and band embeddings (random at conversion) run at `fresh_lr_multiplier` x the
-    schedule; everything copied from the teacher at 1x; the frozen text side is in no group."""
-    student = convert_clip_to_waveclip(CLIPModel.from_pretrained(teacher_dir), levels=1, cell_size=16)
-    from waveclip_hf.training.distillation import freeze_text_side, fresh_parameter_names
-
-    freeze_text_side(student)
-    assert sorted(fresh_parameter_names(student)) == [
-        "vision_model.embeddings.band_embedding.weight",
-        "vision_model.embeddings.patch_embeddings.1.bias",
-        "vision_model.embeddings.patch_embeddings.1.weight",
-    ]
-    config = tiny_config(teacher_dir, images_dir, tmp_path, fresh_lr_multiplier=10.0, weight_decay=0.05)
-    groups = optimizer_groups(student, config)
-    by_scale = {}
-    for group in groups:
-        by_scale.setdefault(group["lr_scale"], []).extend(group["params"])
-        assert group["weight_decay"] == (0.05 if group["params"][0].dim() >= 2 else 0.0)
-    names = {id(p): n for n, p in student.named_parameters()}
-    assert sorted(names[id(p)] for p in by_scale[10.0]) == sorted(fresh_parameter_names(student))
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    assert sum(len(g["params"]) for g in groups) == len(trainable) == len({id(p) for g in groups for p in g["params"]})
-    assert not any(names[id(p)].startswith("text_") for g in groups for p in g["params"])
-    with pytest.raises(ValueError, match="fresh_lr_multiplier"):
-        tiny_config(teacher_dir, images_dir, tmp_path, fresh_lr_multiplier=0.0)
-
-    # In a run, the fresh parameters move further from their (seeded, identical) start than at multiplier 1.
-    from accelerate.utils import set_seed
-
-    from waveclip_hf.training.distillation import build_student
-
-    set_seed(config.seed)  # as `distill` does before building the student
-    teacher, teacher_processor, _ = load_teacher(str(teacher_dir))
-    start, _ = build_student(teacher, teacher_processor, levels=1, wavelet="haar", cell_size=16)
-    moved = {}
-    for multiplier in (1.0, 10.0):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        result = distill(tiny_config(teacher_dir, images_dir, tmp_path / f"m{multiplier}", max_steps=3,
-                                     fresh_lr_multiplier=multiplier))
-        trained = WaveCLIPModel.from_pretrained(result.final_dir)
-        moved[multiplier] = float((trained.vision_model.embeddings.patch_embeddings[1].weight.detach()
-                                   - start.vision_model.embeddings.patch_embeddings[1].weight.detach()).abs().mean())
-    assert moved[1.0] > 0 and moved[10.0] > 3 * moved[1.0], moved
-
-
 def test_checkpoint_every_zero_still_checkpoints_the_end(teacher_dir, images_dir, tmp_path):
     result = distill(tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=4, checkpoint_every=0))
     assert [path.name for path in complete_checkpoints(tmp_path / "run")] == ["step-4"]
@@ -275,6 +214,84 @@ def test_datasets_dataset_is_read_and_bad_rows_are_reported(tmp_path, images_dir
 def _save(ds, path):
     ds.save_to_disk(str(path))
     return path
+
+
+def test_teacher_only_collator_matches_the_two_tower_one(teacher_dir, images_dir):
+    """The teacher-embedding cache preprocesses for the teacher only (no wavelet transform of the student's input);
+    its teacher pixels are exactly those of the collator the evaluation uses, and bad files are still skipped."""
+    from waveclip_hf.training.data import DistillationCollator
+
+    _, teacher_processor, _ = load_teacher(str(teacher_dir))
+    student_processor = WaveCLIPImageProcessor(image_size=64, levels=1)
+    dataset = load_image_dataset(str(images_dir))
+    items = [dataset[i] for i in range(4)] + [{"index": 4, "name": "bad.png", "image": None, "error": "OSError"}]
+    both = DistillationCollator(student_processor, teacher_processor)(items)
+    teacher_only = DistillationCollator(None, teacher_processor)(items)
+    assert "pixel_values" not in teacher_only and both["pixel_values"].shape == (5, 3, 64, 64)
+    assert torch.equal(teacher_only["teacher_pixel_values"], both["teacher_pixel_values"])
+    assert teacher_only["valid"].tolist() == [True, True, True, True, False]
+    assert teacher_only["skipped"] == [("bad.png", "OSError")]
+    with pytest.raises(ValueError, match="needs a student processor, a teacher processor or both"):
+        DistillationCollator(None, None)
+
+
+def test_epochs_of_batches_resumes_mid_epoch_where_it_left_off():
+    """Batches handed out after a restart from a saved position continue the uninterrupted sequence, across epochs."""
+    from accelerate import Accelerator
+
+    from waveclip_hf.training.checkpoints import TrainerState
+    from waveclip_hf.training.data import EpochPermutationSampler, epochs_of_batches
+
+    accelerator = Accelerator(rng_types=[])
+
+    def loader():
+        return accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+            list(range(10)), batch_size=4, sampler=EpochPermutationSampler(10, seed=3)))
+
+    straight_state = TrainerState()
+    straight = epochs_of_batches(accelerator, loader(), straight_state)
+    expected = [next(straight).tolist() for _ in range(8)]  # 3 batches per epoch: into the third epoch
+    assert sorted(sum(expected[:3], [])) == list(range(10)) and expected[:3] != expected[3:6]
+
+    state = TrainerState()
+    first = epochs_of_batches(accelerator, loader(), state)
+    got = [next(first).tolist() for _ in range(4)]
+    assert (state.epoch, state.batches_in_epoch) == (1, 1)
+    resumed_state = TrainerState(epoch=state.epoch, batches_in_epoch=state.batches_in_epoch)
+    resumed = epochs_of_batches(accelerator, loader(), resumed_state)
+    got += [next(resumed).tolist() for _ in range(4)]
+    assert got == expected
+    assert (resumed_state.epoch, resumed_state.batches_in_epoch) == (straight_state.epoch,
+                                                                     straight_state.batches_in_epoch) == (2, 2)
+
+
+def test_training_meter_reduces_windows_and_excludes_paused_time(tmp_path):
+    from accelerate import Accelerator
+
+    from waveclip_hf.training.metrics import TrainingMeter
+
+    class Bar:
+        def set_postfix(self, postfix, refresh):
+            self.postfix = postfix
+
+    bar = Bar()
+    meter = TrainingMeter(Accelerator(), flops_per_image=2e9, peak_tflops=1.0, log_path=tmp_path / "log.jsonl",
+                          progress=bar)
+    meter.add(torch.tensor(1.0), torch.tensor([0.5, 0.25]), batch_size=8)
+    meter.add(torch.tensor(3.0), torch.tensor([0.7, 0.45]), batch_size=8)
+    started = meter.started
+    with meter.paused():
+        time.sleep(0.05)
+    assert meter.started - started >= 0.05  # the pause is not counted as training time
+    metrics = meter.log(step=2, epoch=0, lr=1e-3, num_skipped=1)
+    assert metrics["loss"] == pytest.approx(2.0) and metrics["lr"] == 1e-3 and metrics["skipped"] == 1
+    assert (metrics["cosine_stage0"], metrics["cosine_stage1"]) == pytest.approx((0.6, 0.35))
+    assert metrics["mfu"] == pytest.approx(metrics["images_per_second"] * 2e9 / 1e12)
+    assert json.loads((tmp_path / "log.jsonl").read_text()) == metrics
+    assert bar.postfix["loss"] == "2.0000" and bar.postfix["skipped"] == 1
+    assert meter.micro_batches == 0 and meter.windows[0][0] == 16
+    meter.windows = [(100, 100.0), (30, 1.0), (30, 2.0)]  # the first (start-up) window is left out
+    assert meter.overall()[0] == pytest.approx(20.0)
 
 
 def test_checkpoint_write_failure_publishes_nothing(tmp_path, monkeypatch):
@@ -694,8 +711,14 @@ def test_an_installed_package_finds_the_model_card_template(tmp_path):
 
 
 def test_cli_help_and_bad_teacher(tmp_path, images_dir):
+    import dataclasses
+
     from waveclip_hf.cli.distill import build_parser, config_from_args
 
+    parser = build_parser()
+    flags = [action for action in parser._actions if action.dest != "help"]
+    assert [a.option_strings[0] for a in flags if not a.help] == []  # every flag says what it does
+    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} - {"adam_betas"}
     args = build_parser().parse_args(["--train-data", "x", "--output-dir", "y", "--max-steps", "7", "--lr", "0.1",
                                       "--stage-weights", "1", "2", "--mixed-precision", "bf16"])
     config = config_from_args(args)

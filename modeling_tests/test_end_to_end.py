@@ -1,13 +1,29 @@
-"""The README's main job on a miniature benchmark: every step runs, reports are written, a rerun reuses them.
-
-Marked slow (about 1.5 minutes on 2 cores): `bash scripts/run_tests.sh -m slow`.
+"""The README's main job: its evaluation and report on embeddings with known answers, its cache keys and default
+folders (fast), and the whole job on a miniature benchmark, where a rerun reuses every step (slow, about 1.5
+minutes on 2 cores: `bash scripts/run_tests.sh -m slow`).
 """
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from transformers import CLIPConfig
 
-from waveclip_hf.experiments.end_to_end import EndToEndConfig, run, run_distillation_ablation
+from conftest import tiny_config
+from waveclip_hf.data.synthetic import AXES
+from waveclip_hf.experiments import cached_steps
+from waveclip_hf.experiments.cached_steps import settings_hash, student_distillation_fields, student_output_dir
+from waveclip_hf.experiments.distillation_ablation import run_distillation_ablation
+from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig, build_parser, run
+from waveclip_hf.experiments.report import write_reports
+from waveclip_hf.experiments.run_evaluation import embeddings_cache_path, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
 
 MINIATURE = {
     "num_train": 192, "num_validation": 32, "num_test": 64,
@@ -54,3 +70,129 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
     assert ablation["fresh at 1x"]["student_dir"] != ablation["main job"]["student_dir"]
     table = (tmp_path / "docs" / "distillation_ablation.md").read_text()
     assert "| main job |" in table and "| fresh at 1x |" in table
+
+
+def known_answer_embeddings(num_images: int = 12):
+    """Embeddings whose zero-shot answers are known: each axis owns its own dimensions (class c of an axis is a
+    unit vector), the teacher and the student's last stage point at every true class, and stage 0 points at the
+    true class of the coarse axes but at a wrong class of the fine ones."""
+    offsets, dim = {}, 0
+    for name, axis in AXES.items():
+        offsets[name], dim = dim, dim + len(axis.class_names)
+    rows = [{name: axis.class_names[i % len(axis.class_names)] for name, axis in AXES.items()}
+            for i in range(num_images)]
+    full, coarse_only = torch.zeros(num_images, dim), torch.zeros(num_images, dim)
+    for i, row in enumerate(rows):
+        for name, axis in AXES.items():
+            true = axis.class_names.index(row[name])
+            wrong = (true + 1) % len(axis.class_names)
+            full[i, offsets[name] + true] = 0.5
+            coarse_only[i, offsets[name] + (true if axis.scale == "coarse" else wrong)] = 0.5
+    embeddings = {"teacher": full, "student": torch.stack([coarse_only, full], dim=1),
+                  "logit_scale": torch.tensor([10.0])}
+    for name, axis in AXES.items():
+        text = torch.eye(dim)[offsets[name] : offsets[name] + len(axis.class_names)]
+        embeddings[f"text.{name}"], embeddings[f"student_text.{name}"] = text, text.clone()
+    return embeddings, rows
+
+
+def tiny_clip_config():
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return CLIPConfig(text_config=layers, vision_config=dict(layers, image_size=64, patch_size=16), projection_dim=16)
+
+
+def test_evaluation_and_report_on_known_answers(tmp_path):
+    embeddings, rows = known_answer_embeddings()
+    results = evaluate(embeddings, rows, tiny_config(levels=1), tiny_clip_config(), [0.0, 0.5, 0.99, 1.01], 0.6)
+    g0, g1 = results["student_cumulative_gflops"]
+    assert results["per_axis"]["color"]["stages"] == [1.0, 1.0] and results["per_axis"]["shape"]["teacher"] == 1.0
+    assert results["per_axis"]["texture"]["stages"] == [0.0, 1.0] and results["per_axis"]["glyph"]["stages"] == [0.0, 1.0]
+    assert all(row["student_text_equals_teacher"] for row in results["per_axis"].values())
+    summary = results["summary"]
+    assert (summary["stage0_coarse_mean"], summary["stage0_fine_mean"], summary["teacher_mean"]) == (1.0, 0.0, 1.0)
+    assert summary["student_full_minus_teacher_points"] == 0.0
+    # The oracle answers the coarse axes at stage 0 and the fine ones at stage 1.
+    assert summary["oracle_exit_gflops"] == pytest.approx((g0 + g1) / 2)
+    assert results["per_axis"]["glyph"]["oracle_exit"]["stage_share"] == [0.0, 1.0]
+    # Every margin is above 0.5 and below 0.99 (softmax of 10 x cos 0.5 against cos 0): θ = 0.5 answers all at
+    # stage 0 (half the axes right), θ = 0.99 none; the cheapest point within 1 point of the full model is 0.99.
+    sweep = results["sweep_mean"]
+    assert [(p["accuracy"], p["stage_share"]) for p in sweep] == [(0.5, [1.0, 0.0]), (0.5, [1.0, 0.0]),
+                                                                   (1.0, [0.0, 1.0]), (1.0, [0.0, 1.0])]
+    assert summary["cheapest_within_one_point"]["threshold"] == 0.99
+    assert summary["best_within_budget"]["threshold"] == 0.0 and summary["gflops_budget"] == pytest.approx(0.6 * g1)
+
+    context = {"command": "python -m waveclip_hf.experiments.end_to_end", "date": "2026-01-01 00:00 UTC",
+               "machine": "test machine", "wall_minutes": 0.25, "first_run": None, "data": "known answers",
+               "teacher": "tiny", "student": "tiny", "demo_threshold": 0.5,
+               "demo": [{"file_name": "00000.png", "caption": "c", "answers": {
+                   "color": {"predicted": "red", "true": "red", "stage": 0},
+                   "glyph": {"predicted": "1", "true": "0", "stage": 1}}}]}
+    results_md = write_reports(tmp_path / "docs", {"settings": {}, "context": context, **results}, context)
+    text = results_md.read_text()
+    assert "| texture | fine | 6 | 16.7 | 100.0 | 0.0 | 100.0 |" in text
+    assert "- color (coarse by construction): stage 0 100.0% → full 100.0% (+0.0 points): the approximation band " \
+           "alone answers it." in text
+    assert "- glyph (fine by construction): stage 0 0.0% → full 100.0% (+100.0 points): the detail band carries it." in text
+    assert "- Stage 0 alone: 100.0% on the coarse axes (color, shape) vs 0.0% on the fine axes (texture, glyph)." in text
+    assert f"- Cheapest gated point within 1 point of the full model: θ = 0.99, 100.0% at {g1:.3f} GFLOPs (1.00×" in text
+    assert "- `00000.png` — color: red (✓, stage 0); glyph: 1 (✗ 0, stage 1)" in text
+    assert "wall time of this run: 0.2 min (steps reused from the cache take no time)." in text
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"] == summary
+    for name in ("e2e_accuracy_vs_gflops.png", "e2e_exit_stage_share.png"):
+        assert (tmp_path / "docs" / "figures" / name).stat().st_size > 10_000
+
+
+def test_cache_keys_are_those_of_existing_caches(monkeypatch):
+    """The keys name the cached folders: a changed key silently retrains, an unchanged one after a change to the
+    trainer silently reuses a stale student. Benchmark and teacher keys are those of existing caches; the student
+    keys moved when the optimisation rules changed (`OPTIMIZATION_RULES_VERSION` 2)."""
+    settings = EndToEndConfig(cache_dir="/c/cache").settings()
+    counts = {k: settings[k] for k in ("num_train", "num_validation", "num_test")}
+    assert settings_hash({"seed": 0, "generator_version": 5, **counts}) == "6a4eae49cbab"
+    data_root, teacher_dir = Path("/c/cache/benchmark-v5-abc"), Path("/c/cache/teacher-def")
+    fields = student_distillation_fields(settings, data_root, teacher_dir, levels=1, seed=0, num_workers=2,
+                                         progress=True)
+    assert student_output_dir(Path("/c/cache"), fields) == Path("/c/cache/student-3ce23c2bf13a")
+    # Under the version-1 rules the key is the one the old caches carry.
+    monkeypatch.setattr(cached_steps, "OPTIMIZATION_RULES_VERSION", 1)
+    assert student_output_dir(Path("/c/cache"), fields) == Path("/c/cache/student-770427770943")
+    monkeypatch.undo()
+    # Progress bars and worker counts do not change the student.
+    quiet = student_distillation_fields(settings, data_root, teacher_dir, 1, 0, num_workers=0, progress=False)
+    assert student_output_dir(Path("/c/cache"), quiet) == Path("/c/cache/student-3ce23c2bf13a")
+    settings["distillation"]["kl_on_benchmark_prompts"] = True
+    with_kl = student_distillation_fields(settings, data_root, teacher_dir, 1, 0, 2, True)
+    assert len(with_kl["label_vocabulary"]) == sum(len(axis.class_names) for axis in AXES.values())
+    assert student_output_dir(Path("/c/cache"), with_kl) == Path("/c/cache/student-dc1b3daf287a")
+    assert embeddings_cache_path(Path("/c"), teacher_dir, Path("/c/cache/student-x/final")).name == \
+        "test-embeddings-3fe05b030915.safetensors"
+    first_run_key = {"settings": EndToEndConfig().settings(), "seed": 0, "levels": 1, "generator_version": 5}
+    assert settings_hash(first_run_key) == "af9269a97052"
+
+
+def test_default_folders_follow_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = EndToEndConfig()
+    assert (config.cache_dir, config.docs_dir) == (str(tmp_path / ".cache" / "end_to_end"), str(tmp_path / "docs"))
+    args = build_parser().parse_args(["--cache-dir", "runs/cache", "--docs-dir", "../elsewhere"])
+    config = EndToEndConfig(cache_dir=args.cache_dir, docs_dir=args.docs_dir)
+    assert (config.cache_dir, config.docs_dir) == (str(tmp_path / "runs" / "cache"), str(tmp_path.parent / "elsewhere"))
+    with pytest.raises(ValueError, match="Unknown size 'huge'; choose one of"):
+        EndToEndConfig(size="huge")
+    assert set(SIZES) == {"small", "large"}
+
+
+def test_an_installed_package_defaults_to_the_working_directory(tmp_path):
+    """Installed from a wheel, no repository around it: the defaults are the caller's ./.cache and ./docs."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO / "src" / "waveclip_hf", site / "waveclip_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    code = ("import waveclip_hf.experiments.end_to_end as e; c = e.EndToEndConfig(); "
+            "print(e.__file__); print(c.cache_dir); print(c.docs_dir)")
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    found = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert found == [str(site / "waveclip_hf" / "experiments" / "end_to_end.py"), str(work / ".cache" / "end_to_end"),
+                     str(work / "docs")]

@@ -1,6 +1,6 @@
 """The analytic FLOPs count against `torch.utils.flop_counter.FlopCounterMode`.
 
-Counted with `eager` attention: on CPU `FlopCounterMode` does not see the matmuls inside SDPA (DESIGN §4).
+Counted with `eager` attention: on CPU `FlopCounterMode` does not see the matmuls inside SDPA (docs/model.md, section 5).
 The ViT-B/16-sized models are built without weight initialisation (the values do not change the count, and
 initialising 86M parameters would take most of the time budget).
 """

@@ -30,7 +30,9 @@ from test_distillation import fresh_accelerate_state, images_dir, make_teacher, 
 from test_distillation import tiny_config as distillation_config
 from test_hub_loading import BLOCK_PACKAGE, save_tiny_folder
 from waveclip_hf import WaveCLIPModel, WaveCLIPVisionModel
-from waveclip_hf.training.distillation import distill, latest_checkpoint, load_teacher
+from waveclip_hf.training.checkpoints import latest_checkpoint
+from waveclip_hf.training.distillation import distill
+from waveclip_hf.training.models import load_teacher
 from waveclip_hf.models.waveclip.modeling_waveclip import copy_remote_code
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "waveclip_hf"

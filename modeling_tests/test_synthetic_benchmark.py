@@ -94,6 +94,17 @@ def test_loads_with_datasets_imagefolder(tiny_benchmark):
     assert row == {**row, **{k: v for k, v in load_benchmark_split(tiny_benchmark, "test")[0].items() if k != "file_name"}}
 
 
+def test_a_benchmark_written_before_the_package_layout_changed_is_reused(tiny_benchmark):
+    """info.json keys the benchmark and every cache built on it (the teacher's hash holds it): it must not change
+    when the generator's module moves. These are the exact contents a version-5 benchmark was written with."""
+    info = read_benchmark_info(tiny_benchmark)
+    assert info["generator"] == "waveclip_hf.benchmarks.synthetic" and info["generator_version"] == 5
+    assert list(info) == ["generator", "generator_version", "seed", "image_size", "num_images", "axes"]
+    assert info["axes"]["glyph"] == {"name": "glyph", "class_names": ["0", "1", "2", "4", "5", "7"],
+                                     "template": "a photo of a shape with the glyph {}", "scale": "fine"}
+    assert info["num_images"] == {"train": 12, "validation": 4, "test": 6} and info["seed"] == 3
+
+
 def test_generation_is_cached_and_replaces_outdated(tiny_benchmark, tmp_path):
     marker = tiny_benchmark / "train" / "00000.png"
     mtime = marker.stat().st_mtime_ns

@@ -7,15 +7,13 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 from waveclip_hf.data.synthetic import AXES, generate_benchmark, sample_caption
 from waveclip_hf.training.teacher import (
     TeacherTrainingConfig,
-    build_image_processor,
     evaluate_clip_zero_shot,
     init_patch_projection_dct,
     multi_positive_clip_loss,
-    normalize_pixels,
-    pixel_cache,
     read_training_info,
     train_clip_teacher,
 )
+from waveclip_hf.training.teacher_data import build_image_processor, normalize_pixels, pixel_cache
 from waveclip_hf.evaluation.zero_shot import zero_shot_accuracy_per_axis
 
 TINY = TeacherTrainingConfig(

@@ -1,14 +1,16 @@
 """Distil one student per variant of the main job's distillation settings (same cached data and teacher) and
-compare them per axis (thin wrapper over `waveclip_hf.experiments.end_to_end.run_distillation_ablation`).
+compare them per axis (thin wrapper over `waveclip_hf.experiments.distillation_ablation.run_distillation_ablation`).
 
     .venv/bin/python scripts/distillation_ablation.py              # after `bash scripts/run_main.sh`
 
-Writes docs/distillation_ablation.{json,md}. Variants: `waveclip_hf.experiments.end_to_end.DISTILLATION_VARIANTS`.
+Writes docs/distillation_ablation.{json,md} (under --docs-dir, default ./docs). Variants:
+`waveclip_hf.experiments.distillation_ablation.DISTILLATION_VARIANTS`.
 """
 
 import argparse
 
-from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig, run_distillation_ablation
+from waveclip_hf.experiments.distillation_ablation import run_distillation_ablation
+from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig
 
 
 def main(argv=None):

@@ -3,6 +3,8 @@
 # offline benchmark (data -> teacher -> distilled student -> evaluation -> pipeline). Extra arguments go to
 # `python -m waveclip_hf.experiments.end_to_end`, e.g. `--size large` on a GPU machine.
 set -euo pipefail
+# The job's folders default to the current directory (.cache/end_to_end and docs): run from the repository root,
+# so that they are this checkout's.
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg

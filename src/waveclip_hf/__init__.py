@@ -1,26 +1,73 @@
 """WaveCLIP for Hugging Face transformers.
 
-Importing the package registers the WaveCLIP classes with transformers' Auto classes, so a saved folder
-also loads in-process without `trust_remote_code` (a fresh process without this package uses the remote code
-the folder carries).
+Importing the package registers the WaveCLIP classes with transformers' Auto classes (`AutoConfig`, `AutoModel`,
+`AutoModelForZeroShotImageClassification`, `AutoImageProcessor`), so a saved folder loads in-process without
+`trust_remote_code`; a process without this package runs the remote code the folder carries.
+
+The gated zero-shot pipeline is deliberately not registered for its task: `pipeline("zero-shot-image-classification",
+...)` stays transformers' stock pipeline for every other model (and, without `trust_remote_code`, for WaveCLIP too).
+In-process, ask for it by class: `pipeline("zero-shot-image-classification", model=folder,
+pipeline_class=WaveCLIPZeroShotImageClassificationPipeline)`.
+
+The training and conversion tools (`DistillationConfig`, `distill`, `convert_clip_to_waveclip`) are imported on
+first use: they need accelerate and datasets, which a model user does not.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
+import importlib
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForZeroShotImageClassification
 
 from .models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
-from .models.waveclip.modeling_waveclip import WaveCLIPModel, WaveCLIPPreTrainedModel, WaveCLIPVisionModel, WaveCLIPVisionModelOutput
+from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from .models.waveclip.modeling_waveclip import (
+    WaveCLIPModel,
+    WaveCLIPPreTrainedModel,
+    WaveCLIPRefinementOutput,
+    WaveCLIPStageCache,
+    WaveCLIPVisionModel,
+    WaveCLIPVisionModelOutput,
+)
+from .models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
 
 AutoConfig.register(WaveCLIPConfig.model_type, WaveCLIPConfig, exist_ok=True)
 AutoConfig.register(WaveCLIPVisionConfig.model_type, WaveCLIPVisionConfig, exist_ok=True)
 AutoModel.register(WaveCLIPConfig, WaveCLIPModel, exist_ok=True)
 AutoModel.register(WaveCLIPVisionConfig, WaveCLIPVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(WaveCLIPConfig, WaveCLIPModel, exist_ok=True)
+AutoImageProcessor.register(WaveCLIPConfig, slow_image_processor_class=WaveCLIPImageProcessor, exist_ok=True)
+
+# Public names imported on first use, and where they live.
+_LAZY = {
+    "DistillationConfig": ".training.config",
+    "distill": ".training.distillation",
+    "convert_clip_to_waveclip": ".conversion.clip_to_waveclip",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
+    "DistillationConfig",
     "WaveCLIPConfig",
+    "WaveCLIPImageProcessor",
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
+    "WaveCLIPRefinementOutput",
+    "WaveCLIPStageCache",
     "WaveCLIPVisionConfig",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",
+    "WaveCLIPZeroShotImageClassificationPipeline",
+    "convert_clip_to_waveclip",
+    "distill",
 ]

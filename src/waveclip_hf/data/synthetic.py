@@ -1,7 +1,8 @@
 """A generated zero-shot benchmark whose label axes live at different wavelet scales.
 
-No real dataset can be downloaded here (DESIGN.md §6), and a real one would not say
-*which* labels need fine detail anyway. This one does, by construction. Every image
+No real dataset can be downloaded on this project's machines, and a real one would not say
+*which* labels need fine detail anyway. This one does, by construction (the reasoning, and
+what each design choice was measured against: docs/offline_benchmark.md). Every image
 (RGB, 224x224 by default) shows one large main object on a varied background with
 clutter and noise, and carries four independent labels:
 
@@ -16,9 +17,7 @@ clutter and noise, and carries four independent labels:
   cells of the 32-px grid (the same digit on each). Each pixel of the 5x7 bitmap is an
   aligned 2x2 checker block (+a, -a / -a, +a) on the tag, so every aligned 2x2 block of
   the tag has the tag's grey as its mean: the digit is invisible in the Haar level-1
-  approximation and lives entirely in the diagonal detail band. (Generator v4 drew dark
-  1-px strokes instead; 2x2 averaging blurred them but left the six digits tellable
-  apart, and stage 0 read them at 100%.)
+  approximation and lives entirely in the diagonal detail band.
 
 A second layout, ``layout="three-scale"`` (448 px, `THREE_SCALE_AXES`), adds a third scale for
 adaptive resolution: the scene above drawn at 224 px and upsampled 2x, plus
@@ -56,6 +55,10 @@ from tqdm.auto import tqdm
 
 # Bump whenever a change alters the pixels or the metadata: it invalidates caches.
 GENERATOR_VERSION = 5
+# The generator's name in info.json: the module path it had when version 5 was made. It is an identifier, not an
+# import path: info.json enters the key of every cache built on a benchmark (the teacher, its pixel cache), so
+# following the module when it moves would regenerate every benchmark and retrain every teacher.
+GENERATOR_NAME = "waveclip_hf.benchmarks.synthetic"
 
 SPLITS = ("train", "validation", "test")
 
@@ -130,8 +133,8 @@ TAG_MARGIN = 2
 # (width, height): the 10x14-px glyph with a 2-px margin. Tag origins are even, so the
 # glyph's blocks are aligned with the Haar level-1 2x2 blocks.
 TAG_SIZE = (5 * GLYPH_PIXEL + 2 * TAG_MARGIN, 7 * GLYPH_PIXEL + 2 * TAG_MARGIN)
-# Tags per image, all showing the image's glyph. With one tag (1 token of 49) a small ViT
-# did not learn the glyph at all in 600 supervised steps; with three it did in 300.
+# Tags per image, all showing the image's glyph: one tag (1 token of 49) was too rare a signal
+# for a small ViT trained for minutes (docs/offline_benchmark.md).
 GLYPH_COPIES = 3
 
 AXES: dict[str, LabelAxis] = {
@@ -244,6 +247,63 @@ class ImageParams:
     noise_seed: int
 
 
+def _sample_labels(rng: np.random.Generator) -> tuple[str, str, str, str]:
+    """(color, shape, texture, glyph), each uniform over its axis, independent."""
+    return (str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(list(TEXTURE_TILES))),
+            str(rng.choice(list(GLYPH_BITMAPS))))
+
+
+def _sample_placement(rng: np.random.Generator, s: int, object_radius: tuple[float, float]):
+    """(radius, (x, y) centre) of the main object, which stays fully inside the image.
+
+    The object spans 3-5 cells of 32 px: small objects leave `shape` too hard for a small ViT trained for
+    minutes (colour and texture are read from any single cell, shape is not; docs/offline_benchmark.md).
+    """
+    radius = rng.uniform(*object_radius) * s
+    margin = radius + 2
+    center = (rng.uniform(margin, s - margin), rng.uniform(margin, s - margin))
+    return float(radius), (float(center[0]), float(center[1]))
+
+
+def _sample_clutter(rng: np.random.Generator, s: int, color: str, num_clutter: tuple[int, int]):
+    """Distractor shapes in other colours than the object's: (shape, color, x, y, radius, angle) each."""
+    other_colors = [c for c in COLORS if c != color]
+    return tuple(
+        (
+            str(rng.choice(SHAPES)),
+            str(rng.choice(other_colors)),
+            float(rng.uniform(0, s)),
+            float(rng.uniform(0, s)),
+            float(rng.uniform(0.025, 0.055) * s),
+            float(rng.uniform(0, 2 * math.pi)),
+        )
+        for _ in range(int(rng.integers(num_clutter[0], num_clutter[1] + 1)))
+    )
+
+
+def _sample_tag_origins(rng: np.random.Generator, s: int, glyph_copies: int) -> tuple[tuple[int, int], ...]:
+    """Top-left corners of the glyph tags, centred in distinct random cells of the 32-px grid.
+
+    Centred in a cell (the teacher's patches, WaveCLIP's cells), a tag is read by one token; anywhere (or even
+    +-2 px) would ask a small model to learn every glyph at every sub-cell offset. Origins are even, so the
+    glyph's 2x2 blocks align with the Haar level-1 blocks.
+    """
+    cell = GLYPH_CELL_SIZE
+    cells = rng.choice((s // cell) ** 2, size=glyph_copies, replace=False)
+    return tuple(
+        (int(c % (s // cell)) * cell + ((cell - TAG_SIZE[0]) // 2 & ~1),
+         int(c // (s // cell)) * cell + ((cell - TAG_SIZE[1]) // 2 & ~1))
+        for c in cells
+    )
+
+
+def _sample_background_color(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A greyish colour of random brightness, so that the object's hue stands out."""
+    grey = rng.uniform(40, 215)
+    tint = rng.uniform(-25, 25, size=3)
+    return tuple(int(v) for v in np.clip(grey + tint, 0, 255))
+
+
 def sample_image_params(
     rng: np.random.Generator,
     image_size: int = 224,
@@ -255,67 +315,28 @@ def sample_image_params(
 
     `glyph_copies` tags show the glyph in distinct cells; `num_clutter` is the inclusive
     range of the number of distractor shapes; `object_radius` the range of the main
-    object's circumradius, as a fraction of the image side.
+    object's circumradius, as a fraction of the image side. The order of the draws is part
+    of the benchmark (`GENERATOR_VERSION`): keep it.
     """
     s = image_size
-    color = str(rng.choice(list(COLORS)))
-    shape = str(rng.choice(SHAPES))
-    texture = str(rng.choice(list(TEXTURE_TILES)))
-    glyph = str(rng.choice(list(GLYPH_BITMAPS)))
-
-    # 3-5 patches of 32 px across: smaller objects left `shape` at chance for a small ViT
-    # trained for minutes (colour and texture are read from any single patch, shape is not).
-    radius = rng.uniform(*object_radius) * s
-    margin = radius + 2
-    center = (rng.uniform(margin, s - margin), rng.uniform(margin, s - margin))
-
-    def desaturated_color():
-        # Backgrounds are greyish so the object's hue stands out, but vary in brightness.
-        grey = rng.uniform(40, 215)
-        tint = rng.uniform(-25, 25, size=3)
-        return tuple(int(v) for v in np.clip(grey + tint, 0, 255))
-
-    other_colors = [c for c in COLORS if c != color]
-    clutter = tuple(
-        (
-            str(rng.choice(SHAPES)),
-            str(rng.choice(other_colors)),
-            float(rng.uniform(0, s)),
-            float(rng.uniform(0, s)),
-            float(rng.uniform(0.025, 0.055) * s),
-            float(rng.uniform(0, 2 * math.pi)),
-        )
-        for _ in range(int(rng.integers(num_clutter[0], num_clutter[1] + 1)))
-    )
-    # The glyph tag sits at the centre of a random cell of the 32-px grid (the teacher's
-    # patches, WaveCLIP's cells), so one token reads it; anywhere (or even +-2 px) would
-    # ask a small model to learn every glyph at every sub-patch offset.
-    cell = GLYPH_CELL_SIZE
-    cells = rng.choice((s // cell) ** 2, size=glyph_copies, replace=False)
-    return ImageParams(
-        color=color,
-        shape=shape,
-        texture=texture,
-        glyph=glyph,
-        center=(float(center[0]), float(center[1])),
-        radius=float(radius),
-        # Upright shapes, slightly tilted: a full rotation made `shape` too slow to learn
-        # for a small ViT trained for minutes, and adds nothing to the coarse/fine question.
-        angle=float(rng.uniform(-math.pi / 12, math.pi / 12)),
-        color_jitter=tuple(int(v) for v in rng.integers(-5, 6, size=3)),
-        texture_amplitude=float(rng.uniform(45, 70)),
-        background=(desaturated_color(), desaturated_color(), float(rng.uniform(0, 2 * math.pi))),
-        clutter=clutter,
-        tag_origins=tuple(
-            (int(c % (s // cell)) * cell + ((cell - TAG_SIZE[0]) // 2 & ~1),
-             int(c // (s // cell)) * cell + ((cell - TAG_SIZE[1]) // 2 & ~1))
-            for c in cells
-        ),
-        # grey +- a stays within [20, 240]: no clipping, which would shift a block mean.
-        tag_shade=(int(rng.integers(110, 151)), int(rng.integers(60, 91))),
-        noise_sigma=float(rng.uniform(1.0, 5.0)),
-        noise_seed=int(rng.integers(0, 2**31 - 1)),
-    )
+    color, shape, texture, glyph = _sample_labels(rng)
+    radius, center = _sample_placement(rng, s, object_radius)
+    clutter = _sample_clutter(rng, s, color, num_clutter)
+    tag_origins = _sample_tag_origins(rng, s, glyph_copies)
+    # Upright shapes, slightly tilted: a full rotation only makes `shape` slower to learn and adds nothing to
+    # the coarse/fine question (docs/offline_benchmark.md).
+    angle = float(rng.uniform(-math.pi / 12, math.pi / 12))
+    color_jitter = tuple(int(v) for v in rng.integers(-5, 6, size=3))
+    texture_amplitude = float(rng.uniform(45, 70))
+    background = (_sample_background_color(rng), _sample_background_color(rng), float(rng.uniform(0, 2 * math.pi)))
+    # grey +- a stays within [20, 240]: no clipping, which would shift a block mean.
+    tag_shade = (int(rng.integers(110, 151)), int(rng.integers(60, 91)))
+    noise_sigma = float(rng.uniform(1.0, 5.0))
+    noise_seed = int(rng.integers(0, 2**31 - 1))
+    return ImageParams(color=color, shape=shape, texture=texture, glyph=glyph, center=center, radius=radius,
+                       angle=angle, color_jitter=color_jitter, texture_amplitude=texture_amplitude,
+                       background=background, clutter=clutter, tag_origins=tag_origins, tag_shade=tag_shade,
+                       noise_sigma=noise_sigma, noise_seed=noise_seed)
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -373,8 +394,9 @@ _noise_bank: np.ndarray | None = None
 def _noise_crop(noise_seed: int, size: int) -> np.ndarray:
     """(size, size, 3) unit Gaussian noise: a seeded crop of a fixed noise bank.
 
-    Drawing fresh Gaussian noise per image was the slowest step of rendering; a random
-    crop of one fixed 1024x1024 field is as good for a nuisance factor and ~10x cheaper.
+    Fresh Gaussian noise per image was the slowest step of rendering; a random crop of one
+    fixed 1024x1024 field is as good for a nuisance factor and much cheaper
+    (docs/offline_benchmark.md).
     """
     global _noise_bank
     if _noise_bank is None:
@@ -621,7 +643,7 @@ def _write_chunk(job: tuple[str, int, str, int, int, int, str]) -> list[dict]:
     for index in range(start, stop):
         image, labels = render_benchmark_image(layout, seed, split, index, image_size)
         file_name = f"{index:05d}.png"
-        # compress_level=1: ~4x faster than the default for ~15% larger files.
+        # compress_level=1: PNG encoding dominates generation time; a little larger files for much less time.
         Image.fromarray(image).save(os.path.join(folder, file_name), compress_level=1)
         rows.append({"file_name": file_name, "caption": caption_for(labels, tuple(labels)), **labels})
     return rows
@@ -630,7 +652,7 @@ def _write_chunk(job: tuple[str, int, str, int, int, int, str]) -> list[dict]:
 def _benchmark_info(seed: int, counts: dict[str, int], image_size: int, layout: str = "two-scale") -> dict:
     # Round-tripped through JSON (tuples -> lists) so it compares equal to info.json read back.
     info = {
-        "generator": "waveclip_hf.data.synthetic",
+        "generator": GENERATOR_NAME,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
@@ -705,44 +727,70 @@ def generate_benchmark(
     _remove_stale_temporaries(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    jobs, chunk = [], 250
-    for split, count in counts.items():
-        (tmp / split).mkdir(parents=True)
-        jobs += [(str(tmp / split), seed, split, a, min(a + chunk, count), image_size, layout) for a in range(0, count, chunk)]
-
-    rows: dict[str, list[dict]] = {split: [] for split in counts}
     try:
-        with tqdm(total=sum(counts.values()), desc=f"generating {root.name}", unit="img", disable=not progress) as bar:
-            if num_workers > 1:
-                # fork: workers only need numpy and PIL, and re-importing transformers in
-                # each spawned worker would cost seconds.
-                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-                with multiprocessing.get_context(method).Pool(num_workers) as pool:
-                    for job, chunk_rows in zip(jobs, pool.imap(_write_chunk, jobs)):
-                        rows[job[2]] += chunk_rows
-                        bar.update(len(chunk_rows))
-            else:
-                for job in jobs:
-                    chunk_rows = _write_chunk(job)
-                    rows[job[2]] += chunk_rows
-                    bar.update(len(chunk_rows))
-        for split, split_rows in rows.items():
-            with open(tmp / split / "metadata.jsonl", "w") as f:
-                for row in split_rows:
-                    f.write(json.dumps(row) + "\n")
-        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-
-        if root.exists():  # an outdated benchmark (checked above): move it away, then swap.
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            root.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, root)
+        jobs = _render_jobs(tmp, counts, seed, image_size, layout)
+        rows = _run_render_jobs(jobs, counts, f"generating {root.name}", num_workers, progress)
+        _write_metadata(tmp, rows, info)
+        _move_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _render_jobs(
+    folder: Path, counts: dict[str, int], seed: int, image_size: int, layout: str, chunk: int = 250
+) -> list[tuple]:
+    """Create `<folder>/<split>/` and cut every split into `_write_chunk` jobs of `chunk` images."""
+    jobs = []
+    for split, count in counts.items():
+        (folder / split).mkdir(parents=True)
+        jobs += [
+            (str(folder / split), seed, split, a, min(a + chunk, count), image_size, layout)
+            for a in range(0, count, chunk)
+        ]
+    return jobs
+
+
+def _run_render_jobs(jobs: list[tuple], counts: dict[str, int], desc: str, num_workers: int,
+                     progress: bool) -> dict[str, list[dict]]:
+    """Run the jobs (in `num_workers` processes if > 1); returns the metadata rows of every split, in order."""
+    rows: dict[str, list[dict]] = {split: [] for split in counts}
+    with tqdm(total=sum(counts.values()), desc=desc, unit="img", disable=not progress) as bar:
+        if num_workers > 1:
+            # fork: workers only need numpy and PIL, and re-importing transformers in
+            # each spawned worker would cost seconds.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with multiprocessing.get_context(method).Pool(num_workers) as pool:
+                for job, chunk_rows in zip(jobs, pool.imap(_write_chunk, jobs)):
+                    rows[job[2]] += chunk_rows
+                    bar.update(len(chunk_rows))
+        else:
+            for job in jobs:
+                chunk_rows = _write_chunk(job)
+                rows[job[2]] += chunk_rows
+                bar.update(len(chunk_rows))
+    return rows
+
+
+def _write_metadata(folder: Path, rows: dict[str, list[dict]], info: dict) -> None:
+    """`<split>/metadata.jsonl` (one JSON row per image) and `info.json` (written last: it marks completion)."""
+    for split, split_rows in rows.items():
+        with open(folder / split / "metadata.jsonl", "w") as f:
+            for row in split_rows:
+                f.write(json.dumps(row) + "\n")
+    (folder / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _move_into_place(tmp: Path, root: Path) -> None:
+    """Rename the finished `tmp` onto `root`; an outdated benchmark at `root` is moved away first, then deleted."""
+    if root.exists():
+        old = root.parent / f".{root.name}.old-{os.getpid()}"
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, root)
 
 
 def load_benchmark_split(root: str | os.PathLike, split: str) -> list[dict]:
@@ -759,6 +807,7 @@ def label_ids(rows: Sequence[dict], axis: str) -> np.ndarray:
 
 __all__ = [
     "AXES",
+    "GENERATOR_NAME",
     "GENERATOR_VERSION",
     "ImageParams",
     "LAYOUTS",

@@ -1,7 +1,7 @@
 """A small word-level text tokenizer trained offline, for CLIP text towers built here.
 
-Real CLIP checkpoints ship a byte-level BPE tokenizer; nothing here can download one
-(see DESIGN.md §6). The generated benchmark has a closed vocabulary ("a red star with
+Real CLIP checkpoints ship a byte-level BPE tokenizer; this project's machines cannot
+download one (docs/offline_benchmark.md). The generated benchmark has a closed vocabulary ("a red star with
 vertical stripes and the glyph 7"), so a word-level tokenizer trained on its captions
 and prompts is exact and tiny. It is returned as a `PreTrainedTokenizerFast`, so it
 saves with `save_pretrained` and loads back with `AutoTokenizer.from_pretrained`

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..figures.accuracy_vs_gflops import plot_tradeoff
 from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
-from ..models.waveclip.scoring import zero_shot_logits
 from ..models.waveclip.gating import effective_threshold, probability_margin
+from ..models.waveclip.scoring import zero_shot_logits
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
 
@@ -158,38 +159,6 @@ def cumulative_stage_gflops(config) -> list[float]:
     return [sum(per_stage[: s + 1]) / 1e9 for s in range(len(per_stage))]
 
 
-def plot_tradeoff(points, fixed_points, path, chosen=None, reference_points=None, title="Gate calibration"):
-    """Accuracy vs mean GFLOPs: the threshold sweep as a curve, each fixed stage (and references such as the
-    teacher) as labelled points, the chosen threshold circled. Saves a PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.plot([p.mean_gflops for p in points], [100 * p.accuracy for p in points], "-o", ms=3, label="gated (θ sweep)")
-    for point in fixed_points:
-        ax.scatter(point["gflops"], 100 * point["accuracy"], marker="s", s=40, zorder=3)
-        ax.annotate(f"stage {point['stage']}", (point["gflops"], 100 * point["accuracy"]), textcoords="offset points",
-                    xytext=(5, -10), fontsize=8)
-    for name, (gflops, accuracy) in (reference_points or {}).items():
-        ax.scatter(gflops, 100 * accuracy, marker="*", s=90, zorder=3)
-        ax.annotate(name, (gflops, 100 * accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if chosen is not None:
-        ax.scatter(chosen.mean_gflops, 100 * chosen.accuracy, s=160, facecolors="none", edgecolors="red", zorder=4,
-                   label=f"chosen θ = {chosen.threshold:g}")
-    ax.set_xlabel(f"mean image-encoder GFLOPs per image ({FLOPS_CONVENTION.split(';')[0]})")
-    ax.set_ylabel("zero-shot accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
 def write_report(path, points, fixed_points, chosen, extra: dict | None = None) -> Path:
     """JSON with every operating point, the fixed stages, the chosen point and the FLOPs convention."""
     report = {
@@ -238,6 +207,27 @@ def load_labelled_images(data: str, split: str = "validation", image_column: str
     return dataset, list(feature.names)
 
 
+def _label_text_embeddings(model, tokenizer, class_names, hypothesis_template: str, device) -> torch.Tensor:
+    """(C, P) text embeddings of `hypothesis_template` filled with each class name, float32 on the CPU."""
+    with torch.no_grad():
+        prompts = [hypothesis_template.format(name) for name in class_names]
+        text_inputs = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+        return model.get_text_features(**text_inputs).pooler_output.float().cpu()
+
+
+def _pixel_batches(dataset, processor, image_column: str, batch_size: int):
+    """Packed `pixel_values` (B, 3, S, S) of consecutive batches of `dataset`."""
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        yield processor(images=rows[image_column], return_tensors="pt")["pixel_values"]
+
+
+def _target_description(max_accuracy_drop: float | None, gflops_budget: float | None) -> str:
+    if max_accuracy_drop is not None:
+        return f"accuracy within {100 * max_accuracy_drop:g} points of the full model"
+    return f"at most {gflops_budget:g} mean GFLOPs"
+
+
 def calibrate(
     model_path: str,
     data: str,
@@ -271,17 +261,9 @@ def calibrate(
     if len(dataset) == 0:
         raise ValueError(f"{data} ({split}) has no images.")
 
-    with torch.no_grad():
-        prompts = [hypothesis_template.format(name) for name in class_names]
-        text_inputs = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
-        text_embeds = model.get_text_features(**text_inputs).pooler_output.float().cpu()
-
-    def batches():
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            yield processor(images=rows[image_column], return_tensors="pt")["pixel_values"]
-
-    stage_embeds = collect_stage_embeddings(model, batches(), progress, total=math.ceil(len(dataset) / batch_size))
+    text_embeds = _label_text_embeddings(model, tokenizer, class_names, hypothesis_template, device)
+    stage_embeds = collect_stage_embeddings(model, _pixel_batches(dataset, processor, image_column, batch_size),
+                                            progress, total=math.ceil(len(dataset) / batch_size))
     labels = torch.tensor(dataset[label_column])
     probs = stage_probabilities(stage_embeds, text_embeds, model.logit_scale.exp().item())
     gflops = cumulative_stage_gflops(model.config)
@@ -289,12 +271,11 @@ def calibrate(
     fixed = fixed_stage_points(probs, labels, gflops)
     chosen = choose_threshold(points, fixed[-1]["accuracy"], max_accuracy_drop, gflops_budget)
     output = Path(output_dir)
-    target = (f"accuracy within {100 * max_accuracy_drop:g} points of the full model" if max_accuracy_drop is not None
-              else f"at most {gflops_budget:g} mean GFLOPs")
     report_path = write_report(
         output / "gate_calibration.json", points, fixed, chosen,
         extra={"model": str(model_path), "data": str(data), "split": split, "num_images": len(dataset),
-               "hypothesis_template": hypothesis_template, "margin_scaling": margin_scaling, "target": target},
+               "hypothesis_template": hypothesis_template, "margin_scaling": margin_scaling,
+               "target": _target_description(max_accuracy_drop, gflops_budget)},
     )
     plot_tradeoff(points, fixed, output / "gate_calibration.png", chosen, title=f"Gate calibration ({len(dataset)} images)")
     return json.loads(report_path.read_text())

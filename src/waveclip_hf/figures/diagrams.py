@@ -25,7 +25,7 @@ def plot_attention_mask(config: WaveCLIPVisionConfig, path, title: str | None = 
     from matplotlib.figure import Figure
 
     stages = token_stage_ids(config, 0, config.num_stages)
-    mask = block_causal_mask(stages, stages, torch.float32)
+    mask = block_causal_mask(config, 0, config.num_stages, torch.float32)
     allowed = torch.ones(len(stages), len(stages)) if mask is None else (mask[0, 0] == 0).float()
     lengths = config.stage_lengths
     edges = torch.tensor([0] + lengths).cumsum(0).tolist()
@@ -100,6 +100,46 @@ def plot_stage_tokens(pixel_values: torch.Tensor, config: WaveCLIPVisionConfig, 
     return Path(path)
 
 
+def _one_channel(pixel_values, channel: int | str) -> tuple[torch.Tensor, int]:
+    """(S, S) float64 CPU coefficients of one channel of one packed image, and the channel's index."""
+    packed = as_packed_tensor(pixel_values)
+    if packed.ndim == 4:
+        if packed.shape[0] != 1:
+            raise ValueError(f"plot_subband_pyramid draws one image, got a batch of {packed.shape[0]}.")
+        packed = packed[0]
+    if isinstance(channel, str):
+        if channel not in CHANNEL_NAMES:
+            raise ValueError(f"`channel` must be 0, 1, 2 or one of {CHANNEL_NAMES}, got {channel!r}.")
+        channel = CHANNEL_NAMES.index(channel)
+    if channel not in (0, 1, 2):
+        raise ValueError(f"`channel` must be 0, 1, 2 or one of {CHANNEL_NAMES}, got {channel!r}.")
+    return packed[channel].detach().to(torch.float64).cpu(), channel
+
+
+def _stretch(band: np.ndarray) -> np.ndarray:
+    """Map percentiles 1-99 of `band` to [0, 1], clipped (all zeros for a constant band)."""
+    low, high = np.percentile(band, [1, 99])
+    return np.clip((band - low) / (high - low), 0, 1) if high > low else np.zeros_like(band)
+
+
+def _pyramid_canvas(coefficients, size: int, levels: int):
+    """The (S, S) picture in [0, 1] of `unpack_coefficients`' output, and the labels to draw on it as
+    (text, row centre, column centre, subband side)."""
+    canvas = np.zeros((size, size))
+    labels = []
+    n = size >> levels
+    canvas[:n, :n] = _stretch(coefficients[0].numpy())
+    labels.append((f"$A_{{{levels}}}$", n / 2, n / 2, n))
+    for level_offset, details in enumerate(coefficients[1:]):
+        level = levels - level_offset
+        # ORIENTATIONS order = (horizontal, vertical, diagonal); their quadrants (row, column) in the layout.
+        for name, band, (row, col) in zip(ORIENTATIONS, details, ((n, 0), (0, n), (n, n))):
+            canvas[row : row + n, col : col + n] = _stretch(np.log1p(np.abs(band.numpy())))
+            labels.append((f"${name[0].upper()}_{{{level}}}$", row + n / 2, col + n / 2, n))
+        n *= 2
+    return canvas, labels
+
+
 def plot_subband_pyramid(pixel_values, levels: int, path: str | os.PathLike | None = None, channel: int | str = 0):
     """Render one channel of packed `pixel_values` as the classic wavelet pyramid picture.
 
@@ -116,40 +156,13 @@ def plot_subband_pyramid(pixel_values, levels: int, path: str | os.PathLike | No
     Returns:
         `matplotlib.figure.Figure` (drawn with the Agg canvas, so no display or pyplot state is touched).
     """
+    from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib import patheffects
 
-    packed = as_packed_tensor(pixel_values)
-    if packed.ndim == 4:
-        if packed.shape[0] != 1:
-            raise ValueError(f"plot_subband_pyramid draws one image, got a batch of {packed.shape[0]}.")
-        packed = packed[0]
-    if isinstance(channel, str):
-        if channel not in CHANNEL_NAMES:
-            raise ValueError(f"`channel` must be 0, 1, 2 or one of {CHANNEL_NAMES}, got {channel!r}.")
-        channel = CHANNEL_NAMES.index(channel)
-    if channel not in (0, 1, 2):
-        raise ValueError(f"`channel` must be 0, 1, 2 or one of {CHANNEL_NAMES}, got {channel!r}.")
-    coefficients = unpack_coefficients(packed[channel].detach().to(torch.float64).cpu(), levels)
-    size = packed.shape[-1]
-
-    def stretch(band: np.ndarray) -> np.ndarray:
-        low, high = np.percentile(band, [1, 99])
-        return np.clip((band - low) / (high - low), 0, 1) if high > low else np.zeros_like(band)
-
-    canvas = np.zeros((size, size))
-    labels = []  # (text, row centre, column centre, subband side)
-    n = size >> levels
-    canvas[:n, :n] = stretch(coefficients[0].numpy())
-    labels.append((f"$A_{{{levels}}}$", n / 2, n / 2, n))
-    for level_offset, details in enumerate(coefficients[1:]):
-        level = levels - level_offset
-        # ORIENTATIONS order = (horizontal, vertical, diagonal); their quadrants (row, column) in the layout.
-        for name, band, (row, col) in zip(ORIENTATIONS, details, ((n, 0), (0, n), (n, n))):
-            canvas[row : row + n, col : col + n] = stretch(np.log1p(np.abs(band.numpy())))
-            labels.append((f"${name[0].upper()}_{{{level}}}$", row + n / 2, col + n / 2, n))
-        n *= 2
+    band, channel = _one_channel(pixel_values, channel)
+    size = band.shape[-1]
+    canvas, labels = _pyramid_canvas(unpack_coefficients(band, levels), size, levels)
 
     figure = Figure(figsize=(6, 6), dpi=100)
     FigureCanvasAgg(figure)
@@ -164,16 +177,8 @@ def plot_subband_pyramid(pixel_values, levels: int, path: str | os.PathLike | No
         n *= 2
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]
     for text, row, col, side in labels:
-        axes.text(
-            col,
-            row,
-            text,
-            color="yellow",
-            ha="center",
-            va="center",
-            fontsize=max(6.0, min(16.0, 40.0 * side / size)),
-            path_effects=outline,
-        )
+        axes.text(col, row, text, color="yellow", ha="center", va="center",
+                  fontsize=max(6.0, min(16.0, 40.0 * side / size)), path_effects=outline)
     figure.suptitle(f"{CHANNEL_NAMES[channel]} subbands, {levels}-level DWT", y=0.985)
     if path is not None:
         figure.savefig(os.fspath(path), dpi=100)

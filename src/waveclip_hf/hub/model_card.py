@@ -61,6 +61,132 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _evaluation_source(config) -> str:
+    """Where the evaluation images came from, as the card says it."""
+    if config.eval_data and config.eval_data == config.train_data:
+        return "the training images themselves: this measures fit, not generalisation"
+    if config.eval_data:
+        return f"`{config.eval_data}`"
+    return "held out of the training data"
+
+
+def _data_description(config, result) -> str:
+    data = f"`{config.train_data}`: {result.num_train_images} training images"
+    if result.num_eval_images:
+        data += f", {result.num_eval_images} evaluation images ({_evaluation_source(config)})"
+    return data + f"; {result.skipped_count} unreadable file(s) skipped"
+
+
+def _training_cosine_table(result) -> str:
+    train = [(k, v) for k, v in result.train_metrics.items() if k.startswith("cosine_stage")]
+    if not train:
+        return "Not measured in this run."
+    table = "No evaluation images. Mean training cosine over the last logging window:\n\n"
+    table += "| stage | cosine to teacher (training batches) |\n|---:|---:|\n"
+    return table + "\n".join(f"| {k.removeprefix('cosine_stage')} | {v:.4f} |" for k, v in train)
+
+
+def _cosine_table(config, result) -> str:
+    """Per-stage cosine to the teacher (and top-1 agreement when measured) on the evaluation images; the training
+    cosine when there were none."""
+    cosine_rows = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/cosine_stage")]
+    if not cosine_rows:
+        return _training_cosine_table(result)
+    agreement = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/top1_agreement_stage")]
+    if agreement:
+        lines = ["| stage | cosine to teacher | top-1 agreement with teacher |", "|---:|---:|---:|"]
+        lines += [f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} | {a:.4f} |"
+                  for (k, v), (_, a) in zip(cosine_rows, agreement)]
+    else:
+        lines = ["| stage | cosine to teacher |", "|---:|---:|"]
+        lines += [f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} |" for k, v in cosine_rows]
+    return "\n".join(lines) + (f"\n\nMean over {result.num_eval_images} evaluation images "
+                               f"({_evaluation_source(config)}) after step {result.step}.")
+
+
+def _throughput(result) -> str:
+    if not result.images_per_second:
+        return "Not measured in this run."
+    flops = result.train_flops_per_image
+    return (
+        f"{result.images_per_second:.3g} images/s over {result.step} steps on {result.num_processes} device(s), "
+        f"model FLOPs utilisation {100 * result.mfu:.3g}% of {result.peak_tflops:.3g} TFLOPS per device "
+        f"({result.peak_source}); "
+        f"{flops['total'] / 1e9:.2f} GFLOPs per training image (3 x the student's full "
+        f"forward {flops['student_forward'] / 1e9:.2f} + teacher forward "
+        f"{flops['teacher_forward'] / 1e9:.2f}; 1 multiply-add = 2 FLOPs)."
+    )
+
+
+def _loss_fields(config, num_stages: int) -> dict:
+    """Stage weights and the optional zero-shot KL term of the distillation loss."""
+    weights = config.resolved_stage_weights(num_stages).tolist()
+    fields = {"stage_weights": ", ".join(f"{w:.3g}" for w in weights)
+              + (" (equal, the default)" if config.stage_weights is None else ""),
+              "kl_description": "off", "kl_formula": ""}
+    if config.label_vocabulary and config.kl_weight > 0:
+        fields["kl_description"] = (f"on: {len(config.label_vocabulary)} prompts, weight {_fmt(config.kl_weight)}, "
+                                    f"temperature {_fmt(config.kl_temperature)}")
+        fields["kl_formula"] = (", plus the weighted KL between the teacher's and the student's zero-shot "
+                                "distributions over the label vocabulary (scaled by T^2)")
+    return fields
+
+
+def _optimisation_fields(config, result) -> dict:
+    """Steps, batch, optimiser, schedule, clipping and precision of the run."""
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * result.total_steps)
+    return {
+        "steps": result.step,
+        "global_batch_size": result.global_batch_size,
+        "images_seen": result.step * result.global_batch_size,
+        "learning_rate": _fmt(config.learning_rate),
+        "weight_decay": _fmt(config.weight_decay),
+        "adam_betas": ", ".join(_fmt(b) for b in config.adam_betas),
+        "schedule": (f"linear warmup for {warmup} steps, then cosine decay to {_fmt(config.min_lr_ratio)} x lr at "
+                     f"step {result.total_steps}"),
+        "grad_clip": f"global norm {_fmt(config.max_grad_norm)}" if config.max_grad_norm else "none",
+        "mixed_precision": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[config.mixed_precision],
+        "num_processes": result.num_processes,
+        "seed": config.seed,
+    }
+
+
+def _architecture_fields(student_config) -> dict:
+    vision = student_config.vision_config
+    return {
+        "levels": vision.levels,
+        "wavelet": vision.wavelet,
+        "num_stages": vision.num_stages,
+        "image_size": vision.image_size,
+        "cell_size": vision.cell_size,
+        "coarse_size": vision.image_size >> vision.levels,
+        "stage_tokens": ", ".join(str(n) for n in vision.stage_lengths),
+        "projection_dim": student_config.projection_dim,
+    }
+
+
+def _teacher_fields(config) -> dict:
+    """How the card names the teacher: a Hub id links to its page and becomes `base_model`; a local folder not."""
+    teacher_is_local = Path(config.teacher).expanduser().exists()
+    return {
+        "base_model_line": (f"# base_model: not set, the teacher was a local folder ({Path(config.teacher).name})"
+                            if teacher_is_local else f"base_model: {config.teacher}"),
+        "model_name": (config.push_to_hub.split("/")[-1] if config.push_to_hub
+                       else f"WaveCLIP distilled from {config.teacher}"),
+        "model_id": config.push_to_hub or str(Path(config.output_dir) / "final"),
+        "teacher": config.teacher,
+        "teacher_link": (f"`{config.teacher}`" if teacher_is_local
+                         else f"[{config.teacher}](https://huggingface.co/{config.teacher})"),
+    }
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("waveclip-hf")
+    except metadata.PackageNotFoundError:
+        return "(source)"
+
+
 def card_fields(config, result, student_config, teacher_config=None, accuracy_markdown: str | None = None) -> dict:
     """Every placeholder of the default template, from a `DistillationConfig` and a `DistillationResult`.
 
@@ -73,112 +199,21 @@ def card_fields(config, result, student_config, teacher_config=None, accuracy_ma
     """
     from ..models.waveclip.flops import format_flops_table
 
-    vision = student_config.vision_config
-    teacher_is_local = Path(config.teacher).expanduser().exists()
-    model_id = config.push_to_hub or str(Path(config.output_dir) / "final")
-    weights = config.resolved_stage_weights(vision.num_stages).tolist()
-
-    data = f"`{config.train_data}`: {result.num_train_images} training images"
-    if config.eval_data and config.eval_data == config.train_data:
-        eval_source = "the training images themselves: this measures fit, not generalisation"
-    elif config.eval_data:
-        eval_source = f"`{config.eval_data}`"
-    else:
-        eval_source = "held out of the training data"
-    if result.num_eval_images:
-        data += f", {result.num_eval_images} evaluation images ({eval_source})"
-    data += f"; {result.skipped_count} unreadable file(s) skipped"
-
-    cosine_rows = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/cosine_stage")]
-    if cosine_rows:
-        lines = ["| stage | cosine to teacher |", "|---:|---:|"]
-        lines += [f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} |" for k, v in cosine_rows]
-        agreement = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/top1_agreement_stage")]
-        if agreement:
-            lines = ["| stage | cosine to teacher | top-1 agreement with teacher |", "|---:|---:|---:|"]
-            lines += [
-                f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} | {a:.4f} |"
-                for (k, v), (_, a) in zip(cosine_rows, agreement)
-            ]
-        cosine_table = "\n".join(lines) + (
-            f"\n\nMean over {result.num_eval_images} evaluation images ({eval_source}) after step {result.step}."
-        )
-    else:
-        train = [(k, v) for k, v in result.train_metrics.items() if k.startswith("cosine_stage")]
-        if train:
-            cosine_table = "No evaluation images. Mean training cosine over the last logging window:\n\n"
-            cosine_table += "| stage | cosine to teacher (training batches) |\n|---:|---:|\n"
-            cosine_table += "\n".join(f"| {k.removeprefix('cosine_stage')} | {v:.4f} |" for k, v in train)
-        else:
-            cosine_table = "Not measured in this run."
-
-    if result.images_per_second:
-        throughput = (
-            f"{result.images_per_second:.3g} images/s over {result.step} steps on {result.num_processes} device(s), "
-            f"model FLOPs utilisation {100 * result.mfu:.3g}% of {result.peak_tflops:.3g} TFLOPS per device "
-            f"({result.peak_source}); "
-            f"{result.train_flops_per_image['total'] / 1e9:.2f} GFLOPs per training image (3 x the student's full "
-            f"forward {result.train_flops_per_image['student_forward'] / 1e9:.2f} + teacher forward "
-            f"{result.train_flops_per_image['teacher_forward'] / 1e9:.2f}; 1 multiply-add = 2 FLOPs)."
-        )
-    else:
-        throughput = "Not measured in this run."
-
-    kl = "off"
-    kl_formula = ""
-    if config.label_vocabulary and config.kl_weight > 0:
-        kl = (f"on: {len(config.label_vocabulary)} prompts, weight {_fmt(config.kl_weight)}, "
-              f"temperature {_fmt(config.kl_temperature)}")
-        kl_formula = (", plus the weighted KL between the teacher's and the student's zero-shot distributions over "
-                      "the label vocabulary (scaled by T^2)")
-
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * result.total_steps)
-    try:
-        version = metadata.version("waveclip-hf")
-    except metadata.PackageNotFoundError:
-        version = "(source)"
-
+    clip_vision_config = getattr(teacher_config, "vision_config", None)
     return {
-        "base_model_line": (f"# base_model: not set, the teacher was a local folder ({Path(config.teacher).name})"
-                            if teacher_is_local else f"base_model: {config.teacher}"),
-        "model_name": config.push_to_hub.split("/")[-1] if config.push_to_hub else f"WaveCLIP distilled from {config.teacher}",
-        "model_id": model_id,
-        "teacher": config.teacher,
-        "teacher_link": (f"`{config.teacher}`" if teacher_is_local
-                         else f"[{config.teacher}](https://huggingface.co/{config.teacher})"),
-        "levels": vision.levels,
-        "wavelet": vision.wavelet,
-        "num_stages": vision.num_stages,
-        "image_size": vision.image_size,
-        "cell_size": vision.cell_size,
-        "coarse_size": vision.image_size >> vision.levels,
-        "stage_tokens": ", ".join(str(n) for n in vision.stage_lengths),
-        "projection_dim": student_config.projection_dim,
-        "data_description": data,
-        "steps": result.step,
-        "global_batch_size": result.global_batch_size,
-        "images_seen": result.step * result.global_batch_size,
-        "learning_rate": _fmt(config.learning_rate),
-        "weight_decay": _fmt(config.weight_decay),
-        "adam_betas": ", ".join(_fmt(b) for b in config.adam_betas),
-        "schedule": (f"linear warmup for {warmup} steps, then cosine decay to {_fmt(config.min_lr_ratio)} x lr at "
-                     f"step {result.total_steps}"),
-        "grad_clip": f"global norm {_fmt(config.max_grad_norm)}" if config.max_grad_norm else "none",
-        "mixed_precision": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[config.mixed_precision],
-        "num_processes": result.num_processes,
-        "stage_weights": ", ".join(f"{w:.3g}" for w in weights)
-        + (" (equal, the default)" if config.stage_weights is None else ""),
-        "kl_description": kl,
-        "kl_formula": kl_formula,
-        "seed": config.seed,
-        "cosine_table": cosine_table,
-        "flops_table": format_flops_table(student_config, clip_vision_config=getattr(teacher_config, "vision_config", None)),
+        **_teacher_fields(config),
+        **_architecture_fields(student_config),
+        "data_description": _data_description(config, result),
+        **_optimisation_fields(config, result),
+        **_loss_fields(config, student_config.vision_config.num_stages),
+        "cosine_table": _cosine_table(config, result),
+        "flops_table": format_flops_table(student_config, clip_vision_config=clip_vision_config),
         "accuracy_section": accuracy_markdown
         or "Not measured by the distillation run. Zero-shot accuracy needs a labelled set and prompts; see "
         "`docs/` of the waveclip_hf repository for the evaluation and threshold calibration tools.",
-        "throughput": throughput,
+        "throughput": _throughput(result),
         "date": datetime.date.today().isoformat(),
-        "version": version,
+        "version": _package_version(),
     }
 
 

@@ -1,22 +1,20 @@
 """Train a small CLIP teacher on the generated benchmark, contrastively, with `accelerate`.
 
 The real teacher would be `openai/clip-vit-base-patch16`, which cannot be downloaded here
-(DESIGN.md §6). This module trains a stand-in with the same interface: the output
+(docs/distillation.md). This module trains a stand-in with the same interface: the output
 folder holds a `CLIPModel`, its tokenizer and a `CLIPImageProcessor`, and loads with
 `CLIPModel.from_pretrained` / `AutoTokenizer` / `AutoImageProcessor` like the Hub
 checkpoint does.
 
-The loop is deliberately short (nanoGPT-style): config at the top, one function that
-prepares data, builds the model, trains with AdamW + warmup/cosine, and saves.
-Throughput on a 2-core CPU is the constraint, so the train split is decoded and
-preprocessed once into a uint8 array on disk (`pixel_cache`), and every epoch after
-that only reads memory.
+Read top to bottom: config -> model -> loss -> the training loop (`train_clip_teacher`,
+nanoGPT-style: data, model, AdamW + warmup/cosine (the schedule and weight-decay rule of
+`optimization.py`, shared with the distiller), the loop, save). The data (a uint8
+pixel cache and captions drawn per batch) is `teacher_data.py`.
 """
 
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -27,26 +25,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from ..data.synthetic import (
-    AXES,
-    benchmark_axes,
-    label_ids,
-    labels_of_row,
-    load_benchmark_split,
-    read_benchmark_info,
-    sample_caption,
-)
+from ..data.synthetic import benchmark_axes, label_ids, load_benchmark_split, read_benchmark_info
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
-
-# OpenAI CLIP's statistics, so the teacher preprocesses exactly like the checkpoints it
-# stands in for (the benchmark's own statistics are close enough not to matter).
-CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
+from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
 
 TRAINING_INFO_NAME = "training_info.json"
 
@@ -123,24 +109,6 @@ class TeacherTrainingConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_image_processor(image_size: int = 224) -> CLIPImageProcessor:
-    """The teacher's image processor, built without the Hub: shortest side -> `image_size`
-    (bicubic), centre crop, rescale to [0, 1], normalise with OpenAI CLIP's mean/std."""
-    return CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": image_size},
-        resample=int(Image.Resampling.BICUBIC),  # an int, as it reads back from JSON
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=CLIP_IMAGE_MEAN,
-        image_std=CLIP_IMAGE_STD,
-        do_convert_rgb=True,
-    )
-
-
 def build_clip_config(config: TeacherTrainingConfig, tokenizer) -> CLIPConfig:
     """A small `CLIPConfig` from the training config and the tokenizer's vocabulary."""
     text_config = {
@@ -180,136 +148,6 @@ def init_patch_projection_dct(weight: torch.Tensor, num_rows: int) -> None:
     weight[:num_rows] = rows.to(weight.dtype)
 
 
-# --------------------------------------------------------------------- pixel cache
-
-
-def _preprocess_chunk(job) -> None:
-    """Worker: decode PNGs [start, stop) and write their uint8 crops into the memmap."""
-    paths, cache_path, start, image_processor = job
-    cache = np.load(cache_path, mmap_mode="r+")
-    images = [Image.open(path) for path in paths]
-    # Resize and crop only: normalisation happens per batch in float (`normalize_pixels`),
-    # so the cache stays uint8 (4x smaller than float32).
-    pixels = image_processor(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
-    cache[start : start + len(paths)] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    cache.flush()
-
-
-def pixel_cache(
-    data_root: str | os.PathLike,
-    split: str,
-    image_processor: CLIPImageProcessor,
-    num_workers: int = 2,
-    progress: bool = True,
-) -> np.ndarray:
-    """The whole split, resized and cropped by `image_processor`, as a uint8 memmap.
-
-    Built once into ``<data_root>/<split>/pixels-<key>.npy`` (the key hashes the
-    processor's geometry and the benchmark's info) and reused afterwards; written to a
-    temporary file and renamed, so an interrupted build leaves no broken cache.
-
-    Returns:
-        (N, 3, S, S) uint8 read-only memmap, rows in `metadata.jsonl` order.
-    """
-    split_dir = Path(data_root) / split
-    rows = load_benchmark_split(data_root, split)
-    geometry = {k: image_processor.to_dict().get(k) for k in ("size", "crop_size", "resample", "do_resize", "do_center_crop")}
-    key = hashlib.sha256(json.dumps([geometry, read_benchmark_info(data_root), len(rows)], sort_keys=True).encode()).hexdigest()[:12]
-    path = split_dir / f"pixels-{key}.npy"
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-
-    crop = image_processor.crop_size
-    tmp = split_dir / f".pixels-{key}.tmp-{os.getpid()}.npy"
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), 3, crop["height"], crop["width"])).flush()
-    chunk = 256
-    jobs = [
-        ([split_dir / row["file_name"] for row in rows[a : a + chunk]], tmp, a, image_processor)
-        for a in range(0, len(rows), chunk)
-    ]
-    try:
-        with tqdm(total=len(rows), desc=f"caching {split} pixels", unit="img", disable=not progress) as bar:
-            if num_workers > 1:
-                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-                with multiprocessing.get_context(method).Pool(num_workers) as pool:
-                    for job, _ in zip(jobs, pool.imap(_preprocess_chunk, jobs)):
-                        bar.update(len(job[0]))
-            else:
-                for job in jobs:
-                    _preprocess_chunk(job)
-                    bar.update(len(job[0]))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r")
-
-
-def normalize_pixels(pixels: torch.Tensor, image_processor: CLIPImageProcessor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 from `pixel_cache` -> (B, 3, S, S) float32 `pixel_values`,
-    identical to what `image_processor(images)` returns for the same images."""
-    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels.float() * image_processor.rescale_factor - mean) / std
-
-
-class _CachedImages(torch.utils.data.Dataset):
-    """Index -> (3, S, S) uint8 pixels from the cache, plus the index (for the labels)."""
-
-    def __init__(self, pixels: np.ndarray, num_images: int):
-        self.pixels = pixels
-        self.num_images = num_images
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __getitem__(self, index: int):
-        return torch.from_numpy(np.array(self.pixels[index])), index
-
-
-class _CaptionCollator:
-    """Stacks and normalises pixels, and draws a fresh random caption for each image.
-
-    Besides the model inputs it returns `caption_matches`, (B, B) bool: whether caption
-    j is true of image i (it names no label that image i lacks), for
-    `multi_positive_clip_loss`.
-    """
-
-    def __init__(
-        self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int, axes=AXES,
-        single_axis: bool = False,
-    ):
-        self.axes = tuple(axes)  # the benchmark's axes (`benchmark_axes`)
-        self.single_axis = single_axis
-        self.labels = [labels_of_row(row, self.axes) for row in rows]
-        self.label_ids = torch.stack([torch.from_numpy(label_ids(rows, axis)) for axis in self.axes], dim=1)  # (N, A)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.full_caption_probability = full_caption_probability
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, items) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([pixels for pixels, _ in items])
-        indices = torch.tensor([i for _, i in items])
-        captions, named = [], []
-        for i in indices.tolist():
-            caption, axes = sample_caption(
-                self.labels[i], self.rng, self.full_caption_probability, return_axes=True, axes=self.axes,
-                single_axis=self.single_axis,
-            )
-            captions.append(caption)
-            named.append([axis in axes for axis in self.axes])
-        text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-        labels = self.label_ids[indices]  # (B, A)
-        named = torch.tensor(named)  # (B, A): axes caption j names
-        same = labels[:, None, :] == labels[None, :, :]  # (B_image, B_caption, A)
-        return {
-            "pixel_values": normalize_pixels(pixels, self.image_processor),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "caption_matches": (same | ~named[None, :, :]).all(dim=-1),
-        }
-
-
 def multi_positive_clip_loss(logits_per_image: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric contrastive loss, with every true caption counted as a positive.
 
@@ -330,9 +168,6 @@ def multi_positive_clip_loss(logits_per_image: torch.Tensor, matches: torch.Tens
     image_loss = -(targets / targets.sum(1, keepdim=True) * logits_per_image.log_softmax(dim=1)).sum(1).mean()
     text_loss = -(targets / targets.sum(0, keepdim=True) * logits_per_image.log_softmax(dim=0)).sum(0).mean()
     return (image_loss + text_loss) / 2
-
-
-# ------------------------------------------------------------------------ training
 
 
 @dataclass
@@ -378,123 +213,155 @@ def train_clip_teacher(
     """
     config = config or TeacherTrainingConfig()
     data_root, output_dir = Path(data_root), Path(output_dir)
-    data_info = read_benchmark_info(data_root)
-    if data_info is None:
-        raise FileNotFoundError(f"{data_root} holds no generated benchmark (no info.json); run generate_benchmark first")
-    config_hash = config.config_hash(data_info)
-    existing = read_training_info(output_dir)
-    if existing is not None and existing.get("config_hash") == config_hash:
-        return TeacherTrainingResult(output_dir, skipped=True, info=existing)
+    finished = _finished_teacher(config, data_root, output_dir)
+    if finished is not None:
+        return finished
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
     )
     set_seed(config.seed)
-
-    # Data: uint8 pixels cached once; captions drawn per step from the labels.
-    rows = load_benchmark_split(data_root, "train")
-    num_images = len(rows) if config.num_train_images is None else min(config.num_train_images, len(rows))
-    image_processor = build_image_processor(config.image_size)
-    with accelerator.main_process_first():
-        pixels = pixel_cache(data_root, "train", image_processor, num_workers, progress and accelerator.is_main_process)
-    # The vocabulary: every caption word plus the words of the zero-shot prompts.
-    axes = benchmark_axes(data_info)
-    tokenizer = build_word_level_tokenizer(
-        [row["caption"] for row in rows] + [p for axis in axes.values() for p in axis.prompts()],
-        max_length=config.max_text_length,
-    )
-    collator = _CaptionCollator(
-        rows, tokenizer, image_processor, config.full_caption_probability, seed=config.seed + accelerator.process_index,
-        axes=axes, single_axis=config.single_axis_captions,
-    )
-    loader = torch.utils.data.DataLoader(
-        _CachedImages(pixels, num_images),
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-
-    model = CLIPModel(build_clip_config(config, tokenizer))
+    data = _TeacherData.load(config, data_root, accelerator, num_workers, progress)
+    model = CLIPModel(build_clip_config(config, data.tokenizer))
     if config.dct_patch_rows:
         init_patch_projection_dct(model.vision_model.embeddings.patch_embedding.weight, config.dct_patch_rows)
-    # No weight decay on biases, norms, embeddings and the temperature, as in CLIP.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    batches_per_epoch = num_images // config.batch_size // accelerator.num_processes
-    total_steps = max(1, math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * total_steps), total_steps)
+    # CLIP's betas and eps; weight decay and schedule as every trainer here (`optimization.py`), decaying to 0.
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    total_steps = _total_steps(config, data.num_images, accelerator.num_processes)
+    warmup_steps = round(config.warmup_fraction * total_steps)
     text_params = [*model.text_model.parameters(), *model.text_projection.parameters()]
     text_frozen_steps = round(config.text_freeze_fraction * total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, data.loader)
 
-    losses, step, seen = [], 0, 0
+    losses, step = [], 0
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    batches = _epochs(loader)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="training teacher", unit="step", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=total_steps, desc="training teacher", unit="step",
+               disable=not (progress and accelerator.is_main_process))
     while step < total_steps:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                matches = batch.pop("caption_matches")
-                with accelerator.autocast():
-                    logits = model(**batch).logits_per_image.float()
-                loss = multi_positive_clip_loss(logits, matches)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if step < text_frozen_steps:
-                        for p in text_params:
-                            p.grad = None  # AdamW skips parameters without a gradient
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            # CLIP clamps the learned temperature at 100 to keep the loss stable.
-            with torch.no_grad():
-                accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
-            step += 1
-            seen += images_per_step
-            losses.append(accelerator.gather(loss.detach()).mean().item())
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{seen / elapsed:.0f}")
-            bar.update()
-            if step >= total_steps:
-                break
+        batch = next(batches)
+        set_learning_rate(optimizer, config.learning_rate * cosine_schedule_with_warmup(step, warmup_steps, total_steps))
+        with accelerator.accumulate(model):
+            matches = batch.pop("caption_matches")  # (B, B): caption j is true of image i
+            with accelerator.autocast():
+                logits = model(**batch).logits_per_image.float()  # (B, B)
+            loss = multi_positive_clip_loss(logits, matches)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if step < text_frozen_steps:
+                    for p in text_params:
+                        p.grad = None  # AdamW skips parameters without a gradient
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue  # accumulating gradients: not an optimizer step yet
+        with torch.no_grad():  # CLIP clamps the learned temperature at 100 to keep the loss stable.
+            accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+        step += 1
+        losses.append(accelerator.gather(loss.detach()).mean().item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{step * images_per_step / (time.perf_counter() - start):.0f}")
+        bar.update()
     bar.close()
-    train_seconds = time.perf_counter() - start
+    timing = {"images_seen": step * images_per_step, "train_seconds": time.perf_counter() - start}
+    return _save_trained_teacher(accelerator, model, data, config, data_root, output_dir, losses, timing,
+                                 evaluate_split, num_workers, progress)
 
+
+def _finished_teacher(config: TeacherTrainingConfig, data_root: Path, output_dir: Path) -> "TeacherTrainingResult | None":
+    """The teacher already in `output_dir` when its config hash (config + benchmark info) matches, else None."""
+    data_info = read_benchmark_info(data_root)
+    if data_info is None:
+        raise FileNotFoundError(f"{data_root} holds no generated benchmark (no info.json); run generate_benchmark first")
+    existing = read_training_info(output_dir)
+    if existing is not None and existing.get("config_hash") == config.config_hash(data_info):
+        return TeacherTrainingResult(output_dir, skipped=True, info=existing)
+    return None
+
+
+def _save_trained_teacher(accelerator, model, data, config, data_root, output_dir, losses, timing,
+                          evaluate_split, num_workers, progress) -> TeacherTrainingResult:
+    """On the main process: the training info (plus zero-shot accuracy on `evaluate_split`) and the folder."""
     accelerator.wait_for_everyone()
     info = {}
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model).eval()
-        info = {
-            "config_hash": config_hash,
-            "config": asdict(config),
-            "data": {"root": str(data_root), "info": data_info, "num_train_images": num_images},
-            "steps": step,
-            "images_seen": seen,
-            "train_seconds": round(train_seconds, 1),
-            "images_per_second": round(seen / train_seconds, 1),
-            "loss_first": losses[0],
-            "loss_last": float(np.mean(losses[-10:])),
-            "losses": [round(v, 4) for v in losses],
-        }
+        info = _training_info(config, data_root, data.num_images, losses, **timing)
         if evaluate_split is not None:
             info[f"zero_shot_{evaluate_split}"] = evaluate_clip_zero_shot(
-                model, tokenizer, image_processor, data_root, evaluate_split, num_workers=num_workers, progress=progress
+                model, data.tokenizer, data.image_processor, data_root, evaluate_split, num_workers=num_workers,
+                progress=progress,
             )
-        _save_teacher(output_dir, model, tokenizer, image_processor, info)
+        _save_teacher(output_dir, model, data.tokenizer, data.image_processor, info)
     accelerator.wait_for_everyone()
     return TeacherTrainingResult(output_dir, skipped=False, info=info)
+
+
+@dataclass
+class _TeacherData:
+    """The training data of one teacher run: rows of the train split, the tokenizer built from their captions, the
+    image processor and the caption loader."""
+
+    rows: list
+    num_images: int
+    tokenizer: object
+    image_processor: CLIPImageProcessor
+    loader: torch.utils.data.DataLoader
+
+    @classmethod
+    def load(cls, config: TeacherTrainingConfig, data_root: Path, accelerator: Accelerator, num_workers: int,
+             progress: bool) -> "_TeacherData":
+        rows = load_benchmark_split(data_root, "train")
+        num_images = len(rows) if config.num_train_images is None else min(config.num_train_images, len(rows))
+        image_processor = build_image_processor(config.image_size)
+        with accelerator.main_process_first():
+            pixels = pixel_cache(data_root, "train", image_processor, num_workers,
+                                 progress and accelerator.is_main_process)
+        # The vocabulary: every caption word plus the words of the zero-shot prompts of the benchmark's own axes.
+        axes = benchmark_axes(read_benchmark_info(data_root))
+        tokenizer = build_word_level_tokenizer(
+            [row["caption"] for row in rows] + [p for axis in axes.values() for p in axis.prompts()],
+            max_length=config.max_text_length,
+        )
+        loader = caption_loader(pixels, num_images, rows, tokenizer, image_processor, config.batch_size,
+                                config.full_caption_probability, config.seed, accelerator.process_index,
+                                axes=tuple(axes), single_axis=config.single_axis_captions)
+        if len(loader) == 0:
+            raise ValueError(f"{num_images} training images make no full batch of {config.batch_size}: lower "
+                             "`batch_size` or raise `num_train_images`.")
+        return cls(rows, num_images, tokenizer, image_processor, loader)
+
+
+def _total_steps(config: TeacherTrainingConfig, num_images: int, num_processes: int) -> int:
+    """Optimizer steps for `config.num_epochs` passes over `num_images` (full batches only)."""
+    batches_per_epoch = num_images // config.batch_size // num_processes
+    return max(1, math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps))
+
+
+def _epochs(loader):
+    """The loader's batches, epoch after epoch (a fresh shuffle each), without end."""
+    while True:
+        yield from loader
+
+
+def _training_info(config, data_root, num_images, losses, images_seen, train_seconds) -> dict:
+    """The contents of `training_info.json`: config and its hash, data, steps, timings and losses."""
+    data_info = read_benchmark_info(data_root)
+    return {
+        "config_hash": config.config_hash(data_info),
+        "config": asdict(config),
+        "data": {"root": str(data_root), "info": data_info, "num_train_images": num_images},
+        "steps": len(losses),
+        "images_seen": images_seen,
+        "train_seconds": round(train_seconds, 1),
+        "images_per_second": round(images_seen / train_seconds, 1),
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-10:])),
+        "losses": [round(v, 4) for v in losses],
+    }
 
 
 def _save_teacher(output_dir: Path, model, tokenizer, image_processor, info: dict) -> None:
@@ -559,12 +426,9 @@ __all__ = [
     "TeacherTrainingConfig",
     "TeacherTrainingResult",
     "build_clip_config",
-    "build_image_processor",
     "evaluate_clip_zero_shot",
     "init_patch_projection_dct",
     "multi_positive_clip_loss",
-    "normalize_pixels",
-    "pixel_cache",
     "read_training_info",
     "train_clip_teacher",
 ]

@@ -8,7 +8,7 @@ This file is shipped as remote code with saved checkpoints: it imports only `tra
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers.configuration_utils import PreTrainedConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.clip.configuration_clip import CLIPTextConfig
 
 
@@ -136,9 +136,10 @@ class WaveCLIPConfig(PreTrainedConfig):
     """
 
     model_type = "waveclip"
+    # Spelled as `SubConfigSpec`s: transformers < 5.21 accepts nothing else here.
     sub_configs_defaults = {
-        "vision_config": WaveCLIPVisionConfig,
-        "text_config": CLIPTextConfig,
+        "vision_config": SubConfigSpec(config_class=WaveCLIPVisionConfig),
+        "text_config": SubConfigSpec(config_class=CLIPTextConfig),
     }
 
     text_config: dict | CLIPTextConfig | None = None
@@ -147,5 +148,9 @@ class WaveCLIPConfig(PreTrainedConfig):
     logit_scale_init_value: float | int = 2.6592
     initializer_factor: float = 1.0
 
+
+# Saved configs get an `auto_map` entry for `AutoConfig` and carry this file.
+WaveCLIPConfig.register_for_auto_class()
+WaveCLIPVisionConfig.register_for_auto_class()
 
 __all__ = ["WaveCLIPConfig", "WaveCLIPVisionConfig"]

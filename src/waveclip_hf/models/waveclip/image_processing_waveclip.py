@@ -25,7 +25,6 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import ptwt
-import pywt
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
@@ -34,6 +33,15 @@ from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
 from .wavelet_layout import check_packable, pack_coefficients, unpack_coefficients
+
+# PyWavelets is imported as `pywt`, a name pip does not install: for a missing import transformers' remote-code
+# check would say `pip install pywt`. It skips imports inside `try`, so the message is ours and names the package.
+try:
+    import pywt
+except ImportError as error:
+    raise ImportError(
+        "WaveCLIP's image processor needs PyWavelets (imported as `pywt`): `pip install PyWavelets`."
+    ) from error
 
 
 logger = logging.get_logger(__name__)

@@ -13,7 +13,6 @@ This file is shipped as remote code with saved checkpoints: it imports only torc
 
 
 import json
-import operator
 import os
 import shutil
 import weakref
@@ -26,44 +25,33 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
     CLIPEncoderLayer,
     CLIPMLP,
     CLIPOutput,
-    CLIPTextEmbeddings,
     CLIPTextModel,
     eager_attention_forward,
     image_text_contrastive_loss,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .scoring import zero_shot_logits
 from .gating import check_margin_scaling, check_margin_threshold, check_stage_count, gate_stops
+from .stage_cache import WaveCLIPStageCache
 from .wavelet_layout import unpack_coefficients
 
 
-# Files a saved folder needs besides the model and config code (which transformers copies itself), so that
-# `AutoImageProcessor` and the custom zero-shot pipeline load with `trust_remote_code=True`.
+logger = logging.get_logger(__name__)
+
+# Shipped files that the model code does not import, copied into every saved folder so that `AutoImageProcessor`
+# and the gated zero-shot pipeline load from it with `trust_remote_code=True`.
 _EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py")
 ZERO_SHOT_TASK = "zero-shot-image-classification"
-_AUTO_MAP = {
-    "AutoConfig": "configuration_waveclip.WaveCLIPConfig",
-    "AutoModel": "modeling_waveclip.WaveCLIPModel",
-    "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
-    "AutoImageProcessor": "image_processing_waveclip.WaveCLIPImageProcessor",
-}
-_CUSTOM_PIPELINES = {
-    ZERO_SHOT_TASK: {
-        "impl": "pipeline_waveclip.WaveCLIPZeroShotImageClassificationPipeline",
-        "pt": ["AutoModelForZeroShotImageClassification"],
-        "type": "multimodal",
-    }
-}
 
 
 @dataclass
@@ -136,24 +124,25 @@ def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: i
 
 
 def block_causal_mask(
-    query_stages: torch.Tensor, key_stages: torch.Tensor, dtype: torch.dtype
+    config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, dtype: torch.dtype, device=None
 ) -> torch.Tensor | None:
     """Additive attention mask letting a token of stage s see every token of stages <= s and nothing later.
 
-    Args:
-        query_stages: (Q,) stage index of each query token.
-        key_stages: (K,) stage index of each key token (cached tokens first).
-        dtype: dtype of the attention scores.
+    Queries are the tokens of stages `first_stage..end_stage-1` (the ones computed in this call), keys the tokens of
+    stages `0..end_stage-1` (cached stages first).
 
     Returns:
-        (1, 1, Q, K) tensor with 0 where attention is allowed and the dtype's minimum elsewhere, or `None` when
-        every query may see every key (e.g. one new stage on top of a cache), which lets SDPA pick its fastest
-        kernel.
+        (1, 1, Q, K) tensor with 0 where attention is allowed and the dtype's minimum elsewhere, or `None` when one new
+        stage is fed (on top of a cache or not): then every query may see every key, and SDPA keeps its fastest
+        kernel. The choice is made from the stage counts, known on the host, so `torch.export` and `torch.compile`
+        see no branch on tensor data.
     """
-    allowed = key_stages[None, :] <= query_stages[:, None]
-    if bool(allowed.all()):
+    if end_stage - first_stage == 1:
         return None
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    query_stages = token_stage_ids(config, first_stage, end_stage, device)
+    key_stages = token_stage_ids(config, 0, end_stage, device)
+    allowed = key_stages[None, :] <= query_stages[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -288,13 +277,51 @@ class WaveCLIPEncoderLayer(CLIPEncoderLayer):
 
 
 class WaveCLIPEncoder(nn.Module):
-    """A stack of [`WaveCLIPEncoderLayer`]s."""
+    """A stack of [`WaveCLIPEncoderLayer`]s: CLIP's encoder, reading and extending a cache."""
 
     def __init__(self, config: WaveCLIPVisionConfig):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(WaveCLIPEncoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        """Runs the new tokens through every layer, appending their keys and values to `cache`.
+
+        Args:
+            inputs_embeds: (batch, new_tokens, hidden) tokens of the stages computed in this call.
+            attention_mask: (1, 1, new_tokens, all_tokens) additive mask from `block_causal_mask`, or `None`.
+            cache: keys and values of the earlier stages, extended in place (`None`: nothing cached).
+
+        Returns:
+            `BaseModelOutput` with `last_hidden_state` (batch, new_tokens, hidden), and when asked `hidden_states`
+            (input of every layer plus the output) and `attentions` (batch, heads, new_tokens, all_tokens) per layer.
+        """
+        # SDPA returns no probabilities; asking for them switches this call to the eager kernel.
+        attn_implementation = "eager" if output_attentions else None
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            # The hidden states go positionally and the rest by name, as `GradientCheckpointingLayer` expects: it
+            # checkpoints the positional inputs and drops a `cache` keyword when it recomputes a layer.
+            hidden_states, attn_weights = layer(
+                hidden_states, attention_mask, cache=cache, attn_implementation=attn_implementation
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
 
 
 class WaveCLIPPreTrainedModel(PreTrainedModel):
@@ -307,18 +334,18 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # Written into the config by `save_pretrained` (see there); only the dual encoder has a pipeline.
+    _extra_auto_map: dict[str, str] = {}
+    _custom_pipelines: dict[str, dict] = {}
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # CLIP's scheme for the blocks it shares with us (text embeddings, attention, MLP); the wavelet
-        # embeddings are new. `init.*` respects parameters already loaded from a checkpoint.
+        # CLIP's scheme for the vision blocks it shares with us (attention, MLP); the wavelet embeddings are new.
+        # The text tower is CLIP's `CLIPTextModel`, initialised by CLIP's own `_init_weights` (see
+        # `initialize_weights`). `init.*` respects parameters already loaded from a checkpoint.
         super()._init_weights(module)
         factor = self.config.initializer_factor
-        if isinstance(module, CLIPTextEmbeddings):
-            init.normal_(module.token_embedding.weight, std=factor * 0.02)
-            init.normal_(module.position_embedding.weight, std=factor * 0.02)
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
-        elif isinstance(module, WaveCLIPVisionEmbeddings):
+        if isinstance(module, WaveCLIPVisionEmbeddings):
             std = module.config.initializer_range * factor
             init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
             init.normal_(module.position_embedding.weight, std=std)
@@ -339,6 +366,27 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, WaveCLIPModel):
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """transformers' `initialize_weights` (every module bottom-up, each by the `_init_weights` of the model that
+        owns it, the CLIP text tower by CLIP's), always on transformers' in-library path.
+
+        transformers takes classes defined outside its package for remote code that may write weights in place, and
+        then skips every module without parameters of its own: attention and MLP blocks would keep the generic
+        normal(0, 0.02) of their linear layers instead of CLIP's depth-scaled scheme. Every `_init_weights` here writes
+        through `transformers.initialization`, which leaves tensors loaded from a checkpoint alone, so the in-library
+        path is safe.
+        """
+
+        def initialize(module: nn.Module, owner: PreTrainedModel) -> None:
+            for child in module.children():
+                initialize(child, child if isinstance(child, PreTrainedModel) else owner)
+            owner._initialize_weights(module)  # is_custom_code=False: the in-library path
+
+        with init.guard_torch_init_functions():
+            initialize(self, self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -383,7 +431,9 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
         if want_report:
             return model, report
         missing = sorted(report.get("missing_keys") or [])
-        if missing:
+        # `from_pretrained(None, config=..., state_dict=...)` builds the model from a state dict the caller chose:
+        # what it leaves out is initialised, as transformers does. Only a checkpoint that lacks tensors is an error.
+        if missing and source is not None:
             hint = "Save the model with `model.save_pretrained(folder)` so that every tensor is written."
             if any(key.startswith("vision_model.") for key in report.get("unexpected_keys") or []):
                 hint = (
@@ -425,17 +475,23 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
             )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus what a folder needs to load anywhere with `trust_remote_code`.
+        """`PreTrainedModel.save_pretrained`, plus what transformers has no per-model mechanism for.
 
-        Writes `auto_map` (AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoImageProcessor)
-        and `custom_pipelines` (the margin-gated zero-shot pipeline) into the config, and copies the remote-code
-        files next to the weights.
+        `register_for_auto_class` (end of this file) makes transformers write `auto_map` entries for `AutoConfig` and
+        `AutoModel` and copy this file with its relative imports. This adds the other `auto_map` entries
+        (`AutoModelForZeroShotImageClassification`, `AutoImageProcessor`: one Auto class per registered class),
+        `custom_pipelines` (transformers writes it only for a pipeline registered in its global task registry, which
+        would replace the stock zero-shot pipeline for every model), and copies the image processor and pipeline
+        files, so that the folder carries every shipped file and loads anywhere with `trust_remote_code=True`.
         """
         config = self.config
-        config.auto_map = dict(_AUTO_MAP)
-        config.custom_pipelines = {task: dict(spec) for task, spec in _CUSTOM_PIPELINES.items()}
+        if self._extra_auto_map:
+            config.auto_map = {**(getattr(config, "auto_map", None) or {}), **self._extra_auto_map}
+        if self._custom_pipelines:
+            config.custom_pipelines = {task: dict(spec) for task, spec in self._custom_pipelines.items()}
         super().save_pretrained(save_directory, *args, **kwargs)
-        copy_remote_code(save_directory)
+        if kwargs.get("is_main_process", True):
+            copy_remote_code(save_directory)
 
 
 def _unreadable_safetensors(folder: Path) -> list[Path]:
@@ -584,6 +640,27 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         hint = f" (the stages processed after this call; the cache holds {cached} of {config.num_stages})"
         return cached, check_stage_count(num_stages, "num_stages", config.num_stages, cached + 1, hint)
 
+    def _cache_to_use(
+        self, cache: Cache | None, cached_stages: int, use_cache: bool | None
+    ) -> tuple[Cache | None, bool]:
+        """The cache this call reads and extends (`None`: none) and whether the output returns it."""
+        use_cache = use_cache if use_cache is not None else cache is not None
+        if self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The backward pass recomputes every layer, which would append the new stage to the cache a second time.
+            if cached_stages:
+                raise ValueError(
+                    "Gradient checkpointing cannot continue from a cache: recomputing a layer in the backward pass "
+                    "would write the new stage into it twice. Run every stage in one call (no cache), or call "
+                    "`model.gradient_checkpointing_disable()` first."
+                )
+            if use_cache:
+                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing: no cache is returned.")
+            return None, False
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        # A cache holding earlier stages is read (and extended) even when the caller wants no cache back.
+        return (cache if use_cache or cached_stages else None), use_cache
+
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
@@ -605,48 +682,29 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             cache (`Cache`, *optional*):
                 A cache returned by an earlier call on the same images; it is extended in place.
             use_cache (`bool`, *optional*):
-                Return a cache to continue from (a new `DynamicCache` if none was passed).
+                Return a cache to continue from (a new `DynamicCache` if none was passed; pass a
+                [`WaveCLIPStageCache`] to fill preallocated per-stage buffers instead).
             output_attentions (`bool`, *optional*):
                 Return attention probabilities (computed with `eager` attention for this call).
             output_hidden_states (`bool`, *optional*):
                 Return every layer's hidden states.
+            return_dict (`bool`, *optional*):
+                Return a [`WaveCLIPVisionModelOutput`] rather than a tuple (default: `config.return_dict`).
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        use_cache = use_cache if use_cache is not None else cache is not None
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
         first_stage, end_stage = self._check_inputs(pixel_values, cache, num_stages)
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        cache = cache if use_cache or first_stage > 0 else None
+        cache, use_cache = self._cache_to_use(cache, first_stage, use_cache)
 
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
-        device = hidden_states.device
-        # One new stage sees every key (cached stages and itself): no mask, so SDPA may pick its fastest kernel.
-        attention_mask = None
-        if end_stage - first_stage > 1:
-            attention_mask = block_causal_mask(
-                token_stage_ids(self.config, first_stage, end_stage, device),
-                token_stage_ids(self.config, 0, end_stage, device), hidden_states.dtype
-            )
-        # SDPA returns no probabilities; asking for them switches this call to the eager kernel.
-        attn_implementation = "eager" if output_attentions else None
-
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.encoder.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights = layer(hidden_states, attention_mask, cache, attn_implementation)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        attention_mask = block_causal_mask(config, first_stage, end_stage, hidden_states.dtype, hidden_states.device)
+        encoder_outputs = self.encoder(hidden_states, attention_mask, cache, output_attentions, output_hidden_states)
+        hidden_states = encoder_outputs.last_hidden_state
 
         # Each computed stage's class token sits at the first position of its block.
-        offsets = self.config.stage_offsets
+        offsets = config.stage_offsets
         starts = [offset - offsets[first_stage] for offset in offsets[first_stage:end_stage]]
         stage_pooler_outputs = self.post_layernorm(hidden_states[:, starts])
         if cache is not None:
@@ -656,8 +714,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             pooler_output=stage_pooler_outputs[:, -1],
             stage_pooler_outputs=stage_pooler_outputs,
             cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -670,6 +728,17 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     """
 
     config: WaveCLIPConfig
+    _extra_auto_map = {
+        "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
+        "AutoImageProcessor": "image_processing_waveclip.WaveCLIPImageProcessor",
+    }
+    _custom_pipelines = {
+        ZERO_SHOT_TASK: {
+            "impl": "pipeline_waveclip.WaveCLIPZeroShotImageClassificationPipeline",
+            "pt": ["AutoModelForZeroShotImageClassification"],
+            "type": "multimodal",
+        }
+    }
 
     def __init__(self, config: WaveCLIPConfig):
         super().__init__(config)
@@ -693,14 +762,23 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """Text tower as `CLIPModel.get_text_features`: `pooler_output` is the projected (batch, projection_dim)."""
+        # Unset flags are left to the text tower, which reads them from its own config.
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         outputs = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_dict=True,
+            **{name: value for name, value in flags.items() if value is not None},
         )
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
-        return outputs if return_dict is not False else outputs.to_tuple()
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return outputs if return_dict else outputs.to_tuple()
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def get_image_features(
@@ -730,7 +808,8 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         )
         outputs.stage_pooler_outputs = self.visual_projection(outputs.stage_pooler_outputs)
         outputs.pooler_output = outputs.stage_pooler_outputs[:, -1]
-        return outputs if return_dict is not False else outputs.to_tuple()
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return outputs if return_dict else outputs.to_tuple()
 
     @torch.no_grad()
     def refine(
@@ -846,8 +925,16 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids)
+        text_outputs = self.get_text_features(
+            input_ids,
+            attention_mask,
+            position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
         text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
@@ -862,13 +949,19 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
+
+# Saved folders get `auto_map` entries for these Auto classes and carry this file (see `save_pretrained`).
+WaveCLIPModel.register_for_auto_class("AutoModel")
+WaveCLIPVisionModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
     "WaveCLIPRefinementOutput",
+    "WaveCLIPStageCache",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",
     "block_causal_mask",

@@ -85,6 +85,10 @@ def check_hypothesis_template(hypothesis_template) -> str:
 class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
     """The stock zero-shot pipeline, answering each image at the earliest stage whose margin is decisive."""
 
+    # No video processor: otherwise transformers looks for one next to the image processor's remote code and, without
+    # `trust_remote_code`, asks on the terminal whether to run it.
+    _load_video_processor = False
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._text_embeddings = OrderedDict()

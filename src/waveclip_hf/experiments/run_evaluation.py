@@ -1,0 +1,252 @@
+"""Evaluate a main-job run on the benchmark's test split: the teacher, the student at each fixed stage and the
+gated student over a threshold sweep, per label axis; then the saved student through the stock pipeline.
+
+Every number comes from embeddings computed once (`embed_test_split`, cached): because attention is
+block-causal, one full forward gives every stage's answer exactly as the cached refinement would, and the gate is
+replayed offline for each threshold (`evaluation.calibration`). docs/offline_benchmark.md describes the axes.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..data.synthetic import AXES, label_ids
+from ..evaluation.calibration import (
+    OperatingPoint,
+    cumulative_stage_gflops,
+    oracle_exit_point,
+    stage_probabilities,
+    sweep_thresholds,
+)
+from ..evaluation.zero_shot import text_embeddings_per_axis, zero_shot_predictions
+from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
+from .cached_steps import settings_hash
+
+FINE_AXES = tuple(name for name, axis in AXES.items() if axis.scale == "fine")
+COARSE_AXES = tuple(name for name, axis in AXES.items() if axis.scale == "coarse")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings of the test split (cached)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def embeddings_cache_path(cache_dir: Path, teacher_dir: Path, student_dir: Path) -> Path:
+    """Where `embed_test_split` caches the embeddings of this teacher and student (keyed by their folders)."""
+    return Path(cache_dir) / f"test-embeddings-{settings_hash([str(teacher_dir), str(student_dir)])}.safetensors"
+
+
+def _test_batches(data_root: Path, rows: list[dict], batch_size: int):
+    for start in range(0, len(rows), batch_size):
+        yield [Image.open(data_root / "test" / row["file_name"]).convert("RGB") for row in rows[start : start + batch_size]]
+
+
+def _load_encoders(teacher_dir: Path, student_dir: Path, device: str) -> dict:
+    """Teacher `CLIPModel` and its processor, the saved student (remote code) and its processor, the tokenizer."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+    return {
+        "teacher": CLIPModel.from_pretrained(teacher_dir).to(device).eval(),
+        "teacher_processor": AutoImageProcessor.from_pretrained(teacher_dir),
+        "student": AutoModel.from_pretrained(student_dir, trust_remote_code=True).to(device).eval(),
+        "student_processor": AutoImageProcessor.from_pretrained(student_dir, trust_remote_code=True),
+        "tokenizer": AutoTokenizer.from_pretrained(student_dir),
+    }
+
+
+@torch.no_grad()
+def _image_embeddings(encoders: dict, data_root: Path, rows, batch_size: int, device: str, progress: bool):
+    """Teacher (N, P) and raw student per-stage (N, S, P) image embeddings of the test images, float32 on the CPU."""
+    teacher_embeds, student_embeds = [], []
+    batches = _test_batches(data_root, rows, batch_size)
+    for images in tqdm(batches, total=-(-len(rows) // batch_size), desc="embedding the test split", unit="batch",
+                       disable=not progress):
+        pixels = encoders["teacher_processor"](images=images, return_tensors="pt")["pixel_values"].to(device)
+        teacher_embeds.append(encoders["teacher"].get_image_features(pixel_values=pixels).pooler_output.float().cpu())
+        coefficients = encoders["student_processor"](images=images, return_tensors="pt")["pixel_values"].to(device)
+        student_embeds.append(encoders["student"].get_image_features(coefficients).stage_pooler_outputs.float().cpu())
+    return torch.cat(teacher_embeds), torch.cat(student_embeds)
+
+
+@torch.no_grad()
+def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path, cache: Path, batch_size: int,
+                     progress: bool) -> dict:
+    """The embeddings every metric of `evaluate` is computed from, cached in one safetensors file at `cache`.
+
+    Returns:
+        "teacher": (N, P) teacher image embeddings; "student": (N, S, P) L2-normalised student embeddings after
+        every stage; "logit_scale": (1,) the teacher's exp(logit scale); "text.<axis>" and "student_text.<axis>":
+        (C, P) normalised prompt embeddings of each axis from the teacher's and the student's text tower.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cache.is_file():
+        return load_file(cache)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoders = _load_encoders(teacher_dir, student_dir, device)
+    teacher_embeds, student_embeds = _image_embeddings(encoders, data_root, rows, batch_size, device, progress)
+    prompts = {name: axis.prompts() for name, axis in AXES.items()}
+    text = text_embeddings_per_axis(encoders["teacher"], encoders["tokenizer"], prompts, device)
+    student_text = text_embeddings_per_axis(encoders["student"], encoders["tokenizer"], prompts, device)
+    tensors = {
+        "teacher": teacher_embeds,
+        "student": torch.nn.functional.normalize(student_embeds, dim=-1),
+        "logit_scale": encoders["teacher"].logit_scale.exp().float().cpu().reshape(1),
+        **{f"text.{name}": embeds.float().cpu().contiguous() for name, embeds in text.items()},
+        **{f"student_text.{name}": embeds.float().cpu().contiguous() for name, embeds in student_text.items()},
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, cache)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], thresholds):
+    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep."""
+    labels = torch.from_numpy(label_ids(rows, name))
+    text = embeddings[f"text.{name}"]
+    teacher_accuracy = float((zero_shot_predictions(embeddings["teacher"], text) == labels).double().mean())
+    probs = stage_probabilities(embeddings["student"], text, float(embeddings["logit_scale"]))
+    stage_accuracy = [float((probs[:, s].argmax(-1) == labels).double().mean()) for s in range(len(gflops))]
+    sweep = sweep_thresholds(probs, labels, gflops, thresholds)
+    oracle = oracle_exit_point(probs, labels, gflops)
+    row = {
+        "scale": AXES[name].scale,
+        "num_classes": len(AXES[name].class_names),
+        "chance": 1 / len(AXES[name].class_names),
+        "teacher": teacher_accuracy,
+        "stages": stage_accuracy,
+        "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
+                                                        embeddings[f"text.{name}"])),
+        "oracle_exit": {"mean_gflops": oracle.mean_gflops, "stage_share": oracle.stage_share},
+    }
+    return row, sweep
+
+
+def _mean_curve(sweeps: dict[str, list[OperatingPoint]], thresholds, num_stages: int) -> list[OperatingPoint]:
+    """The gate runs per task (axis); the curve averages accuracy, GFLOPs and exit shares over the tasks."""
+    mean_curve = []
+    for i, threshold in enumerate(thresholds):
+        points = [sweeps[name][i] for name in AXES]
+        mean_curve.append(OperatingPoint(
+            threshold=float(threshold),
+            accuracy=float(np.mean([p.accuracy for p in points])),
+            mean_gflops=float(np.mean([p.mean_gflops for p in points])),
+            stage_share=[float(np.mean([p.stage_share[s] for p in points])) for s in range(num_stages)],
+        ))
+    return mean_curve
+
+
+def _summary(per_axis: dict, mean_curve: list[OperatingPoint], gflops: list[float], gflops_target: float) -> dict:
+    """Means over axes, the coarse/fine split at stage 0, the oracle bound and the two gated operating points."""
+    num_stages = len(gflops)
+    full_accuracy = float(np.mean([per_axis[n]["stages"][-1] for n in AXES]))
+    budget = gflops_target * gflops[-1]
+    affordable = [p for p in mean_curve if p.mean_gflops <= budget + 1e-9]
+    best_within_budget = max(affordable, key=lambda p: (p.accuracy, -p.mean_gflops), default=None)
+    within_one_point = [p for p in mean_curve if p.accuracy >= full_accuracy - 0.01]
+    cheapest_within_one_point = min(within_one_point, key=lambda p: p.mean_gflops, default=None)
+    teacher_mean = float(np.mean([per_axis[n]["teacher"] for n in AXES]))
+    return {
+        "teacher_mean": teacher_mean,
+        "student_stage_mean": [float(np.mean([per_axis[n]["stages"][s] for n in AXES])) for s in range(num_stages)],
+        "student_full_minus_teacher_points": 100 * (full_accuracy - teacher_mean),
+        "stage0_coarse_mean": float(np.mean([per_axis[n]["stages"][0] for n in COARSE_AXES])),
+        "stage0_fine_mean": float(np.mean([per_axis[n]["stages"][0] for n in FINE_AXES])),
+        # The least any gate can spend without changing one of the full model's answers (`oracle_exit_point`).
+        "oracle_exit_gflops": float(np.mean([per_axis[n]["oracle_exit"]["mean_gflops"] for n in AXES])),
+        "full_gflops": gflops[-1],
+        "gflops_budget": budget,
+        "best_within_budget": dataclasses.asdict(best_within_budget) if best_within_budget else None,
+        "cheapest_within_one_point": dataclasses.asdict(cheapest_within_one_point) if cheapest_within_one_point else None,
+    }
+
+
+def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds, gflops_target: float) -> dict:
+    """Per-axis zero-shot accuracy of teacher, fixed stages and the gate sweep; GFLOPs; exit-stage shares.
+
+    Args:
+        embeddings: as returned by `embed_test_split`.
+        rows: the test split's metadata rows (one column per axis), in embedding order.
+        student_config: the student's `WaveCLIPConfig` (stage costs); teacher_config: the teacher's `CLIPConfig`.
+        thresholds: margin thresholds of the sweep.
+        gflops_target: the budget of `best_within_budget`, as a fraction of the full student's GFLOPs.
+
+    Returns:
+        JSON-ready dict: FLOPs convention, cumulative GFLOPs per stage, the teacher's GFLOPs and patch size,
+        `per_axis` rows, the sweep per axis and averaged over axes, and `summary`.
+    """
+    gflops = cumulative_stage_gflops(student_config)
+    per_axis, sweeps = {}, {}
+    for name in AXES:
+        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, thresholds)
+    mean_curve = _mean_curve(sweeps, thresholds, len(gflops))
+    return {
+        "flops_convention": FLOPS_CONVENTION,
+        "student_cumulative_gflops": gflops,
+        "teacher_gflops": clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9,
+        "teacher_patch_size": teacher_config.vision_config.patch_size,
+        "per_axis": per_axis,
+        "sweep_per_axis": {name: [dataclasses.asdict(p) for p in points] for name, points in sweeps.items()},
+        "sweep_mean": [dataclasses.asdict(p) for p in mean_curve],
+        "summary": _summary(per_axis, mean_curve, gflops, gflops_target),
+    }
+
+
+def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, teacher_config, student_dir: Path,
+                     thresholds, gflops_target: float, batch_size: int, progress: bool):
+    """Embed the test split with teacher and student (cached per teacher and student folder) and `evaluate`.
+
+    Returns:
+        (results of `evaluate`, the student's config)
+    """
+    from transformers import AutoConfig
+
+    cache = embeddings_cache_path(cache_dir, teacher_dir, student_dir)
+    embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, batch_size, progress)
+    student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
+    results = evaluate(embeddings, rows, student_config, teacher_config, list(thresholds), gflops_target)
+    return results, student_config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The saved folder through the stock pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, count: int) -> list[dict]:
+    """Classify the first `count` test images on every axis with the saved folder through the stock
+    `pipeline("zero-shot-image-classification", trust_remote_code=True)` entry point, gated at `threshold`."""
+    from transformers import pipeline
+
+    classifier = pipeline("zero-shot-image-classification", model=str(student_dir), trust_remote_code=True)
+    demo = []
+    for row in rows[:count]:
+        image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
+        answers = {}
+        for name, axis in AXES.items():
+            result = classifier(image, candidate_labels=list(axis.class_names), hypothesis_template=axis.template,
+                                margin_threshold=threshold)
+            answers[name] = {"predicted": result[0]["label"], "score": round(result[0]["score"], 3),
+                             "true": row[name], "stage": result[0]["stage"], "gflops": round(result[0]["gflops"], 4)}
+        demo.append({"file_name": row["file_name"], "caption": row["caption"], "answers": answers})
+    return demo
+
+
+__all__ = [
+    "COARSE_AXES",
+    "FINE_AXES",
+    "embed_test_split",
+    "evaluate",
+    "evaluate_student",
+    "pipeline_demo",
+    "embeddings_cache_path",
+]
