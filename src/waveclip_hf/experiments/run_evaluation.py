@@ -74,13 +74,14 @@ def _image_embeddings(encoders: dict, data_root: Path, rows, batch_size: int, de
 
 @torch.no_grad()
 def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path, cache: Path, batch_size: int,
-                     progress: bool) -> dict:
+                     progress: bool, axes: dict | None = None) -> dict:
     """The embeddings every metric of `evaluate` is computed from, cached in one safetensors file at `cache`.
 
     Returns:
         "teacher": (N, P) teacher image embeddings; "student": (N, S, P) L2-normalised student embeddings after
         every stage; "logit_scale": (1,) the teacher's exp(logit scale); "text.<axis>" and "student_text.<axis>":
-        (C, P) normalised prompt embeddings of each axis from the teacher's and the student's text tower.
+        (C, P) normalised prompt embeddings of each axis (of `axes`, default `AXES`) from the teacher's and the
+        student's text tower.
     """
     from safetensors.torch import load_file, save_file
 
@@ -89,7 +90,7 @@ def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoders = _load_encoders(teacher_dir, student_dir, device)
     teacher_embeds, student_embeds = _image_embeddings(encoders, data_root, rows, batch_size, device, progress)
-    prompts = {name: axis.prompts() for name, axis in AXES.items()}
+    prompts = {name: axis.prompts() for name, axis in (axes or AXES).items()}
     text = text_embeddings_per_axis(encoders["teacher"], encoders["tokenizer"], prompts, device)
     student_text = text_embeddings_per_axis(encoders["student"], encoders["tokenizer"], prompts, device)
     tensors = {
@@ -109,8 +110,8 @@ def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], thresholds):
-    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep."""
+def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], thresholds, axis):
+    """One axis (its `LabelAxis`): its table row (accuracies, chance, oracle exit) and its threshold sweep."""
     labels = torch.from_numpy(label_ids(rows, name))
     text = embeddings[f"text.{name}"]
     teacher_accuracy = float((zero_shot_predictions(embeddings["teacher"], text) == labels).double().mean())
@@ -119,9 +120,9 @@ def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], thres
     sweep = sweep_thresholds(probs, labels, gflops, thresholds)
     oracle = oracle_exit_point(probs, labels, gflops)
     row = {
-        "scale": AXES[name].scale,
-        "num_classes": len(AXES[name].class_names),
-        "chance": 1 / len(AXES[name].class_names),
+        "scale": axis.scale,
+        "num_classes": len(axis.class_names),
+        "chance": 1 / len(axis.class_names),
         "teacher": teacher_accuracy,
         "stages": stage_accuracy,
         "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
@@ -135,7 +136,7 @@ def _mean_curve(sweeps: dict[str, list[OperatingPoint]], thresholds, num_stages:
     """The gate runs per task (axis); the curve averages accuracy, GFLOPs and exit shares over the tasks."""
     mean_curve = []
     for i, threshold in enumerate(thresholds):
-        points = [sweeps[name][i] for name in AXES]
+        points = [sweeps[name][i] for name in sweeps]
         mean_curve.append(OperatingPoint(
             threshold=float(threshold),
             accuracy=float(np.mean([p.accuracy for p in points])),
@@ -148,21 +149,24 @@ def _mean_curve(sweeps: dict[str, list[OperatingPoint]], thresholds, num_stages:
 def _summary(per_axis: dict, mean_curve: list[OperatingPoint], gflops: list[float], gflops_target: float) -> dict:
     """Means over axes, the coarse/fine split at stage 0, the oracle bound and the two gated operating points."""
     num_stages = len(gflops)
-    full_accuracy = float(np.mean([per_axis[n]["stages"][-1] for n in AXES]))
+    names = list(per_axis)
+    coarse = [n for n in names if per_axis[n]["scale"] == "coarse"]
+    fine = [n for n in names if per_axis[n]["scale"] == "fine"]
+    full_accuracy = float(np.mean([per_axis[n]["stages"][-1] for n in names]))
     budget = gflops_target * gflops[-1]
     affordable = [p for p in mean_curve if p.mean_gflops <= budget + 1e-9]
     best_within_budget = max(affordable, key=lambda p: (p.accuracy, -p.mean_gflops), default=None)
     within_one_point = [p for p in mean_curve if p.accuracy >= full_accuracy - 0.01]
     cheapest_within_one_point = min(within_one_point, key=lambda p: p.mean_gflops, default=None)
-    teacher_mean = float(np.mean([per_axis[n]["teacher"] for n in AXES]))
+    teacher_mean = float(np.mean([per_axis[n]["teacher"] for n in names]))
     return {
         "teacher_mean": teacher_mean,
-        "student_stage_mean": [float(np.mean([per_axis[n]["stages"][s] for n in AXES])) for s in range(num_stages)],
+        "student_stage_mean": [float(np.mean([per_axis[n]["stages"][s] for n in names])) for s in range(num_stages)],
         "student_full_minus_teacher_points": 100 * (full_accuracy - teacher_mean),
-        "stage0_coarse_mean": float(np.mean([per_axis[n]["stages"][0] for n in COARSE_AXES])),
-        "stage0_fine_mean": float(np.mean([per_axis[n]["stages"][0] for n in FINE_AXES])),
+        "stage0_coarse_mean": float(np.mean([per_axis[n]["stages"][0] for n in coarse])),
+        "stage0_fine_mean": float(np.mean([per_axis[n]["stages"][0] for n in fine])),
         # The least any gate can spend without changing one of the full model's answers (`oracle_exit_point`).
-        "oracle_exit_gflops": float(np.mean([per_axis[n]["oracle_exit"]["mean_gflops"] for n in AXES])),
+        "oracle_exit_gflops": float(np.mean([per_axis[n]["oracle_exit"]["mean_gflops"] for n in names])),
         "full_gflops": gflops[-1],
         "gflops_budget": budget,
         "best_within_budget": dataclasses.asdict(best_within_budget) if best_within_budget else None,
@@ -170,7 +174,8 @@ def _summary(per_axis: dict, mean_curve: list[OperatingPoint], gflops: list[floa
     }
 
 
-def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds, gflops_target: float) -> dict:
+def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds, gflops_target: float,
+             axes: dict | None = None) -> dict:
     """Per-axis zero-shot accuracy of teacher, fixed stages and the gate sweep; GFLOPs; exit-stage shares.
 
     Args:
@@ -179,6 +184,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         student_config: the student's `WaveCLIPConfig` (stage costs); teacher_config: the teacher's `CLIPConfig`.
         thresholds: margin thresholds of the sweep.
         gflops_target: the budget of `best_within_budget`, as a fraction of the full student's GFLOPs.
+        axes: name -> `LabelAxis` of the benchmark (default `AXES`; `benchmark_axes` of its info.json).
 
     Returns:
         JSON-ready dict: FLOPs convention, cumulative GFLOPs per stage, the teacher's GFLOPs and patch size,
@@ -186,8 +192,8 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     """
     gflops = cumulative_stage_gflops(student_config)
     per_axis, sweeps = {}, {}
-    for name in AXES:
-        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, thresholds)
+    for name, axis in (axes or AXES).items():
+        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, thresholds, axis)
     mean_curve = _mean_curve(sweeps, thresholds, len(gflops))
     return {
         "flops_convention": FLOPS_CONVENTION,
@@ -202,8 +208,9 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
 
 
 def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, teacher_config, student_dir: Path,
-                     thresholds, gflops_target: float, batch_size: int, progress: bool):
-    """Embed the test split with teacher and student (cached per teacher and student folder) and `evaluate`.
+                     thresholds, gflops_target: float, batch_size: int, progress: bool, axes: dict | None = None):
+    """Embed the test split with teacher and student (cached per teacher and student folder) and `evaluate` on
+    `axes` (default `AXES`).
 
     Returns:
         (results of `evaluate`, the student's config)
@@ -211,9 +218,9 @@ def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, 
     from transformers import AutoConfig
 
     cache = embeddings_cache_path(cache_dir, teacher_dir, student_dir)
-    embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, batch_size, progress)
+    embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, batch_size, progress, axes)
     student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
-    results = evaluate(embeddings, rows, student_config, teacher_config, list(thresholds), gflops_target)
+    results = evaluate(embeddings, rows, student_config, teacher_config, list(thresholds), gflops_target, axes)
     return results, student_config
 
 
@@ -222,7 +229,8 @@ def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, count: int) -> list[dict]:
+def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, count: int,
+                  axes: dict | None = None) -> list[dict]:
     """Classify the first `count` test images on every axis with the saved folder through the stock
     `pipeline("zero-shot-image-classification", trust_remote_code=True)` entry point, gated at `threshold`."""
     from transformers import pipeline
@@ -232,7 +240,7 @@ def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, co
     for row in rows[:count]:
         image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
         answers = {}
-        for name, axis in AXES.items():
+        for name, axis in (axes or AXES).items():
             result = classifier(image, candidate_labels=list(axis.class_names), hypothesis_template=axis.template,
                                 margin_threshold=threshold)
             answers[name] = {"predicted": result[0]["label"], "score": round(result[0]["score"], 3),
