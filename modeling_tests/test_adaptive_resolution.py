@@ -124,3 +124,23 @@ def test_benchmark_keys(monkeypatch, tmp_path):
         preset_settings("adaptive-896")
     assert preset_settings("adaptive-448", {"teacher": {"num_epochs": 1.0}})["teacher"]["patch_size"] == 64
     assert PRESETS["adaptive-448"]["teacher"]["image_size"] == 448
+
+
+def test_patch_scaled_teacher_reads_a_2x_nearest_upsample_like_the_original():
+    from transformers import CLIPModel
+
+    from waveclip_hf.experiments.interpolated_teacher import patch_scaled_copy
+
+    torch.manual_seed(0)
+    teacher = CLIPModel(tiny_clip_config()).eval()
+    scaled = patch_scaled_copy(teacher)
+    assert (scaled.config.vision_config.image_size, scaled.config.vision_config.patch_size) == (128, 32)
+    pixels = torch.randn(2, 3, 64, 64)
+    upsampled = pixels.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    with torch.no_grad():
+        expected = teacher.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(scaled.get_image_features(pixel_values=upsampled).pooler_output, expected,
+                                   atol=1e-5, rtol=1e-5)
+        # Interpolated positions on the same upsample read a 4x4 grid of 16-px patches: another embedding.
+        interpolated = teacher.get_image_features(pixel_values=upsampled, interpolate_pos_encoding=True).pooler_output
+    assert not torch.allclose(interpolated, expected, atol=1e-2)

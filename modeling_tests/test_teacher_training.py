@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,36 @@ def test_single_axis_captions_name_one_axis():
     rng = np.random.default_rng(0)
     named = [sample_caption(labels, rng, p_full=0.0, return_axes=True, single_axis=True)[1] for _ in range(200)]
     assert all(len(axes) == 1 for axes in named) and {axes[0] for axes in named} == set(labels)
+
+
+def test_init_from_a_smaller_teacher_reads_the_2x_upsample_like_the_source(tmp_path):
+    """A 2x teacher (image and patch doubled) started from a trained one gives the source's image embedding on a
+    2x nearest-upsampled image, and the source's text embedding for words both vocabularies hold."""
+    from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer
+    from waveclip_hf.training.teacher import build_clip_config
+    from waveclip_hf.training.teacher_init import init_from_smaller_teacher
+
+    small = TeacherTrainingConfig(image_size=32, patch_size=8, vision_hidden_size=32, vision_intermediate_size=64,
+                                  vision_num_layers=1, text_hidden_size=32, text_intermediate_size=64,
+                                  text_num_layers=1, projection_dim=16)
+    source_tokenizer = build_word_level_tokenizer(["a red star", "a blue ring"], max_length=small.max_text_length)
+    torch.manual_seed(0)
+    source = CLIPModel(build_clip_config(small, source_tokenizer)).eval()
+    source.save_pretrained(tmp_path / "source")
+    source_tokenizer.save_pretrained(tmp_path / "source")
+    big = dataclasses.replace(small, image_size=64, patch_size=16)
+    tokenizer = build_word_level_tokenizer(["a red star", "the letter e"], max_length=small.max_text_length)
+    model = CLIPModel(build_clip_config(big, tokenizer)).eval()
+    info = init_from_smaller_teacher(model, tokenizer, tmp_path / "source")
+    assert info["factor"] == 2 and {"letter", "e", "the"} <= set(info["new_words"]) and "star" not in info["new_words"]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_image_features(pixel_values=pixels.repeat_interleave(2, 2).repeat_interleave(2, 3)).pooler_output,
+            source.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5, rtol=1e-5)
+        text = lambda m, tok: m.get_text_features(**tok(["a red star"], return_tensors="pt")).pooler_output
+        torch.testing.assert_close(text(model, tokenizer), text(source, source_tokenizer))
+    with pytest.raises(ValueError, match="same patch grid"):
+        init_from_smaller_teacher(CLIPModel(build_clip_config(dataclasses.replace(small, patch_size=16, image_size=64 * 2),
+                                                              tokenizer)), tokenizer, tmp_path / "source")
+    assert TeacherTrainingConfig(init_from="x").config_hash({"a": 1}) != TeacherTrainingConfig().config_hash({"a": 1})

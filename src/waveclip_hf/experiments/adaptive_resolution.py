@@ -9,7 +9,10 @@ At 448 px, two levels and 64-px cells, stage 0 reads the level-2 approximation (
 model's stage 1, and stage 2 (level-1 details) holds what only the 448-px image has. The job
 
 1. generates (or reuses) the three-scale benchmark (`data.synthetic`, layout "three-scale");
-2. trains (or reuses) a CLIP teacher on it at 448 px (patch 64: the 7 x 7 grid of today's 224-px teacher);
+2. trains (or reuses) a CLIP teacher on it at 448 px (patch 64: the 7 x 7 grid of the main job's 224-px teacher),
+   started from the main job's teacher (`training.teacher_init`: the patch kernel upsampled, the text embeddings
+   copied word by word), so that it only has to add the micro axis (`--source-teacher`; default: the main job's
+   teacher in `--main-cache-dir`, which `bash scripts/run_main.sh` makes);
 3. distils (or reuses) the three-stage student from it (`convert_clip_to_waveclip` at 448 / L=2 / cell 64);
 4. evaluates teacher, fixed stages and the margin gate per axis on the test split (`run_evaluation`);
 5. writes docs/adaptive_resolution.{md,json} and two figures.
@@ -41,7 +44,7 @@ PRESETS = {
     # Sized for about half an hour on a shared 2-core CPU (docs/adaptive_resolution.md says what this cuts).
     "adaptive-448": dict(
         layout="three-scale", num_train=3_000, num_validation=100, num_test=500,
-        teacher=dict(image_size=448, patch_size=64, num_epochs=6.0),
+        teacher=dict(image_size=448, patch_size=64, num_epochs=8.0, learning_rate=3e-4),
         distillation=dict(cell_size=64, max_steps=200, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0,
                           mixed_precision="bf16"),
     ),
@@ -61,6 +64,28 @@ def preset_settings(preset: str, overrides: dict | None = None) -> dict:
         else:
             settings[key] = value
     return settings
+
+
+def main_job_teacher(main_cache_dir: str | Path, seed: int = 0) -> Path:
+    """The folder of the main job's default ("small") teacher in `main_cache_dir`, found by the main job's own cache
+    keys; nothing is trained or written.
+
+    Raises:
+        FileNotFoundError: no finished teacher there (run `bash scripts/run_main.sh` first, or pass its folder).
+    """
+    from ..training.teacher import TeacherTrainingConfig, read_training_info
+    from .cached_steps import settings_hash
+    from .end_to_end import SIZES
+
+    small = SIZES["small"]
+    counts = {"num_train": small["num_train"], "num_validation": small["num_validation"], "num_test": small["num_test"]}
+    data_name = f"benchmark-v{GENERATOR_VERSION}-{settings_hash({'seed': seed, 'generator_version': GENERATOR_VERSION, **counts})}"
+    config = TeacherTrainingConfig(seed=seed, **small["teacher"])
+    folder = Path(main_cache_dir).expanduser().resolve() / f"teacher-{config.config_hash({'data': data_name})}"
+    if read_training_info(folder) is None:
+        raise FileNotFoundError(f"No finished main-job teacher at {folder}: run `bash scripts/run_main.sh` first (it "
+                                "trains it), or pass the folder of a 224-px teacher with --source-teacher.")
+    return folder
 
 
 def plain_clip_gflops(student_config, image_size: int) -> float:
@@ -118,12 +143,15 @@ def adaptive_report(results: dict, student_config, context: dict) -> dict:
     }
 
 
-def run(preset: str, cache_dir: str, docs_dir: str, seed: int = 0, num_workers: int = 2, progress: bool = True,
-        overrides: dict | None = None) -> dict:
-    """Run (or reuse) every step; write docs/adaptive_resolution.{md,json} and the figures; return the report."""
+def run(preset: str, cache_dir: str, docs_dir: str, source_teacher: str | Path, seed: int = 0, num_workers: int = 2,
+        progress: bool = True, overrides: dict | None = None) -> dict:
+    """Run (or reuse) every step, the teacher started from `source_teacher` (a 224-px teacher folder, or None: a
+    fresh one); write docs/adaptive_resolution.{md,json} and the figures; return the report."""
     started = time.time()
     cache_dir, docs_dir = Path(cache_dir).expanduser().resolve(), Path(docs_dir).expanduser().resolve()
     settings = preset_settings(preset, overrides)
+    if source_teacher is not None:
+        settings["teacher"]["init_from"] = str(Path(source_teacher).expanduser().resolve())
     log(f"preset={preset}; cache {cache_dir}")
     step_seconds = {}
 
@@ -179,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=".cache/adaptive_resolution",
                         help="cached steps (default: %(default)s under the current directory)")
     parser.add_argument("--docs-dir", default="docs", help="where adaptive_resolution.{md,json} and figures/ go")
+    parser.add_argument("--main-cache-dir", default=".cache/end_to_end",
+                        help="the main job's cache, where the source teacher is looked up (default: %(default)s)")
+    parser.add_argument("--source-teacher", default=None,
+                        help="a 224-px teacher folder to start the 448-px teacher from (default: the main job's)")
+    parser.add_argument("--fresh-teacher", action="store_true", help="train the 448-px teacher from scratch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--override", type=json.loads, default={},
@@ -189,14 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    report = run(args.preset, args.cache_dir, args.docs_dir, args.seed, args.num_workers, not args.no_progress,
-                 args.override)
+    source = None if args.fresh_teacher else (args.source_teacher or main_job_teacher(args.main_cache_dir, args.seed))
+    report = run(args.preset, args.cache_dir, args.docs_dir, source, args.seed, args.num_workers,
+                 not args.no_progress, args.override)
     print(json.dumps({k: report[k] for k in ("stage_gflops", "clip_224_gflops", "clip_448_gflops", "gated")},
                      indent=2, default=str))
     return report
 
 
-__all__ = ["LEVELS", "PRESETS", "adaptive_report", "build_parser", "gated_point", "main", "plain_clip_gflops",
+__all__ = ["LEVELS", "PRESETS", "adaptive_report", "build_parser", "gated_point", "main", "main_job_teacher",
+           "plain_clip_gflops",
            "preset_settings", "run", "vit_b16_reference", "write_adaptive_docs"]
 
 

@@ -33,12 +33,13 @@ from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_k
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
 from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
+from .teacher_init import init_from_smaller_teacher
 
 TRAINING_INFO_NAME = "training_info.json"
 
 
 # Fields added after teachers were first cached: hashed only when they differ from their defaults.
-_HASHED_ONLY_WHEN_SET = ("single_axis_captions", "dct_patch_rows")
+_HASHED_ONLY_WHEN_SET = ("single_axis_captions", "dct_patch_rows", "init_from")
 
 
 @dataclass
@@ -96,6 +97,9 @@ class TeacherTrainingConfig:
     # functions of one colour channel each (unit norm; 0: all rows random, as CLIP). They hand the transformer the
     # coarse layout of every patch (edges and their positions) from step 0; shape is learned from that layout.
     dct_patch_rows: int = 0
+    # A trained teacher folder at a lower resolution to start from (`teacher_init.init_from_smaller_teacher`: same
+    # patch grid, patch kernel upsampled, text embeddings copied word by word); None: a fresh CLIP.
+    init_from: str | None = None
     num_train_images: int | None = None  # None: the whole train split.
     seed: int = 0
 
@@ -225,6 +229,8 @@ def train_clip_teacher(
     model = CLIPModel(build_clip_config(config, data.tokenizer))
     if config.dct_patch_rows:
         init_patch_projection_dct(model.vision_model.embeddings.patch_embedding.weight, config.dct_patch_rows)
+    if config.init_from:
+        init_from_smaller_teacher(model, data.tokenizer, config.init_from)
     # CLIP's betas and eps; weight decay and schedule as every trainer here (`optimization.py`), decaying to 0.
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(0.9, 0.98), eps=1e-6)
