@@ -110,3 +110,23 @@ def test_training_only_the_new_stage_keeps_the_old_stages(source):
         changed[keep] = True
         assert torch.equal(parameter[~changed], before[name][~changed]), name
         assert not torch.equal(parameter[changed], before[name][changed]), name
+
+
+def test_new_stage_gradient_through_the_cache_equals_the_full_forward(source):
+    """Training only the new stage, the old stages can run once without autograd and be read from the cache: the
+    new stage's gradient is the one of a full forward (block-causal attention, frozen old stages)."""
+    from waveclip_hf.experiments.grow_level_measurement import _new_stage_embeddings
+
+    pixels = torch.randn(2, 3, 448, 448)
+    target = torch.randn(2, 16)
+    grads = []
+    for cached in (False, True):
+        torch.manual_seed(0)  # the same fresh new stage both times
+        grown = grow_level(source)
+        freeze_all_but_last_stage(grown)
+        embeds = _new_stage_embeddings(grown, pixels)[:, 0] if cached else grown.get_image_features(pixels).stage_pooler_outputs[:, 2]
+        (embeds * target).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in grown.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
