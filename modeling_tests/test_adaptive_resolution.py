@@ -75,10 +75,11 @@ def test_report_on_known_answers(tmp_path):
     page = write_adaptive_docs(tmp_path, report)
     text = page.read_text()
     assert "| letter | micro | 16.7 | 100.0 | 0.0 | 0.0 | 100.0 | 100.0 |" in text
-    assert "- coarse axes (color, shape): answered from stage 0 (color), 0 (shape);" in text
-    assert "- fine axes (texture, glyph): answered from stage 1 (texture), 1 (glyph);" in text
+    assert "- coarse axes: answered color from stage 0, shape from stage 0; the gate spends" in text
+    assert "- fine axes: answered texture from stage 1, glyph from stage 1;" in text
+    assert "- micro axes: answered letter from stage 2;" in text
     assert "- Micro axis letter: stage 0 -16.7, stage 1 -16.7, stage 2 +83.3 points over chance: near chance " \
-           "before stage 2; stage 2 reaches 100.0% (teacher 100.0%)." in text
+           "before stage 2; stage 2 reaches 100.0% (teacher 100.0%): learned at stage 2." in text
     assert "- Teacher axes under 90%: none" in text
     assert (tmp_path / "figures" / "adaptive_accuracy_vs_gflops.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "adaptive_resolution.json").read_text())["gated"]["margin_threshold"] == 0.99
@@ -93,6 +94,7 @@ def test_first_answering_stage():
     assert first_answering_stage([0.2, 0.95, 0.96]) == 1
     assert first_answering_stage([0.99, 0.5, 0.98]) == 0
     assert first_answering_stage([0.1, 0.1, 0.9]) == 2
+    assert first_answering_stage([0.17, 0.16, 0.19], chance=1 / 6) is None
 
 
 def test_costs_against_plain_clip():

@@ -20,10 +20,18 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:.1f}"
 
 
-def first_answering_stage(stage_accuracy: list[float]) -> int:
-    """The first stage whose accuracy is within `ANSWERED_WITHIN_POINTS` of the best stage's."""
+def first_answering_stage(stage_accuracy: list[float], chance: float = 0.0) -> int | None:
+    """The first stage whose accuracy is within `ANSWERED_WITHIN_POINTS` of the best stage's; None when even the best
+    stage is within `NEAR_CHANCE_POINTS` of `chance` (no stage answers the axis)."""
     best = max(stage_accuracy)
+    if 100 * (best - chance) <= NEAR_CHANCE_POINTS:
+        return None
     return next(s for s, a in enumerate(stage_accuracy) if 100 * (best - a) <= ANSWERED_WITHIN_POINTS)
+
+
+def _answered_at(name: str, row: dict) -> str:
+    stage = first_answering_stage(row["stage_accuracy"], row["chance"])
+    return f"{name} by no stage (at chance throughout)" if stage is None else f"{name} from stage {stage}"
 
 
 def _header(report: dict) -> list[str]:
@@ -105,11 +113,9 @@ def _readings(report: dict) -> list[str]:
         names = [n for n, row in per_axis.items() if row["scale"] == scale]
         if not names:
             continue
-        stages = {n: first_answering_stage(per_axis[n]["stage_accuracy"]) for n in names}
         spend = np.mean([gated["per_axis"][n]["mean_gflops"] for n in names])
         lines.append(
-            f"- {scale} axes ({', '.join(names)}): answered from stage "
-            + ", ".join(f"{stages[n]} ({n})" for n in names)
+            f"- {scale} axes: answered " + ", ".join(_answered_at(n, per_axis[n]) for n in names)
             + f"; the gate spends {spend:.3f} GFLOPs per image on them ({spend / gflops[-1]:.2f}x the full model, "
             f"{spend / report['clip_224_gflops']:.2f}x CLIP /16 at 224 px, {spend / report['clip_448_gflops']:.2f}x "
             "at 448 px)."
@@ -127,11 +133,13 @@ def _criteria(report: dict) -> list[str]:
             continue
         gaps = [100 * (a - row["chance"]) for a in row["stage_accuracy"]]
         near = all(g <= NEAR_CHANCE_POINTS for g in gaps[:-1])
+        learned = gaps[-1] > NEAR_CHANCE_POINTS
         lines.append(f"- Micro axis {name}: {', '.join(f'stage {s} {g:+.1f}' for s, g in enumerate(gaps))} points "
                      f"over chance: {'near chance before stage 2' if near else 'NOT near chance before stage 2'}; "
-                     f"stage 2 reaches {_pct(row['stage_accuracy'][-1])}% (teacher {_pct(row['teacher_accuracy'])}%).")
+                     f"stage 2 reaches {_pct(row['stage_accuracy'][-1])}% (teacher {_pct(row['teacher_accuracy'])}%): "
+                     + ("learned at stage 2." if learned else "NOT learned at stage 2."))
     coarse_at_0 = [n for n, row in per_axis.items() if row["scale"] == "coarse"
-                   and first_answering_stage(row["stage_accuracy"]) == 0]
+                   and first_answering_stage(row["stage_accuracy"], row["chance"]) == 0]
     lines.append(f"- Coarse axes answered at stage 0: {', '.join(coarse_at_0) or 'none'}.")
     lines.append(f"- Gate: {_pct(gated['accuracy'])}% mean accuracy against {_pct(full)}% for the full model "
                  f"({100 * (gated['accuracy'] - full):+.1f} points) at {gated['mean_gflops']:.3f} GFLOPs "
