@@ -146,3 +146,29 @@ def test_patch_scaled_teacher_reads_a_2x_nearest_upsample_like_the_original():
         # Interpolated positions on the same upsample read a 4x4 grid of 16-px patches: another embedding.
         interpolated = teacher.get_image_features(pixel_values=upsampled, interpolate_pos_encoding=True).pooler_output
     assert not torch.allclose(interpolated, expected, atol=1e-2)
+
+
+def test_a_student_at_twice_the_teachers_size_needs_no_interpolated_positions():
+    """`convert_clip_to_waveclip` from a teacher at S px to a student at 2S px, L=2, 2C-px cells: the same cell grid as
+    the teacher's patch grid (its positions are taken as they are), and stage 0, which reads the 4x downsample,
+    starts close to the teacher on the S-px image (measured: cosine 0.985 on random images at this seed)."""
+    import numpy as np
+    from transformers import CLIPModel
+
+    from waveclip_hf.conversion.clip_to_waveclip import convert_clip_to_waveclip
+    from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+    from waveclip_hf.training.teacher_data import build_image_processor
+
+    torch.manual_seed(0)
+    teacher = CLIPModel(tiny_clip_config()).eval()  # 64 px, patch 16: a 4 x 4 grid
+    student = convert_clip_to_waveclip(teacher, image_size=128, levels=2, cell_size=32).eval()
+    assert student.config.vision_config.grid_size == 4 and student.config.vision_config.stage_lengths == [17, 49, 49]
+    small = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    big = [image.repeat(2, 0).repeat(2, 1) for image in small]
+    with torch.no_grad():
+        expected = teacher.get_image_features(
+            pixel_values=build_image_processor(64)(list(small), return_tensors="pt")["pixel_values"]).pooler_output
+        stage0 = student.get_image_features(
+            WaveCLIPImageProcessor(image_size=128, levels=2)(big, return_tensors="pt")["pixel_values"]
+        ).stage_pooler_outputs[:, 0]
+    assert torch.nn.functional.cosine_similarity(stage0, expected).min() > 0.95
