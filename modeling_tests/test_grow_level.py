@@ -124,7 +124,10 @@ def test_new_stage_gradient_through_the_cache_equals_the_full_forward(source):
         torch.manual_seed(0)  # the same fresh new stage both times
         grown = grow_level(source)
         freeze_all_but_last_stage(grown)
-        embeds = _new_stage_embeddings(grown, pixels)[:, 0] if cached else grown.get_image_features(pixels).stage_pooler_outputs[:, 2]
+        if cached:
+            embeds = _new_stage_embeddings(grown, pixels)[:, 0]
+        else:
+            embeds = grown.get_image_features(pixels).stage_pooler_outputs[:, 2]
         (embeds * target).sum().backward()
         grads.append({n: p.grad.clone() for n, p in grown.named_parameters() if p.requires_grad})
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4

@@ -38,7 +38,7 @@ def _header(report: dict) -> list[str]:
     context, settings = report["context"], report["context"]["settings"]
     first = context["first_run"]
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in context["step_seconds"].items())
-    teacher = settings["teacher"]
+    teacher, trained = settings["teacher"], context["teacher_training"]
     return [
         "# Adaptive resolution: one 448-px model, three stages, three scales",
         "",
@@ -52,7 +52,7 @@ def _header(report: dict) -> list[str]:
         f"validation / {settings['num_test']} test images.",
         f"- Teacher: CLIP ViT trained contrastively on the captions at {teacher.get('image_size')} px, patch "
         f"{teacher.get('patch_size')} (settings {teacher}); "
-        f"{context['teacher_training']['images_seen']} images seen in {context['teacher_training']['train_seconds']} s.",
+        f"{trained['images_seen']} images seen in {trained['train_seconds']} s.",
         f"- Student: WaveCLIP 448 px, L=2, cell {settings['distillation']['cell_size']}, stages of "
         f"{report['stage_tokens']} tokens, distilled from the teacher ({settings['distillation']}).",
         f"- GFLOPs: {report['flops_convention']}.",

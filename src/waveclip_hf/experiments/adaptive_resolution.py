@@ -79,7 +79,8 @@ def main_job_teacher(main_cache_dir: str | Path, seed: int = 0) -> Path:
 
     small = SIZES["small"]
     counts = {"num_train": small["num_train"], "num_validation": small["num_validation"], "num_test": small["num_test"]}
-    data_name = f"benchmark-v{GENERATOR_VERSION}-{settings_hash({'seed': seed, 'generator_version': GENERATOR_VERSION, **counts})}"
+    data_key = settings_hash({"seed": seed, "generator_version": GENERATOR_VERSION, **counts})  # as `build_benchmark`
+    data_name = f"benchmark-v{GENERATOR_VERSION}-{data_key}"
     config = TeacherTrainingConfig(seed=seed, **small["teacher"])
     folder = Path(main_cache_dir).expanduser().resolve() / f"teacher-{config.config_hash({'data': data_name})}"
     if read_training_info(folder) is None:
