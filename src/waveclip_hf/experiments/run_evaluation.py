@@ -88,13 +88,14 @@ def _image_embeddings(encoders: dict, data_root: Path, rows, batch_size: int, de
 
 @torch.no_grad()
 def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path, cache: Path, batch_size: int,
-                     progress: bool) -> dict:
+                     progress: bool, axes: dict | None = None) -> dict:
     """The embeddings every metric of `evaluate` is computed from, cached in one safetensors file at `cache`.
 
     Returns:
         "teacher": (N, P) teacher image embeddings; "student": (N, S, P) L2-normalised student embeddings after
         every stage; "logit_scale": (1,) the teacher's exp(logit scale); "text.<axis>" and "student_text.<axis>":
-        (C, P) normalised prompt embeddings of each axis from the teacher's and the student's text tower.
+        (C, P) normalised prompt embeddings of each axis (of `axes`, default `AXES`) from the teacher's and the
+        student's text tower.
     """
     from safetensors.torch import load_file, save_file
 
@@ -103,7 +104,7 @@ def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoders = _load_encoders(teacher_dir, student_dir, device)
     teacher_embeds, student_embeds = _image_embeddings(encoders, data_root, rows, batch_size, device, progress)
-    prompts = {name: axis.prompts() for name, axis in AXES.items()}
+    prompts = {name: axis.prompts() for name, axis in (axes or AXES).items()}
     text = text_embeddings_per_axis(encoders["teacher"], encoders["tokenizer"], prompts, device)
     student_text = text_embeddings_per_axis(encoders["student"], encoders["tokenizer"], prompts, device)
     tensors = {
@@ -160,9 +161,11 @@ def embed_calibration_split(data_root: Path, student_dir: Path, cache: Path, bat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teacher_gflops: float, thresholds):
-    """One axis: its table row (accuracies, chance, oracle exit) and its threshold sweep. Accuracies come from the
-    `early_exit_accuracy` metric (`evaluation.metrics`), with each answer's cumulative GFLOPs."""
+def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teacher_gflops: float, thresholds,
+                   axis):
+    """One axis (`axis`, its `LabelAxis`): its table row (accuracies, chance, oracle exit) and its threshold sweep.
+    Accuracies come from the `early_exit_accuracy` metric (`evaluation.metrics`), with each answer's cumulative
+    GFLOPs."""
     labels = torch.from_numpy(label_ids(rows, name))
     text = embeddings[f"text.{name}"]
     teacher = early_exit_accuracy(zero_shot_predictions(embeddings["teacher"], text), labels, teacher_gflops)
@@ -172,9 +175,9 @@ def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teach
     sweep = sweep_thresholds(probs, labels, gflops, thresholds)
     oracle = oracle_exit_point(probs, labels, gflops)
     row = {
-        "scale": AXES[name].scale,
-        "num_classes": len(AXES[name].class_names),
-        "chance": 1 / len(AXES[name].class_names),
+        "scale": axis.scale,
+        "num_classes": len(axis.class_names),
+        "chance": 1 / len(axis.class_names),
         "teacher": teacher["accuracy"],
         "stages": [stage["accuracy"] for stage in fixed],
         "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
@@ -190,7 +193,7 @@ def _mean_curve(sweeps: dict[str, list[OperatingPoint]], thresholds, num_stages:
     """The gate runs per task (axis); the curve averages accuracy, GFLOPs and exit shares over the tasks."""
     mean_curve = []
     for i, threshold in enumerate(thresholds):
-        points = [sweeps[name][i] for name in AXES]
+        points = [sweeps[name][i] for name in sweeps]
         mean_curve.append(OperatingPoint(
             threshold=float(threshold),
             accuracy=float(np.mean([p.accuracy for p in points])),
@@ -203,21 +206,24 @@ def _mean_curve(sweeps: dict[str, list[OperatingPoint]], thresholds, num_stages:
 def _summary(per_axis: dict, mean_curve: list[OperatingPoint], gflops: list[float], gflops_target: float) -> dict:
     """Means over axes, the coarse/fine split at stage 0, the oracle bound and the two gated operating points."""
     num_stages = len(gflops)
-    full_accuracy = float(np.mean([per_axis[n]["stages"][-1] for n in AXES]))
+    names = list(per_axis)
+    coarse = [n for n in names if per_axis[n]["scale"] == "coarse"]
+    fine = [n for n in names if per_axis[n]["scale"] == "fine"]
+    full_accuracy = float(np.mean([per_axis[n]["stages"][-1] for n in names]))
     budget = gflops_target * gflops[-1]
     affordable = [p for p in mean_curve if p.mean_gflops <= budget + 1e-9]
     best_within_budget = max(affordable, key=lambda p: (p.accuracy, -p.mean_gflops), default=None)
     within_one_point = [p for p in mean_curve if p.accuracy >= full_accuracy - 0.01]
     cheapest_within_one_point = min(within_one_point, key=lambda p: p.mean_gflops, default=None)
-    teacher_mean = float(np.mean([per_axis[n]["teacher"] for n in AXES]))
+    teacher_mean = float(np.mean([per_axis[n]["teacher"] for n in names]))
     return {
         "teacher_mean": teacher_mean,
-        "student_stage_mean": [float(np.mean([per_axis[n]["stages"][s] for n in AXES])) for s in range(num_stages)],
+        "student_stage_mean": [float(np.mean([per_axis[n]["stages"][s] for n in names])) for s in range(num_stages)],
         "student_full_minus_teacher_points": 100 * (full_accuracy - teacher_mean),
-        "stage0_coarse_mean": float(np.mean([per_axis[n]["stages"][0] for n in COARSE_AXES])),
-        "stage0_fine_mean": float(np.mean([per_axis[n]["stages"][0] for n in FINE_AXES])),
+        "stage0_coarse_mean": float(np.mean([per_axis[n]["stages"][0] for n in coarse])),
+        "stage0_fine_mean": float(np.mean([per_axis[n]["stages"][0] for n in fine])),
         # The least any gate can spend without changing one of the full model's answers (`oracle_exit_point`).
-        "oracle_exit_gflops": float(np.mean([per_axis[n]["oracle_exit"]["mean_gflops"] for n in AXES])),
+        "oracle_exit_gflops": float(np.mean([per_axis[n]["oracle_exit"]["mean_gflops"] for n in names])),
         "full_gflops": gflops[-1],
         "gflops_budget": budget,
         "best_within_budget": dataclasses.asdict(best_within_budget) if best_within_budget else None,
@@ -266,10 +272,11 @@ def _finite(threshold) -> float | None:
     return None if math.isinf(float(threshold)) else float(threshold)
 
 
-def _label_free(embeddings: dict, calibration_embeds: torch.Tensor, rows, gflops: list[float]) -> dict:
+def _label_free(embeddings: dict, calibration_embeds: torch.Tensor, rows, gflops: list[float],
+                names: list[str]) -> dict:
     """The label-free gate per axis, the best single threshold and the labelled oracle, with a summary of each."""
     per_axis, points = {}, {}
-    for name in AXES:
+    for name in names:
         per_axis[name], points[name] = _label_free_axis(name, embeddings, calibration_embeds, rows, gflops)
     full_mean = float(np.mean([row["full_accuracy"] for row in per_axis.values()]))
     threshold, indices = best_shared_threshold(points, full_mean - COMPARISON_MAX_DROP)
@@ -297,7 +304,7 @@ def _label_free(embeddings: dict, calibration_embeds: torch.Tensor, rows, gflops
 
 
 def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds, gflops_target: float,
-             calibration_embeddings: torch.Tensor | None = None) -> dict:
+             calibration_embeddings: torch.Tensor | None = None, axes: dict | None = None) -> dict:
     """Per-axis zero-shot accuracy of teacher, fixed stages and the gate sweep; GFLOPs; exit-stage shares.
 
     Args:
@@ -308,6 +315,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         gflops_target: the budget of `best_within_budget`, as a fraction of the full student's GFLOPs.
         calibration_embeddings: (M, S, P) student embeddings of unlabelled images that are not test images (the
             validation split); given, the label-free gate is evaluated (`label_free`, `summary.label_free`).
+        axes: name -> `LabelAxis` of the benchmark (default `AXES`; `benchmark_axes` of its info.json).
 
     Returns:
         JSON-ready dict: FLOPs convention, cumulative GFLOPs per stage, the teacher's GFLOPs and patch size,
@@ -316,11 +324,12 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     gflops = cumulative_stage_gflops(student_config)
     teacher_gflops = clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
     per_axis, sweeps = {}, {}
-    for name in AXES:
-        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, teacher_gflops, thresholds)
+    for name, axis in (axes or AXES).items():
+        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, teacher_gflops, thresholds,
+                                                      axis)
     mean_curve = _mean_curve(sweeps, thresholds, len(gflops))
     summary = _summary(per_axis, mean_curve, gflops, gflops_target)
-    summary["stage_flip_rate_mean"] = [float(np.mean([per_axis[n]["stage_flip_rate"][s] for n in AXES]))
+    summary["stage_flip_rate_mean"] = [float(np.mean([per_axis[n]["stage_flip_rate"][s] for n in per_axis]))
                                        for s in range(len(gflops))]
     results = {
         "flops_convention": FLOPS_CONVENTION,
@@ -333,7 +342,7 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
         "summary": summary,
     }
     if calibration_embeddings is not None:
-        results["label_free"] = _label_free(embeddings, calibration_embeddings, rows, gflops)
+        results["label_free"] = _label_free(embeddings, calibration_embeddings, rows, gflops, list(per_axis))
         summary["label_free"] = results["label_free"]["summary"]
     return results
 
@@ -359,9 +368,10 @@ def card_results(results: dict, num_images: int, threshold: float, split: str = 
 
 
 def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, teacher_config, student_dir: Path,
-                     thresholds, gflops_target: float, batch_size: int, progress: bool):
+                     thresholds, gflops_target: float, batch_size: int, progress: bool, axes: dict | None = None):
     """Embed the test split with teacher and student (cached per teacher and student folder), and the validation
-    split with the student (the label-free gate's unlabelled calibration images, cached per student), and `evaluate`.
+    split with the student (the label-free gate's unlabelled calibration images, cached per student), and `evaluate`
+    on `axes` (default `AXES`).
 
     Returns:
         (results of `evaluate`, the student's config)
@@ -369,12 +379,12 @@ def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, 
     from transformers import AutoConfig
 
     cache = embeddings_cache_path(cache_dir, teacher_dir, student_dir)
-    embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, batch_size, progress)
+    embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, batch_size, progress, axes)
     calibration = embed_calibration_split(data_root, student_dir, calibration_embeddings_cache_path(
         cache_dir, student_dir), batch_size, progress)
     student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
     results = evaluate(embeddings, rows, student_config, teacher_config, list(thresholds), gflops_target,
-                       calibration_embeddings=calibration)
+                       calibration_embeddings=calibration, axes=axes)
     return results, student_config
 
 
@@ -383,7 +393,8 @@ def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, count: int) -> list[dict]:
+def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, count: int,
+                  axes: dict | None = None) -> list[dict]:
     """Classify the first `count` test images on every axis with the saved folder through the stock
     `pipeline("zero-shot-image-classification", trust_remote_code=True)` entry point, gated at `threshold`."""
     from transformers import pipeline
@@ -393,7 +404,7 @@ def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, co
     for row in rows[:count]:
         image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
         answers = {}
-        for name, axis in AXES.items():
+        for name, axis in (axes or AXES).items():
             result = classifier(image, candidate_labels=list(axis.class_names), hypothesis_template=axis.template,
                                 margin_threshold=threshold)
             answers[name] = {"predicted": result[0]["label"], "score": round(result[0]["score"], 3),
