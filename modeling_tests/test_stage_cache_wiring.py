@@ -105,11 +105,21 @@ def test_the_pipeline_keeps_one_stage_cache_across_calls(classifier):
     assert (got - reference.scores).abs().max() < 1e-5
 
 
+@torch.no_grad()
+def threshold_between_margins(model, pixel_values, text_embeds, index: int) -> float:
+    """Halfway between the `index`-th and the next smallest stage-0 margin: no image sits on the threshold, where a
+    rounding difference (compiled vs eager) could flip the gate."""
+    image = model.get_image_features(pixel_values, num_stages=1).pooler_output
+    probs = zero_shot_logits(image, text_embeds, model.logit_scale.exp()).softmax(-1)
+    margins = probability_margin(probs).sort().values
+    return float(margins[index] + margins[index + 1]) / 2
+
+
 def compiled_and_eager_refine(backend: str):
-    """refine on a compiled copy and on the eager model, at a threshold where about half the images exit at stage 0
-    (so the continuing batch is smaller than the first one)."""
+    """refine on a compiled copy and on the eager model, at a threshold where half the images exit at stage 0 (so the
+    continuing batch is smaller than the first one)."""
     model, pixel_values, text_embeds = refine_inputs(levels=2, batch=6)
-    threshold = median_stage0_margin(model, pixel_values, text_embeds)
+    threshold = threshold_between_margins(model, pixel_values, text_embeds, 2)
     compiled = tiny_model(2)
     compiled.load_state_dict(model.state_dict())
     compiled.compile_stages(backend=backend, fullgraph=True)
@@ -123,7 +133,7 @@ def compiled_and_eager_refine(backend: str):
 
 def assert_compiled_agrees(eager, outputs, tolerance: float) -> None:
     first, smaller, again = outputs
-    assert 0 < int((eager.exit_stage == 0).sum()) < 6  # some images continue from the cache, some do not
+    assert int((eager.exit_stage == 0).sum()) == 3  # half continue from the cache
     for out in (first, again):
         assert torch.equal(out.exit_stage, eager.exit_stage)
         assert (out.scores - eager.scores).abs().max() < tolerance
