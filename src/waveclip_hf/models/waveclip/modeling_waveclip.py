@@ -953,15 +953,13 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         first_stage = self._first_refined_stage(margin_threshold, num_stages)
         self.vision_model._check_pixel_values(pixel_values)
         text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
-        batch_size = pixel_values.shape[0]
-        device = self.logit_scale.device
-        logit_scale = self.logit_scale.exp()
-        num_labels = text_embeds.shape[0]
+        batch_size, num_labels = pixel_values.shape[0], text_embeds.shape[0]
+        device, logit_scale = self.logit_scale.device, self.logit_scale.exp()
         cumulative = self._cumulative_stage_gflops()
         gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, batch_size)
-        stage_scores = None  # with return_all_stages: (batch, stages, labels), NaN for the stages an image did not run
-        if return_all_stages:
-            stage_scores = text_embeds.new_full((batch_size, num_stages, num_labels), float("nan"), device=device)
+        # With return_all_stages: (batch, stages, labels), NaN for the stages an image did not run.
+        stage_scores = (text_embeds.new_full((batch_size, num_stages, num_labels), float("nan"), device=device)
+                        if return_all_stages else None)
 
         logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
         image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
@@ -983,10 +981,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             probs = logits.softmax(-1)
             if stage_scores is not None:
                 stage_scores[active, stage] = probs
-            if last:
-                stops = torch.ones_like(active, dtype=torch.bool)
-            else:
-                stops = ~gate.continues(probs, stage)
+            stops = torch.ones_like(active, dtype=torch.bool) if last else ~gate.continues(probs, stage)
             answered = active[stops]
             logits_per_image[answered] = logits[stops]
             image_embeds[answered] = embeds[stops]
@@ -999,12 +994,8 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
             active = active[continuing]
 
         return WaveCLIPRefinementOutput(
-            scores=logits_per_image.softmax(-1),
-            logits_per_image=logits_per_image,
-            image_embeds=image_embeds,
-            exit_stage=exit_stage,
-            gflops=cumulative.to(device)[exit_stage].float(),
-            stage_scores=stage_scores,
+            scores=logits_per_image.softmax(-1), logits_per_image=logits_per_image, image_embeds=image_embeds,
+            exit_stage=exit_stage, gflops=cumulative.to(device)[exit_stage].float(), stage_scores=stage_scores,
         )
 
     def _refinement_label_embeddings(self, text_embeds, input_ids, attention_mask, position_ids) -> torch.Tensor:
