@@ -36,7 +36,7 @@ def tiny_settings(**overrides) -> BenchmarkSettings:
         preprocessing_single=Schedule(1, 0, 1), preprocessing_batch=Schedule(3, 0, 1),
         profile_batch_size=2, gpu_schedules=(Schedule(2, 0, 1),), gpu_early_exit=Schedule(4, 0, 1),
         num_labels=12, pipeline_images=2, stock_pipeline_images=1, pipeline_rounds=1,
-        pipeline_batch_sizes=(1, 2),
+        pipeline_batch_sizes=(1, 2), compile_backend=None,
     )
     settings.update(overrides)
     return BenchmarkSettings(**settings)
@@ -102,8 +102,9 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
 
     encoder = report["encoder"]["cpu"]["float32"]
     assert set(encoder) == {"1", "3"}
-    for entry in encoder.values():
-        assert set(entry["configs"]) == set(ENCODER_CONFIGS)
+    for entry in encoder.values():  # the quick settings do not compile
+        assert set(entry["configs"]) == {name for name in ENCODER_CONFIGS if not name.endswith("_compiled")}
+        assert entry["first_call_seconds"] == {}
         for row in entry["configs"].values():
             assert {"median", "q1", "q3", "min", "max", "samples", "ms_per_image", "gflops_per_image",
                     "gflops_per_second"} <= set(row)
@@ -175,7 +176,9 @@ def test_encoder_rows_take_each_configuration_from_its_case_and_part():
     gflops = {"clip_full": 4.0, "waveclip_stage0": 1.0, "waveclip_cached_full": 4.0, "waveclip_naive": 5.0,
               "waveclip_full_forward": 4.0}
     rows = encoder_rows(times, batch_size=2, gflops_per_image=gflops, num_stages=2)
-    assert list(rows) == list(ENCODER_CONFIGS)
+    # Rows for the configurations whose case ran, in the report's order.
+    assert list(rows) == ["clip_full", "waveclip_stage0", "waveclip_cached_full", "waveclip_naive",
+                          "waveclip_full_forward"]
     medians = {name: row["median"] for name, row in rows.items()}
     assert medians == pytest.approx({"clip_full": 0.5, "waveclip_stage0": 0.2, "waveclip_cached_full": 0.5,
                                      "waveclip_naive": 0.8, "waveclip_full_forward": 0.6})
@@ -208,3 +211,36 @@ def test_encoder_targets_are_ratios_of_medians_against_their_bounds():
         ("naive re-run / cached full pass, CPU batch 8", pytest.approx(1.5), ">=", 1.20, True),
     ]
     assert evaluate_targets({}) == []
+
+
+def test_at_batch_4_the_kept_stage_cache_is_judged_against_clip_and_one_full_forward():
+    configs = {"clip_full": {"median": 1.0}, "waveclip_stage0": {"median": 0.25},
+               "waveclip_cached_full": {"median": 1.1}, "waveclip_cached_kept": {"median": 1.02},
+               "waveclip_cached_dynamic": {"median": 1.08}, "waveclip_naive": {"median": 1.3},
+               "waveclip_full_forward": {"median": 1.0}}
+    targets = evaluate_targets({"encoder": {"cpu": {"float32": {"4": {"configs": configs}}}}})
+    assert [(t["target"], t["measured"], t["bound"], t["passed"]) for t in targets] == [
+        ("stage 0 / CLIP full pass, CPU batch 4", pytest.approx(0.25), 0.35, True),
+        ("cached full pass (kept stage cache) / CLIP full pass, CPU batch 4", pytest.approx(1.02), 1.04, True),
+        ("cached full pass (kept stage cache) / one block-causal full forward, CPU batch 4", pytest.approx(1.02),
+         1.03, True),
+        ("naive re-run / cached full pass (kept stage cache), CPU batch 4", pytest.approx(1.3 / 1.02), 1.20, True),
+    ]
+    # The other caches' ratios are in the details.
+    assert "new stage cache: 1.100; DynamicCache: 1.080" in targets[1]["detail"]
+    assert "with DynamicCache: 1.204" in targets[3]["detail"]
+
+
+@pytest.mark.slow
+def test_compiled_encoder_rows_sit_beside_the_eager_ones(tmp_path):
+    """`backend="eager"`: torch.compile's tracing without code generation, so the rows and the report are checked
+    without minutes of compilation."""
+    results = run_benchmarks(tiny_settings(sections=("encoder",), use_gpu=False, compile_backend="eager",
+                                           cpu_schedules=(Schedule(1, 0, 1), Schedule(3, 0, 1))),
+                             log=lambda *_: None)
+    for entry in results["encoder"]["cpu"]["float32"].values():
+        assert set(entry["configs"]) == set(ENCODER_CONFIGS)
+        assert set(entry["first_call_seconds"]) == {
+            "clip_full_compiled", "waveclip_cached_kept_compiled", "waveclip_naive_compiled"}
+    markdown = write_reports(results, tmp_path)["markdown"].read_text()
+    assert "WaveCLIP stage 0 only, compiled" in markdown and "First call of each compiled case" in markdown

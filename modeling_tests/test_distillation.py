@@ -664,7 +664,7 @@ def test_model_card_front_matter_and_no_placeholders(teacher_dir, images_dir, tm
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "transformers"
     assert front["pipeline_tag"] == "zero-shot-image-classification"
-    assert front["license"] == "apache-2.0"
+    assert front["license"] == "other"  # the local teacher states none: its terms (test_model_card.py has the rest)
     assert set(front["tags"]) == {"waveclip", "clip", "wavelet", "zero-shot-image-classification", "distillation"}
     assert "$" not in card
     assert "margin_threshold" in card and "trust_remote_code=True" in card
@@ -718,7 +718,7 @@ def test_cli_help_and_bad_teacher(tmp_path, images_dir):
     parser = build_parser()
     flags = [action for action in parser._actions if action.dest != "help"]
     assert [a.option_strings[0] for a in flags if not a.help] == []  # every flag says what it does
-    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} - {"adam_betas"}
+    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} - {"adam_betas"} | {"recipe"}
     args = build_parser().parse_args(["--train-data", "x", "--output-dir", "y", "--max-steps", "7", "--lr", "0.1",
                                       "--stage-weights", "1", "2", "--mixed-precision", "bf16"])
     config = config_from_args(args)

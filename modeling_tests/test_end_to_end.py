@@ -53,7 +53,20 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
     assert "| texture | fine |" in results_md and "python -m waveclip_hf.experiments.end_to_end" in results_md
     assert (tmp_path / "docs" / "figures" / "e2e_accuracy_vs_gflops.png").stat().st_size > 10_000
     assert len(report["context"]["demo"]) == 2
+    # The label-free gate, per axis, calibrated on the unlabelled validation split (issue 15, item 1).
+    label_free = report["summary"]["label_free"]
+    assert gflops[0] / gflops[-1] - 1e-9 <= label_free["mean_gflops_ratio"] <= 1 + 1e-9
+    assert label_free["max_axis_drop_points"] >= label_free["mean_drop_points"]
+    assert set(report["label_free"]["per_axis"]) == set(per_axis)
+    assert "## The gate without labels" in results_md and "## How often an earlier stage" in results_md
+    assert len(report["context"]["label_free_demo"]["demo"]) == 2
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"] == report["summary"]
+    # The student's card publishes the accuracy just measured, per axis, in its model-index too.
+    card = next((tmp_path / "cache").glob("student-*/final/README.md")).read_text()
+    assert "Not measured" not in card and "the main job of waveclip_hf" in card
+    color = per_axis["color"]
+    assert f"| {100 * color['teacher']:.1f}% | {100 * color['stages'][0]:.1f}% | {100 * color['stages'][1]:.1f}% |" in card
+    assert f"value: {round(color['stages'][-1], 4)}" in card and "config: glyph" in card
 
     # A second run reuses data, teacher, student and test embeddings: same numbers.
     again = run(config)
@@ -196,3 +209,48 @@ def test_an_installed_package_defaults_to_the_working_directory(tmp_path):
                            check=True).stdout.split()
     assert found == [str(site / "waveclip_hf" / "experiments" / "end_to_end.py"), str(work / ".cache" / "end_to_end"),
                      str(work / "docs")]
+
+
+def test_label_free_gate_and_flip_rates_on_known_answers(tmp_path):
+    """Stage 0 answers the coarse axes and gets every fine one wrong, with the same confident margin: the label-free
+    gate, calibrated on other images of the same kind, answers the coarse axes at stage 0 and refines the fine
+    ones, as the labelled oracle does; one threshold for all axes must refine everything."""
+    embeddings, rows = known_answer_embeddings(12)
+    calibration, _ = known_answer_embeddings(20)
+    results = evaluate(embeddings, rows, tiny_config(levels=1), tiny_clip_config(), [0.0, 0.5, 1.01], 0.6,
+                       calibration_embeddings=calibration["student"])
+    g0, g1 = results["student_cumulative_gflops"]
+    label_free = results["label_free"]
+    for name in ("color", "shape"):
+        row = label_free["per_axis"][name]
+        assert (row["stage_share"], row["drop_points"], row["calibration_agreement"]) == ([1.0, 0.0], 0.0, 1.0)
+        assert row["labelled_oracle"]["stage_share"] == [1.0, 0.0] and 0 < row["threshold"] < 1
+    for name in ("texture", "glyph"):
+        row = label_free["per_axis"][name]
+        assert (row["threshold"], row["stage_share"], row["test_agreement"]) == (None, [0.0, 1.0], 1.0)
+        assert results["per_axis"][name]["stage_flip_rate"] == [1.0, 0.0]
+    assert results["per_axis"]["color"]["stage_flip_rate"] == [0.0, 0.0]
+    assert results["summary"]["stage_flip_rate_mean"] == [0.5, 0.0]
+    summary = results["summary"]["label_free"]
+    assert summary["mean_gflops_ratio"] == pytest.approx((2 * g0 / g1 + 2) / 4)
+    assert summary["labelled_oracle"]["mean_gflops_ratio"] == pytest.approx(summary["mean_gflops_ratio"])
+    assert (summary["max_axis_drop_points"], summary["calibration_images"], summary["target_agreement"]) == (0, 20, 0.99)
+    # The coarse axes' confident margin is the fine axes' too: a shared threshold that refines texture and glyph
+    # refines colour and shape as well.
+    assert summary["best_single_threshold"]["mean_gflops_ratio"] == pytest.approx(1.0)
+
+    context = {"command": "python -m waveclip_hf.experiments.end_to_end", "date": "2026-01-01 00:00 UTC",
+               "machine": "test machine", "wall_minutes": 0.25, "first_run": None, "data": "known answers",
+               "teacher": "tiny", "student": "tiny", "demo_threshold": 0.5, "demo": [],
+               "label_free_demo": {"thresholds": {"color": 0.47, "texture": None}, "demo": [
+                   {"file_name": "00000.png", "caption": "c", "answers": {
+                       "texture": {"predicted": "dots", "true": "dots", "stage": 1}}}]}}
+    text = write_reports(tmp_path / "docs", {"settings": {}, "context": context, **results}, context).read_text()
+    ratio = summary["mean_gflops_ratio"]
+    assert f"| **mean** | | | **+0.0 / {ratio:.2f}×** | +0.0 / 1.00× | +0.0 / {ratio:.2f}× |" in text
+    assert "| texture | none | 100.0 / 100.0 | +0.0 / 1.00× | +0.0 / 1.00× | +0.0 / 1.00× (none) |" in text
+    assert "| **mean** | **50.0** |" in text  # the flip rate of stage 0
+    assert "(`classifier.calibrate(<validation images>, candidate_labels=..., hypothesis_template=..., " \
+           "target_agreement=0.99)`: color 0.47, texture none)" in text
+    assert "- `00000.png` — texture: dots (✓, stage 1)" in text
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"]["label_free"] == summary

@@ -210,3 +210,24 @@ def test_bad_arguments_raise():
         stage_flops(config, projection_dim=-1)
     with pytest.raises(TypeError, match="WaveCLIPVisionConfig"):
         stage_flops(CLIPVisionConfig())
+
+
+def test_twice_the_size_with_one_more_level_repeats_the_stages():
+    """Adaptive resolution: 2S px with L + 1 levels and 2C-px cells reads, in stages 0..L, the same tokens at the
+    same cost as S px with L levels and C-px cells (measured by FlopCounterMode), and only adds a last stage."""
+    small = make_config(1, projection_dim=20, **SMALL_VISION)
+    doubled = make_config(2, projection_dim=20, **{**SMALL_VISION, "image_size": 96, "cell_size": 32})
+    torch.manual_seed(0)
+    small_cached, _ = measure_stages(build(WaveCLIPModel, small), naive_first=2)
+    doubled_cached, _ = measure_stages(build(WaveCLIPModel, doubled), naive_first=3)
+    assert doubled.vision_config.stage_lengths[:2] == small.vision_config.stage_lengths
+    assert doubled.vision_config.stage_patch_sizes[:2] == small.vision_config.stage_patch_sizes
+    assert doubled_cached[:2] == small_cached and doubled_cached[2] > doubled_cached[1]
+    # ViT-B/16 widths: 448 px / L=2 / 64-px cells. Stage 0 is the 224-px model's 50 tokens at 8.64 GFLOPs.
+    b16_224 = make_config(1, projection_dim=512, **B16_VISION)
+    b16_448 = make_config(2, projection_dim=512, **B16_VISION, image_size=448, cell_size=64)
+    assert [row.tokens for row in flops_table(b16_448)] == [50, 148, 148]
+    assert stage_flops(b16_448)[:2] == stage_flops(b16_224)
+    assert gflops(stage_flops(b16_448)[0]) == pytest.approx(8.64, abs=0.01)
+    clip_448 = clip_vit_flops(CLIPVisionConfig(patch_size=16, projection_dim=512, image_size=448, **B16_VISION))
+    assert cumulative_flops(b16_448)[-1] < 0.5 * clip_448

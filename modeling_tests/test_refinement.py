@@ -125,3 +125,65 @@ def test_class_count_scaled_gate():
         gate_stops(probs, 0.1, "per_class")
     with pytest.raises(ValueError, match=">= 0"):
         gate_stops(probs, float("nan"))
+
+
+def test_a_gflops_budget_refines_the_smallest_margins_first():
+    model, pixel_values, text_embeds = inputs(levels=2, batch=8)
+    step = torch.tensor(stage_flops(model.config), dtype=torch.float64) / 1e9  # each stage's own cost
+    stage_scores = full_model_scores(model, pixel_values, text_embeds)
+    margins = probability_margin(stage_scores[:, 0])
+    # Stage 0 for all 8 images, then 3.5 images' worth of stage 1: the 3 least sure images get it; the half left
+    # over cannot pay for stage 2.
+    budget = float(8 * step[0] + 3.5 * step[1]) / 8
+    out = model.refine(pixel_values, text_embeds, gflops_budget=budget)
+    assert sorted((out.exit_stage == 1).nonzero().squeeze(1).tolist()) == sorted(margins.argsort()[:3].tolist())
+    assert (out.exit_stage == 2).sum() == 0 and out.gflops.double().mean() <= budget + 1e-9
+    assert (out.scores - stage_scores[torch.arange(8), out.exit_stage]).abs().max() < 1e-4
+
+    # Stage 1 for everybody and one stage 2: it goes to the image least sure after stage 1.
+    budget = float(8 * step[0] + 8 * step[1] + step[2]) / 8
+    out = model.refine(pixel_values, text_embeds, gflops_budget=budget)
+    assert (out.exit_stage == 2).nonzero().squeeze(1).tolist() == [int(probability_margin(stage_scores[:, 1]).argmin())]
+    assert (out.exit_stage == 1).sum() == 7
+
+    # With a threshold, only the images the gate sends on compete for the budget.
+    threshold = float(margins.sort().values[1] + margins.sort().values[2]) / 2  # 2 images below it
+    capped = model.refine(pixel_values, text_embeds, margin_threshold=threshold, gflops_budget=float(step[:2].sum()))
+    assert sorted((capped.exit_stage >= 1).nonzero().squeeze(1).tolist()) == sorted(margins.argsort()[:2].tolist())
+    # Stage 0 is the floor: every image needs it.
+    everything_at_stage_0 = model.refine(pixel_values, text_embeds, gflops_budget=float(step[0]))
+    assert everything_at_stage_0.exit_stage.tolist() == [0] * 8
+    with pytest.raises(ValueError, match=r"below the .* GFLOPs of stage 0, which every image needs"):
+        model.refine(pixel_values, text_embeds, gflops_budget=float(step[0]) * 0.9)
+    with pytest.raises(ValueError, match="`gflops_budget` must be a number"):
+        model.refine(pixel_values, text_embeds, gflops_budget="0.1")
+
+
+def test_return_all_stages_gives_every_stage_an_image_ran():
+    model, pixel_values, text_embeds = inputs(levels=2, batch=8)
+    stage_scores = full_model_scores(model, pixel_values, text_embeds)
+    margins = probability_margin(stage_scores[:, 0])
+    threshold = float(margins.sort().values[3] + margins.sort().values[4]) / 2
+    out = model.refine(pixel_values, text_embeds, margin_threshold=threshold, return_all_stages=True)
+    assert out.stage_scores.shape == (8, 3, 5)
+    for image, stage in enumerate(out.exit_stage.tolist()):
+        ran = out.stage_scores[image, : stage + 1]
+        assert (ran - stage_scores[image, : stage + 1]).abs().max() < 1e-4
+        assert torch.equal(ran[-1], out.scores[image])
+        assert out.stage_scores[image, stage + 1 :].isnan().all()
+    assert model.refine(pixel_values, text_embeds, margin_threshold=threshold).stage_scores is None
+
+
+def test_refine_takes_the_labels_as_tokens():
+    model, pixel_values, _ = inputs(levels=1, batch=4)
+    input_ids = torch.tensor([[0, 5, 6, 1, 3], [0, 7, 1, 3, 3], [0, 9, 8, 2, 1]])
+    attention_mask = (input_ids != 3).long()
+    text_embeds = model.get_text_features(input_ids, attention_mask=attention_mask).pooler_output
+    from_tokens = model.refine(pixel_values, input_ids=input_ids, attention_mask=attention_mask, margin_threshold=0.1)
+    from_embeds = model.refine(pixel_values, text_embeds, margin_threshold=0.1)
+    assert torch.equal(from_tokens.exit_stage, from_embeds.exit_stage)
+    assert (from_tokens.scores - from_embeds.scores).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="Pass the labels once"):
+        model.refine(pixel_values, text_embeds, input_ids=input_ids)
+    with pytest.raises(ValueError, match="Pass the labels once"):
+        model.refine(pixel_values)

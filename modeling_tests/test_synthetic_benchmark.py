@@ -1,13 +1,18 @@
 import dataclasses
+import hashlib
 import subprocess
 
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from waveclip_hf.data.synthetic import (
     AXES,
+    LETTER_BITMAPS,
+    THREE_SCALE_AXES,
+    benchmark_axes,
     caption_for,
     generate_benchmark,
     image_params,
@@ -16,8 +21,12 @@ from waveclip_hf.data.synthetic import (
     load_benchmark_split,
     read_benchmark_info,
     render_image,
+    render_three_scale_image,
     sample_caption,
+    three_scale_image_params,
+    three_scale_labels_of,
 )
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
 
 def haar_approximation(image: np.ndarray) -> np.ndarray:
@@ -161,3 +170,123 @@ def test_sample_caption_names_only_true_labels():
         for axis, label in labels.items():
             wrong = [name for name in AXES[axis].class_names if name != label and f" {name} " in padded]
             assert not wrong, (caption, wrong)
+
+
+def block_mean(image: np.ndarray, block: int) -> np.ndarray:
+    """(H, W, C) -> (H/b, W/b, C) mean of aligned b x b blocks: the Haar level-log2(b) approximation up to a factor b."""
+    h, w, c = image.shape
+    return image.astype(np.float64).reshape(h // block, block, w // block, block, c).mean(axis=(1, 3))
+
+
+def test_two_scale_pixels_are_pinned():
+    """The default (two-scale) benchmark must not change when other layouts are added: three images, hashed."""
+    expected = {("train", 0): "c6993361b28840ee", ("test", 5): "49629b8b44baff3f", ("validation", 17): "202195838d97224f"}
+    for (split, index), digest in expected.items():
+        assert hashlib.sha256(render_image(image_params(0, split, index)).tobytes()).hexdigest()[:16] == digest
+
+
+def test_caption_with_three_details():
+    labels = {"color": "red", "shape": "star", "texture": "dots", "glyph": "7", "letter": "K"}
+    assert caption_for(labels, tuple(labels)) == "a red star with dots, the glyph 7 and the letter K"
+    assert caption_for(labels, ("shape", "letter")) == "a star with the letter K"
+    assert caption_for(labels, ("texture", "glyph")) == "a shape with dots and the glyph 7"
+    assert THREE_SCALE_AXES["letter"].prompts()[0] == "a photo of a shape with the letter E"
+    rng = np.random.default_rng(0)
+    named = {axis for _ in range(100) for axis in sample_caption(labels, rng, return_axes=True, axes=THREE_SCALE_AXES)[1]}
+    assert named == set(THREE_SCALE_AXES)
+
+
+@pytest.fixture(scope="module")
+def three_scale_benchmark(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench448") / "synthetic"
+    return generate_benchmark(root, num_train=3, num_validation=1, num_test=2, seed=3, num_workers=1, progress=False,
+                              layout="three-scale")
+
+
+def test_three_scale_layout_writes_five_axes(three_scale_benchmark):
+    info = read_benchmark_info(three_scale_benchmark)
+    assert info["layout"] == "three-scale" and info["image_size"] == 448
+    assert benchmark_axes(info) == THREE_SCALE_AXES
+    assert benchmark_axes(read_benchmark_info(three_scale_benchmark)) != AXES
+    rows = load_benchmark_split(three_scale_benchmark, "test")
+    for i, row in enumerate(rows):
+        labels = three_scale_labels_of(three_scale_image_params(3, "test", i))
+        assert {axis: row[axis] for axis in THREE_SCALE_AXES} == labels
+        assert row["caption"] == caption_for(labels, tuple(THREE_SCALE_AXES))
+        image = np.asarray(Image.open(three_scale_benchmark / "test" / row["file_name"]))
+        np.testing.assert_array_equal(image, render_three_scale_image(three_scale_image_params(3, "test", i)))
+    assert label_ids(rows, "letter").tolist() == [THREE_SCALE_AXES["letter"].class_names.index(r["letter"]) for r in rows]
+    with pytest.raises(ValueError, match="multiple of 64"):
+        generate_benchmark(three_scale_benchmark.parent / "bad", image_size=480, layout="three-scale", progress=False)
+
+
+def _three_scale_variants(axis: str) -> dict[str, np.ndarray]:
+    """Renders of one three-scale image that differ only in `axis`."""
+    params = three_scale_image_params(0, "test", 5)
+    names = THREE_SCALE_AXES[axis].class_names
+    if axis == "letter":
+        return {name: render_three_scale_image(dataclasses.replace(params, letter=name)) for name in names}
+    return {
+        name: render_three_scale_image(dataclasses.replace(params, scene=dataclasses.replace(params.scene, **{axis: name})))
+        for name in names
+    }
+
+
+def _max_pairwise(renders: dict[str, np.ndarray], block: int) -> tuple[float, float]:
+    """(smallest full-resolution mean |difference|, largest b x b block-mean |difference|) over all pairs."""
+    names, full, coarse = list(renders), [], []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            full.append(np.abs(renders[a].astype(np.float64) - renders[b]).mean())
+            coarse.append(np.abs(block_mean(renders[a], block) - block_mean(renders[b], block)).max())
+    return min(full), max(coarse)
+
+
+def test_micro_axis_vanishes_below_448():
+    """The letters are aligned zero-mean 2x2 blocks on 4x4-aligned tags: all six give the same 2x2 block means
+    (the 224-px image, the Haar level-1 approximation) up to uint8 rounding, while at 448 px they differ."""
+    renders = _three_scale_variants("letter")
+    assert len(renders) == len(LETTER_BITMAPS) == 6
+    full, coarse = _max_pairwise(renders, 2)
+    assert full > 0.03 and coarse <= 0.5, (full, coarse)
+    # Pillow's box filter is the 2x2 block mean: the 224-px downsample is the same image for every letter.
+    downsampled = {name: np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BOX)) for name, image in renders.items()}
+    assert max(np.abs(d.astype(int) - downsampled["E"]).max() for d in downsampled.values()) <= 1
+
+
+def test_fine_axes_vanish_in_the_level2_approximation():
+    """At 448 px the scene's texture and glyph change the 2x2 block means (they are visible at 224 px) but not the
+    4x4 block means (the level-2 approximation, i.e. WaveCLIP's stage 0 at 448/L=2)."""
+    for axis, min_half in (("texture", 2.0), ("glyph", 0.1)):
+        renders = _three_scale_variants(axis)
+        names = list(renders)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                half = np.abs(block_mean(renders[a], 2) - block_mean(renders[b], 2)).mean()
+                quarter = np.abs(block_mean(renders[a], 4) - block_mean(renders[b], 4))
+                # Equal up to uint8 rounding, and the rare texture pixel clipped at 0 or 255 (as at 224 px).
+                assert half > min_half and quarter.mean() < 0.01 * half and quarter.max() < 3, (a, b, half, quarter.max())
+
+
+def test_three_scale_bands_hold_each_scale():
+    """Through WaveCLIP's own processor (448 px, L=2): the letter changes only the level-1 detail bands (stage 2);
+    texture changes the level-2 detail bands (stage 1) but not the level-2 approximation (stage 0); colour
+    changes stage 0."""
+    processor = WaveCLIPImageProcessor(image_size=448, levels=2)
+
+    def largest_change(renders) -> list[float]:
+        """Per stage (approximation, level-2 details, level-1 details): the largest change of a coefficient
+        between the first render and any other."""
+        pixel_values = processor(list(renders.values()), return_tensors="pt")["pixel_values"]
+        approximation, level2, level1 = processor.unpack(pixel_values)
+        stages = [approximation, torch.stack(list(level2), 1), torch.stack(list(level1), 1)]
+        return [float((band - band[:1]).abs().max()) for band in stages]
+
+    letters, textures, colors = _three_scale_variants("letter"), _three_scale_variants("texture"), _three_scale_variants("color")
+    # Letters: integer amplitudes on an integer grey, so the pixels' 2x2 means do not change at all.
+    stage0, stage1, stage2 = largest_change(letters)
+    assert stage0 < 1e-4 and stage1 < 1e-4 and stage2 > 1, (stage0, stage1, stage2)
+    # Textures: the 224-px scene's uint8 rounding (and a rare clipped pixel) is all that reaches stage 0.
+    stage0, stage1, _ = largest_change(textures)
+    assert stage0 < 0.3 and stage1 > 1, (stage0, stage1)
+    assert largest_change(colors)[0] > 1

@@ -1,13 +1,16 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from waveclip_hf.data.synthetic import AXES, generate_benchmark
+from waveclip_hf.data.synthetic import AXES, generate_benchmark, sample_caption
 from waveclip_hf.training.teacher import (
     TeacherTrainingConfig,
     evaluate_clip_zero_shot,
+    init_patch_projection_dct,
     multi_positive_clip_loss,
     read_training_info,
     train_clip_teacher,
@@ -114,3 +117,65 @@ def test_multi_positive_clip_loss():
     expected_row0 = -(logits[0].log_softmax(0)[:2].mean())
     image_loss = -(matches / matches.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
     torch.testing.assert_close(image_loss[0], expected_row0)
+
+
+def test_new_recipe_fields_keep_the_default_config_hash():
+    """Fields added later are hashed only when set: the default teacher's cache key is the one it always had."""
+    assert TeacherTrainingConfig().config_hash({"a": 1}) == "add01cc01df2bc62"
+    assert TeacherTrainingConfig(dct_patch_rows=8).config_hash({"a": 1}) != "add01cc01df2bc62"
+    assert TeacherTrainingConfig(single_axis_captions=True).config_hash({"a": 1}) != "add01cc01df2bc62"
+
+
+def test_dct_patch_projection_rows_are_an_orthonormal_low_frequency_basis():
+    weight = torch.randn(16, 3, 8, 8)
+    random_rows = weight[10:].clone()
+    init_patch_projection_dct(weight, 10)
+    rows = weight[:10].reshape(10, -1)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(10), atol=1e-5, rtol=0)
+    # Row c is the constant (DC) function of channel c; rows 3-5 the lowest vertical frequency of each channel.
+    for channel in range(3):
+        torch.testing.assert_close(weight[channel, channel], torch.full((8, 8), 1 / 8))
+        assert weight[channel].abs().sum() == weight[channel, channel].abs().sum()
+    assert torch.equal(weight[10:], random_rows)
+    with pytest.raises(ValueError, match="dct_patch_rows"):
+        init_patch_projection_dct(weight, 17)
+
+
+def test_single_axis_captions_name_one_axis():
+    labels = {"color": "red", "shape": "star", "texture": "dots", "glyph": "7"}
+    rng = np.random.default_rng(0)
+    named = [sample_caption(labels, rng, p_full=0.0, return_axes=True, single_axis=True)[1] for _ in range(200)]
+    assert all(len(axes) == 1 for axes in named) and {axes[0] for axes in named} == set(labels)
+
+
+def test_init_from_a_smaller_teacher_reads_the_2x_upsample_like_the_source(tmp_path):
+    """A 2x teacher (image and patch doubled) started from a trained one gives the source's image embedding on a
+    2x nearest-upsampled image, and the source's text embedding for words both vocabularies hold."""
+    from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer
+    from waveclip_hf.training.teacher import build_clip_config
+    from waveclip_hf.training.teacher_init import init_from_smaller_teacher
+
+    small = TeacherTrainingConfig(image_size=32, patch_size=8, vision_hidden_size=32, vision_intermediate_size=64,
+                                  vision_num_layers=1, text_hidden_size=32, text_intermediate_size=64,
+                                  text_num_layers=1, projection_dim=16)
+    source_tokenizer = build_word_level_tokenizer(["a red star", "a blue ring"], max_length=small.max_text_length)
+    torch.manual_seed(0)
+    source = CLIPModel(build_clip_config(small, source_tokenizer)).eval()
+    source.save_pretrained(tmp_path / "source")
+    source_tokenizer.save_pretrained(tmp_path / "source")
+    big = dataclasses.replace(small, image_size=64, patch_size=16)
+    tokenizer = build_word_level_tokenizer(["a red star", "the letter e"], max_length=small.max_text_length)
+    model = CLIPModel(build_clip_config(big, tokenizer)).eval()
+    info = init_from_smaller_teacher(model, tokenizer, tmp_path / "source")
+    assert info["factor"] == 2 and {"letter", "e", "the"} <= set(info["new_words"]) and "star" not in info["new_words"]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_image_features(pixel_values=pixels.repeat_interleave(2, 2).repeat_interleave(2, 3)).pooler_output,
+            source.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5, rtol=1e-5)
+        text = lambda m, tok: m.get_text_features(**tok(["a red star"], return_tensors="pt")).pooler_output
+        torch.testing.assert_close(text(model, tokenizer), text(source, source_tokenizer))
+    with pytest.raises(ValueError, match="same patch grid"):
+        init_from_smaller_teacher(CLIPModel(build_clip_config(dataclasses.replace(small, patch_size=16, image_size=64 * 2),
+                                                              tokenizer)), tokenizer, tmp_path / "source")
+    assert TeacherTrainingConfig(init_from="x").config_hash({"a": 1}) != TeacherTrainingConfig().config_hash({"a": 1})

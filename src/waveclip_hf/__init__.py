@@ -1,8 +1,8 @@
 """WaveCLIP for Hugging Face transformers.
 
 Importing the package registers the WaveCLIP classes with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForZeroShotImageClassification`, `AutoImageProcessor`), so a saved folder loads in-process without
-`trust_remote_code`; a process without this package runs the remote code the folder carries.
+`AutoModelForZeroShotImageClassification`, `AutoImageProcessor`, `AutoProcessor`), so a saved folder loads in-process
+without `trust_remote_code`; a process without this package runs the remote code the folder carries.
 
 The gated zero-shot pipeline is deliberately not registered for its task: `pipeline("zero-shot-image-classification",
 ...)` stays transformers' stock pipeline for every other model (and, without `trust_remote_code`, for WaveCLIP too).
@@ -15,7 +15,13 @@ first use: they need accelerate and datasets, which a model user does not.
 
 import importlib
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForZeroShotImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
@@ -28,6 +34,7 @@ from .models.waveclip.modeling_waveclip import (
     WaveCLIPVisionModelOutput,
 )
 from .models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
+from .models.waveclip.processing_waveclip import WaveCLIPProcessor
 
 AutoConfig.register(WaveCLIPConfig.model_type, WaveCLIPConfig, exist_ok=True)
 AutoConfig.register(WaveCLIPVisionConfig.model_type, WaveCLIPVisionConfig, exist_ok=True)
@@ -35,6 +42,7 @@ AutoModel.register(WaveCLIPConfig, WaveCLIPModel, exist_ok=True)
 AutoModel.register(WaveCLIPVisionConfig, WaveCLIPVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(WaveCLIPConfig, WaveCLIPModel, exist_ok=True)
 AutoImageProcessor.register(WaveCLIPConfig, slow_image_processor_class=WaveCLIPImageProcessor, exist_ok=True)
+AutoProcessor.register(WaveCLIPConfig, WaveCLIPProcessor, exist_ok=True)
 
 # Public names imported on first use, and where they live.
 _LAZY = {
@@ -62,6 +70,7 @@ __all__ = [
     "WaveCLIPImageProcessor",
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
+    "WaveCLIPProcessor",
     "WaveCLIPRefinementOutput",
     "WaveCLIPStageCache",
     "WaveCLIPVisionConfig",

@@ -37,14 +37,13 @@ def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Ten
     inputs cut down to the continuing images with `batch_select_indices` (part `select@f`) and the later stages
     from the cache with their scores (part `later@f`). The stage-0 work does not depend on f, so it runs once per
     round and every fraction's time is `stage0 + select@f + later@f`; each fraction starts from its own copy of
-    the stage-0 cache (the copy is not timed: `refine` has no such step).
+    the stage-0 cache (the copy is not timed: `refine` has no such step). The cache is a `WaveCLIPStageCache`, new
+    per call, as `refine` makes one when none is passed.
 
     Args:
         pixel_values: (batch, 3, image_size, image_size).
         text_embeds: (num_labels, projection_dim), in the model's dtype.
     """
-    from transformers.cache_utils import DynamicCache
-
     batch_size = pixel_values.shape[0]
     num_stages = waveclip.num_stages
     scale = waveclip.logit_scale.exp()
@@ -54,20 +53,23 @@ def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Ten
 
     def later_stages(inputs, cache) -> None:
         for stage in range(1, num_stages):
-            out = waveclip.get_image_features(inputs, num_stages=stage + 1, cache=cache,
-                                              use_cache=stage < num_stages - 1)
-            score(out)
-            cache = out.cache
+            score(waveclip.get_image_features(inputs, num_stages=stage + 1, cache=cache))
+
+    def stage0_copy(stage0_cache):
+        """A stage cache holding the same stage 0 (filled through `update`, as the model fills one)."""
+        cache = waveclip.new_stage_cache()
+        for index, layer in enumerate(stage0_cache.layers):
+            cache.update(layer.keys, layer.values, index)
+        return cache
 
     def run(watch) -> None:
         with watch.part("stage0"):
-            out0 = waveclip.get_image_features(pixel_values, num_stages=1, use_cache=True)
+            out0 = waveclip.get_image_features(pixel_values, num_stages=1, cache=waveclip.new_stage_cache())
             probability_margin(score(out0))  # the gate's statistic; the decision itself is forced below
-        stage0_cache = [(layer.keys, layer.values) for layer in out0.cache.layers]
         for fraction, stopped in zip(fractions, forced_exit_counts(batch_size, fractions)):
             if stopped == batch_size:
                 continue
-            cache = DynamicCache(ddp_cache_data=stage0_cache)
+            cache = stage0_copy(out0.cache)
             with watch.part(f"select@{fraction:g}"):
                 inputs = pixel_values
                 if stopped:

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-width", type=int, help="text tower width of the pipelines (default 512)")
     parser.add_argument("--levels", type=int, help="WaveCLIP DWT levels (default 1)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU path even when CUDA is available")
+    parser.add_argument("--compile-backend", help="torch.compile backend of the compiled encoder rows "
+                        "(default inductor; 'none' for eager only)")
     parser.add_argument("--wait-for-idle", type=float, metavar="SECONDS",
                         help="before each section, wait at most this long for other processes to go quiet")
     parser.add_argument("--notes", type=Path, help="Markdown file appended to the report as 'Profiling notes'")
@@ -164,9 +166,13 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         "text_intermediate_size": 4 * args.text_width if args.text_width else None,
         "levels": args.levels,
         "use_gpu": False if args.no_gpu else None,
+        "compile_backend": args.compile_backend,
         "wait_for_idle_seconds": args.wait_for_idle,
     }
-    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if settings.compile_backend == "none":
+        settings = dataclasses.replace(settings, compile_backend=None)
+    return settings
 
 
 def main(argv=None) -> None:

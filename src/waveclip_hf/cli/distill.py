@@ -1,7 +1,7 @@
 """Command line for `distillation.distill`: distil a CLIP teacher into a WaveCLIP student.
 
-    python -m waveclip_hf.cli.distill --teacher openai/clip-vit-base-patch16 --train-data /data/images \\
-        --output-dir runs/waveclip-b16 --max-steps 20000 --batch-size 128 --mixed-precision bf16
+    python -m waveclip_hf.cli.distill --recipe vit-b16 --train-data /data/images --output-dir runs/waveclip-b16
+    python -m waveclip_hf.cli.distill --recipe vit-b16 --batch-size 64 ...   # explicit flags override the recipe
 
     accelerate launch --num_processes 8 -m waveclip_hf.cli.distill ...   # multi-GPU, same flags
     python -m waveclip_hf.cli.distill ... --resume                        # continue from the last complete checkpoint
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
-from ..training.config import DistillationConfig
+from ..training.config import RECIPES, DistillationConfig
 from ..training.distillation import distill
 from ..training.signals import SIGTERM_EXIT_CODE
 
@@ -27,14 +27,18 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "") else int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI: one flag per `DistillationConfig` field, each with its help and default."""
-    defaults = DistillationConfig()
+def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
+    """The CLI: one flag per `DistillationConfig` field, each with its help and default (the recipe's values when
+    `recipe` names one of `RECIPES`)."""
+    defaults = DistillationConfig(**RECIPES.get(recipe, {}))
     p = argparse.ArgumentParser(
         prog="python -m waveclip_hf.cli.distill",
         description="Distil a frozen CLIP teacher into a WaveCLIP student (only the vision side trains).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=recipe,
+                   help="named settings for a real teacher (docs/distillation.md); explicit flags override its values. "
+                        "vit-b16: " + ", ".join(f"{k}={v}" for k, v in RECIPES["vit-b16"].items()))
     _add_data_flags(p.add_argument_group("what to distil"), defaults)
     _add_optimisation_flags(p.add_argument_group("student and optimisation"), defaults)
     _add_loss_flags(p.add_argument_group("loss"), defaults)
@@ -59,6 +63,17 @@ def _add_data_flags(g, defaults: DistillationConfig) -> None:
                    help="training images held out for evaluation when --eval-data is not given (at most 10%%)")
     g.add_argument("--num-workers", type=int, default=defaults.num_workers,
                    help="data-loading processes (decoding and both image processors run there)")
+    g.add_argument("--streaming", action="store_true",
+                   help="stream --train-data with `datasets.load_dataset(..., streaming=True)` (a Hub dataset or "
+                        "data files) or a `save_to_disk` folder, without reading it all first; needs --max-steps")
+    g.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer,
+                   help="examples in the seeded shuffle buffer of --streaming (the order depends only on the seed, "
+                        "the epoch, the number of processes and --num-workers)")
+    g.add_argument("--eval-labelled-data", default=None, metavar="FOLDER",
+                   help="after training, zero-shot accuracy of every stage (and of the teacher) on a folder with one "
+                        "subfolder of images per class (label = subfolder name); the model card publishes it")
+    g.add_argument("--eval-prompt-template", default=defaults.eval_prompt_template,
+                   help="prompt of a class for --eval-labelled-data; {} stands for the class name")
 
 
 def _add_optimisation_flags(g, defaults: DistillationConfig) -> None:
@@ -124,6 +139,10 @@ def _add_bookkeeping_flags(g, defaults: DistillationConfig) -> None:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU; default: spec sheet (known GPUs) or a measured matmul")
     g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the final folder (opt-in)")
+    g.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repository private")
+    g.add_argument("--license", default=None,
+                   help="licence of the model card (a Hub licence id, e.g. mit); default: the one the teacher's "
+                        "model card states, else 'other' (the teacher's terms)")
     g.add_argument("--model-card-template", default=None,
                    help="string.Template of the model card; default: the package's hub_card/README.md.template")
     g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="no tqdm progress bar")
@@ -144,10 +163,18 @@ def config_from_args(args: argparse.Namespace) -> DistillationConfig:
     return DistillationConfig(**{k: v for k, v in values.items() if k in names})
 
 
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, parsed flags): with `--recipe`, the recipe's values are the defaults that explicit flags override."""
+    recipe_parser = argparse.ArgumentParser(add_help=False)
+    recipe_parser.add_argument("--recipe", choices=sorted(RECIPES))
+    known, _ = recipe_parser.parse_known_args(argv)
+    parser = build_parser(known.recipe)
+    return parser, parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
     """Parse `argv`, run the distillation, return the exit status (0 done, 143 stopped by SIGTERM)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = config_from_args(args)

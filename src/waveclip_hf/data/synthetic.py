@@ -19,6 +19,15 @@ clutter and noise, and carries four independent labels:
   the tag has the tag's grey as its mean: the digit is invisible in the Haar level-1
   approximation and lives entirely in the diagonal detail band.
 
+A second layout, ``layout="three-scale"`` (448 px, `THREE_SCALE_AXES`), adds a third scale for
+adaptive resolution: the scene above drawn at 224 px and upsampled 2x, plus
+
+- ``letter``  (micro):  a 5x7 letter on three 16x20-px grey tags in free cells of the 64-px grid, drawn in
+  aligned 2x2 checker blocks at 448 px: invisible at 224 px (every 2x2 block mean is the tag's grey), so it
+  lives only in the level-1 detail bands of the 448-px image. Texture and glyph, drawn at 224 px, then live
+  in the level-2 detail bands, and colour and shape in the level-2 approximation (see
+  `render_three_scale_image`).
+
 Images are written in the `datasets` imagefolder layout::
 
     <root>/info.json
@@ -37,7 +46,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +72,9 @@ class LabelAxis:
         class_names: the labels, in class-id order; each is a phrase that reads inside
             ``template`` and inside captions.
         template: the zero-shot prompt, with ``{}`` for the class name.
-        scale: ``"coarse"`` (visible at half resolution) or ``"fine"`` (needs full resolution).
+        scale: ``"coarse"`` (visible at half resolution) or ``"fine"`` (needs full resolution); in the
+            three-scale layout (`THREE_SCALE_AXES`, 448 px) ``"coarse"`` is visible at quarter resolution,
+            ``"fine"`` at half resolution but not at quarter, and ``"micro"`` only at full resolution.
     """
 
     name: str
@@ -151,36 +162,58 @@ def caption_for(labels: dict[str, str], axes: Sequence[str] | None = None) -> st
     if "color" in axes:
         words.append(labels["color"])
     words.append(labels["shape"] if "shape" in axes else "shape")
-    if "texture" in axes:
-        words += ["with", labels["texture"]]
-    if "glyph" in axes:
-        words += ["and the glyph" if "texture" in axes else "with the glyph", labels["glyph"]]
+    details = _detail_phrases(labels, axes)
+    if details:
+        words += ["with", details[0] if len(details) == 1 else ", ".join(details[:-1]) + " and " + details[-1]]
     return _fix_articles(" ".join(words))
 
 
+def _detail_phrases(labels: dict[str, str], axes: Sequence[str]) -> list[str]:
+    """The "with ..." phrases of `axes`, e.g. ``["vertical stripes", "the glyph 7", "the letter K"]``."""
+    phrases = []
+    if "texture" in axes:
+        phrases.append(labels["texture"])
+    if "glyph" in axes:
+        phrases.append(f"the glyph {labels['glyph']}")
+    if "letter" in axes:
+        phrases.append(f"the letter {labels['letter']}")
+    return phrases
+
+
 def sample_caption(
-    labels: dict[str, str], rng: np.random.Generator, p_full: float = 0.25, return_axes: bool = False
+    labels: dict[str, str],
+    rng: np.random.Generator,
+    p_full: float = 0.25,
+    return_axes: bool = False,
+    axes: Sequence[str] | None = None,
+    single_axis: bool = False,
 ) -> str | tuple[str, tuple[str, ...]]:
     """A random training caption for an image: the full caption with probability
-    `p_full`, else one naming a random non-empty subset of the axes; half of the time
-    prefixed with "a photo of ".
+    `p_full`, else one naming a random non-empty subset of the axes (with
+    `single_axis=True`: exactly one axis, uniformly); half of the time prefixed with
+    "a photo of ".
 
     Varied captions teach the text tower what each word means on its own, which is
     what single-axis zero-shot prompts rely on. They also keep the contrastive task
     from being solved by the easy axes alone: in a batch of full captions, colour and
     texture already tell most pairs apart, and shape and glyph get little gradient.
 
+    `axes` are the benchmark's axes (default `AXES`; `THREE_SCALE_AXES` for the 448-px layout).
+
     Returns:
         The caption, or `(caption, axes it names)` with `return_axes=True` (a caption
         that does not name an axis is true of every value of that axis).
     """
+    candidates = tuple(AXES) if axes is None else tuple(axes)
     if rng.random() < p_full:
-        axes = tuple(AXES)
+        axes = candidates
+    elif single_axis:
+        axes = (candidates[rng.integers(len(candidates))],)
     else:
-        keep = rng.random(len(AXES)) < 0.5
+        keep = rng.random(len(candidates)) < 0.5
         if not keep.any():
-            keep[rng.integers(len(AXES))] = True
-        axes = tuple(axis for axis, k in zip(AXES, keep) if k)
+            keep[rng.integers(len(candidates))] = True
+        axes = tuple(axis for axis, k in zip(candidates, keep) if k)
     caption = caption_for(labels, axes)
     if rng.random() < 0.5:
         caption = _fix_articles("a photo of " + caption)
@@ -425,9 +458,9 @@ def labels_of(params: ImageParams) -> dict[str, str]:
     return {axis: getattr(params, axis) for axis in AXES}
 
 
-def labels_of_row(row: dict) -> dict[str, str]:
-    """Axis name -> class name, from a metadata (or `datasets`) row."""
-    return {axis: row[axis] for axis in AXES}
+def labels_of_row(row: dict, axes: Sequence[str] | None = None) -> dict[str, str]:
+    """Axis name -> class name, from a metadata (or `datasets`) row; `axes` default to `AXES`."""
+    return {axis: row[axis] for axis in (AXES if axes is None else axes)}
 
 
 def image_params(seed: int, split: str, index: int, image_size: int = 224) -> ImageParams:
@@ -436,32 +469,199 @@ def image_params(seed: int, split: str, index: int, image_size: int = 224) -> Im
     return sample_image_params(rng, image_size)
 
 
+# ------------------------------------------------------------------ three scales (448 px)
+#
+# The 448-px layout adds a third scale. Its image is the two-scale scene rendered at half resolution (224 px)
+# and upsampled 2x (each scene pixel becomes a 2x2 block), plus detail that exists only at full resolution:
+# letters drawn in aligned zero-mean 2x2 checker blocks on small grey tags, and full-resolution noise. So
+# - every aligned 2x2 block mean (the Haar level-1 approximation) is the scene pixel: the letter is invisible
+#   at 224 px and lives in the level-1 detail bands (the "micro" scale);
+# - every aligned 4x4 block mean (the level-2 approximation) is a 2x2 block mean of the scene, which the
+#   scene's texture and glyph do not change: they live in the level-2 detail bands (the "fine" scale);
+# - colour and shape survive both averages (the "coarse" scale).
+
+LAYOUTS = ("two-scale", "three-scale")
+DEFAULT_IMAGE_SIZE = {"two-scale": 224, "three-scale": 448}
+# Bump whenever a change alters the three-scale layout's pixels or metadata (the two-scale layout has
+# GENERATOR_VERSION); written into its info.json, so it invalidates caches.
+THREE_SCALE_VERSION = 1
+
+# 5x7 bitmaps of the micro axis, in the font of `GLYPH_BITMAPS`. No "A" or "I": the tokenizer lowercases, and
+# "a" is the article.
+LETTER_BITMAPS = {
+    "E": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
+    "H": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "K": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
+    "P": ("11110", "10001", "10001", "11110", "10000", "10000", "10000"),
+    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "X": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+}
+LETTER_COPIES = 3  # tags per image, in cells of the 64-px grid that hold no glyph tag
+# (width, height): the 10x14-px letter at offset (TAG_MARGIN, TAG_MARGIN). Origins and sizes are multiples of 4,
+# so a tag covers whole 4x4 blocks, and the scene's texture under it cannot leak into the level-2 approximation.
+LETTER_TAG_SIZE = (16, 20)
+
+THREE_SCALE_AXES: dict[str, LabelAxis] = {
+    **AXES,
+    "letter": LabelAxis("letter", tuple(LETTER_BITMAPS), "a photo of a shape with the letter {}", "micro"),
+}
+"""The three-scale layout's axes: `AXES` (colour and shape coarse, texture and glyph fine) plus the micro
+``letter``. A superset of `AXES`, so it also serves to look up any axis by name."""
+
+# Nuisance settings of the three-scale layout's half-resolution scene: `sample_image_params` keywords, plus
+# `center_jitter` (the main object's centre is the image centre + uniform(-j, j) x side per coordinate; None:
+# anywhere it fits, as in the two-scale layout).
+THREE_SCALE_SCENE: dict = {}
+
+
+@dataclass(frozen=True)
+class ThreeScaleParams:
+    """Everything that defines one three-scale image; `render_three_scale_image(params)` is a pure function of it.
+
+    `scene` is a two-scale image at half resolution (its geometry in half-resolution pixels); the rest is in
+    full-resolution pixels.
+    """
+
+    scene: ImageParams
+    letter: str
+    letter_tag_origins: tuple[tuple[int, int], ...]  # top-left (x, y) of each letter tag
+    letter_shade: tuple[int, int]  # (tag grey, checker amplitude)
+    noise_sigma: float
+    noise_seed: int
+
+
+def sample_three_scale_params(rng: np.random.Generator, image_size: int = 448, **scene_kwargs) -> ThreeScaleParams:
+    """Draw a half-resolution scene (`sample_image_params` with `THREE_SCALE_SCENE`, overridden by
+    `scene_kwargs`) and the micro detail of one `image_size` image: the letter, uniform, on `LETTER_COPIES` tags
+    centred in cells of the (2 * GLYPH_CELL_SIZE)-px grid that hold no glyph tag."""
+    settings = {**THREE_SCALE_SCENE, **scene_kwargs}
+    center_jitter = settings.pop("center_jitter", None)
+    scene = sample_image_params(rng, image_size // 2, **settings)
+    if center_jitter is not None:
+        scene = _recentred(scene, rng, image_size // 2, center_jitter)
+    letter = str(rng.choice(list(LETTER_BITMAPS)))
+    cell = 2 * GLYPH_CELL_SIZE
+    grid = image_size // cell
+    glyph_cells = {(x // GLYPH_CELL_SIZE) + grid * (y // GLYPH_CELL_SIZE) for x, y in scene.tag_origins}
+    free = [c for c in range(grid * grid) if c not in glyph_cells]
+    cells = rng.choice(free, size=LETTER_COPIES, replace=False)
+    return ThreeScaleParams(
+        scene=scene,
+        letter=letter,
+        letter_tag_origins=tuple(
+            (int(c % grid) * cell + ((cell - LETTER_TAG_SIZE[0]) // 2 & ~3),
+             int(c // grid) * cell + ((cell - LETTER_TAG_SIZE[1]) // 2 & ~3))
+            for c in cells
+        ),
+        letter_shade=(int(rng.integers(110, 151)), int(rng.integers(60, 91))),
+        noise_sigma=float(rng.uniform(1.0, 3.0)),
+        noise_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def _recentred(scene: ImageParams, rng: np.random.Generator, size: int, jitter: float) -> ImageParams:
+    """`scene` with its main object moved to the centre of the (size x size) image, +- `jitter` x size."""
+    offset = rng.uniform(-jitter, jitter, size=2) * size
+    return replace(scene, center=(float(size / 2 + offset[0]), float(size / 2 + offset[1])))
+
+
+def stamp_checker_tags(
+    image: np.ndarray, bitmap: Sequence[str], origins, shade: tuple[int, int], tag_size: tuple[int, int] = LETTER_TAG_SIZE
+) -> None:
+    """Draw a 5x7 `bitmap` in place on grey (width, height) = `tag_size` tags at `origins`, TAG_MARGIN px in,
+    each bitmap pixel an aligned zero-mean 2x2 checker block (+a, -a / -a, +a): every aligned 2x2 block of a
+    tag keeps the tag's grey as its mean. `image` is (H, W, 3) float32; origins must be even."""
+    grey, amplitude = shade
+    bits = np.asarray([[c == "1" for c in row] for row in bitmap], np.float32)
+    pattern = amplitude * np.kron(bits, np.array([[1.0, -1.0], [-1.0, 1.0]], np.float32))  # (14, 10)
+    m = TAG_MARGIN
+    for tx, ty in origins:
+        image[ty : ty + tag_size[1], tx : tx + tag_size[0]] = grey
+        image[ty + m : ty + m + pattern.shape[0], tx + m : tx + m + pattern.shape[1]] += pattern[:, :, None]
+
+
+def render_three_scale_image(params: ThreeScaleParams, image_size: int = 448) -> np.ndarray:
+    """Draw one three-scale image; returns (image_size, image_size, 3) uint8 RGB (see the section comment)."""
+    scene = render_image(params.scene, image_size // 2)
+    image = scene.repeat(2, axis=0).repeat(2, axis=1).astype(np.float32)
+    stamp_checker_tags(image, LETTER_BITMAPS[params.letter], params.letter_tag_origins, params.letter_shade)
+    image += params.noise_sigma * _noise_crop(params.noise_seed, image_size)
+    return np.clip(np.rint(image, out=image), 0, 255, out=image).astype(np.uint8)
+
+
+def three_scale_labels_of(params: ThreeScaleParams) -> dict[str, str]:
+    """Axis name -> class name of a three-scale image, in `THREE_SCALE_AXES` order."""
+    return {**labels_of(params.scene), "letter": params.letter}
+
+
+def three_scale_image_params(seed: int, split: str, index: int, image_size: int = 448) -> ThreeScaleParams:
+    """The parameters of three-scale image `index` of `split`: a pure function of (seed, split, index)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, image_size])
+    return sample_three_scale_params(rng, image_size)
+
+
+def render_benchmark_image(
+    layout: str, seed: int, split: str, index: int, image_size: int
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Image `index` of `split` in `layout` ("two-scale" or "three-scale"): (S, S, 3) uint8 RGB and its labels."""
+    if layout == "three-scale":
+        params = three_scale_image_params(seed, split, index, image_size)
+        return render_three_scale_image(params, image_size), three_scale_labels_of(params)
+    params = image_params(seed, split, index, image_size)
+    return render_image(params, image_size), labels_of(params)
+
+
+def layout_axes(layout: str) -> dict[str, LabelAxis]:
+    """The label axes of a layout."""
+    return THREE_SCALE_AXES if layout == "three-scale" else AXES
+
+
+def benchmark_axes(info: dict | None) -> dict[str, LabelAxis]:
+    """The label axes a generated benchmark's `info.json` records (`AXES` when `info` is None)."""
+    if info is None:
+        return dict(AXES)
+    return {name: LabelAxis(**{**axis, "class_names": tuple(axis["class_names"])}) for name, axis in info["axes"].items()}
+
+
+def _check_layout(layout: str, image_size: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown benchmark layout {layout!r}: use one of {LAYOUTS}.")
+    if layout == "three-scale" and image_size % (2 * GLYPH_CELL_SIZE):
+        raise ValueError(
+            f"The three-scale layout draws its scene at half resolution on a {GLYPH_CELL_SIZE}-px grid: image_size "
+            f"must be a multiple of {2 * GLYPH_CELL_SIZE}, got {image_size} (use 448)."
+        )
+
+
 # ------------------------------------------------------------------------- writing
 
 
-def _write_chunk(job: tuple[str, int, str, int, int, int]) -> list[dict]:
+def _write_chunk(job: tuple[str, int, str, int, int, int, str]) -> list[dict]:
     """Worker: render and save images [start, stop) of one split; returns their metadata rows."""
-    folder, seed, split, start, stop, image_size = job
+    folder, seed, split, start, stop, image_size, layout = job
     rows = []
     for index in range(start, stop):
-        params = image_params(seed, split, index, image_size)
+        image, labels = render_benchmark_image(layout, seed, split, index, image_size)
         file_name = f"{index:05d}.png"
         # compress_level=1: PNG encoding dominates generation time; a little larger files for much less time.
-        Image.fromarray(render_image(params, image_size)).save(os.path.join(folder, file_name), compress_level=1)
-        rows.append({"file_name": file_name, "caption": caption_for(labels_of(params)), **labels_of(params)})
+        Image.fromarray(image).save(os.path.join(folder, file_name), compress_level=1)
+        rows.append({"file_name": file_name, "caption": caption_for(labels, tuple(labels)), **labels})
     return rows
 
 
-def _benchmark_info(seed: int, counts: dict[str, int], image_size: int) -> dict:
+def _benchmark_info(seed: int, counts: dict[str, int], image_size: int, layout: str = "two-scale") -> dict:
     # Round-tripped through JSON (tuples -> lists) so it compares equal to info.json read back.
-    return json.loads(json.dumps({
+    info = {
         "generator": GENERATOR_NAME,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
         "num_images": counts,
-        "axes": {name: asdict(axis) for name, axis in AXES.items()},
-    }))
+        "axes": {name: asdict(axis) for name, axis in layout_axes(layout).items()},
+    }
+    if layout != "two-scale":  # the two-scale info stays as it was, so existing caches stay valid
+        info.update(layout=layout, layout_version=THREE_SCALE_VERSION, scene=THREE_SCALE_SCENE)
+    return json.loads(json.dumps(info))
 
 
 def read_benchmark_info(root: str | os.PathLike) -> dict | None:
@@ -487,9 +687,10 @@ def generate_benchmark(
     num_validation: int = 2_000,
     num_test: int = 5_000,
     seed: int = 0,
-    image_size: int = 224,
+    image_size: int | None = None,
     num_workers: int = 2,
     progress: bool = True,
+    layout: str = "two-scale",
 ) -> Path:
     """Generate the benchmark under `root` (or reuse it) and return `root`.
 
@@ -503,16 +704,20 @@ def generate_benchmark(
         root: output folder; `datasets.load_dataset("imagefolder", data_dir=root)` reads it.
         num_train, num_validation, num_test: images per split.
         seed: the seed of the whole benchmark; image i of a split depends only on (seed, split, i).
-        image_size: side of the square images, even.
+        image_size: side of the square images, even (default: 224 for "two-scale", 448 for "three-scale").
         num_workers: processes that render and encode PNGs (1 = in this process).
         progress: show a tqdm progress bar.
+        layout: "two-scale" (coarse and fine axes, `AXES`) or "three-scale" (plus the micro axis,
+            `THREE_SCALE_AXES`; see `render_three_scale_image`).
 
     Returns:
         `Path(root)`.
     """
     root = Path(root)
+    image_size = DEFAULT_IMAGE_SIZE.get(layout, 224) if image_size is None else image_size
+    _check_layout(layout, image_size)
     counts = {"train": num_train, "validation": num_validation, "test": num_test}
-    info = _benchmark_info(seed, counts, image_size)
+    info = _benchmark_info(seed, counts, image_size, layout)
     existing = read_benchmark_info(root)
     if existing == info:
         return root
@@ -523,7 +728,7 @@ def generate_benchmark(
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        jobs = _render_jobs(tmp, counts, seed, image_size)
+        jobs = _render_jobs(tmp, counts, seed, image_size, layout)
         rows = _run_render_jobs(jobs, counts, f"generating {root.name}", num_workers, progress)
         _write_metadata(tmp, rows, info)
         _move_into_place(tmp, root)
@@ -532,12 +737,17 @@ def generate_benchmark(
     return root
 
 
-def _render_jobs(folder: Path, counts: dict[str, int], seed: int, image_size: int, chunk: int = 250) -> list[tuple]:
+def _render_jobs(
+    folder: Path, counts: dict[str, int], seed: int, image_size: int, layout: str, chunk: int = 250
+) -> list[tuple]:
     """Create `<folder>/<split>/` and cut every split into `_write_chunk` jobs of `chunk` images."""
     jobs = []
     for split, count in counts.items():
         (folder / split).mkdir(parents=True)
-        jobs += [(str(folder / split), seed, split, a, min(a + chunk, count), image_size) for a in range(0, count, chunk)]
+        jobs += [
+            (str(folder / split), seed, split, a, min(a + chunk, count), image_size, layout)
+            for a in range(0, count, chunk)
+        ]
     return jobs
 
 
@@ -590,8 +800,8 @@ def load_benchmark_split(root: str | os.PathLike, split: str) -> list[dict]:
 
 
 def label_ids(rows: Sequence[dict], axis: str) -> np.ndarray:
-    """(N,) int64 class ids of `axis` for metadata rows (or dataset rows) with class-name columns."""
-    index = {name: i for i, name in enumerate(AXES[axis].class_names)}
+    """(N,) int64 class ids of `axis` (of either layout) for metadata rows (or dataset rows) with class-name columns."""
+    index = {name: i for i, name in enumerate(THREE_SCALE_AXES[axis].class_names)}
     return np.asarray([index[row[axis]] for row in rows], dtype=np.int64)
 
 
@@ -600,17 +810,29 @@ __all__ = [
     "GENERATOR_NAME",
     "GENERATOR_VERSION",
     "ImageParams",
+    "LAYOUTS",
+    "LETTER_BITMAPS",
     "LabelAxis",
+    "THREE_SCALE_AXES",
+    "ThreeScaleParams",
+    "benchmark_axes",
     "caption_for",
     "generate_benchmark",
     "image_params",
     "label_ids",
     "labels_of",
     "labels_of_row",
+    "layout_axes",
     "load_benchmark_split",
     "read_benchmark_info",
+    "render_benchmark_image",
+    "render_three_scale_image",
     "sample_caption",
     "render_image",
     "sample_image_params",
+    "sample_three_scale_params",
+    "stamp_checker_tags",
     "texture_pattern",
+    "three_scale_image_params",
+    "three_scale_labels_of",
 ]

@@ -8,7 +8,7 @@ online version of the same rule (`exit_stages` below is checked against it in th
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,8 +17,14 @@ from tqdm.auto import tqdm
 
 from ..figures.accuracy_vs_gflops import plot_tradeoff
 from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
-from ..models.waveclip.gating import effective_threshold, probability_margin
+from ..models.waveclip.gating import (
+    GateOperatingPoints,
+    effective_threshold,
+    probability_margin,
+    representative_thresholds,
+)
 from ..models.waveclip.scoring import zero_shot_logits
+from .metrics import early_exit_accuracy
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
 
@@ -91,11 +97,12 @@ def sweep_thresholds(
         stages = exit_stages(stage_probs, threshold, margin_scaling)
         answered = predictions.gather(1, stages[:, None]).squeeze(1)
         share = torch.bincount(stages, minlength=num_stages).double() / len(stages)
+        measured = early_exit_accuracy(answered, labels, gflops[stages])
         points.append(
             OperatingPoint(
                 threshold=float(threshold),
-                accuracy=float((answered == labels).double().mean()),
-                mean_gflops=float(gflops[stages].mean()),
+                accuracy=measured["accuracy"],
+                mean_gflops=measured["mean_gflops"],
                 stage_share=[float(s) for s in share],
             )
         )
@@ -279,3 +286,87 @@ def calibrate(
     )
     plot_tradeoff(points, fixed, output / "gate_calibration.png", chosen, title=f"Gate calibration ({len(dataset)} images)")
     return json.loads(report_path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label-free calibration: the full model's answers are the reference, so no labels are needed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def calibrate_without_labels(
+    model_path: str,
+    images: str,
+    candidate_labels: Sequence[str],
+    output_dir: str,
+    hypothesis_template: str | Sequence[str] = "This is a photo of {}.",
+    target_agreement: float | None = None,
+    gflops_budget: float | None = None,
+    batch_size: int = 32,
+    max_images: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """Choose the gate threshold of a saved WaveCLIP model for one label set on a folder of unlabelled images.
+
+    The pipeline's `calibrate` does the work (the cheapest threshold whose answers agree with the full model's on
+    at least `target_agreement` of the images, default 0.99, or the most faithful within `gflops_budget` mean
+    GFLOPs); this reads the folder (recursively) and writes `<output_dir>/gate_calibration.json`.
+
+    Returns:
+        the report: the `GateCalibration` fields, the labels, template(s), model, folder and FLOPs convention.
+    """
+    from transformers import pipeline
+
+    from ..models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
+    from ..training.data import list_image_files
+
+    paths = [str(path) for path in list_image_files(images)][:max_images]
+    if not paths:
+        raise ValueError(f"No image files under {images!r}: pass a folder of unlabelled images of your domain.")
+    classifier = pipeline("zero-shot-image-classification", model=model_path, trust_remote_code=True,
+                          pipeline_class=WaveCLIPZeroShotImageClassificationPipeline,
+                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    calibration = classifier.calibrate(paths, candidate_labels=list(candidate_labels),
+                                       hypothesis_template=hypothesis_template, target_agreement=target_agreement,
+                                       gflops_budget=gflops_budget, batch_size=batch_size)
+    report = {
+        **asdict(calibration),
+        "model": str(model_path), "images": str(images), "candidate_labels": list(candidate_labels),
+        "hypothesis_template": hypothesis_template if isinstance(hypothesis_template, str) else list(hypothesis_template),
+        "flops_convention": FLOPS_CONVENTION,
+    }
+    path = Path(output_dir) / "gate_calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def stage_flip_rates(stage_probs: torch.Tensor) -> list[float]:
+    """Per stage: the share of images whose top-1 after that stage differs from the last stage's (the full
+    model's answer). (N, stages, C) probabilities -> `stages` fractions, the last 0."""
+    predictions = stage_probs.argmax(-1)
+    return [float((predictions[:, stage] != predictions[:, -1]).double().mean()) for stage in range(predictions.shape[1])]
+
+
+def cheapest_point_within(points: GateOperatingPoints, min_agreement: float) -> int:
+    """Index of the cheapest operating point whose agreement (the accuracy, for points against labels) is at
+    least `min_agreement`; the last point (no early exit) when only it qualifies."""
+    return int((points.agreement >= min_agreement - 1e-12).nonzero()[0])
+
+
+def best_shared_threshold(points_per_set: Mapping[str, GateOperatingPoints], min_mean_agreement: float):
+    """The cheapest single threshold for several label sets at once, exactly: over every distinct behaviour of a
+    shared threshold (the sets' merged crossings), the one with the least mean GFLOPs whose mean agreement over
+    the sets is at least `min_mean_agreement`.
+
+    Returns:
+        (threshold or None for no early exit, {set name: index of its operating point})
+    """
+    crossings = torch.cat([points.crossings for points in points_per_set.values()]).unique(sorted=True)
+    thresholds = representative_thresholds(crossings)
+    indices = {name: points.index_at(thresholds) for name, points in points_per_set.items()}
+    mean_agreement = torch.stack([points.agreement[indices[name]] for name, points in points_per_set.items()]).mean(0)
+    mean_gflops = torch.stack([points.mean_gflops[indices[name]] for name, points in points_per_set.items()]).mean(0)
+    meeting = (mean_agreement >= min_mean_agreement - 1e-12).nonzero().squeeze(1)
+    best = int(meeting[mean_gflops[meeting].argmin()])  # argmin takes the first: the smallest such threshold
+    threshold = float(thresholds[best])
+    return (None if math.isinf(threshold) else threshold), {name: int(index[best]) for name, index in indices.items()}

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from ..data.synthetic import AXES, GENERATOR_VERSION, generate_benchmark
+from ..data.synthetic import AXES, GENERATOR_VERSION, THREE_SCALE_VERSION, generate_benchmark
 from ..training.distillation import DistillationConfig, distill
 from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
 from ..training.optimization import OPTIMIZATION_RULES_VERSION
@@ -45,12 +45,16 @@ def fresh_accelerator_state() -> None:
 
 
 def build_benchmark(cache_dir: Path, settings: dict, seed: int, num_workers: int, progress: bool) -> Path:
-    """Generate (or reuse) the benchmark with the split sizes of `settings`; returns its root folder."""
+    """Generate (or reuse) the benchmark with the split sizes (and `layout`, default "two-scale") of `settings`;
+    returns its root folder."""
     counts = dict(num_train=settings["num_train"], num_validation=settings["num_validation"],
                   num_test=settings["num_test"])
-    key = settings_hash({"seed": seed, "generator_version": GENERATOR_VERSION, **counts})
-    root = Path(cache_dir) / f"benchmark-v{GENERATOR_VERSION}-{key}"
-    return generate_benchmark(root, seed=seed, num_workers=num_workers, progress=progress, **counts)
+    layout = settings.get("layout", "two-scale")
+    keyed = {"seed": seed, "generator_version": GENERATOR_VERSION, **counts}
+    if layout != "two-scale":  # the two-scale key stays what it was, so the main job's cache stays valid
+        keyed.update(layout=layout, layout_version=THREE_SCALE_VERSION)
+    root = Path(cache_dir) / f"benchmark-v{GENERATOR_VERSION}-{settings_hash(keyed)}"
+    return generate_benchmark(root, seed=seed, num_workers=num_workers, progress=progress, layout=layout, **counts)
 
 
 def build_teacher(cache_dir: Path, settings: dict, data_root: Path, seed: int, num_workers: int, progress: bool):

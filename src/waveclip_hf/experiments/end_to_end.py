@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, load_benchmark_split
 from ..evaluation.calibration import default_thresholds
+from ..training.outputs import rewrite_model_card
 from .cached_steps import (
     build_benchmark,
     build_teacher,
@@ -37,7 +38,7 @@ from .cached_steps import (
     student_distillation_fields,
 )
 from .report import first_run_record, machine_description, utc_now, write_reports
-from .run_evaluation import evaluate_student, pipeline_demo
+from .run_evaluation import card_results, evaluate_student, label_free_pipeline_demo, pipeline_demo
 
 SIZES = {
     # "small" is sized for a first run of about a quarter of an hour on a 2-core CPU (measured: docs/results.md).
@@ -160,10 +161,23 @@ def _demo(config: EndToEndConfig, results: dict, inputs: MainJobInputs, student_
     chosen = results["summary"]["best_within_budget"] or results["summary"]["cheapest_within_one_point"]
     threshold = chosen["threshold"] if chosen else 0.5
     demo = pipeline_demo(student_dir, inputs.data_root, inputs.rows, threshold, config.demo_images)
-    for item in demo:
-        log(f"pipeline: {item['file_name']}: " + ", ".join(
-            f"{axis}={a['predicted']} (true {a['true']}, stage {a['stage']})" for axis, a in item["answers"].items()))
-    return {"demo_threshold": threshold, "demo": demo}
+    label_free = label_free_pipeline_demo(student_dir, inputs.data_root, inputs.rows, config.demo_images)
+    for prefix, items in (("pipeline", demo), ("pipeline, label-free", label_free["demo"])):
+        for item in items:
+            log(f"{prefix}: {item['file_name']}: " + ", ".join(
+                f"{axis}={a['predicted']} (true {a['true']}, stage {a['stage']})" for axis, a in item["answers"].items()))
+    return {"demo_threshold": threshold, "demo": demo, "label_free_demo": label_free}
+
+
+def _publish_on_model_card(student_dir: Path, results: dict, num_images: int, threshold: float) -> None:
+    """The student's model card publishes what was just measured (per axis, every stage, the demo's gate). The
+    card is a by-product: a failure to re-render it is logged, never lost figures (the reports are written first)."""
+    try:
+        card = rewrite_model_card(student_dir, card_results(results, num_images, threshold))
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        log(f"model card: not updated ({type(error).__name__}: {error})")
+    else:
+        log(f"model card: {card} publishes the measured accuracy")
 
 
 def run(config: EndToEndConfig) -> dict:
@@ -185,6 +199,7 @@ def run(config: EndToEndConfig) -> dict:
     context = {**_run_context(config, settings, inputs, student_dir, student_config, started), **demo}
     report = {"settings": settings, "context": context, **results}
     results_md = write_reports(config.docs_dir, report, context)
+    _publish_on_model_card(student_dir, results, len(inputs.rows), demo["demo_threshold"])
     log(f"wrote {results_md}, results.json and figures in {(time.time() - started) / 60:.1f} min")
     return report
 

@@ -189,6 +189,77 @@ def _sweep_table(results: dict) -> list[str]:
     return lines
 
 
+def _label_free_table(results: dict) -> list[str]:
+    """The label-free gate per axis against the best single threshold and the labelled oracle (`label_free`)."""
+    if "label_free" not in results:
+        return []
+    label_free = results["label_free"]
+    summary, per_axis = label_free["summary"], label_free["per_axis"]
+    single, oracle = summary["best_single_threshold"], summary["labelled_oracle"]
+    drop = summary["comparison_max_drop_points"]
+
+    def cost(figures: dict) -> str:
+        return f"{figures['drop_points']:+.1f} / {figures['gflops_ratio']:.2f}×"
+
+    lines = [
+        "", "## The gate without labels: one threshold per label set", "",
+        f"Each axis (label set and template) gets its own threshold, chosen without labels on the "
+        f"{summary['calibration_images']} {summary['calibration_split']} images (none of them a test image): the "
+        f"cheapest whose answers agree with the full student's on at least {100 * summary['target_agreement']:g}% "
+        "of them (`classifier.calibrate(images, candidate_labels=..., target_agreement=0.99)`, then "
+        "`margin_threshold=\"auto\"`). Measured on the test split against two choices made with the test labels: "
+        f"the best single threshold for all axes (the cheapest within {drop:g} points of the full student's mean "
+        f"accuracy) and the labelled oracle (per axis, the cheapest within {drop:g} points of that axis's full "
+        "accuracy). Cells: accuracy drop vs the full student (points) / GFLOPs as a fraction of the full student's.",
+        "",
+        "| axis | label-free θ | agreement with the full student: validation / test (%) | label-free | "
+        f"best single θ = {_threshold(single['threshold'])} | labelled oracle (θ) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in per_axis.items():
+        lines.append(
+            f"| {name} | {_threshold(row['threshold'])} | {_pct(row['calibration_agreement'])} / "
+            f"{_pct(row['test_agreement'])} | {cost(row)} | {cost(row['single_threshold'])} | "
+            f"{cost(row['labelled_oracle'])} ({_threshold(row['labelled_oracle']['threshold'])}) |")
+    lines.append(
+        f"| **mean** | | | **{summary['mean_drop_points']:+.1f} / {summary['mean_gflops_ratio']:.2f}×** | "
+        f"{single['mean_drop_points']:+.1f} / {single['mean_gflops_ratio']:.2f}× | "
+        f"{oracle['mean_drop_points']:+.1f} / {oracle['mean_gflops_ratio']:.2f}× |")
+    lines += [
+        "",
+        f"- Label-free, per label set: {summary['mean_gflops_ratio']:.2f}× the full student's GFLOPs, largest axis "
+        f"drop {summary['max_axis_drop_points']:.1f} points. Best single threshold: "
+        f"{single['mean_gflops_ratio']:.2f}×, largest axis drop {single['max_axis_drop_points']:.1f} points. Labelled "
+        f"oracle: {oracle['mean_gflops_ratio']:.2f}×, largest axis drop {oracle['max_axis_drop_points']:.1f} points.",
+    ]
+    return lines
+
+
+def _threshold(threshold) -> str:
+    """A threshold as the tables print it: `None` (no early exit) as "none"."""
+    return "none" if threshold is None else f"{threshold:.3g}"
+
+
+def _flip_rates(results: dict) -> list[str]:
+    """How often each earlier stage's top-1 differs from the full student's (`stage_flip_rate`)."""
+    per_axis = results["per_axis"]
+    if not all("stage_flip_rate" in row for row in per_axis.values()):
+        return []
+    stages = len(results["student_cumulative_gflops"]) - 1
+    mean = results["summary"]["stage_flip_rate_mean"]
+    lines = [
+        "", "## How often an earlier stage's answer changes by the last", "",
+        "Share of test images whose top-1 after the stage differs from the full student's (the flip rate); an "
+        "image that the gate answers at that stage keeps the earlier answer.", "",
+        "| axis | " + " | ".join(f"stage {s} (%)" for s in range(stages)) + " |",
+        "|---|" + "---:|" * stages,
+    ]
+    for name, row in per_axis.items():
+        lines.append(f"| {name} | " + " | ".join(_pct(rate) for rate in row["stage_flip_rate"][:stages]) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{_pct(rate)}**" for rate in mean[:stages]) + " |")
+    return lines
+
+
 def _pipeline_demo(context: dict) -> list[str]:
     lines = ["", "## Pipeline on the saved folder", "",
              f"`pipeline(\"zero-shot-image-classification\", model=<student>, trust_remote_code=True)` with "
@@ -197,14 +268,32 @@ def _pipeline_demo(context: dict) -> list[str]:
         answers = "; ".join(f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
                             f"stage {a['stage']})" for axis, a in item["answers"].items())
         lines.append(f"- `{item['file_name']}` — {answers}")
+    return lines + _label_free_demo(context)
+
+
+def _label_free_demo(context: dict) -> list[str]:
+    """The same images after `classifier.calibrate` per axis on the unlabelled validation images, with
+    `margin_threshold="auto"`."""
+    if "label_free_demo" not in context:
+        return []
+    label_free = context["label_free_demo"]
+    thresholds = ", ".join(f"{axis} {_threshold(t)}" for axis, t in label_free["thresholds"].items())
+    lines = ["", "The same images with one threshold per axis chosen without labels (`classifier.calibrate(<validation "
+             f"images>, candidate_labels=..., hypothesis_template=..., target_agreement=0.99)`: {thresholds}), then "
+             "`margin_threshold=\"auto\"`:", ""]
+    for item in label_free["demo"]:
+        answers = "; ".join(f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
+                            f"stage {a['stage']})" for axis, a in item["answers"].items())
+        lines.append(f"- `{item['file_name']}` — {answers}")
     return lines
 
 
 def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
-    """docs/results.md: provenance, the accuracy table, what the numbers say, the figures, the gate sweep and the
-    pipeline demo. `results` as from `evaluate`; `context` as built by `end_to_end.run`."""
+    """docs/results.md: provenance, the accuracy table, what the numbers say, the figures, the gate sweep, the
+    label-free gate, the flip rates and the pipeline demo. `results` as from `evaluate`; `context` as built by
+    `end_to_end.run`."""
     lines = [*_header(results, context), *_accuracy_table(results), "", *_findings(results), *_sweep_table(results),
-             *_pipeline_demo(context), ""]
+             *_label_free_table(results), *_flip_rates(results), *_pipeline_demo(context), ""]
     Path(path).write_text("\n".join(lines))
     return Path(path)
 

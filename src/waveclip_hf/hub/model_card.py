@@ -2,14 +2,19 @@
 
 The template is `hub_card/README.md.template` (a `string.Template`: `$name` placeholders, `$$` for a literal
 dollar). Rendering fails loudly when any placeholder has no value, or a value is `None`: a card never ships with
-a hole or a made-up number.
+a hole or a made-up number. The front matter (licence, `base_model`, `datasets`, `widget`, `model-index`) comes
+from `front_matter`; the card never prints a path of the machine it was made on.
 """
 
 import datetime
+import json
 import os
 import string
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+
+from .front_matter import example_labels, front_matter, hub_dataset_ids, is_local, public_name, resolve_license
 
 
 def _default_template() -> Path:
@@ -61,17 +66,25 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
 def _evaluation_source(config) -> str:
     """Where the evaluation images came from, as the card says it."""
     if config.eval_data and config.eval_data == config.train_data:
         return "the training images themselves: this measures fit, not generalisation"
     if config.eval_data:
-        return f"`{config.eval_data}`"
+        return f"`{public_name(config.eval_data)}`"
     return "held out of the training data"
 
 
 def _data_description(config, result) -> str:
-    data = f"`{config.train_data}`: {result.num_train_images} training images"
+    source = f"`{public_name(config.train_data)}`" + (" (a local folder)" if is_local(config.train_data) else "")
+    if result.num_train_images is None:  # streamed: the stream has no length
+        data = f"{source}, streamed"
+    else:
+        data = f"{source}: {result.num_train_images} training images"
     if result.num_eval_images:
         data += f", {result.num_eval_images} evaluation images ({_evaluation_source(config)})"
     return data + f"; {result.skipped_count} unreadable file(s) skipped"
@@ -165,19 +178,86 @@ def _architecture_fields(student_config) -> dict:
     }
 
 
+def _model_name(config) -> str:
+    return config.push_to_hub.split("/")[-1] if config.push_to_hub else f"waveclip-{public_name(config.teacher)}"
+
+
 def _teacher_fields(config) -> dict:
-    """How the card names the teacher: a Hub id links to its page and becomes `base_model`; a local folder not."""
-    teacher_is_local = Path(config.teacher).expanduser().exists()
+    """How the card names the teacher and itself: a Hub teacher links to its page; a local one is named by its
+    folder. Without a Hub repository to push to, the snippet's model id stands for wherever the folder goes."""
+    teacher = public_name(config.teacher)
+    model_id = config.push_to_hub or f"your-username/{Path(config.output_dir).expanduser().resolve().name}"
+    note = "" if config.push_to_hub else (
+        f"\n`{model_id}` stands for the Hub repository you upload this folder to (or the folder's path).\n")
     return {
-        "base_model_line": (f"# base_model: not set, the teacher was a local folder ({Path(config.teacher).name})"
-                            if teacher_is_local else f"base_model: {config.teacher}"),
-        "model_name": (config.push_to_hub.split("/")[-1] if config.push_to_hub
-                       else f"WaveCLIP distilled from {config.teacher}"),
-        "model_id": config.push_to_hub or str(Path(config.output_dir) / "final"),
-        "teacher": config.teacher,
-        "teacher_link": (f"`{config.teacher}`" if teacher_is_local
-                         else f"[{config.teacher}](https://huggingface.co/{config.teacher})"),
+        "model_name": _model_name(config),
+        "model_id": model_id,
+        "model_id_note": note,
+        "teacher": teacher,  # for custom templates (`--model-card-template`); the default one uses the link
+        "teacher_link": (f"`{teacher}` (a local folder)" if is_local(config.teacher)
+                         else f"[{teacher}](https://huggingface.co/{teacher})"),
     }
+
+
+def _example_fields(tokenizer, config, zero_shot: Sequence) -> dict:
+    """Candidate labels the tokenizer knows (those of a measured task first) and that task's prompt template."""
+    task = zero_shot[0] if zero_shot else None
+    labels = example_labels(tokenizer, task.class_names if task else (), config.label_vocabulary or ())
+    template = f" hypothesis_template={json.dumps(task.prompt_template)}," if task else ""
+    return {"example_labels": json.dumps(labels), "first_example_label": json.dumps(labels[0]),
+            "hypothesis_template_argument": template, "labels": labels}
+
+
+def _eval_results(zero_shot: Sequence) -> list:
+    """`huggingface_hub.EvalResult`s of the measured tasks: accuracy after all stages and after stage 0."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for task in zero_shot:
+        common = dict(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
+                      dataset_type=task.dataset_type, dataset_name=task.dataset_name,
+                      dataset_config=task.dataset_config, dataset_split=task.dataset_split, metric_type="accuracy")
+        last = len(task.stage_accuracy) - 1
+        results.append(EvalResult(**common, metric_value=round(task.stage_accuracy[-1], 4),
+                                  metric_name=f"Top-1 accuracy, all {last + 1} stages "
+                                              f"({task.stage_gflops[-1]:.3g} GFLOPs)"))
+        results.append(EvalResult(**common, metric_value=round(task.stage_accuracy[0], 4),
+                                  metric_name=f"Top-1 accuracy, stage 0 only ({task.stage_gflops[0]:.3g} GFLOPs)"))
+    return results
+
+
+def _accuracy_section(zero_shot: Sequence) -> str:
+    """A table of the measured zero-shot accuracy per task and stage (teacher and gate when measured)."""
+    if not zero_shot:
+        return ("Not measured: no labelled evaluation ran. Distil with `--eval-labelled-data <folder>` (one "
+                "subfolder of images per class) to publish zero-shot accuracy here, and calibrate the gate with "
+                "`scripts/calibrate_gate.py` of the waveclip_hf repository.")
+    stages = len(zero_shot[0].stage_accuracy)
+    teacher = any(t.teacher_accuracy is not None for t in zero_shot)
+    gate = any(t.gate for t in zero_shot)
+    header = ["task", "data", "images", "classes"] + (["teacher"] if teacher else [])
+    header += [f"stage {s}" for s in range(stages)] + (["gate"] if gate else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for t in zero_shot:
+        cells = [t.task, t.dataset_name + (f" ({t.dataset_split})" if t.dataset_split else ""), str(t.num_images),
+                 str(len(t.class_names))] + ([_pct(t.teacher_accuracy) if t.teacher_accuracy is not None else "-"]
+                                             if teacher else [])
+        cells += [_pct(a) for a in t.stage_accuracy]
+        if gate:
+            cells.append(f"{_pct(t.gate['accuracy'])} at {t.gate['mean_gflops']:.3g} GFLOPs (θ = "
+                         f"{t.gate['threshold']:g})" if t.gate else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    gflops = " / ".join(f"{g:.3g}" for g in zero_shot[0].stage_gflops)
+    prompts = "; ".join(dict.fromkeys(f"`{t.prompt_template}`" for t in zero_shot))
+    skipped = sum(t.num_skipped for t in zero_shot)
+    notes = (f"\n\nTop-1 zero-shot accuracy answering every image after each stage; stages 0..{stages - 1} cost "
+             f"{gflops} GFLOPs per image (cumulative, cached path; 1 multiply-add = 2 FLOPs). Prompts: {prompts}. "
+             f"Measured by {zero_shot[0].measured_by}, with the `early_exit_accuracy` metric of `evaluate`.")
+    if gate:
+        notes += " The gate column is the margin gate at the threshold θ shown, mean GFLOPs per image."
+    if skipped:
+        notes += f" {skipped} unreadable image(s) left out."
+    return "\n".join(lines) + notes
 
 
 def _package_version() -> str:
@@ -187,32 +267,43 @@ def _package_version() -> str:
         return "(source)"
 
 
-def card_fields(config, result, student_config, teacher_config=None, accuracy_markdown: str | None = None) -> dict:
+def card_fields(config, result, student_config, tokenizer, teacher_config=None, zero_shot: Sequence | None = None,
+                date: datetime.date | None = None) -> dict:
     """Every placeholder of the default template, from a `DistillationConfig` and a `DistillationResult`.
 
     Args:
         config: the run's `DistillationConfig`.
         result: its `DistillationResult` (metrics, throughput, counts).
         student_config: the student's `WaveCLIPConfig`.
+        tokenizer: the student's (= the teacher's) tokenizer: the example labels must be words it knows.
         teacher_config: the teacher's `CLIPConfig`, to show a plain CLIP ViT beside the stage costs (optional).
-        accuracy_markdown: measured accuracy to publish (e.g. a zero-shot table); default: says none was measured.
+        zero_shot: measured [`ZeroShotResult`]s to publish (accuracy table, `model-index`); default: the run's own
+            (`result.zero_shot`, from `--eval-labelled-data`).
+        date: when the run finished (default: today).
     """
     from ..models.waveclip.flops import format_flops_table
 
+    zero_shot = list(result.zero_shot if zero_shot is None else zero_shot)
+    card_license = resolve_license(config.license, config.teacher)
+    examples = _example_fields(tokenizer, config, zero_shot)
     clip_vision_config = getattr(teacher_config, "vision_config", None)
     return {
+        "front_matter": front_matter(_model_name(config), card_license,
+                                     None if is_local(config.teacher) else config.teacher,
+                                     hub_dataset_ids([config.train_data, config.eval_data]),
+                                     examples.pop("labels"), _eval_results(zero_shot)),
         **_teacher_fields(config),
+        **examples,
         **_architecture_fields(student_config),
         "data_description": _data_description(config, result),
         **_optimisation_fields(config, result),
         **_loss_fields(config, student_config.vision_config.num_stages),
         "cosine_table": _cosine_table(config, result),
         "flops_table": format_flops_table(student_config, clip_vision_config=clip_vision_config),
-        "accuracy_section": accuracy_markdown
-        or "Not measured by the distillation run. Zero-shot accuracy needs a labelled set and prompts; see "
-        "`docs/` of the waveclip_hf repository for the evaluation and threshold calibration tools.",
+        "accuracy_section": _accuracy_section(zero_shot),
         "throughput": _throughput(result),
-        "date": datetime.date.today().isoformat(),
+        "license_origin": f"Licence: {card_license.origin}",
+        "date": (date or datetime.date.today()).isoformat(),
         "version": _package_version(),
     }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from .metrics import log_main_process
 
@@ -27,7 +28,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 # Settings that change the run's trajectory: resuming with another value gives a different model.
 RESUME_SENSITIVE_FIELDS = ("train_data", "batch_size", "gradient_accumulation_steps", "seed", "levels", "wavelet",
                            "cell_size", "attention", "band_order", "teacher", "max_steps", "num_epochs",
-                           "learning_rate", "fresh_lr_multiplier")
+                           "learning_rate", "fresh_lr_multiplier", "streaming", "shuffle_buffer")
 
 
 @dataclass
@@ -39,9 +40,14 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per process)
     images_seen: int = 0  # over all processes, invalid placeholders included
     skipped: dict = field(default_factory=dict)  # unreadable file -> error, as met by this process
+    # --streaming: this process's position in the epoch's stream ({"consumed": {worker: batches}, "last_worker"});
+    # saved for every process (`streams`, by process index).
+    stream: dict = field(default_factory=dict)
 
-    def to_json(self, config) -> dict:
-        return {**dataclasses.asdict(self), "config": dataclasses.asdict(config)}
+    def to_json(self, config, streams: list | None = None) -> dict:
+        state = {k: v for k, v in dataclasses.asdict(self).items() if k != "stream"}
+        return {**state, "streams": streams if streams is not None else [self.stream],
+                "config": dataclasses.asdict(config)}
 
 
 def _step_of(path: Path) -> int | None:
@@ -163,7 +169,10 @@ class Checkpointer:
         self.last_saved_step = None  # step of the newest checkpoint this process wrote
 
     def save(self, state: TrainerState, config) -> Path:
-        self.last = save_checkpoint(self.accelerator, self.output_dir, state.step, state.to_json(config), self.keep)
+        # Each process streams its own part: keep every process's position (the other fields agree everywhere).
+        streams = gather_object([state.stream]) if self.accelerator.num_processes > 1 else [state.stream]
+        self.last = save_checkpoint(self.accelerator, self.output_dir, state.step, state.to_json(config, streams),
+                                    self.keep)
         self.last_saved_step = state.step
         return self.last
 
@@ -184,7 +193,9 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike, 
     accelerator.load_state(str(checkpoint))
     saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
     _warn_config_changes(accelerator, saved.get("config", {}), config)
-    state = TrainerState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainerState)})
+    state = TrainerState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainerState) if f.name != "stream"})
+    streams = saved.get("streams") or [{}]
+    state.stream = streams[accelerator.process_index] if accelerator.process_index < len(streams) else {}
     log_main_process(accelerator, f"Resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, "
                                   f"{state.batches_in_epoch} batches into it).")
     return state, checkpoint

@@ -1,4 +1,4 @@
-"""Every knob of a distillation run, in one dataclass (the CLI maps one flag to each field)."""
+"""Every knob of a distillation run, in one dataclass (the CLI maps one flag to each field), and the named recipes."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -6,6 +6,16 @@ from dataclasses import dataclass
 import torch
 
 from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
+
+# Named settings for a real teacher (`--recipe`, `DistillationConfig.from_recipe`); explicit values override them.
+RECIPES = {
+    # openai/clip-vit-base-patch16 on one GPU (docs/distillation.md): the student keeps the teacher's 224 px and
+    # ViT-B/16 token count (49 + 147 + 2 tokens at L = 1, cells of 32 px).
+    "vit-b16": dict(
+        teacher="openai/clip-vit-base-patch16", levels=1, cell_size=32, batch_size=128, max_steps=20_000,
+        learning_rate=1e-4, mixed_precision="bf16", num_workers=8, checkpoint_every=1000, eval_every=1000,
+    ),
+}
 
 
 @dataclass
@@ -38,6 +48,10 @@ class DistillationConfig:
     eval_split: str = "validation"
     eval_holdout: int = 128  # images held out of `train_data` when `eval_data` is None (at most 10%; 0: none)
     num_workers: int = 4  # data-loading processes (decode + both image processors run there)
+    streaming: bool = False  # read `train_data` with `datasets.load_dataset(..., streaming=True)`; needs max_steps
+    shuffle_buffer: int = 10_000  # examples in the seeded shuffle buffer of a streamed dataset
+    eval_labelled_data: str | None = None  # folder, one subfolder per class: zero-shot accuracy for the card
+    eval_prompt_template: str = "This is a photo of {}."  # the prompt of a class of `eval_labelled_data`
 
     # Student geometry (see `WaveCLIPVisionConfig`).
     levels: int = 1
@@ -81,6 +95,8 @@ class DistillationConfig:
     resume: bool = False  # continue from the last complete checkpoint in `output_dir` (fresh start if none)
     peak_tflops: float | None = None  # per device, for MFU; None: spec sheet (known GPUs) or a measured matmul
     push_to_hub: str | None = None  # repo id to upload the final folder to (opt-in)
+    hub_private: bool = False  # create that repo private
+    license: str | None = None  # the card's licence (a Hub licence id); None: the teacher card's, else "other"
     model_card_template: str | None = None  # default: hub_card/README.md.template
     progress_bar: bool = True
 
@@ -102,6 +118,23 @@ class DistillationConfig:
             raise ValueError(f"`fresh_lr_multiplier` must be positive, got {self.fresh_lr_multiplier}.")
         if self.kl_temperature <= 0:
             raise ValueError(f"`kl_temperature` must be positive, got {self.kl_temperature}.")
+        if self.streaming and self.max_steps is None:
+            raise ValueError("A streamed dataset has no length, so `streaming` needs `max_steps` (--max-steps).")
+        if self.streaming and self.cache_teacher_embeddings:
+            raise ValueError("`cache_teacher_embeddings` embeds every training image once before step 0, which a "
+                             "stream cannot do: drop --cache-teacher-embeddings or --streaming.")
+        if self.hub_private and not self.push_to_hub:
+            raise ValueError("`hub_private` makes the repository of `push_to_hub` private, but no repository was given: "
+                             "add --push-to-hub REPO_ID or drop --hub-private.")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"`shuffle_buffer` must be at least 1, got {self.shuffle_buffer}.")
+        if self.eval_labelled_data is not None:
+            from ..models.waveclip.pipeline_waveclip import check_hypothesis_template
+
+            try:
+                check_hypothesis_template(self.eval_prompt_template)
+            except ValueError as error:
+                raise ValueError(f"--eval-prompt-template: {error}") from None
         self.adam_betas = tuple(self.adam_betas)
         if self.stage_weights is not None:
             self.stage_weights = [float(w) for w in self.stage_weights]
@@ -124,5 +157,12 @@ class DistillationConfig:
         weights = torch.tensor(weights, dtype=torch.float32)
         return weights / weights.sum()
 
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> "DistillationConfig":
+        """The config of the named recipe (`RECIPES`), with `overrides` taking precedence over its values."""
+        if name not in RECIPES:
+            raise ValueError(f"Unknown recipe {name!r}; the recipes are {sorted(RECIPES)}.")
+        return cls(**{**RECIPES[name], **overrides})
 
-__all__ = ["DistillationConfig"]
+
+__all__ = ["RECIPES", "DistillationConfig"]

@@ -49,6 +49,7 @@ from .models import StudentStages, freeze_text_side, load_teacher, student_from_
 from .optimization import lr_at, optimizer_groups, set_learning_rate
 from .outputs import DistillationResult, gather_skipped, push_folder_to_hub, save_final, summary_line, write_summary
 from .signals import SigtermFlag
+from .streaming import load_streaming_data, stream_of_batches, streaming_loader
 from .teacher_cache import TeacherEmbeddings
 from .validation import RunEvaluation
 
@@ -131,7 +132,8 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     if config.eval_every and state.step == 0:
         run.evaluate(0)  # the starting point
     meter = TrainingMeter(accelerator, run.flops["total"], run.peak[0], run.log_path, progress)
-    batches = epochs_of_batches(accelerator, run.loader, state)  # resumes mid-epoch where the checkpoint left off
+    # Both resume mid-epoch where the checkpoint left off.
+    batches = (stream_of_batches if config.streaming else epochs_of_batches)(accelerator, run.loader, state)
     interrupted = False
     with SigtermFlag() as sigterm:
         while state.step < run.total_steps:
@@ -209,17 +211,19 @@ class DistillationRun:
     evaluate: RunEvaluation
     state: TrainerState
     checkpointer: Checkpointer
-    num_train_images: int
+    num_train_images: int | None  # None: streamed
     num_eval_images: int
     peak: tuple[float, str]  # per-device TFLOPS MFU is measured against, and where the figure comes from
+    teacher_processor: object = None  # the teacher's image processor (for `--eval-labelled-data`)
 
     def __post_init__(self):
         config, accelerator = self.config, self.accelerator
         self.trainable = [p for p in accelerator.unwrap_model(self.module).parameters() if p.requires_grad]
         self.stage_weights = config.resolved_stage_weights(self.student.num_stages)  # (stages,)
         self.logit_scale = float(self.teacher.logit_scale.exp())
-        steps_per_epoch = math.ceil(len(self.loader) / config.gradient_accumulation_steps)
-        self.total_steps = config.max_steps or steps_per_epoch * config.num_epochs
+        # A stream has no length; the config guarantees max_steps then.
+        self.total_steps = config.max_steps or (
+            math.ceil(len(self.loader) / config.gradient_accumulation_steps) * config.num_epochs)
         self.global_batch = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         self.flops = train_flops_per_image(self.student.config, self.teacher.config, self.teacher_embeddings.cached)
 
@@ -242,7 +246,7 @@ def prepare_distillation(config: DistillationConfig, evaluate, accelerator: Acce
     text_embeds = None
     if config.label_vocabulary:
         text_embeds = teacher_text_embeddings(teacher, tokenizer, config.label_vocabulary, accelerator.device)
-    train_set, eval_set = load_distillation_data(config)
+    train_set, eval_set = (load_streaming_data if config.streaming else load_distillation_data)(config)
     module, optimizer, loader = _prepare_training(config, accelerator, student, student_processor,
                                                   teacher_processor, train_set)
 
@@ -263,10 +267,11 @@ def prepare_distillation(config: DistillationConfig, evaluate, accelerator: Acce
         config, accelerator, teacher, tokenizer, student, student_processor, module, optimizer, loader,
         teacher_embeddings, text_embeds, evaluation, state,
         Checkpointer(accelerator, config.output_dir, config.keep_checkpoints, checkpoint),
-        num_train_images=len(train_set), num_eval_images=len(eval_set) if eval_set is not None else 0,
-        peak=peak_tflops(config, accelerator.device),
+        num_train_images=None if config.streaming else len(train_set),
+        num_eval_images=len(eval_set) if eval_set is not None else 0,
+        peak=peak_tflops(config, accelerator.device), teacher_processor=teacher_processor,
     )
-    _log_start(run, len(loader))
+    _log_start(run, None if config.streaming else len(loader))
     module.train()
     freeze_text_side(student)
     return run
@@ -276,20 +281,27 @@ def _prepare_training(config, accelerator, student, student_processor, teacher_p
     """(module, optimizer, loader) prepared by accelerate: `StudentStages(student)`, AdamW over the student's
     trainable parameters, and the loader of training batches (teacher pixels only when not cached)."""
     collator = DistillationCollator(student_processor, None if config.cache_teacher_embeddings else teacher_processor)
+    optimizer = torch.optim.AdamW(optimizer_groups(student, config), lr=config.learning_rate, betas=config.adam_betas)
+    if config.streaming:  # each process reads its own part of the stream (`streaming.py`): accelerate must not split
+        module, optimizer = accelerator.prepare(StudentStages(student), optimizer)
+        return module, optimizer, streaming_loader(train_set, collator, config.batch_size, config.num_workers,
+                                                   accelerator)
     loader = training_loader(train_set, collator, config.batch_size, config.num_workers, config.seed,
                              pin_memory=accelerator.device.type == "cuda")
-    optimizer = torch.optim.AdamW(optimizer_groups(student, config), lr=config.learning_rate, betas=config.adam_betas)
     return accelerator.prepare(StudentStages(student), optimizer, loader)
 
 
-def _log_start(run: DistillationRun, batches_per_epoch: int) -> None:
+def _log_start(run: DistillationRun, batches_per_epoch: int | None) -> None:
     config, accelerator, flops = run.config, run.accelerator, run.flops
+    data = (f"a stream of {config.train_data}" if batches_per_epoch is None
+            else f"{run.num_train_images} images")
+    epoch = "" if batches_per_epoch is None else f", {batches_per_epoch} batches per epoch per process"
     log_main_process(
         accelerator,
         f"Distilling {config.teacher} into WaveCLIP (levels={config.levels}, cell={config.cell_size}, "
-        f"{run.student.num_stages} stages) on {run.num_train_images} images ({accelerator.num_processes} "
-        f"process(es), global batch {run.global_batch}, {run.total_steps} steps, {batches_per_epoch} batches per "
-        f"epoch per process). Train FLOPs/image {flops['total'] / 1e9:.2f} G ({FLOPS_CONVENTION}); peak "
+        f"{run.student.num_stages} stages) on {data} ({accelerator.num_processes} "
+        f"process(es), global batch {run.global_batch}, {run.total_steps} steps{epoch}). "
+        f"Train FLOPs/image {flops['total'] / 1e9:.2f} G ({FLOPS_CONVENTION}); peak "
         f"{run.peak[0]:.3g} TFLOPS per device ({run.peak[1]}).",
     )
 
@@ -319,7 +331,7 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
     if interrupted:
         log_main_process(accelerator, f"Stopped by SIGTERM after step {state.step}/{run.total_steps}; checkpoint "
                                       f"saved to {last}. Run again with --resume to continue.")
-        write_summary(accelerator, output_dir, result)
+        write_summary(accelerator, output_dir, result, config)
         return result
 
     # Always, also with checkpoint_every=0: a failure while writing the final folder must not lose the run.
@@ -327,14 +339,35 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
     result.metrics = run.evaluate(state.step)
     result.student = run.student
     if accelerator.is_main_process:
+        result.zero_shot = labelled_evaluation(run)
         result.final_dir = str(save_final(run.student, run.student_processor, run.tokenizer, config, result,
                                           run.teacher.config))
     accelerator.wait_for_everyone()
     log_main_process(accelerator, summary_line(result))
-    write_summary(accelerator, output_dir, result)
+    write_summary(accelerator, output_dir, result, config)
     if config.push_to_hub and accelerator.is_main_process:
-        push_folder_to_hub(result.final_dir, config.push_to_hub)
+        push_folder_to_hub(result.final_dir, config.push_to_hub, private=config.hub_private)
     return result
+
+
+def labelled_evaluation(run: DistillationRun) -> list:
+    """`--eval-labelled-data`: zero-shot accuracy of the final student after each stage, and of the teacher, on a
+    folder with one subfolder per class (main process; [] without the flag). The card publishes it."""
+    config, accelerator = run.config, run.accelerator
+    if not config.eval_labelled_data:
+        return []
+    from ..evaluation.zero_shot import evaluate_labelled_folder
+
+    run.student.eval()
+    with torch.no_grad(), accelerator.autocast():
+        result = evaluate_labelled_folder(run.student, run.student_processor, run.tokenizer,
+                                          config.eval_labelled_data, config.eval_prompt_template,
+                                          config.eval_batch_size or config.batch_size, run.teacher,
+                                          run.teacher_processor, config.num_workers, config.progress_bar)
+    log_main_process(accelerator, f"Zero-shot accuracy on {result.dataset_name} ({result.num_images} images): "
+                                  + ", ".join(f"stage {s} {100 * a:.1f}%" for s, a in enumerate(result.stage_accuracy))
+                                  + f", teacher {100 * result.teacher_accuracy:.1f}%.")
+    return [result]
 
 
 __all__ = ["DistillationConfig", "DistillationResult", "DistillationRun", "distill", "distillation_loss",

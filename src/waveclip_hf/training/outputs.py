@@ -1,18 +1,22 @@
 """What a distillation run leaves behind: its result (also `summary.json`) and the Hub-ready folder `final/`."""
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from ..evaluation.zero_shot import ZeroShotResult
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
-from .checkpoints import fsync_tree, remove_tree
+from .checkpoints import TRAINER_STATE_NAME, fsync_tree, latest_checkpoint, remove_tree
+from .config import DistillationConfig
 from .data import SHOW_SKIPPED
 
 
@@ -35,16 +39,24 @@ class DistillationResult:
     peak_tflops: float
     peak_source: str
     train_flops_per_image: dict
-    num_train_images: int
+    num_train_images: int | None  # None: streamed
     num_eval_images: int
     global_batch_size: int
     num_processes: int
     skipped_count: int
     skipped_examples: list
+    zero_shot: list[ZeroShotResult] = field(default_factory=list)  # `--eval-labelled-data`, on the final weights
     student: WaveCLIPModel | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "student"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DistillationResult":
+        """The result of a `summary.json` (extra keys, such as its config, are ignored)."""
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data and f.name != "student"}
+        values["zero_shot"] = [ZeroShotResult.from_json(t) for t in values.get("zero_shot", [])]
+        return cls(**values)
 
 
 def gather_skipped(accelerator: Accelerator, skipped: dict) -> dict:
@@ -69,30 +81,102 @@ def summary_line(result: DistillationResult) -> str:
     return f"Done: {result.step} steps. {cos or 'no evaluation'}. {speed}. {skipped}. Final model: {result.final_dir}"
 
 
-def write_summary(accelerator: Accelerator, output_dir: Path, result: DistillationResult) -> None:
-    """`output_dir/summary.json` (main process)."""
+def write_summary(accelerator: Accelerator, output_dir: Path, result: DistillationResult,
+                  config: DistillationConfig) -> None:
+    """`output_dir/summary.json` (main process): the result and the run's config (`rewrite_model_card` reads
+    both)."""
     if accelerator.is_main_process:
-        (output_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+        summary = {**result.to_json(), "config": dataclasses.asdict(config)}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def save_final(student: WaveCLIPModel, processor, tokenizer, config,
+# What transformers records about how a tokenizer was loaded (v5 keeps it in `init_kwargs` and saves it back): it
+# describes the machine that loaded it, not the tokenizer, and `local_files_only: true` has no place on the Hub.
+LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "_name_or_path")
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`tokenizer.save_pretrained(folder)` without the load-time keys of `LOAD_TIME_TOKENIZER_KEYS`."""
+    loaded_with = tokenizer.init_kwargs
+    tokenizer.init_kwargs = {k: v for k, v in loaded_with.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.init_kwargs = loaded_with
+
+
+def write_model_card(folder: Path, config: DistillationConfig, result: DistillationResult, student_config, tokenizer,
+                     teacher_config=None, zero_shot: Sequence[ZeroShotResult] | None = None,
+                     date: datetime.date | None = None) -> Path:
+    """Render the card (`hub.model_card`) into `folder/README.md`; warn if the folder names a local path."""
+    from ..hub.model_card import card_fields, render_model_card
+
+    fields = card_fields(config, result, student_config, tokenizer, teacher_config, zero_shot, date)
+    path = Path(folder) / "README.md"
+    path.write_text(render_model_card(fields, config.model_card_template))
+    for name, local in local_path_mentions(folder, config):
+        logger.warning("%s in the saved folder mentions the local path %s: remove it before uploading.", name, local)
+    return path
+
+
+def local_path_mentions(folder: Path, config: DistillationConfig) -> list[tuple[str, str]]:
+    """(file name, path) for every text file of `folder` that contains an absolute local path of the run."""
+    sources = [config.teacher, config.train_data, config.eval_data, config.eval_labelled_data, config.output_dir]
+    paths = {str(Path(s).expanduser().resolve()) for s in sources if s and Path(s).expanduser().exists()}
+    found = []
+    for file in sorted(Path(folder).iterdir()):
+        if file.suffix in (".md", ".json", ".txt", ".py", ".template") and file.is_file():
+            text = file.read_text(errors="replace")
+            found += [(file.name, path) for path in sorted(paths) if path in text]
+    return found
+
+
+def save_final(student: WaveCLIPModel, processor, tokenizer, config: DistillationConfig,
                result: DistillationResult, teacher_config=None) -> Path:
     """`output_dir/final`: weights + remote code (`save_pretrained`), image processor, the teacher's tokenizer and
     a model card rendered from real figures of this run. Written to `final.tmp` and renamed, like checkpoints."""
-    from ..hub.model_card import card_fields, render_model_card
-
     output_dir = Path(config.output_dir)
     final, tmp = output_dir / "final", output_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    fields = card_fields(config, result, student.config, teacher_config)
-    (tmp / "README.md").write_text(render_model_card(fields, config.model_card_template))
+    save_tokenizer(tokenizer, tmp)
+    write_model_card(tmp, config, result, student.config, tokenizer, teacher_config)
     fsync_tree(tmp)
     remove_tree(final)
     os.replace(tmp, final)
     return final
+
+
+def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroShotResult]) -> Path:
+    """Re-render the card of a finished run's `final/` folder with accuracy measured after the run (e.g. by the main
+    job): the run's config and result come from its `summary.json` (or, for runs older than that, the config from
+    the last checkpoint), the tokenizer and student config from the folder; the tokenizer files are saved again
+    without load-time keys (`save_tokenizer`). Returns the card's path."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    final_dir = Path(final_dir)
+    summary_path = final_dir.parent / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    if "config" not in summary:
+        checkpoint = latest_checkpoint(final_dir.parent)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{summary_path} holds no config (a run older than that) and "
+                                    f"{final_dir.parent / 'checkpoints'} no checkpoint to read it from: the card of "
+                                    f"{final_dir} cannot be re-rendered. Distil again to get a current folder.")
+        summary["config"] = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
+    known = {f.name for f in dataclasses.fields(DistillationConfig)}
+    config = DistillationConfig(**{k: v for k, v in summary["config"].items() if k in known})
+    try:
+        teacher_config = AutoConfig.from_pretrained(config.teacher)
+    except Exception:  # noqa: BLE001 - the teacher's column of the cost table is optional
+        teacher_config = None
+    tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=True)
+    save_tokenizer(tokenizer, final_dir)  # a folder saved before the load-time keys were dropped loses them now
+    write_model_card(final_dir, config, DistillationResult.from_json(summary),
+                     AutoConfig.from_pretrained(final_dir, trust_remote_code=True), tokenizer, teacher_config,
+                     zero_shot, datetime.date.fromtimestamp(summary_path.stat().st_mtime))
+    return final_dir / "README.md"
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
@@ -107,4 +191,15 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
     return str(info)
 
 
-__all__ = ["DistillationResult", "gather_skipped", "push_folder_to_hub", "save_final", "summary_line", "write_summary"]
+__all__ = [
+    "DistillationResult",
+    "gather_skipped",
+    "local_path_mentions",
+    "push_folder_to_hub",
+    "rewrite_model_card",
+    "save_final",
+    "save_tokenizer",
+    "summary_line",
+    "write_model_card",
+    "write_summary",
+]

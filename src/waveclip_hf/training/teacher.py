@@ -28,13 +28,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from ..data.synthetic import AXES, label_ids, load_benchmark_split, read_benchmark_info
+from ..data.synthetic import benchmark_axes, label_ids, load_benchmark_split, read_benchmark_info
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
 from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
+from .teacher_init import init_from_smaller_teacher
 
 TRAINING_INFO_NAME = "training_info.json"
+
+
+# Fields added after teachers were first cached: hashed only when they differ from their defaults.
+_HASHED_ONLY_WHEN_SET = ("single_axis_captions", "dct_patch_rows", "init_from")
 
 
 @dataclass
@@ -85,12 +90,26 @@ class TeacherTrainingConfig:
     # freeze, 60% and 100% with it). A fixed random text tower still tells every word
     # apart, so the image tower learns all axes first; then both towers align.
     text_freeze_fraction: float = 0.3
+    # Name exactly one axis in every caption that is not a full one (instead of a random subset): each caption is
+    # then a single-axis prompt, so every axis gets an equal share of the contrastive gradient.
+    single_axis_captions: bool = False
+    # Initialise the first `dct_patch_rows` rows of the patch projection as the lowest-frequency 2-D DCT basis
+    # functions of one colour channel each (unit norm; 0: all rows random, as CLIP). They hand the transformer the
+    # coarse layout of every patch (edges and their positions) from step 0; shape is learned from that layout.
+    dct_patch_rows: int = 0
+    # A trained teacher folder at a lower resolution to start from (`teacher_init.init_from_smaller_teacher`: same
+    # patch grid, patch kernel upsampled, text embeddings copied word by word); None: a fresh CLIP.
+    init_from: str | None = None
     num_train_images: int | None = None  # None: the whole train split.
     seed: int = 0
 
     def config_hash(self, data_info: dict | None = None) -> str:
         """Short hash of this config (and of the benchmark's info): equal hashes, same teacher."""
-        payload = json.dumps({"config": asdict(self), "data": data_info}, sort_keys=True)
+        config = asdict(self)
+        for name in _HASHED_ONLY_WHEN_SET:  # so that adding a knob keeps every cached teacher valid
+            if config[name] == TeacherTrainingConfig.__dataclass_fields__[name].default:
+                del config[name]
+        payload = json.dumps({"config": config, "data": data_info}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -114,6 +133,23 @@ def build_clip_config(config: TeacherTrainingConfig, tokenizer) -> CLIPConfig:
         "projection_dim": config.projection_dim,
     }
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=config.projection_dim)
+
+
+@torch.no_grad()
+def init_patch_projection_dct(weight: torch.Tensor, num_rows: int) -> None:
+    """Overwrite rows [0, num_rows) of a (hidden, C, P, P) patch projection, in place, with unit-norm 2-D DCT-II
+    basis functions of one channel each, lowest frequency (u + v) first, channels interleaved."""
+    hidden, channels, patch, _ = weight.shape
+    if not 0 < num_rows <= min(hidden, channels * patch * patch):
+        raise ValueError(f"`dct_patch_rows` must be in 1..{min(hidden, channels * patch * patch)}, got {num_rows}.")
+    frequencies = sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+    x = torch.arange(patch, dtype=torch.float64)
+    rows = torch.zeros(num_rows, channels, patch, patch, dtype=torch.float64)
+    for row in range(num_rows):
+        (u, v), channel = frequencies[row // channels], row % channels
+        basis = torch.outer(torch.cos(math.pi * (2 * x + 1) * u / (2 * patch)), torch.cos(math.pi * (2 * x + 1) * v / (2 * patch)))
+        rows[row, channel] = basis / basis.norm()
+    weight[:num_rows] = rows.to(weight.dtype)
 
 
 def multi_positive_clip_loss(logits_per_image: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
@@ -191,6 +227,10 @@ def train_clip_teacher(
     set_seed(config.seed)
     data = _TeacherData.load(config, data_root, accelerator, num_workers, progress)
     model = CLIPModel(build_clip_config(config, data.tokenizer))
+    if config.dct_patch_rows:
+        init_patch_projection_dct(model.vision_model.embeddings.patch_embedding.weight, config.dct_patch_rows)
+    if config.init_from:
+        init_from_smaller_teacher(model, data.tokenizer, config.init_from)
     # CLIP's betas and eps; weight decay and schedule as every trainer here (`optimization.py`), decaying to 0.
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(0.9, 0.98), eps=1e-6)
@@ -286,13 +326,15 @@ class _TeacherData:
         with accelerator.main_process_first():
             pixels = pixel_cache(data_root, "train", image_processor, num_workers,
                                  progress and accelerator.is_main_process)
-        # The vocabulary: every caption word plus the words of the zero-shot prompts.
+        # The vocabulary: every caption word plus the words of the zero-shot prompts of the benchmark's own axes.
+        axes = benchmark_axes(read_benchmark_info(data_root))
         tokenizer = build_word_level_tokenizer(
-            [row["caption"] for row in rows] + [p for axis in AXES.values() for p in axis.prompts()],
+            [row["caption"] for row in rows] + [p for axis in axes.values() for p in axis.prompts()],
             max_length=config.max_text_length,
         )
         loader = caption_loader(pixels, num_images, rows, tokenizer, image_processor, config.batch_size,
-                                config.full_caption_probability, config.seed, accelerator.process_index)
+                                config.full_caption_probability, config.seed, accelerator.process_index,
+                                axes=tuple(axes), single_axis=config.single_axis_captions)
         if len(loader) == 0:
             raise ValueError(f"{num_images} training images make no full batch of {config.batch_size}: lower "
                              "`batch_size` or raise `num_train_images`.")
@@ -359,7 +401,8 @@ def evaluate_clip_zero_shot(
 ) -> dict[str, float]:
     """Zero-shot top-1 accuracy of a CLIP model on every axis of a benchmark split.
 
-    Each axis is a separate classification over its class prompts (`AXES[axis].prompts()`).
+    Each axis of the benchmark (`benchmark_axes` of its info.json) is a separate classification over its class
+    prompts (`axis.prompts()`).
 
     Returns:
         axis name -> accuracy in [0, 1].
@@ -367,8 +410,9 @@ def evaluate_clip_zero_shot(
     model.eval()
     device = next(model.parameters()).device
     rows = load_benchmark_split(data_root, split)
+    axes = benchmark_axes(read_benchmark_info(data_root))
     pixels = pixel_cache(data_root, split, image_processor, num_workers, progress)
-    text_embeds = text_embeddings_per_axis(model, tokenizer, {name: axis.prompts() for name, axis in AXES.items()})
+    text_embeds = text_embeddings_per_axis(model, tokenizer, {name: axis.prompts() for name, axis in axes.items()})
     batches = (
         normalize_pixels(torch.from_numpy(np.array(pixels[a : a + batch_size])), image_processor)
         for a in range(0, len(rows), batch_size)
@@ -380,7 +424,7 @@ def evaluate_clip_zero_shot(
         progress=progress,
         desc=f"zero-shot {split}",
     )
-    labels = {axis: torch.from_numpy(label_ids(rows, axis)) for axis in AXES}
+    labels = {axis: torch.from_numpy(label_ids(rows, axis)) for axis in axes}
     return zero_shot_accuracy_per_axis(image_embeds, labels, text_embeds)
 
 
@@ -389,6 +433,7 @@ __all__ = [
     "TeacherTrainingResult",
     "build_clip_config",
     "evaluate_clip_zero_shot",
+    "init_patch_projection_dct",
     "multi_positive_clip_loss",
     "read_training_info",
     "train_clip_teacher",

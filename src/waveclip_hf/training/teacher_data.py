@@ -136,9 +136,12 @@ class CaptionCollator:
     `multi_positive_clip_loss`.
     """
 
-    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int):
-        self.labels = [labels_of_row(row) for row in rows]
-        self.label_ids = torch.stack([torch.from_numpy(label_ids(rows, axis)) for axis in AXES], dim=1)  # (N, A)
+    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int,
+                 axes=tuple(AXES), single_axis: bool = False):
+        self.axes = tuple(axes)  # the benchmark's axes (`benchmark_axes` of its info.json)
+        self.single_axis = single_axis
+        self.labels = [labels_of_row(row, self.axes) for row in rows]
+        self.label_ids = torch.stack([torch.from_numpy(label_ids(rows, axis)) for axis in self.axes], dim=1)  # (N, A)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.full_caption_probability = full_caption_probability
@@ -149,9 +152,10 @@ class CaptionCollator:
         indices = torch.tensor([i for _, i in items])
         captions, named = [], []
         for i in indices.tolist():
-            caption, axes = sample_caption(self.labels[i], self.rng, self.full_caption_probability, return_axes=True)
+            caption, axes = sample_caption(self.labels[i], self.rng, self.full_caption_probability, return_axes=True,
+                                           axes=self.axes, single_axis=self.single_axis)
             captions.append(caption)
-            named.append([axis in axes for axis in AXES])
+            named.append([axis in axes for axis in self.axes])
         text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         labels = self.label_ids[indices]  # (B, A)
         named = torch.tensor(named)  # (B, A): axes caption j names
@@ -165,10 +169,12 @@ class CaptionCollator:
 
 
 def caption_loader(pixels: np.ndarray, num_images: int, rows, tokenizer, image_processor, batch_size: int,
-                   full_caption_probability: float, seed: int, process_index: int = 0):
+                   full_caption_probability: float, seed: int, process_index: int = 0, axes=tuple(AXES),
+                   single_axis: bool = False):
     """Shuffled, full batches of the first `num_images` cached images with captions drawn per batch
-    ([`CaptionCollator`], seeded per process); the order comes from its own seeded generator."""
-    collator = CaptionCollator(rows, tokenizer, image_processor, full_caption_probability, seed=seed + process_index)
+    ([`CaptionCollator`] over `axes`, seeded per process); the order comes from its own seeded generator."""
+    collator = CaptionCollator(rows, tokenizer, image_processor, full_caption_probability, seed=seed + process_index,
+                               axes=axes, single_axis=single_axis)
     return torch.utils.data.DataLoader(
         CachedImages(pixels, num_images),
         batch_size=batch_size,

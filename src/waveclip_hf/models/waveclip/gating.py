@@ -11,10 +11,21 @@ The gate stops an image when its probability margin, top-1 minus top-2, reaches 
 
 A single candidate label always stops at stage 0: there is nothing to separate.
 
+Two more ways to decide who continues, both read from the same margins:
+
+- A budget (`continue_within_budget`): after a stage, the images with the smallest margins continue first, as
+  many as the remaining GFLOPs allow.
+- Label-free calibration (`gate_operating_points`, `calibrate_threshold`): the full model's answer is the
+  reference an early exit must keep, and it needs no labels. On unlabelled images, every threshold's agreement
+  with the full model and its mean GFLOPs are computed exactly, and the cheapest threshold that keeps agreement
+  at a target (or the most faithful one within a GFLOPs budget) is chosen.
+
 This file is shipped as remote code with saved checkpoints.
 """
 
+import math
 import operator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,3 +92,244 @@ def gate_stops(probs: torch.Tensor, margin_threshold: float, margin_scaling: str
         return torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device)
     threshold = effective_threshold(margin_threshold, num_labels, margin_scaling)
     return probability_margin(probs) >= threshold
+
+
+def images_that_continue(
+    probs: torch.Tensor, margin_threshold: float | None, margin_scaling: str = "none", affordable: int | None = None
+) -> torch.Tensor:
+    """After a stage that is not the last, which images go on: (batch, labels) probabilities -> (batch,) bool.
+
+    The gate sends on every image whose margin is below the threshold (every image for `None`); when a budget
+    pays for only `affordable` of them, those with the smallest margins go (`continue_within_budget`).
+    """
+    if margin_threshold is None:
+        wants = torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device)
+    else:
+        wants = ~gate_stops(probs, margin_threshold, margin_scaling)
+    if affordable is None:
+        return wants
+    return continue_within_budget(probability_margin(probs), wants, affordable)
+
+
+class StageGate:
+    """Which images of `refine` continue after each stage: the margin gate, then a GFLOPs budget for the batch.
+
+    Args:
+        margin_threshold: the gate's threshold (`None`: every image wants to continue).
+        margin_scaling: `"none"` or `"num_labels"`.
+        cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
+        gflops_budget: mean GFLOPs per image for the batch (`None`: no budget); stage 0 is paid for every image,
+            the rest goes to the least sure images first.
+        batch_size: images in the batch, who share the budget.
+    """
+
+    def __init__(self, margin_threshold, margin_scaling: str, cumulative_gflops, gflops_budget, batch_size: int):
+        self.margin_threshold, self.margin_scaling = margin_threshold, margin_scaling
+        self.cumulative_gflops = [float(value) for value in cumulative_gflops]
+        self.budget_left = None
+        if gflops_budget is not None:  # what is left after stage 0, which every image runs
+            stage_zero = self.cumulative_gflops[0]
+            self.budget_left = batch_size * (check_gflops_budget(gflops_budget, stage_zero) - stage_zero)
+
+    def continues(self, probs: torch.Tensor, stage: int) -> torch.Tensor:
+        """(active, labels) probabilities after `stage` (not the last) -> (active,) bool, the images that go on;
+        their next stage is charged to the budget."""
+        step_cost = self.cumulative_gflops[stage + 1] - self.cumulative_gflops[stage]
+        affordable = None if self.budget_left is None else int((self.budget_left + 1e-9) // step_cost)
+        continues = images_that_continue(probs, self.margin_threshold, self.margin_scaling, affordable)
+        if self.budget_left is not None:
+            self.budget_left -= step_cost * int(continues.sum())
+        return continues
+
+
+def _as_number(value, name: str, expected: str) -> float:
+    """`value` as a float (Python, numpy or 0-d torch numbers), or a `ValueError` naming `name` and `expected`."""
+    if not isinstance(value, (str, bytes, bool)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
+
+
+def check_gflops_budget(gflops_budget, minimum: float) -> float:
+    """`gflops_budget` (mean image-encoder GFLOPs per image) as a float, or a `ValueError` when it is not a
+    number or below `minimum`, the cost of stage 0 that every image pays."""
+    value = _as_number(gflops_budget, "gflops_budget", "a number of GFLOPs per image")
+    if not value >= minimum - 1e-12:  # also rejects NaN
+        raise ValueError(
+            f"`gflops_budget` {value:g} GFLOPs per image is below the {minimum:.6g} GFLOPs of stage 0, which every "
+            f"image needs: pass at least {minimum:.6g} (that answers every image after stage 0)."
+        )
+    return value
+
+
+def continue_within_budget(margins: torch.Tensor, wants: torch.Tensor, affordable: int) -> torch.Tensor:
+    """Which images continue when only `affordable` of them can: those with the smallest margins among the ones
+    that `wants` to continue (ties in batch order).
+
+    Args:
+        margins: (batch,) probability margins after the current stage.
+        wants: (batch,) bool, the images the gate would send to the next stage.
+        affordable: how many images the remaining budget pays the next stage for.
+
+    Returns:
+        (batch,) bool, the images that continue.
+    """
+    candidates = wants.nonzero().squeeze(1)
+    if len(candidates) <= affordable:
+        return wants.clone()
+    order = margins[candidates].argsort(stable=True)
+    continues = torch.zeros_like(wants)
+    continues[candidates[order[: max(affordable, 0)]]] = True
+    return continues
+
+
+@dataclass
+class GateOperatingPoints:
+    """Every distinct behaviour of the margin gate on a set of images, cheapest first.
+
+    The exit stage of an image changes only where the threshold crosses one of its margins, so a set of N images
+    and S stages has at most N * (S - 1) + 1 distinct operating points; each is represented by one threshold
+    inside its interval (the midpoint between neighbouring margins), the last by `inf`: no early exit.
+
+    thresholds: (K,) float64, in probability units (`margin_scaling="none"`), increasing.
+    agreement: (K,) float64, share of images whose gated top-1 equals the reference (the last stage's, or the
+        labels when given: then it is the accuracy).
+    mean_gflops: (K,) float64, mean cumulative GFLOPs per image.
+    stage_share: (K, S) float64, share of images answered at each stage.
+    crossings: (K - 1,) float32, the margins where the behaviour changes; point k holds for thresholds in
+        (crossings[k - 1], crossings[k]].
+    """
+
+    thresholds: torch.Tensor
+    agreement: torch.Tensor
+    mean_gflops: torch.Tensor
+    stage_share: torch.Tensor
+    crossings: torch.Tensor
+
+    def index_at(self, thresholds) -> torch.Tensor:
+        """The operating point of each threshold (probability units; `inf` for no early exit): (T,) long."""
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
+        # Margins reach a threshold when >= it: the crossings passed are those strictly below it.
+        return torch.searchsorted(self.crossings, thresholds, side="left")
+
+
+def representative_thresholds(crossings: torch.Tensor) -> torch.Tensor:
+    """One threshold inside each interval that sorted, distinct `crossings` (float32 margins) cut [0, inf) into:
+    the midpoint of (crossings[k - 1], crossings[k]] (of [0, crossings[0]] first), then `inf`. (K + 1,) float64."""
+    lower = torch.cat([crossings.new_zeros(1), crossings[:-1]])
+    midpoints = ((lower.double() + crossings.double()) / 2).float()
+    # The midpoint must lie strictly above the lower margin in float32, the precision the gate compares in.
+    inside = torch.where((midpoints > lower) | (crossings == 0), midpoints, crossings).double()
+    return torch.cat([inside, torch.tensor([math.inf], dtype=torch.float64)])
+
+
+def gate_operating_points(
+    stage_probs: torch.Tensor, cumulative_gflops, reference: torch.Tensor | None = None
+) -> GateOperatingPoints:
+    """The agreement with the full model and the cost of every threshold, exactly, from one pass over the images.
+
+    Image i exits at the first stage s < S - 1 whose margin reaches θ, so its exit stage is the number of running
+    maxima `max(margin[i, :s + 1])` below θ: crossing the value of running maximum s moves it from stage s to s + 1.
+    Sorting those crossings gives every operating point with one cumulative sum.
+
+    Args:
+        stage_probs: (N, S, C) zero-shot probabilities after every stage (the last is the full model).
+        cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
+        reference: (N,) the answer to agree with; default the last stage's (the full model). With true labels,
+            `agreement` is the accuracy (for evaluation; calibration needs no labels).
+    """
+    num_images, num_stages, num_labels = stage_probs.shape
+    if num_images == 0:
+        raise ValueError("Calibration needs at least one image.")
+    predictions = stage_probs.argmax(-1)
+    reference = predictions[:, -1] if reference is None else torch.as_tensor(reference).to(predictions.device)
+    agrees = (predictions == reference[:, None]).double()  # (N, S)
+    gflops = torch.as_tensor(cumulative_gflops, dtype=torch.float64)
+    # Sums over the images (divided by N at the end, so that shares of whole images stay exact).
+    at_stage_zero = torch.cat([agrees[:, 0].sum().reshape(1), gflops[:1] * num_images,
+                               torch.nn.functional.one_hot(torch.tensor(0), num_stages).double() * num_images])
+    if num_stages == 1 or num_labels == 1:  # the gate never runs: everything answers at stage 0
+        thresholds, sums, values = torch.zeros(1, dtype=torch.float64), at_stage_zero[None], torch.zeros(0)
+    else:
+        running_max = probability_margin(stage_probs[:, :-1].float()).cummax(dim=1).values.reshape(-1)  # (N*(S-1),)
+        to_stage = torch.arange(1, num_stages).repeat(num_images)
+        order = running_max.argsort(stable=True)
+        crossings, to_stage = running_max[order], to_stage[order]
+        one_hot = torch.nn.functional.one_hot
+        deltas = torch.cat([
+            (agrees[:, 1:] - agrees[:, :-1]).reshape(-1)[order, None],
+            (gflops[to_stage] - gflops[to_stage - 1])[:, None],
+            (one_hot(to_stage, num_stages) - one_hot(to_stage - 1, num_stages)).double(),
+        ], dim=1)
+        values, counts = torch.unique_consecutive(crossings, return_counts=True)
+        crossed = deltas.cumsum(0)[counts.cumsum(0) - 1]  # after crossing every value up to each one
+        sums = torch.cat([at_stage_zero[None], at_stage_zero + crossed])
+        thresholds = representative_thresholds(values)
+    return GateOperatingPoints(
+        thresholds=thresholds, agreement=sums[:, 0] / num_images, mean_gflops=sums[:, 1] / num_images,
+        stage_share=sums[:, 2:] / num_images, crossings=values.float(),
+    )
+
+
+@dataclass
+class GateCalibration:
+    """A threshold chosen without labels, and what it does on the calibration images.
+
+    threshold: the probability margin to pass as `margin_threshold`, or `None` when only running every stage
+        meets the target (no early exit).
+    agreement: share of the calibration images whose gated answer equals the full model's.
+    mean_gflops: mean image-encoder GFLOPs per image at this threshold; full_gflops: the full model's.
+    stage_share: share of the images answered at each stage.
+    num_images: how many images it was chosen on; target: what it was chosen for, in words.
+    """
+
+    threshold: float | None
+    agreement: float
+    mean_gflops: float
+    full_gflops: float
+    stage_share: list[float] = field(default_factory=list)
+    num_images: int = 0
+    target: str = ""
+
+
+def calibrate_threshold(
+    stage_probs: torch.Tensor, cumulative_gflops, target_agreement: float | None = None,
+    gflops_budget: float | None = None,
+) -> GateCalibration:
+    """The cheapest threshold whose answers agree with the full model's on at least `target_agreement` of the
+    images, or the most faithful one (then the cheapest) whose mean GFLOPs stay within `gflops_budget`.
+
+    Args:
+        stage_probs: (N, S, C) zero-shot probabilities after every stage, on unlabelled images.
+        cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
+        target_agreement: a fraction in (0, 1], e.g. 0.99. Exactly one of the two targets is given.
+        gflops_budget: mean GFLOPs per image, at least stage 0's cost.
+    """
+    if (target_agreement is None) == (gflops_budget is None):
+        raise ValueError("Give exactly one target: `target_agreement` (e.g. 0.99) or `gflops_budget`.")
+    points = gate_operating_points(stage_probs, cumulative_gflops)
+    if target_agreement is not None:
+        target_agreement = _as_number(target_agreement, "target_agreement", "a fraction in (0, 1], e.g. 0.99")
+        if not 0 < target_agreement <= 1:
+            raise ValueError(f"`target_agreement` must be a fraction in (0, 1], e.g. 0.99; got {target_agreement!r}.")
+        # The last point (no early exit) always agrees, so some point meets every target.
+        index = int((points.agreement >= target_agreement - 1e-12).nonzero()[0])
+        target = f"agreement with the full model >= {target_agreement:g}"
+    else:
+        budget = check_gflops_budget(gflops_budget, float(points.mean_gflops[0]))
+        affordable = (points.mean_gflops <= budget + 1e-12).nonzero().squeeze(1)
+        best = points.agreement[affordable].max()
+        index = int(affordable[points.agreement[affordable] >= best][0])
+        target = f"mean GFLOPs per image <= {budget:g}"
+    threshold = float(points.thresholds[index])
+    return GateCalibration(
+        threshold=None if math.isinf(threshold) else threshold,
+        agreement=float(points.agreement[index]),
+        mean_gflops=float(points.mean_gflops[index]),
+        full_gflops=float(torch.as_tensor(cumulative_gflops, dtype=torch.float64)[-1]),
+        stage_share=[float(share) for share in points.stage_share[index]],
+        num_images=stage_probs.shape[0],
+        target=target,
+    )

@@ -688,15 +688,20 @@ def _array_to_rgb(
 
 
 def _to_unit_float(values: torch.Tensor, kind: str, scale: float | None, what: str) -> torch.Tensor:
-    """Integer levels or float values → contiguous float32 in [0, 1]; reject NaN / inf and out-of-range data."""
+    """Integer levels or float values → float32 in [0, 1]; reject NaN / inf and out-of-range data.
+
+    The result keeps the memory layout of `values`: a (C, H, W) view of a channels-last (H, W, C) array stays
+    channels-last. Casting it to channels-first would be a transposing copy (for a 512 x 512 photo, most of the
+    conversion's time), while the resize reads either layout and gives the same numbers.
+    """
     if kind == "bool":
-        return values.to(torch.float32, memory_format=torch.contiguous_format)
+        return values.to(torch.float32)
     if kind == "float":
         finite = bool(torch.isfinite(values).all())
         low, high = (v.item() for v in torch.aminmax(values)) if finite else (0.0, 0.0)
         _check_float_values(finite, low, high, what)
         # Out of place: `values` may be the caller's own tensor or array.
-        return values.clamp(0, 1).contiguous()
+        return values.clamp(0, 1)
     if scale is None and kind == "uint8":
         scale = 1 / 255
     elif scale is None and kind == "uint16":
@@ -711,7 +716,7 @@ def _to_unit_float(values: torch.Tensor, kind: str, scale: float | None, what: s
             )
         scale = 1 / 255 if high <= 255 else 1 / 65535
     # In place is safe here: uint8 is copied by the cast, and wider integers were already copied to float32.
-    return values.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
+    return values.to(torch.float32).mul_(scale)
 
 
 def _check_float_values(finite: bool, low: float, high: float, what: str) -> None:

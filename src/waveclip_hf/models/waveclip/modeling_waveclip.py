@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -41,16 +41,16 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .scoring import zero_shot_logits
-from .gating import check_margin_scaling, check_margin_threshold, check_stage_count, gate_stops
+from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
 from .stage_cache import WaveCLIPStageCache
 from .wavelet_layout import unpack_coefficients
 
 
 logger = logging.get_logger(__name__)
 
-# Shipped files that the model code does not import, copied into every saved folder so that `AutoImageProcessor`
-# and the gated zero-shot pipeline load from it with `trust_remote_code=True`.
-_EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py")
+# Shipped files that the model code does not import, copied into every saved folder so that `AutoImageProcessor`,
+# `AutoProcessor` and the gated zero-shot pipeline load from it with `trust_remote_code=True`.
+_EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py", "processing_waveclip.py")
 ZERO_SHOT_TASK = "zero-shot-image-classification"
 
 
@@ -103,6 +103,9 @@ class WaveCLIPRefinementOutput(ModelOutput):
         The stage that answered (0 = approximation band only).
     gflops (`torch.FloatTensor` of shape `(batch_size,)`):
         Image-encoder GFLOPs spent on each image with the cache (1 multiply-add = 2 FLOPs; text excluded).
+    stage_scores (`torch.FloatTensor` of shape `(batch_size, stages, num_labels)`, *optional*):
+        With `return_all_stages=True`: the scores after every stage up to `max_stages`; NaN after the stage
+        that answered (the image did not run those).
     """
 
     scores: torch.FloatTensor | None = None
@@ -110,6 +113,7 @@ class WaveCLIPRefinementOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     exit_stage: torch.LongTensor | None = None
     gflops: torch.FloatTensor | None = None
+    stage_scores: torch.FloatTensor | None = None
 
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
@@ -554,6 +558,39 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings[0]
 
+    # Set by `compile_stages`: only then does `forward` tell torch.compile which dimensions vary.
+    stages_compiled = False
+
+    def compile_stages(self, **compile_kwargs) -> "WaveCLIPVisionModel":
+        """Compile the stages' tensor work with `torch.compile`, in place: the embeddings and the encoder.
+
+        The checks, the cache's buffers (see [`WaveCLIPStageCache.prepare`]) and the output stay in Python, so a
+        compiled stage sees static shapes: one graph per (stages computed, stages cached), for any batch of 2 or
+        more images (the batch dimension is marked dynamic, so the smaller batches of an early exit reuse the graphs),
+        and one more per stage for a single image (torch specialises size 1). The first call of each graph compiles
+        it (tens of seconds on a CPU). Reload the model to undo.
+
+        Args:
+            compile_kwargs: passed to `torch.compile` (e.g. `backend=`, `mode=`, `fullgraph=`).
+
+        Returns:
+            This model.
+        """
+        for module in (self.embeddings, self.encoder):
+            module.compile(**compile_kwargs)
+        self.stages_compiled = True
+        return self
+
+    def _mark_batch_dynamic(self, pixel_values: torch.Tensor, cache: Cache | None) -> None:
+        """Mark the batch dimension of the compiled stages' inputs dynamic, so the first compiled call makes a graph
+        for any batch size rather than for this one. Called only after `compile_stages`."""
+        tensors = [pixel_values]
+        if isinstance(cache, WaveCLIPStageCache):
+            tensors += [buffer for layer in cache.layers for buffer in (layer.key_buffer, layer.value_buffer)]
+        for tensor in tensors:
+            if tensor is not None and tensor.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
     def cached_stages(self, cache: Cache | None) -> int:
         """How many stages `cache` holds (0 for `None` or an empty cache)."""
         if cache is None:
@@ -597,7 +634,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             return 0
         if not isinstance(cache, Cache):
             raise ValueError(
-                f"`cache` must be a transformers `Cache` returned by this model (e.g. `DynamicCache`), got "
+                f"`cache` must be a transformers `Cache` returned by this model (e.g. `WaveCLIPStageCache`), got "
                 f"{type(cache).__name__}. Legacy tuple caches are not supported."
             )
         cached = self.cached_stages(cache)
@@ -627,6 +664,11 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                 "config would give wrong answers): it comes from another model. Pass the cache this model returned."
             )
         weight = self.embeddings.patch_embeddings[0].weight
+        if keys.device != weight.device:
+            raise ValueError(
+                f"The cache holds keys on {keys.device} but the model runs on {weight.device}: it was filled before "
+                "the model was moved. Start again without a cache (or `cache.reset()`) after moving the model."
+            )
         if keys.dtype != weight.dtype and not torch.is_autocast_enabled(weight.device.type):
             raise ValueError(
                 f"The cache holds {keys.dtype} keys but the model runs in {weight.dtype}: it was filled before the "
@@ -658,7 +700,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             )
 
     def _cache_to_use(
-        self, cache: Cache | None, cached_stages: int, use_cache: bool | None
+        self, cache: Cache | None, cached_stages: int, use_cache: bool | None, batch_size: int
     ) -> tuple[Cache | None, bool]:
         """The cache this call reads and extends (`None`: none) and whether the output returns it."""
         use_cache = use_cache if use_cache is not None else cache is not None
@@ -674,7 +716,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                 logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing: no cache is returned.")
             return None, False
         if use_cache and cache is None:
-            cache = DynamicCache()
+            cache = WaveCLIPStageCache(self.config)
+        if isinstance(cache, WaveCLIPStageCache) and not cached_stages:
+            # Buffers are allocated (or kept) here, outside the modules `compile_stages` compiles, so that a compiled
+            # stage always finds them and has no allocating variant.
+            weight = self.encoder.layers[0].self_attn.k_proj.weight
+            device_type = weight.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+            cache.prepare(batch_size, dtype, weight.device)
         # A cache holding earlier stages is read (and extended) even when the caller wants no cache back.
         return (cache if use_cache or cached_stages else None), use_cache
 
@@ -699,8 +748,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             cache (`Cache`, *optional*):
                 A cache returned by an earlier call on the same images; it is extended in place.
             use_cache (`bool`, *optional*):
-                Return a cache to continue from (a new `DynamicCache` if none was passed; pass a
-                [`WaveCLIPStageCache`] to fill preallocated per-stage buffers instead).
+                Return a cache to continue from (a new [`WaveCLIPStageCache`] if none was passed; a `DynamicCache`
+                passed in works too).
             output_attentions (`bool`, *optional*):
                 Return attention probabilities (computed with `eager` attention for this call).
             output_hidden_states (`bool`, *optional*):
@@ -714,9 +763,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         return_dict = config.return_dict if return_dict is None else return_dict
         first_stage, end_stage = self._check_inputs(pixel_values, cache, num_stages)
         self._check_bidirectional_call(cache, use_cache, end_stage)
-        cache, use_cache = self._cache_to_use(cache, first_stage, use_cache)
+        cache, use_cache = self._cache_to_use(cache, first_stage, use_cache, pixel_values.shape[0])
 
+        mark_dynamic = self.stages_compiled and not torch.compiler.is_compiling()
+        if mark_dynamic:
+            self._mark_batch_dynamic(pixel_values, cache)
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
+        if mark_dynamic:
+            self._mark_batch_dynamic(hidden_states, None)
         attention_mask = block_causal_mask(config, first_stage, end_stage, hidden_states.dtype, hidden_states.device)
         encoder_outputs = self.encoder(hidden_states, attention_mask, cache, output_attentions, output_hidden_states)
         hidden_states = encoder_outputs.last_hidden_state
@@ -749,6 +803,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     _extra_auto_map = {
         "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
         "AutoImageProcessor": "image_processing_waveclip.WaveCLIPImageProcessor",
+        "AutoProcessor": "processing_waveclip.WaveCLIPProcessor",
     }
     _custom_pipelines = {
         ZERO_SHOT_TASK: {
@@ -774,6 +829,20 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     @property
     def num_stages(self) -> int:
         return self.config.vision_config.num_stages
+
+    def new_stage_cache(self, num_stages: int | None = None) -> WaveCLIPStageCache:
+        """An empty [`WaveCLIPStageCache`] for this model's stages (default: all), to keep across `refine` calls.
+
+        Build it here rather than from an import: a model and a pipeline loaded with `trust_remote_code` may come
+        from different copies of the WaveCLIP code, and `refine` takes only this model's own cache class.
+        """
+        return WaveCLIPStageCache(self.config.vision_config, num_stages)
+
+    def compile_stages(self, **compile_kwargs) -> "WaveCLIPModel":
+        """`torch.compile` the vision tower's stages in place (see [`WaveCLIPVisionModel.compile_stages`]); the text
+        tower, which `refine` does not run, stays eager. Returns this model."""
+        self.vision_model.compile_stages(**compile_kwargs)
+        return self
 
     def get_text_features(
         self,
@@ -833,27 +902,45 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     def refine(
         self,
         pixel_values: torch.Tensor,
-        text_embeds: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
         margin_threshold: float | None = None,
         max_stages: int | None = None,
         margin_scaling: str = "none",
+        gflops_budget: float | None = None,
+        return_all_stages: bool = False,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: WaveCLIPStageCache | None = None,
     ) -> WaveCLIPRefinementOutput:
-        """Margin-gated zero-shot classification, coarse to fine, in the spirit of `generate`.
+        """Margin-gated zero-shot classification, coarse to fine: the `generate` of this model.
 
-        Runs stage 0 on the batch, scores it against `text_embeds`, lets the images whose probability margin passes
-        the gate (see `gating.py`) answer, drops them from the batch and from the cache
-        (`Cache.batch_select_indices`), and feeds the next stage's tokens to the rest from the cache. No stage is
-        ever computed twice.
+        Runs stage 0 on the batch, scores it against the labels, lets the images whose probability margin passes
+        the gate (see `gating.py`) answer, drops them from the batch and from the cache, and feeds the next stage's
+        tokens to the rest from the cache. No stage is ever computed twice.
+
+        ```python
+        >>> inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=image, return_tensors="pt")
+        >>> model.refine(**inputs, margin_threshold=0.2)  # or model.refine(pixel_values, text_embeds, 0.2)
+        ```
 
         Args:
             pixel_values: (batch, 3, S, S) packed coefficients from [`WaveCLIPImageProcessor`].
             text_embeds: (num_labels, projection_dim) label embeddings (`get_text_features(...).pooler_output`,
-                normalised here).
+                normalised here); or give the labels' `input_ids` (and `attention_mask`) instead.
             margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0;
                 `None`, the default: no early exit, every image through every stage up to `max_stages`). A
                 bidirectional model (`attention="bidirectional"`) takes only `None`: it answers after one full forward.
             max_stages: answer at the latest after this many stages (default: all; a bidirectional model: all).
             margin_scaling: `"none"` or `"num_labels"` (the paper's threshold x number of labels).
+            gflops_budget: mean image-encoder GFLOPs per image for this batch. After each stage, of the images the
+                gate sends on, those with the smallest margins continue first, as many as the budget still pays for.
+            return_all_stages: also return `stage_scores`, every image's scores after every stage it ran.
+            input_ids, attention_mask, position_ids: (num_labels, length) tokenised label prompts, instead of
+                `text_embeds` (e.g. from [`WaveCLIPProcessor`] with `text=`).
+            cache: a [`WaveCLIPStageCache`] from `new_stage_cache()` to reuse (it is reset first; by default a new
+                one per call). One kept across calls on batches of one size allocates nothing after the first call,
+                unless images leave the batch after a later stage than 0 (the pipeline keeps one).
 
         Returns:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
@@ -865,6 +952,63 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         check_margin_scaling(margin_scaling)
         first_stage = self._first_refined_stage(margin_threshold, num_stages)
         self.vision_model._check_pixel_values(pixel_values)
+        text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
+        batch_size, num_labels = pixel_values.shape[0], text_embeds.shape[0]
+        device, logit_scale = self.logit_scale.device, self.logit_scale.exp()
+        cumulative = self._cumulative_stage_gflops()
+        gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, batch_size)
+        # With return_all_stages: (batch, stages, labels), NaN for the stages an image did not run.
+        stage_scores = (text_embeds.new_full((batch_size, num_stages, num_labels), float("nan"), device=device)
+                        if return_all_stages else None)
+
+        logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
+        image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
+        exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        active = torch.arange(batch_size, device=device)
+        if margin_threshold == 0:
+            # Every probability margin is >= 0, so the gate stops every image at stage 0 (its documented meaning):
+            # run that stage alone, without a cache to fill.
+            num_stages = 1
+        # A bidirectional model runs one full forward (first_stage = the last stage), without a cache.
+        cache = self._refine_cache(cache, num_stages) if first_stage == 0 else None
+        for stage in range(first_stage, num_stages):
+            last = stage == num_stages - 1
+            # The first stage reads every image: no gather copy of the pixels.
+            inputs = pixel_values if stage == first_stage else pixel_values[active]
+            outputs = self.get_image_features(inputs, num_stages=stage + 1, cache=cache)
+            logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
+            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
+            probs = logits.softmax(-1)
+            if stage_scores is not None:
+                stage_scores[active, stage] = probs
+            stops = torch.ones_like(active, dtype=torch.bool) if last else ~gate.continues(probs, stage)
+            answered = active[stops]
+            logits_per_image[answered] = logits[stops]
+            image_embeds[answered] = embeds[stops]
+            exit_stage[answered] = stage
+            if bool(stops.all()):
+                break
+            continuing = (~stops).nonzero().squeeze(1)
+            if not bool((~stops).all()):
+                cache.batch_select_indices(continuing)
+            active = active[continuing]
+
+        return WaveCLIPRefinementOutput(
+            scores=logits_per_image.softmax(-1), logits_per_image=logits_per_image, image_embeds=image_embeds,
+            exit_stage=exit_stage, gflops=cumulative.to(device)[exit_stage].float(), stage_scores=stage_scores,
+        )
+
+    def _refinement_label_embeddings(self, text_embeds, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """(num_labels, projection_dim) label embeddings for `refine`: given, or from the labels' tokens."""
+        if (text_embeds is None) == (input_ids is None):
+            raise ValueError(
+                "Pass the labels once: either `text_embeds` (num_labels, projection_dim) or their `input_ids` (e.g. "
+                "`processor(text=prompts, images=images, return_tensors='pt', padding=True)`)."
+            )
+        if input_ids is not None:
+            text_embeds = self.get_text_features(
+                input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+            ).pooler_output
         if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
             raise ValueError(
                 f"`text_embeds` must be a (num_labels >= 1, projection_dim) tensor, got "
@@ -875,52 +1019,36 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
                 f"`text_embeds` have {text_embeds.shape[1]} dimensions but this model projects to "
                 f"{self.projection_dim}: use `get_text_features(...).pooler_output` of the same model."
             )
-        batch_size = pixel_values.shape[0]
-        device = self.logit_scale.device
-        logit_scale = self.logit_scale.exp()
-        num_labels = text_embeds.shape[0]
+        return text_embeds
 
-        logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
-        image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
-        exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        active = torch.arange(batch_size, device=device)
-        cache = None
-        for stage in range(first_stage, num_stages):
-            last = stage == num_stages - 1
-            outputs = self.get_image_features(
-                pixel_values[active], num_stages=stage + 1, cache=cache, use_cache=not last
-            )
-            logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
-            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
-            if last:
-                stops = torch.ones_like(active, dtype=torch.bool)
-            elif margin_threshold is None:
-                stops = torch.zeros_like(active, dtype=torch.bool)
-            else:
-                stops = gate_stops(logits.softmax(-1), margin_threshold, margin_scaling)
-            answered = active[stops]
-            logits_per_image[answered] = logits[stops]
-            image_embeds[answered] = embeds[stops]
-            exit_stage[answered] = stage
-            if bool(stops.all()):
-                break
-            cache = outputs.cache
-            continuing = (~stops).nonzero().squeeze(1)
-            if not bool((~stops).all()):
-                cache.batch_select_indices(continuing)
-            active = active[continuing]
-
+    def _cumulative_stage_gflops(self) -> torch.Tensor:
+        """(num_stages,) float64: image-encoder GFLOPs to have an answer after each stage, the way the model runs
+        (with the cache; for a bidirectional model, its one full forward at every entry)."""
         from .flops import answer_flops  # the analytic per-stage count; imported here to keep model import light
 
-        cumulative = torch.tensor(answer_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64)
-        cumulative = cumulative / 1e9
-        return WaveCLIPRefinementOutput(
-            scores=logits_per_image.softmax(-1),
-            logits_per_image=logits_per_image,
-            image_embeds=image_embeds,
-            exit_stage=exit_stage,
-            gflops=cumulative.to(device)[exit_stage].float(),
-        )
+        return torch.tensor(answer_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64) / 1e9
+
+    def _refine_cache(self, cache, num_stages: int) -> WaveCLIPStageCache | None:
+        """The empty cache `refine` fills: none for a single stage, else `cache` reset, or a new one for
+        `num_stages` stages."""
+        if num_stages == 1:
+            return None
+        if cache is None:
+            return WaveCLIPStageCache(self.config.vision_config, num_stages)
+        if not isinstance(cache, WaveCLIPStageCache):
+            raise ValueError(
+                f"`refine(cache=...)` reuses this model's `WaveCLIPStageCache`, got {type(cache).__module__}."
+                f"{type(cache).__name__}. Pass `model.new_stage_cache()` (or nothing: refine then makes its own)."
+            )
+        held = len(cache.stage_offsets) - 1
+        if held < num_stages or len(cache.layers) != self.config.vision_config.num_hidden_layers:
+            raise ValueError(
+                f"`refine(cache=...)` got a WaveCLIPStageCache for {held} stages of {len(cache.layers)} layers, but "
+                f"runs {num_stages} stages of {self.config.vision_config.num_hidden_layers} layers: build it with "
+                "`model.new_stage_cache()`."
+            )
+        cache.reset()
+        return cache
 
     def _first_refined_stage(self, margin_threshold: float | None, num_stages: int) -> int:
         """The stage `refine` starts at: 0, or for a bidirectional model the last one (it runs one full forward and

@@ -2,15 +2,35 @@
 
 `pipeline("zero-shot-image-classification", model=<saved WaveCLIP folder or Hub id>, trust_remote_code=True)`
 returns this pipeline (the saved config registers it under `custom_pipelines`). It takes the stock parameters
-(`candidate_labels`, `hypothesis_template`, `batch_size`, `timeout`) and returns the stock format, a list of
-`{"score", "label"}` sorted by score, with two more keys on every entry: `"stage"` (the stage that answered)
-and `"gflops"` (image-encoder GFLOPs spent on that image, 1 multiply-add = 2 FLOPs).
+(`candidate_labels`, `hypothesis_template`, `timeout`, `tokenizer_kwargs`, and `batch_size` / `num_workers`) and
+returns the stock format, a list of `{"score", "label"}` sorted by score, with two more keys on every entry:
+`"stage"` (the stage that answered) and `"gflops"` (image-encoder GFLOPs spent on that image, 1 multiply-add = 2
+FLOPs).
 
 Extra parameters:
 - `margin_threshold` (default `None`): run [`WaveCLIPModel.refine`]: stop an image as soon as its top-1 minus
-  top-2 probability reaches the threshold. `None` runs every stage up to `max_stages` for every image.
+  top-2 probability reaches the threshold. `None` runs every stage up to `max_stages` for every image. `"auto"`
+  uses the threshold that `calibrate` chose for these labels and template.
 - `max_stages` (default: all): answer at the latest after this many stages.
 - `margin_scaling` (`"none"` or `"num_labels"`): see `gating.py`.
+- `gflops_budget`: mean image-encoder GFLOPs per image for the call. After stage 0, the images with the smallest
+  margins are refined first until the budget is spent. The images of a list share one budget (they go through
+  the model together); a generator or dataset shares it per batch of `batch_size`.
+- `return_all_stages` (default `False`): every entry also gets `"stage_scores"`, its score after every stage the
+  image ran.
+- `top_k`: return only the `top_k` best labels.
+- `hypothesis_template` may be a list of templates: a label's embedding is then the mean of its normalised
+  per-template embeddings (CLIP's prompt ensembles).
+
+Any other keyword is an error that names the accepted ones (a typo must not silently run the default). A prompt
+that the tokenizer maps to its unknown token gets a warning naming the words: a closed-vocabulary tokenizer would
+otherwise give such labels near-uniform scores without a word.
+
+`calibrate(images, candidate_labels=..., target_agreement=0.99)` chooses the threshold for one label set (and
+template) without labels: the full model's answers on unlabelled images of the user's domain are the reference
+that early exits must keep (`gating.calibrate_threshold`). It is remembered per label set and used by
+`margin_threshold="auto"`. To calibrate several label sets on the same images, embed them once
+(`image_stage_embeddings(images)`) and pass `image_embeddings=` to each `calibrate`.
 
 Label text embeddings are computed once per (labels, template), in chunks of 1,024 prompts so that 10,000-label
 vocabularies fit in memory, and reused by later calls. Bad parameters (threshold, `max_stages`, template, labels)
@@ -19,14 +39,33 @@ raise a `ValueError` before any image is decoded.
 This file is shipped as remote code with saved checkpoints.
 """
 
+import difflib
+import operator
 from collections import OrderedDict
 
 import torch
 from transformers.image_utils import load_image
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+from transformers.utils import logging
 
-from .gating import check_margin_scaling, check_margin_threshold, check_stage_count
+from .gating import (
+    GateCalibration,
+    calibrate_threshold,
+    check_gflops_budget,
+    check_margin_scaling,
+    check_margin_threshold,
+    check_stage_count,
+)
+from .scoring import zero_shot_logits
 
+logger = logging.get_logger(__name__)
+
+DEFAULT_TEMPLATE = "This is a photo of {}."
+# Every keyword a call takes (`batch_size` and `num_workers` are read by transformers' `Pipeline.__call__`).
+CALL_PARAMETERS = (
+    "candidate_labels", "hypothesis_template", "timeout", "tokenizer_kwargs", "top_k", "margin_threshold",
+    "max_stages", "margin_scaling", "gflops_budget", "return_all_stages", "batch_size", "num_workers",
+)
 # Label sets kept per pipeline; a serving process cycling through more sets recomputes the oldest.
 _TEXT_CACHE_SIZE = 32
 # Prompts embedded per text-tower forward. Bounds activation memory for large label sets: 10,000 prompts through
@@ -34,6 +73,8 @@ _TEXT_CACHE_SIZE = 32
 # ~0.6 GB. Smaller chunks cost time on CPU (tiny test model, busy 2-core CPU: 10,000 labels took 2.5 s in one
 # batch, 3.4 s in chunks of 1,024, 9 s in chunks of 256).
 _TEXT_BATCH_SIZE = 1024
+# Below this many calibration images, one disagreement moves the measured agreement by more than a point.
+_FEW_CALIBRATION_IMAGES = 100
 
 
 def check_candidate_labels(candidate_labels) -> list[str]:
@@ -59,13 +100,25 @@ def check_candidate_labels(candidate_labels) -> list[str]:
     return labels
 
 
-def check_hypothesis_template(hypothesis_template) -> str:
-    """Return the template, or raise a `ValueError` unless it has exactly one `{}` slot that the label fills."""
-    example = "This is a photo of {}."
+def check_hypothesis_template(hypothesis_template) -> str | tuple[str, ...]:
+    """The template, or a tuple of templates for a prompt ensemble; a `ValueError` unless each has exactly one
+    `{}` slot that the label fills."""
+    if isinstance(hypothesis_template, (list, tuple)):
+        if not hypothesis_template:
+            raise ValueError(
+                "`hypothesis_template` is an empty list: pass one template, e.g. 'This is a photo of {}.', or several "
+                "for a prompt ensemble."
+            )
+        return tuple(_check_one_template(template) for template in hypothesis_template)
+    return _check_one_template(hypothesis_template)
+
+
+def _check_one_template(hypothesis_template) -> str:
+    example = DEFAULT_TEMPLATE
     if not isinstance(hypothesis_template, str):
         raise ValueError(
-            f"`hypothesis_template` must be a string with one '{{}}' for the label, e.g. {example!r}; got "
-            f"{type(hypothesis_template).__name__}."
+            f"`hypothesis_template` must be a string with one '{{}}' for the label (or a list of such strings), e.g. "
+            f"{example!r}; got {type(hypothesis_template).__name__}."
         )
     try:
         first, second = hypothesis_template.format("\x00first"), hypothesis_template.format("\x00second")
@@ -82,6 +135,38 @@ def check_hypothesis_template(hypothesis_template) -> str:
     return hypothesis_template
 
 
+def check_top_k(top_k) -> int | None:
+    """`top_k` as a positive int (or `None`: every label), or a `ValueError`."""
+    if top_k is None:
+        return None
+    try:
+        value = None if isinstance(top_k, bool) else operator.index(top_k)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"`top_k` must be a positive integer (or None for every label), got {top_k!r}.")
+    return value
+
+
+def check_call_parameters(names) -> None:
+    """A `TypeError` naming the accepted keywords if any of `names` is not one (with the closest match)."""
+    unknown = [name for name in names if name not in CALL_PARAMETERS]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, CALL_PARAMETERS, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise TypeError(
+            f"`{name}` is not a parameter of the WaveCLIP zero-shot pipeline.{hint} Accepted: "
+            f"{', '.join(CALL_PARAMETERS)}."
+        )
+
+
+def label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs) -> tuple:
+    """What identifies a label set's embeddings and calibration: labels, template(s) and tokenizer settings (they
+    change the token ids, hence the embeddings)."""
+    return (tuple(candidate_labels), hypothesis_template, tuple(sorted((tokenizer_kwargs or {}).items())))
+
+
 class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
     """The stock zero-shot pipeline, answering each image at the earliest stage whose margin is decisive."""
 
@@ -90,8 +175,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
     _load_video_processor = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
         self._text_embeddings = OrderedDict()
+        # One stage cache for every call: `refine` resets it, and batches of one size reuse its buffers.
+        self._stage_cache = None
+        self._calibrations = {}
+        super().__init__(**kwargs)
 
     def __call__(self, image=None, candidate_labels=None, **kwargs):
         # The stock pipeline indexes the first image before anything else: an empty list would be an IndexError.
@@ -100,54 +188,111 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if isinstance(images, (list, tuple)) and len(images) == 0:
             check_candidate_labels(candidate_labels)
             return []
+        budget = kwargs.get("gflops_budget", self._forward_params.get("gflops_budget"))
+        if budget is not None and isinstance(images, list):
+            kwargs["batch_size"] = len(images)  # one budget for the call's images: they go through together
         return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
 
     def _sanitize_parameters(self, tokenizer_kwargs=None, **kwargs):
+        check_call_parameters(kwargs)
         preprocess_params, _, _ = super()._sanitize_parameters(tokenizer_kwargs=tokenizer_kwargs, **kwargs)
-        forward_params = {}
-        for name in ("margin_threshold", "max_stages", "margin_scaling"):
-            if name in kwargs:
-                forward_params[name] = kwargs[name]
+        forward_params = {name: kwargs[name] for name in (
+            "margin_threshold", "max_stages", "margin_scaling", "gflops_budget", "return_all_stages") if name in kwargs}
         # Checked here, before any image is decoded, rather than deep inside the first forward.
         check_margin_scaling(forward_params.get("margin_scaling", "none"))
-        if forward_params.get("margin_threshold") is not None:
-            forward_params["margin_threshold"] = check_margin_threshold(forward_params["margin_threshold"])
+        threshold = forward_params.get("margin_threshold")
+        if isinstance(threshold, str) and threshold == "auto":
+            self._check_auto_threshold(forward_params, preprocess_params, tokenizer_kwargs)
+        elif threshold is not None:
+            forward_params["margin_threshold"] = check_margin_threshold(threshold)
         if forward_params.get("max_stages") is not None:
             forward_params["max_stages"] = check_stage_count(
                 forward_params["max_stages"], "max_stages", self.model.num_stages, hint=" (or None for all)"
             )
+        if forward_params.get("gflops_budget") is not None:
+            stage0 = float(self.model._cumulative_stage_gflops()[0])
+            forward_params["gflops_budget"] = check_gflops_budget(forward_params["gflops_budget"], stage0)
+        if not isinstance(forward_params.get("return_all_stages", False), bool):
+            raise ValueError(f"`return_all_stages` must be True or False, got {forward_params['return_all_stages']!r}.")
         if "hypothesis_template" in preprocess_params:
-            check_hypothesis_template(preprocess_params["hypothesis_template"])
+            preprocess_params["hypothesis_template"] = check_hypothesis_template(preprocess_params["hypothesis_template"])
         if tokenizer_kwargs is not None:
             preprocess_params["tokenizer_kwargs"] = tokenizer_kwargs
-        return preprocess_params, forward_params, {}
+        postprocess_params = {"top_k": check_top_k(kwargs["top_k"])} if "top_k" in kwargs else {}
+        return preprocess_params, forward_params, postprocess_params
 
-    def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", timeout=None,
+    def _check_auto_threshold(self, forward_params: dict, preprocess_params: dict, tokenizer_kwargs) -> None:
+        """`margin_threshold="auto"` reads the calibration of the call's label set: say now if there is none."""
+        if forward_params.get("margin_scaling", "none") != "none":
+            raise ValueError(
+                "`margin_threshold='auto'` is a probability margin calibrated for one label set; it takes no "
+                "`margin_scaling`. Drop `margin_scaling`, or pass a number as `margin_threshold`."
+            )
+        if "candidate_labels" in preprocess_params:
+            labels = check_candidate_labels(preprocess_params["candidate_labels"])
+            template = check_hypothesis_template(preprocess_params.get("hypothesis_template", DEFAULT_TEMPLATE))
+            self.calibrated_threshold(labels, template, tokenizer_kwargs)
+
+    def calibrated_threshold(self, candidate_labels, hypothesis_template=DEFAULT_TEMPLATE, tokenizer_kwargs=None):
+        """The threshold `calibrate` chose for this label set and template (`None`: every stage); a `ValueError` if
+        it was never calibrated."""
+        key = label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
+        if key not in self._calibrations:
+            raise ValueError(
+                f"`margin_threshold='auto'` needs a calibration for these labels and template ({len(candidate_labels)} "
+                f"labels, template {hypothesis_template!r}): call `classifier.calibrate(images, candidate_labels=..., "
+                "hypothesis_template=...)` first on unlabelled images of your domain, with the same labels and "
+                "template, or pass a number as `margin_threshold`."
+            )
+        return self._calibrations[key].threshold
+
+    def preprocess(self, image, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, timeout=None,
                    tokenizer_kwargs=None):
         labels = check_candidate_labels(candidate_labels)
-        check_hypothesis_template(hypothesis_template)
+        template = check_hypothesis_template(hypothesis_template)
         if isinstance(image, str):  # URL, path or base64, as the stock pipeline; arrays go to the processor as is
             image = load_image(image, timeout=timeout)
-        inputs = self.image_processor(images=[image], return_tensors="pt")
-        # Text is not tokenised per image: _forward embeds each label set once and caches it.
-        inputs["candidate_labels"] = labels
-        inputs["hypothesis_template"] = hypothesis_template
-        inputs["tokenizer_kwargs"] = tokenizer_kwargs or {}
+        inputs = self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
+        # Text is not tokenised per image: _forward embeds each label set once and caches it. One object per image,
+        # so that batching keeps the set together.
+        inputs["label_set"] = (labels, template, tokenizer_kwargs or {})
         return inputs
 
-    def label_embeddings(self, candidate_labels: list[str], hypothesis_template: str, tokenizer_kwargs=None):
-        """(num_labels, projection_dim) text embeddings of the prompts, computed once per (labels, template)."""
-        # Tokenizer settings change the token ids, hence the embeddings: they are part of the key.
-        key = (tuple(candidate_labels), hypothesis_template, tuple(sorted((tokenizer_kwargs or {}).items())))
+    def label_embeddings(self, candidate_labels: list[str], hypothesis_template, tokenizer_kwargs=None):
+        """(num_labels, projection_dim) text embeddings of the prompts, computed once per (labels, template).
+
+        A list of templates gives each label the mean of its normalised per-template embeddings (CLIP's prompt
+        ensembles); a single template gives the text tower's embedding as is.
+        """
+        key = label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
         if key in self._text_embeddings:
             self._text_embeddings.move_to_end(key)
             return self._text_embeddings[key]
-        sequences = [hypothesis_template.format(label) for label in candidate_labels]
+        if isinstance(hypothesis_template, str):
+            embeds = self._embed_prompts([hypothesis_template.format(label) for label in candidate_labels],
+                                         tokenizer_kwargs)
+        else:
+            per_template = [
+                torch.nn.functional.normalize(
+                    self._embed_prompts([template.format(label) for label in candidate_labels], tokenizer_kwargs),
+                    dim=-1)
+                for template in hypothesis_template
+            ]
+            embeds = torch.stack(per_template).mean(0)
+        self._text_embeddings[key] = embeds
+        if len(self._text_embeddings) > _TEXT_CACHE_SIZE:
+            self._text_embeddings.popitem(last=False)
+        return embeds
+
+    def _embed_prompts(self, sequences: list[str], tokenizer_kwargs=None) -> torch.Tensor:
+        """(len(sequences), projection_dim) text-tower embeddings, in chunks of `_TEXT_BATCH_SIZE` prompts."""
         max_positions = self.model.config.text_config.max_position_embeddings
         chunks = []
         for start in range(0, len(sequences), _TEXT_BATCH_SIZE):
             chunk = sequences[start : start + _TEXT_BATCH_SIZE]
-            text_inputs = self.tokenizer(chunk, return_tensors="pt", padding=True, **(tokenizer_kwargs or {}))
+            text_inputs = self.tokenizer(chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True,
+                                         **(tokenizer_kwargs or {}))
+            special = text_inputs.pop("special_tokens_mask")
             lengths = text_inputs["attention_mask"].sum(-1) if "attention_mask" in text_inputs else None
             if text_inputs["input_ids"].shape[-1] > max_positions:
                 longest = int(lengths.argmax()) if lengths is not None else 0
@@ -156,39 +301,178 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                     f"the text tower's {max_positions} positions. Shorten the label or the template, or pass "
                     "`tokenizer_kwargs={'truncation': True}`."
                 )
+            self._warn_about_unknown_words(chunk, text_inputs, special)
             with torch.no_grad():
                 chunks.append(self.model.get_text_features(**text_inputs.to(self.device)).pooler_output)
-        embeds = torch.cat(chunks)
-        self._text_embeddings[key] = embeds
-        if len(self._text_embeddings) > _TEXT_CACHE_SIZE:
-            self._text_embeddings.popitem(last=False)
-        return embeds
+        return torch.cat(chunks)
 
-    def _forward(self, model_inputs, margin_threshold=None, max_stages=None, margin_scaling="none"):
-        labels_per_image = model_inputs.pop("candidate_labels")
-        template = model_inputs.pop("hypothesis_template")
-        tokenizer_kwargs = model_inputs.pop("tokenizer_kwargs")
-        labels = labels_per_image
-        if isinstance(labels[0], list):  # batched: one entry per image, all from the same call
-            labels, template, tokenizer_kwargs = labels[0], template[0], tokenizer_kwargs[0]
+    def _warn_about_unknown_words(self, prompts: list[str], text_inputs, special_tokens_mask) -> None:
+        """Warn, naming the words, when the tokenizer maps part of a prompt to its unknown token.
+
+        Special tokens are left out: CLIP's tokenizer uses one id for its unknown, end and padding tokens.
+        """
+        unk_id = getattr(self.tokenizer, "unk_token_id", None)
+        if unk_id is None:
+            return
+        unknown = (text_inputs["input_ids"] == unk_id) & (special_tokens_mask == 0)
+        if "attention_mask" in text_inputs:
+            unknown &= text_inputs["attention_mask"].bool()
+        rows = unknown.any(-1).nonzero().squeeze(1).tolist()
+        if not rows:
+            return
+        examples = [f"{self._unknown_words(prompts[row])} in {prompts[row]!r}" for row in rows[:3]]
+        more = f" (and {len(rows) - 3} more prompts)" if len(rows) > 3 else ""
+        logger.warning(
+            f"The tokenizer does not know {'; '.join(examples)}{more}: it maps them to its unknown token "
+            f"{self.tokenizer.unk_token!r}, so those labels' text embeddings cannot tell them apart and their scores "
+            "say little (e.g. a uniform 1/N). Use words the tokenizer knows, or a checkpoint whose tokenizer has an "
+            "open vocabulary (CLIP's byte-level BPE)."
+        )
+
+    def _unknown_words(self, prompt: str) -> str:
+        """The words of `prompt` that become the unknown token, quoted (the whole prompt if offsets are missing)."""
+        try:
+            encoding = self.tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            return repr(prompt)
+        words = [
+            prompt[begin:end]
+            for token, (begin, end), special in zip(
+                encoding["input_ids"], encoding["offset_mapping"], encoding["special_tokens_mask"])
+            if token == self.tokenizer.unk_token_id and not special
+        ]
+        return ", ".join(repr(word) for word in words) or repr(prompt)
+
+    def _forward(self, model_inputs, margin_threshold=None, max_stages=None, margin_scaling="none", gflops_budget=None,
+                 return_all_stages=False):
+        label_sets = model_inputs.pop("label_set")
+        # Batched: one entry per image, all from the same call.
+        labels, template, tokenizer_kwargs = label_sets[0] if isinstance(label_sets, list) else label_sets
+        if isinstance(margin_threshold, str):  # "auto", checked in _sanitize_parameters
+            margin_threshold = self.calibrated_threshold(labels, template, tokenizer_kwargs)
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
+        if self._stage_cache is None:
+            self._stage_cache = self.model.new_stage_cache()
         outputs = self.model.refine(
             model_inputs["pixel_values"], text_embeds, margin_threshold, max_stages=max_stages,
-            margin_scaling=margin_scaling,
+            margin_scaling=margin_scaling, gflops_budget=gflops_budget, return_all_stages=return_all_stages,
+            cache=self._stage_cache,
         )
+        num_images = model_inputs["pixel_values"].shape[0]
         return {
-            "candidate_labels": labels_per_image,
+            "candidate_labels": [labels] * num_images if isinstance(label_sets, list) else labels,
             "logits": outputs.logits_per_image,
             "stage": outputs.exit_stage,
             "gflops": outputs.gflops,
+            "stage_scores": outputs.stage_scores,
         }
 
-    def postprocess(self, model_outputs):
+    def postprocess(self, model_outputs, top_k=None):
         labels = model_outputs["candidate_labels"]
         if labels and isinstance(labels[0], list):
             labels = labels[0]
         probs = model_outputs["logits"][0].float().softmax(dim=-1)
         stage = int(model_outputs["stage"].reshape(-1)[0])
         gflops = float(model_outputs["gflops"].reshape(-1)[0])
-        ranked = sorted(zip(probs.tolist(), labels), key=lambda pair: -pair[0])
-        return [{"score": score, "label": label, "stage": stage, "gflops": gflops} for score, label in ranked]
+        stage_scores = model_outputs.get("stage_scores")
+        if stage_scores is not None:  # (1, stages, labels): keep the stages this image ran
+            stage_scores = stage_scores.reshape(-1, len(labels))[: stage + 1].float().T.tolist()
+        scores = probs.tolist()
+        ranked = sorted(range(len(labels)), key=lambda index: -scores[index])[:top_k]
+        results = []
+        for index in ranked:
+            entry = {"score": scores[index], "label": labels[index], "stage": stage, "gflops": gflops}
+            if stage_scores is not None:
+                entry["stage_scores"] = stage_scores[index]
+            results.append(entry)
+        return results
+
+    def calibrate(self, images=None, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE,
+                  target_agreement=None, gflops_budget=None, batch_size=None, tokenizer_kwargs=None, timeout=None,
+                  image_embeddings=None) -> GateCalibration:
+        """Choose `margin_threshold` for one label set without labels, and remember it for `margin_threshold="auto"`.
+
+        The full model's answer is the reference: on `images` (unlabelled images of your domain, not the ones you
+        will evaluate on), pick the cheapest threshold whose answers agree with the full model's on at least
+        `target_agreement` of them (default 0.99), or the most faithful one within `gflops_budget` mean GFLOPs per
+        image. Exactly one target; the choice is exact (`gating.calibrate_threshold`).
+
+        Args:
+            images: paths, URLs, PIL images or arrays, as a call takes them.
+            candidate_labels, hypothesis_template, tokenizer_kwargs: the label set, as in a call.
+            batch_size: images per forward (default: the pipeline's, else 32).
+            image_embeddings: instead of `images`, their `image_stage_embeddings(images)`: calibrating several label
+                sets on the same images then runs the image encoder once.
+
+        Returns:
+            [`GateCalibration`]: the threshold (`None`: only every stage meets the target), and its agreement, mean
+            GFLOPs and exit-stage shares on these images.
+        """
+        labels = check_candidate_labels(candidate_labels)
+        template = check_hypothesis_template(hypothesis_template)
+        if target_agreement is None and gflops_budget is None:
+            target_agreement = 0.99
+        if (images is None) == (image_embeddings is None):
+            raise ValueError(
+                "Pass the calibration images once: `images` (unlabelled images of your domain) or their "
+                "`image_embeddings=classifier.image_stage_embeddings(images)`."
+            )
+        if image_embeddings is None:
+            image_embeddings = self.image_stage_embeddings(images, batch_size, timeout)
+        expected = (self.model.num_stages, self.model.projection_dim)
+        if not isinstance(image_embeddings, torch.Tensor) or tuple(image_embeddings.shape[1:]) != expected:
+            raise ValueError(
+                f"`image_embeddings` must be (num_images, {expected[0]} stages, {expected[1]}) from this pipeline's "
+                f"`image_stage_embeddings(images)`, got "
+                f"{tuple(image_embeddings.shape) if isinstance(image_embeddings, torch.Tensor) else type(image_embeddings).__name__}."
+            )
+        text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
+        with torch.no_grad():
+            stage_probs = zero_shot_logits(image_embeddings.to(self.device), text_embeds, self.model.logit_scale.exp())
+        stage_probs = stage_probs.float().softmax(-1).cpu()
+        if len(stage_probs) < _FEW_CALIBRATION_IMAGES:
+            logger.warning(
+                f"Calibrating on {len(stage_probs)} images: one disagreement moves the measured agreement by "
+                f"{100 / len(stage_probs):.1f} points, so agreement on new images may fall short of the target. Use a "
+                f"few hundred images of your domain."
+            )
+        calibration = calibrate_threshold(stage_probs, self.model._cumulative_stage_gflops().tolist(),
+                                          target_agreement, gflops_budget)
+        self._calibrations[label_set_key(labels, template, tokenizer_kwargs)] = calibration
+        return calibration
+
+    @torch.no_grad()
+    def image_stage_embeddings(self, images, batch_size=None, timeout=None) -> torch.Tensor:
+        """(N, stages, projection_dim) image embeddings after every stage, in the model's dtype and on its device:
+        one block-causal forward per batch gives every stage exactly as the cached refinement does.
+
+        Args:
+            images: paths, URLs, PIL images or arrays, as a call takes them.
+            batch_size: images per forward (default: the pipeline's, else 32).
+        """
+        if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+            images = [images]
+        batch_size = batch_size or self._batch_size or 32
+        embeds, batch = [], []
+
+        def flush():
+            pixel_values = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            embeds.append(self.model.get_image_features(pixel_values.to(self.device, self.dtype)).stage_pooler_outputs)
+            batch.clear()
+
+        for image in images:
+            batch.append(load_image(image, timeout=timeout) if isinstance(image, str) else image)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        if not embeds:
+            raise ValueError("`calibrate` got no images: pass unlabelled images of your domain (a few hundred).")
+        return torch.cat(embeds)
+
+__all__ = [
+    "CALL_PARAMETERS",
+    "WaveCLIPZeroShotImageClassificationPipeline",
+    "check_candidate_labels",
+    "check_hypothesis_template",
+]

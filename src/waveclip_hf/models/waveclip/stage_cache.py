@@ -29,6 +29,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .gating import check_stage_count
 
 
+def _new_buffers(shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised key and value buffers of `shape`.
+
+    `empty`, not `zeros`: only the filled prefix is ever read, and on CPU the pages of the later stages' slices are
+    then only committed if an image gets that far.
+    """
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+
+
 class WaveCLIPStageCacheLayer(CacheLayerMixin):
     """One layer's keys and values for every stage, in buffers allocated at the first `update`.
 
@@ -93,13 +102,15 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
         """Buffers for `key_states`' batch, dtype and device: the current ones if they match, else new
         (batch, heads, max_cache_len, head_dim) ones."""
         self._check_geometry(key_states, value_states)
+        self.prepare(key_states.shape[0], key_states.dtype, key_states.device)
+
+    def prepare(self, batch_size: int, dtype: torch.dtype, device) -> None:
+        """Empty the layer and give it buffers for `batch_size` images of `dtype` on `device`: the current ones
+        if they match, else new (batch_size, heads, max_cache_len, head_dim) ones."""
         buffer = self.key_buffer
-        shape = (key_states.shape[0], self.num_heads, self.max_cache_len, self.head_dim)
-        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (shape, key_states.dtype, key_states.device):
-            # `empty`, not `zeros`: only the filled prefix is ever read, and on CPU the pages of the detail stages'
-            # slice are then only committed if an image gets that far.
-            buffer = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
-            self._bind(buffer, torch.empty_like(buffer), filled=0)
+        shape = (batch_size, self.num_heads, self.max_cache_len, self.head_dim)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (shape, dtype, torch.device(device)):
+            self._bind(*_new_buffers(shape, dtype, device), filled=0)
         else:
             self._bind(buffer, self.value_buffer, filled=0)
 
@@ -192,8 +203,9 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
         indices = torch.as_tensor(indices, device=self.device)
         if indices.dim() != 1:
             raise ValueError(f"`indices` must be a 1-D tensor of batch positions, got shape {tuple(indices.shape)}.")
-        key_buffer = self.key_buffer.new_empty((indices.shape[0], *self.key_buffer.shape[1:]))
-        value_buffer = self.value_buffer.new_empty(key_buffer.shape)
+        key_buffer, value_buffer = _new_buffers(
+            (indices.shape[0], *self.key_buffer.shape[1:]), self.key_buffer.dtype, self.key_buffer.device
+        )
         # index_select writes straight into the prefix of the new buffers (one copy, no temporary).
         torch.index_select(self.keys, 0, indices, out=key_buffer[:, :, : self.filled])
         torch.index_select(self.values, 0, indices, out=value_buffer[:, :, : self.filled])
@@ -274,6 +286,16 @@ class WaveCLIPStageCache(Cache):
     def crop(self, tokens: int) -> None:
         for layer in self.layers:
             layer.crop(tokens)
+
+    def prepare(self, batch_size: int, dtype: torch.dtype, device) -> None:
+        """Empty the cache and give every layer buffers for `batch_size` images of `dtype` on `device` (kept from
+        the last images when they match, else allocated now).
+
+        The model calls this before it runs the first stage into an empty cache, so that the allocation happens
+        outside the stages that `compile_stages` compiles: a compiled stage then always finds its buffers.
+        """
+        for layer in self.layers:
+            layer.prepare(batch_size, dtype, device)
 
 
 __all__ = ["WaveCLIPStageCache", "WaveCLIPStageCacheLayer"]

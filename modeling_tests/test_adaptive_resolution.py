@@ -1,0 +1,174 @@
+"""The adaptive-resolution preset (448 px, L=2, three stages, three-scale benchmark): its report on embeddings with
+known answers, its cache keys, and that the main job's keys stay as they were."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from test_end_to_end import tiny_clip_config
+from waveclip_hf.data.synthetic import GENERATOR_VERSION, THREE_SCALE_AXES, THREE_SCALE_VERSION
+from waveclip_hf.experiments import cached_steps
+from waveclip_hf.experiments.adaptive_report import HAND_WRITTEN_MARKER, first_answering_stage
+from waveclip_hf.experiments.adaptive_resolution import (
+    PRESETS,
+    adaptive_report,
+    plain_clip_gflops,
+    preset_settings,
+    vit_b16_reference,
+    write_adaptive_docs,
+)
+from waveclip_hf.experiments.run_evaluation import evaluate
+
+# The stage that first sees each scale at 448 px / L=2: approximation, level-2 details, level-1 details.
+FIRST_STAGE = {"coarse": 0, "fine": 1, "micro": 2}
+
+
+def three_scale_embeddings(num_images: int = 12):
+    """Each axis owns its dimensions (class c is a unit vector); stage s points at the true class of the axes whose
+    scale stage s sees (`FIRST_STAGE`) and at a wrong class of the others; the teacher at every true class."""
+    offsets, dim = {}, 0
+    for name, axis in THREE_SCALE_AXES.items():
+        offsets[name], dim = dim, dim + len(axis.class_names)
+    rows = [{name: axis.class_names[i % len(axis.class_names)] for name, axis in THREE_SCALE_AXES.items()}
+            for i in range(num_images)]
+    stages = torch.zeros(num_images, 3, dim)
+    for i, row in enumerate(rows):
+        for name, axis in THREE_SCALE_AXES.items():
+            true = axis.class_names.index(row[name])
+            for stage in range(3):
+                seen = stage >= FIRST_STAGE[axis.scale]
+                stages[i, stage, offsets[name] + (true if seen else (true + 1) % len(axis.class_names))] = 0.5
+    embeddings = {"teacher": stages[:, 2].clone(), "student": stages, "logit_scale": torch.tensor([10.0])}
+    for name, axis in THREE_SCALE_AXES.items():
+        text = torch.eye(dim)[offsets[name] : offsets[name] + len(axis.class_names)]
+        embeddings[f"text.{name}"], embeddings[f"student_text.{name}"] = text, text.clone()
+    return embeddings, rows
+
+
+def test_report_on_known_answers(tmp_path):
+    embeddings, rows = three_scale_embeddings()
+    student_config = tiny_config(levels=2)
+    results = evaluate(embeddings, rows, student_config, tiny_clip_config(), [0.0, 0.5, 0.99, 1.01], 0.6,
+                       axes=THREE_SCALE_AXES)
+    gflops = results["student_cumulative_gflops"]
+    assert results["per_axis"]["color"]["stages"] == [1.0, 1.0, 1.0]
+    assert results["per_axis"]["glyph"]["stages"] == [0.0, 1.0, 1.0]
+    assert results["per_axis"]["letter"]["stages"] == [0.0, 0.0, 1.0]
+    context = {"command": "python -m waveclip_hf.experiments.adaptive_resolution", "preset": "adaptive-448",
+               "settings": preset_settings("adaptive-448"), "date": "2026-01-01 00:00 UTC", "machine": "test machine",
+               "wall_minutes": 1.5, "step_seconds": {"benchmark": 1.0, "teacher": 2.0},
+               "first_run": {"minutes": 3.0, "date": "2026-01-01 00:00 UTC", "machine": "test machine"},
+               "teacher_training": {"images_seen": 10, "train_seconds": 1.0}, "figures": {
+                   "curve": "figures/adaptive_accuracy_vs_gflops.png", "shares": "figures/adaptive_exit_stage_share.png"}}
+    report = adaptive_report(results, student_config, context)
+    # The issue's keys, with accuracies as fractions.
+    assert report["stage_gflops"] == gflops and report["clip_448_gflops"] > report["clip_224_gflops"] > 0
+    assert report["per_axis"]["letter"] == {"scale": "micro", "teacher_accuracy": 1.0,
+                                            "stage_accuracy": [0.0, 0.0, 1.0], "chance": 1 / 6}
+    # θ = 0.99 sends every image to stage 2 (all margins are the same 0.5-ish); it is the cheapest within 1 point.
+    gated = report["gated"]
+    assert (gated["margin_threshold"], gated["accuracy"], gated["rule"]) == (0.99, 1.0, "cheapest")
+    assert gated["mean_gflops"] == pytest.approx(gflops[-1]) and gated["stage_share"] == [0.0, 0.0, 1.0]
+
+    page = write_adaptive_docs(tmp_path, report)
+    text = page.read_text()
+    assert "| letter | micro | 16.7 | 100.0 | 0.0 | 0.0 | 100.0 | 100.0 |" in text
+    assert "- coarse axes: answered color from stage 0, shape from stage 0; the gate spends" in text
+    assert "- fine axes: answered texture from stage 1, glyph from stage 1;" in text
+    assert "- micro axes: answered letter from stage 2;" in text
+    assert "- Micro axis letter: stage 0 -16.7, stage 1 -16.7, stage 2 +83.3 points over chance: near chance " \
+           "before stage 2; stage 2 reaches 100.0% (teacher 100.0%): learned at stage 2." in text
+    assert "- Teacher axes under 90%: none" in text
+    assert (tmp_path / "figures" / "adaptive_accuracy_vs_gflops.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "adaptive_resolution.json").read_text())["gated"]["margin_threshold"] == 0.99
+
+    # The hand-written part survives a rewrite.
+    page.write_text(text + "Hand-written note.\n")
+    write_adaptive_docs(tmp_path, report)
+    assert page.read_text().count(HAND_WRITTEN_MARKER) == 1 and page.read_text().endswith("Hand-written note.\n")
+
+
+def test_first_answering_stage():
+    assert first_answering_stage([0.2, 0.95, 0.96]) == 1
+    assert first_answering_stage([0.99, 0.5, 0.98]) == 0
+    assert first_answering_stage([0.1, 0.1, 0.9]) == 2
+    assert first_answering_stage([0.17, 0.16, 0.19], chance=1 / 6) is None
+
+
+def test_costs_against_plain_clip():
+    """At ViT-B/16 width stage 0 of 448 / L=2 / cell 64 is the 224-px model's 50 tokens and 8.64 GFLOPs, and the whole
+    three-stage model costs less than half a 448-px CLIP ViT-B/16 (785 tokens)."""
+    b16 = vit_b16_reference()
+    assert b16["stage_tokens"] == [50, 148, 148]
+    assert b16["stage_gflops"][0] == pytest.approx(8.64, abs=0.01)
+    assert b16["clip_224_gflops"] == pytest.approx(35.13, abs=0.01)
+    assert b16["stage_gflops"][-1] < 0.5 * b16["clip_448_gflops"]
+    assert plain_clip_gflops(tiny_config(levels=2), 448) > 4 * plain_clip_gflops(tiny_config(levels=2), 224)
+
+
+def test_benchmark_keys(monkeypatch, tmp_path):
+    """The three-scale benchmark gets its own key; the main job's two-scale key is the one it always had."""
+    calls = []
+    monkeypatch.setattr(cached_steps, "generate_benchmark", lambda root, **kwargs: calls.append((root, kwargs)) or root)
+    counts = {"num_train": 20_000, "num_validation": 1_000, "num_test": 5_000}
+    two_scale = cached_steps.build_benchmark(tmp_path, counts, 0, 1, False)
+    assert two_scale.name == f"benchmark-v{GENERATOR_VERSION}-6a4eae49cbab" and calls[0][1]["layout"] == "two-scale"
+    settings = preset_settings("adaptive-448")
+    three_scale = cached_steps.build_benchmark(tmp_path, settings, 0, 1, False)
+    keyed = {"seed": 0, "generator_version": GENERATOR_VERSION, "num_train": settings["num_train"],
+             "num_validation": settings["num_validation"], "num_test": settings["num_test"],
+             "layout": "three-scale", "layout_version": THREE_SCALE_VERSION}
+    assert three_scale.name == f"benchmark-v{GENERATOR_VERSION}-{cached_steps.settings_hash(keyed)}"
+    assert calls[1][1]["layout"] == "three-scale"
+    with pytest.raises(ValueError, match="Unknown preset"):
+        preset_settings("adaptive-896")
+    assert preset_settings("adaptive-448", {"teacher": {"num_epochs": 1.0}})["teacher"]["patch_size"] == 64
+    assert PRESETS["adaptive-448"]["teacher"]["image_size"] == 448
+
+
+def test_patch_scaled_teacher_reads_a_2x_nearest_upsample_like_the_original():
+    from transformers import CLIPModel
+
+    from waveclip_hf.experiments.interpolated_teacher import patch_scaled_copy
+
+    torch.manual_seed(0)
+    teacher = CLIPModel(tiny_clip_config()).eval()
+    scaled = patch_scaled_copy(teacher)
+    assert (scaled.config.vision_config.image_size, scaled.config.vision_config.patch_size) == (128, 32)
+    pixels = torch.randn(2, 3, 64, 64)
+    upsampled = pixels.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    with torch.no_grad():
+        expected = teacher.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(scaled.get_image_features(pixel_values=upsampled).pooler_output, expected,
+                                   atol=1e-5, rtol=1e-5)
+        # Interpolated positions on the same upsample read a 4x4 grid of 16-px patches: another embedding.
+        interpolated = teacher.get_image_features(pixel_values=upsampled, interpolate_pos_encoding=True).pooler_output
+    assert not torch.allclose(interpolated, expected, atol=1e-2)
+
+
+def test_a_student_at_twice_the_teachers_size_needs_no_interpolated_positions():
+    """`convert_clip_to_waveclip` from a teacher at S px to a student at 2S px, L=2, 2C-px cells: the same cell grid as
+    the teacher's patch grid (its positions are taken as they are), and stage 0, which reads the 4x downsample,
+    starts close to the teacher on the S-px image (measured: cosine 0.985 on random images at this seed)."""
+    import numpy as np
+    from transformers import CLIPModel
+
+    from waveclip_hf.conversion.clip_to_waveclip import convert_clip_to_waveclip
+    from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+    from waveclip_hf.training.teacher_data import build_image_processor
+
+    torch.manual_seed(0)
+    teacher = CLIPModel(tiny_clip_config()).eval()  # 64 px, patch 16: a 4 x 4 grid
+    student = convert_clip_to_waveclip(teacher, image_size=128, levels=2, cell_size=32).eval()
+    assert student.config.vision_config.grid_size == 4 and student.config.vision_config.stage_lengths == [17, 49, 49]
+    small = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    big = [image.repeat(2, 0).repeat(2, 1) for image in small]
+    with torch.no_grad():
+        expected = teacher.get_image_features(
+            pixel_values=build_image_processor(64)(list(small), return_tensors="pt")["pixel_values"]).pooler_output
+        stage0 = student.get_image_features(
+            WaveCLIPImageProcessor(image_size=128, levels=2)(big, return_tensors="pt")["pixel_values"]
+        ).stage_pooler_outputs[:, 0]
+    assert torch.nn.functional.cosine_similarity(stage0, expected).min() > 0.95
