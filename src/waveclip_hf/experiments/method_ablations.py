@@ -462,9 +462,13 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
         report[name]["timing_this_run"] = elapsed(section_start)
         log(f"{name}: done in {report[name]['timing_this_run']['wall_minutes']} min")
 
-    # In order of priority: the ablation students first, then the benchmark samples.
-    section("causality", lambda: causality(variant_runs))
-    section("ordering", lambda: band_order(variant_runs))
+    # In order of priority: the ablation students first, then the benchmark samples. Without variant seeds the
+    # two sections hold only the main student's side and say how to measure the other (`not_run`).
+    if variant_runs:
+        section("causality", lambda: causality(variant_runs))
+        section("ordering", lambda: band_order(variant_runs))
+    else:
+        report["causality"], report["ordering"] = not_run(runs[0], config, seeds, sample_seeds)
     samples = [sample_run(runs[0], seed) for seed in sample_seeds if seed != runs[0].seed]
     section("gate_stability", lambda: gate_stability(runs, samples, max_subsets))
     section("seed_spread", lambda: seed_spread(runs, samples))
@@ -485,6 +489,23 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
     return report
 
 
+def not_run(run: SeedRun, config: EndToEndConfig, seeds, sample_seeds) -> tuple[dict, dict]:
+    """The causality and ordering sections of a run without ablation students: the main student's side, None for
+    the other, the command that measures both and what one student costs (the main student's recorded rate)."""
+    summary = json.loads((run.student_dir.parent / "summary.json").read_text())
+    rate = summary["train_metrics"].get("images_per_second")
+    settings = config.settings()["distillation"]
+    minutes = settings["max_steps"] * settings["batch_size"] / rate / 60 if rate else None
+    command = " ".join(["python scripts/method_ablations.py --cache-dir <the main job's cache> --seeds",
+                        *map(str, seeds), "--variant-seeds", str(run.seed), "--sample-seeds",
+                        *map(str, sample_seeds or DEFAULT_SAMPLE_SEEDS)])
+    status = {"status": "not run", "command": command, "minutes_per_student_at_main_rate": minutes,
+              "main_student_images_per_second": rate}
+    full = run.results["summary"]["student_stage_mean"]
+    return ({"block_causal_mean_accuracy": full[-1], "bidirectional_mean_accuracy": None, **status},
+            {"coarse_to_fine_stage_mean_accuracy": full, "fine_to_coarse_stage_mean_accuracy": None, **status})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python scripts/method_ablations.py`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -495,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where ablations.{md,json} and figures/ go (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                         help="benchmark seeds of the main job (default: %(default)s)")
-    parser.add_argument("--variant-seeds", type=int, nargs="+", default=None,
-                        help="seeds with bidirectional and fine-to-coarse students (default: every seed)")
+    parser.add_argument("--variant-seeds", type=int, nargs="*", default=None,
+                        help="seeds with bidirectional and fine-to-coarse students (default: every seed; none: "
+                             "the causality and band-order sections are not measured)")
     parser.add_argument("--sample-seeds", type=int, nargs="*", default=list(DEFAULT_SAMPLE_SEEDS),
                         help="benchmark seeds whose test split the first seed's student reads, with no new teacher "
                              "(default: %(default)s)")
