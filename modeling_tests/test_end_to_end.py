@@ -20,7 +20,7 @@ from waveclip_hf.experiments import cached_steps
 from waveclip_hf.experiments.cached_steps import settings_hash, student_distillation_fields, student_output_dir
 from waveclip_hf.experiments.distillation_ablation import run_distillation_ablation
 from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig, build_parser, run
-from waveclip_hf.experiments.report import write_reports
+from waveclip_hf.experiments.report import _axis_readings, first_run_record, write_reports
 from waveclip_hf.experiments.run_evaluation import embeddings_cache_path, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,3 +254,25 @@ def test_label_free_gate_and_flip_rates_on_known_answers(tmp_path):
            "target_agreement=0.99)`: color 0.47, texture none)" in text
     assert "- `00000.png` — texture: dots (✓, stage 1)" in text
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"]["label_free"] == summary
+
+
+def test_only_a_run_that_built_every_step_records_the_first_run_time(tmp_path):
+    key = {"settings": "small", "student": "student-abc"}
+    # A rerun on a cache it did not fill (steps reused) records nothing, and reports nothing as a first run.
+    assert first_run_record(tmp_path, key, 0.7, built_every_step=False) is None
+    assert list(tmp_path.iterdir()) == []
+    record = first_run_record(tmp_path, key, 13.42, built_every_step=True)
+    assert record["minutes"] == 13.42
+    # Later runs read the record back and never overwrite it.
+    assert first_run_record(tmp_path, key, 0.5, built_every_step=True)["minutes"] == 13.42
+    assert first_run_record(tmp_path, key, 0.5, built_every_step=False)["minutes"] == 13.42
+
+
+def test_axis_readings_say_which_way_the_detail_band_moves_an_axis():
+    rows = {"color": {"scale": "coarse", "stages": [1.0, 1.0]}, "shape": {"scale": "coarse", "stages": [0.58, 0.563]},
+            "glyph": {"scale": "fine", "stages": [0.164, 1.0]}, "x": {"scale": "fine", "stages": [0.5, 0.55]}}
+    readings = dict(zip(rows, _axis_readings(rows)))
+    assert readings["color"].endswith("(+0.0 points): the approximation band alone answers it.")
+    assert readings["shape"].endswith("(-1.7 points): the later stage answers it less well than stage 0.")
+    assert readings["glyph"].endswith("(+83.6 points): the detail band carries it.")
+    assert readings["x"].endswith("(+5.0 points): the detail band helps.")

@@ -130,6 +130,13 @@ def main_job_student(config: EndToEndConfig, settings: dict, inputs: MainJobInpu
     return distil_or_reuse_student(config.cache_dir, fields)
 
 
+def _built_every_step(inputs: MainJobInputs, student_dir: Path, started: float) -> bool:
+    """Whether this run generated the benchmark, trained the teacher and distilled the student itself (a first
+    run), rather than reusing any of them from the cache."""
+    made_now = [(inputs.data_root / "info.json"), (student_dir.parent / "summary.json")]
+    return not inputs.teacher_reused and all(path.stat().st_mtime >= started for path in made_now)
+
+
 def _run_context(config: EndToEndConfig, settings: dict, inputs: MainJobInputs, student_dir: Path, student_config,
                  started: float) -> dict:
     """Provenance of this run for the report: command, date, machine, wall times, data, teacher and student."""
@@ -143,7 +150,8 @@ def _run_context(config: EndToEndConfig, settings: dict, inputs: MainJobInputs, 
         "date": utc_now(),
         "machine": machine_description(),
         "wall_minutes": (time.time() - started) / 60,
-        "first_run": first_run_record(config.cache_dir, first_run_key, (time.time() - started) / 60),
+        "first_run": first_run_record(config.cache_dir, first_run_key, (time.time() - started) / 60,
+                                      _built_every_step(inputs, student_dir, started)),
         "data": f"generated benchmark (generator version {GENERATOR_VERSION}), seed {config.seed}, "
                 f"{settings['num_train']} train / "
                 f"{settings['num_validation']} validation / {settings['num_test']} test images at 224 px; axes "

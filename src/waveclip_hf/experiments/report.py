@@ -31,12 +31,15 @@ def machine_description() -> str:
     return f"{model}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}"
 
 
-def first_run_record(cache_dir: Path, key: dict, minutes: float) -> dict:
+def first_run_record(cache_dir: Path, key: dict, minutes: float, built_every_step: bool) -> dict | None:
     """The wall time of the first run with these settings, kept in the cache so that a rerun that reuses every
-    step still reports what the whole job costs. Written once (the run that created the cached steps)."""
+    step still reports what the whole job costs. Written once, by a run that built every step itself
+    (`built_every_step`); `None` when no such run was recorded (a cache filled by hand or by other runs)."""
     path = Path(cache_dir) / f"first-run-{settings_hash(key)}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if not built_every_step:
+        return None
     record = {"minutes": round(minutes, 2), "date": utc_now(), "machine": machine_description()}
     path.write_text(json.dumps(record) + "\n")
     return record
@@ -63,7 +66,8 @@ def _pct(fraction: float) -> str:
 def _header(results: dict, context: dict) -> list[str]:
     first = context.get("first_run")
     first_run = (f"; the first run with these settings (nothing cached) took {first['minutes']:.1f} min on "
-                 f"{first['date']} ({first['machine']})." if first else ".")
+                 f"{first['date']} ({first['machine']})." if first else
+                 "; no first run with these settings (nothing cached) is recorded in this cache.")
     return [
         "# Results on the generated offline benchmark",
         "",
@@ -105,7 +109,8 @@ def _axis_readings(per_axis: dict) -> list[str]:
     for name, row in per_axis.items():
         gain = round(100 * (row["stages"][-1] - row["stages"][0]), 1) + 0.0  # + 0.0: no "-0.0"
         reading = ("the detail band carries it" if gain > 10 else
-                   "the approximation band alone answers it" if abs(gain) < 1 else "the detail band helps")
+                   "the approximation band alone answers it" if abs(gain) < 1 else
+                   "the detail band helps" if gain > 0 else "the later stage answers it less well than stage 0")
         lines.append(f"- {name} ({row['scale']} by construction): stage 0 {_pct(row['stages'][0])}% → full "
                      f"{_pct(row['stages'][-1])}% ({gain:+.1f} points): {reading}.")
     return lines
