@@ -727,3 +727,18 @@ def test_cli_help_and_bad_teacher(tmp_path, images_dir):
     vocabulary.write_text("a photo of a cat\n\na photo of a dog\n")
     args = build_parser().parse_args(["--train-data", "x", "--output-dir", "y", "--label-vocabulary", str(vocabulary)])
     assert config_from_args(args).label_vocabulary == ["a photo of a cat", "a photo of a dog"]
+
+
+def test_a_saved_dataset_dict_gives_the_asked_split_and_names_the_others(tmp_path):
+    import datasets
+
+    from waveclip_hf.training.data import load_saved_split
+
+    folder = tmp_path / "saved_dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"x": [1, 2, 3]}),
+                          "validation": datasets.Dataset.from_dict({"x": [4]})}).save_to_disk(str(folder))
+    assert load_saved_split(folder, str(folder), "validation")["x"] == [4]
+    assert len(load_saved_split(folder, str(folder), "train")) == 3
+    with pytest.raises(ValueError, match=r"has splits \['train', 'validation'\], not 'test'. Pass --data-split"):
+        load_saved_split(folder, str(folder), "test")
+    assert load_saved_split(tmp_path / "not_saved", "x", "train") is None

@@ -134,13 +134,8 @@ def load_image_dataset(source: str, data_format: str = "auto", split: str = "tra
 
     import datasets
 
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}. Pass --data-split.")
-            dataset = dataset[split]
-    else:
+    dataset = load_saved_split(path, source, split)
+    if dataset is None:
         try:
             dataset = datasets.load_dataset(source, split=split)
         except Exception as error:
@@ -149,6 +144,21 @@ def load_image_dataset(source: str, data_format: str = "auto", split: str = "tra
                 f"`datasets.load_dataset({source!r}, split={split!r})` failed: {error}"
             ) from error
     return HFImageDataset(dataset, image_column, f"{source}[{split}]")
+
+
+def load_saved_split(path: Path, source: str, split: str):
+    """The `split` of a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (a plain `Dataset`
+    is its own split); `None` when `path` is not such a folder."""
+    if not (path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())):
+        return None
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}. Pass --data-split.")
+        dataset = dataset[split]
+    return dataset
 
 
 class DistillationCollator:

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
-from .data import HFImageDataset, decode_image, load_image_dataset
+from .data import HFImageDataset, decode_image, load_image_dataset, load_saved_split
 from .signals import guard_worker_from_sigterm
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,8 @@ def open_stream(source: str, split: str, image_column: str):
     import datasets
 
     path = Path(source).expanduser()
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}. Pass --data-split.")
-            dataset = dataset[split]
+    dataset = load_saved_split(path, source, split)
+    if dataset is not None:
         stream = dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), SAVED_DATASET_SHARDS)))
     else:
         try:
