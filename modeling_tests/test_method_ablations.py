@@ -97,3 +97,22 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
     assert again["gate_stability"]["results"] == report["gate_stability"]["results"]
     assert again["context"]["first_run"] == report["context"]["first_run"]
     assert set(VARIANTS) == {"bidirectional", "fine_to_coarse"}
+
+
+def test_the_causality_answer_calls_a_difference_a_cost_only_beyond_three_times_the_measured_spread():
+    from waveclip_hf.experiments.ablations_report import causality_answer
+
+    spread = {"last_stage": 1, "seeds": [0],
+              "benchmark_samples": {"data_seeds": [0, 1, 2],
+                                    "spread": {"student_stage1_mean_accuracy": {"std": 0.001}}}}
+
+    def answer(bidirectional_minus_causal_points):
+        return causality_answer({"difference_points_per_seed": [bidirectional_minus_causal_points],
+                                 "block_causal_mean_accuracy": 0.889,
+                                 "bidirectional_mean_accuracy": 0.889 + bidirectional_minus_causal_points / 100},
+                                spread)
+
+    assert "mask costs little accuracy, if any, here" in answer(0.2)  # 2 std of a 0.1-point spread
+    assert "mask costs accuracy here" in answer(0.5)
+    assert "mask does not cost accuracy here" in answer(-0.3)
+    assert "spread of 0.1 points (std) of the same student over the test splits of 3 benchmark seeds" in answer(0.2)
