@@ -143,7 +143,8 @@ def test_the_cards_snippet_runs_as_written_in_a_fresh_process(distilled, tmp_pat
     snippet = snippet.replace('"your-username/run"', repr(str(run / "final"))).replace('"cat.jpg"', repr(str(image)))
     snippet = snippet.replace("classifier(image,", "results = classifier(image,")
     script = tmp_path / "snippet.py"
-    script.write_text(snippet + "\nimport json\nprint(json.dumps({'stages': list(stages.shape), 'results': results}))\n")
+    script.write_text(snippet + "\nimport json\nprint(json.dumps({'stages': list(stages.shape), 'results': results, "
+                      "'refined': refined.exit_stage.tolist()}))\n")
     env = subprocess_env(PYTHONPATH="")  # the saved folder's remote code, not this package
     done = subprocess.run([PYTHON, "-I", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
                           stdin=subprocess.DEVNULL, timeout=300)
@@ -158,6 +159,8 @@ def test_the_cards_snippet_runs_as_written_in_a_fresh_process(distilled, tmp_pat
     assert sum(r["score"] for r in output["results"]) == pytest.approx(1.0, abs=1e-5)
     assert max(r["score"] for r in output["results"]) - min(r["score"] for r in output["results"]) > 1e-4
     assert all(r["stage"] in (0, 1) and r["gflops"] > 0 for r in output["results"])
+    # The calibrated ("auto") call and `refine` on the processor's output ran as the card shows them.
+    assert "margin_threshold=\"auto\"" in snippet and output["refined"] in ([0], [1])
 
 
 def test_licence_given_inherited_or_the_teachers_terms(tmp_path):
