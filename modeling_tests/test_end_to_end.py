@@ -150,7 +150,8 @@ def test_evaluation_and_report_on_known_answers(tmp_path):
     assert "- Stage 0 alone: 100.0% on the coarse axes (color, shape) vs 0.0% on the fine axes (texture, glyph)." in text
     assert f"- Cheapest gated point within 1 point of the full model: θ = 0.99, 100.0% at {g1:.3f} GFLOPs (1.00×" in text
     assert "- `00000.png` — color: red (✓, stage 0); glyph: 1 (✗ 0, stage 1)" in text
-    assert "wall time of this run: 0.2 min (steps reused from the cache take no time)." in text
+    assert ("wall time of this run: 0.2 min (steps reused from the cache take no time); no first run with these "
+            "settings (nothing cached) is recorded in this cache.") in text
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["summary"] == summary
     for name in ("e2e_accuracy_vs_gflops.png", "e2e_exit_stage_share.png"):
         assert (tmp_path / "docs" / "figures" / name).stat().st_size > 10_000
