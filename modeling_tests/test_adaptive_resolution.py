@@ -172,3 +172,13 @@ def test_a_student_at_twice_the_teachers_size_needs_no_interpolated_positions():
             WaveCLIPImageProcessor(image_size=128, levels=2)(big, return_tensors="pt")["pixel_values"]
         ).stage_pooler_outputs[:, 0]
     assert torch.nn.functional.cosine_similarity(stage0, expected).min() > 0.95
+
+
+def test_the_label_free_gate_is_evaluated_on_the_benchmarks_own_axes():
+    embeddings, rows = three_scale_embeddings()
+    results = evaluate(embeddings, rows, tiny_config(levels=2), tiny_clip_config(), [0.0, 0.5, 0.99, 1.01], 0.6,
+                       calibration_embeddings=embeddings["student"], axes=THREE_SCALE_AXES)
+    assert list(results["label_free"]["per_axis"]) == list(THREE_SCALE_AXES) == list(results["per_axis"])
+    # Calibrated on the test images themselves, every axis keeps at least 99% of the full model's answers there.
+    assert all(row["test_agreement"] >= 0.99 for row in results["label_free"]["per_axis"].values())
+    assert len(results["summary"]["stage_flip_rate_mean"]) == 3
