@@ -292,6 +292,36 @@ def test_mixed_image_kinds_and_sizes_in_one_batch_equal_running_each_alone(class
         assert max(abs(a["score"] - b["score"]) for a, b in zip(got, expected)) < 1e-5
 
 
+def test_one_image_at_a_time_equals_the_batched_path_for_lists_and_generators(classifier):
+    """At batch_size=1 the pipeline runs each image straight through (no DataLoader); the answers, ranks and stages
+    equal the batched DataLoader path's, for a list and for a generator, with and without `top_k`."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (64, 48, 3), dtype=np.uint8) for _ in range(5)]
+    kwargs = dict(candidate_labels=LABELS, margin_threshold=0.3, return_all_stages=True)
+    batched = classifier(images, batch_size=4, **kwargs)
+    for one_by_one in (classifier(images, **kwargs), list(classifier((image for image in images), **kwargs))):
+        assert len(one_by_one) == len(images)
+        for got, expected in zip(one_by_one, batched):
+            assert [(e["label"], e["stage"]) for e in got] == [(e["label"], e["stage"]) for e in expected]
+            assert max(abs(a["score"] - b["score"]) for a, b in zip(got, expected)) < 1e-5
+            assert max(abs(x - y) for a, b in zip(got, expected) for x, y in zip(a["stage_scores"], b["stage_scores"])) < 1e-5
+    top = classifier(images, top_k=2, **kwargs)
+    assert [[e["label"] for e in r] for r in top] == [[e["label"] for e in r[:2]] for r in batched]
+    # Scores are ranked (ties would keep the labels' order, as the stock pipeline's stable sort does).
+    assert all(r[i]["score"] >= r[i + 1]["score"] for r in batched for i in range(len(r) - 1))
+
+
+def test_the_labels_travel_as_one_reference_per_image(classifier, photo):
+    """transformers walks every list and tuple of the model inputs and outputs (device moves, batching): the label
+    list must not be one of them, or a 1,000-label call walks 1,000 strings per image."""
+    inputs = classifier.preprocess(photo, candidate_labels=LABELS)
+    outputs = classifier.forward(inputs)
+    for values in (inputs.values(), outputs.values()):
+        assert not any(isinstance(value, (list, tuple)) for value in values)
+    assert [entry["label"] for entry in classifier.postprocess(outputs)] == \
+        [entry["label"] for entry in classifier(photo, candidate_labels=LABELS)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pipeline_matches_fp32(classifier, photo, dtype):
     """fp32 `pixel_values` from the processor go into a half-precision model (the stock pipeline would cast them
