@@ -55,7 +55,7 @@ def test_report_on_known_answers(tmp_path):
     gflops = results["student_cumulative_gflops"]
     assert results["per_axis"]["color"]["stages"] == [1.0, 1.0, 1.0]
     assert results["per_axis"]["glyph"]["stages"] == [0.0, 1.0, 1.0]
-    assert results["per_axis"]["letter"]["stages"] == [0.0, 0.0, 1.0]
+    assert results["per_axis"]["grain"]["stages"] == [0.0, 0.0, 1.0]
     context = {"command": "python -m waveclip_hf.experiments.adaptive_resolution", "preset": "adaptive-448",
                "settings": preset_settings("adaptive-448"), "date": "2026-01-01 00:00 UTC", "machine": "test machine",
                "wall_minutes": 1.5, "step_seconds": {"benchmark": 1.0, "teacher": 2.0},
@@ -65,7 +65,7 @@ def test_report_on_known_answers(tmp_path):
     report = adaptive_report(results, student_config, context)
     # The keys, with accuracies as fractions.
     assert report["stage_gflops"] == gflops and report["clip_448_gflops"] > report["clip_224_gflops"] > 0
-    assert report["per_axis"]["letter"] == {"scale": "micro", "teacher_accuracy": 1.0,
+    assert report["per_axis"]["grain"] == {"scale": "micro", "teacher_accuracy": 1.0,
                                             "stage_accuracy": [0.0, 0.0, 1.0], "chance": 1 / 6}
     # θ = 0.99 sends every image to stage 2 (all margins are the same 0.5-ish); it is the cheapest within 1 point.
     gated = report["gated"]
@@ -74,11 +74,11 @@ def test_report_on_known_answers(tmp_path):
 
     page = write_adaptive_docs(tmp_path, report)
     text = page.read_text()
-    assert "| letter | micro | 16.7 | 100.0 | 0.0 | 0.0 | 100.0 | 100.0 |" in text
+    assert "| grain | micro | 16.7 | 100.0 | 0.0 | 0.0 | 100.0 | 100.0 |" in text
     assert "- coarse axes: answered color from stage 0, shape from stage 0; the gate spends" in text
     assert "- fine axes: answered texture from stage 1, glyph from stage 1;" in text
-    assert "- micro axes: answered letter from stage 2;" in text
-    assert "- Micro axis letter: stage 0 -16.7, stage 1 -16.7, stage 2 +83.3 points over chance: near chance " \
+    assert "- micro axes: answered grain from stage 2;" in text
+    assert "- Micro axis grain: stage 0 -16.7, stage 1 -16.7, stage 2 +83.3 points over chance: near chance " \
            "before stage 2; stage 2 reaches 100.0% (teacher 100.0%): learned at stage 2." in text
     assert "- Teacher axes under 90%: none" in text
     assert (tmp_path / "figures" / "adaptive_accuracy_vs_gflops.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ from PIL import Image
 
 from waveclip_hf.data.synthetic import (
     AXES,
-    LETTER_BITMAPS,
+    GRAIN_TILES,
     THREE_SCALE_AXES,
     benchmark_axes,
     caption_for,
@@ -186,11 +186,11 @@ def test_two_scale_pixels_are_pinned():
 
 
 def test_caption_with_three_details():
-    labels = {"color": "red", "shape": "star", "texture": "dots", "glyph": "7", "letter": "K"}
-    assert caption_for(labels, tuple(labels)) == "a red star with dots, the glyph 7 and the letter K"
-    assert caption_for(labels, ("shape", "letter")) == "a star with the letter K"
+    labels = {"color": "red", "shape": "star", "texture": "dots", "glyph": "7", "grain": "row grain"}
+    assert caption_for(labels, tuple(labels)) == "a red star with dots, the glyph 7 and row grain"
+    assert caption_for(labels, ("shape", "grain")) == "a star with row grain"
     assert caption_for(labels, ("texture", "glyph")) == "a shape with dots and the glyph 7"
-    assert THREE_SCALE_AXES["letter"].prompts()[0] == "a photo of a shape with the letter E"
+    assert THREE_SCALE_AXES["grain"].prompts()[0] == "a photo of a shape with plain grain"
     rng = np.random.default_rng(0)
     named = {axis for _ in range(100) for axis in sample_caption(labels, rng, return_axes=True, axes=THREE_SCALE_AXES)[1]}
     assert named == set(THREE_SCALE_AXES)
@@ -215,7 +215,7 @@ def test_three_scale_layout_writes_five_axes(three_scale_benchmark):
         assert row["caption"] == caption_for(labels, tuple(THREE_SCALE_AXES))
         image = np.asarray(Image.open(three_scale_benchmark / "test" / row["file_name"]))
         np.testing.assert_array_equal(image, render_three_scale_image(three_scale_image_params(3, "test", i)))
-    assert label_ids(rows, "letter").tolist() == [THREE_SCALE_AXES["letter"].class_names.index(r["letter"]) for r in rows]
+    assert label_ids(rows, "grain").tolist() == [THREE_SCALE_AXES["grain"].class_names.index(r["grain"]) for r in rows]
     with pytest.raises(ValueError, match="multiple of 64"):
         generate_benchmark(three_scale_benchmark.parent / "bad", image_size=480, layout="three-scale", progress=False)
 
@@ -224,8 +224,8 @@ def _three_scale_variants(axis: str) -> dict[str, np.ndarray]:
     """Renders of one three-scale image that differ only in `axis`."""
     params = three_scale_image_params(0, "test", 5)
     names = THREE_SCALE_AXES[axis].class_names
-    if axis == "letter":
-        return {name: render_three_scale_image(dataclasses.replace(params, letter=name)) for name in names}
+    if axis == "grain":
+        return {name: render_three_scale_image(dataclasses.replace(params, grain=name)) for name in names}
     return {
         name: render_three_scale_image(dataclasses.replace(params, scene=dataclasses.replace(params.scene, **{axis: name})))
         for name in names
@@ -243,15 +243,15 @@ def _max_pairwise(renders: dict[str, np.ndarray], block: int) -> tuple[float, fl
 
 
 def test_micro_axis_vanishes_below_448():
-    """The letters are aligned zero-mean 2x2 blocks on 4x4-aligned tags: all six give the same 2x2 block means
-    (the 224-px image, the Haar level-1 approximation) up to uint8 rounding, while at 448 px they differ."""
-    renders = _three_scale_variants("letter")
-    assert len(renders) == len(LETTER_BITMAPS) == 6
+    """The grains are zero-mean integer 2x2 tiles added without clipping: all six give exactly the same 2x2 block
+    means (the 224-px image, the Haar level-1 approximation), while at 448 px they differ by several grey levels."""
+    renders = _three_scale_variants("grain")
+    assert len(renders) == len(GRAIN_TILES) == 6
     full, coarse = _max_pairwise(renders, 2)
-    assert full > 0.03 and coarse <= 0.5, (full, coarse)
-    # Pillow's box filter is the 2x2 block mean: the 224-px downsample is the same image for every letter.
+    assert full > 5 and coarse == 0, (full, coarse)
+    # Pillow's box filter is the 2x2 block mean: the 224-px downsample is the same image for every grain.
     downsampled = {name: np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BOX)) for name, image in renders.items()}
-    assert max(np.abs(d.astype(int) - downsampled["E"]).max() for d in downsampled.values()) <= 1
+    assert all(np.array_equal(d, downsampled["plain grain"]) for d in downsampled.values())
 
 
 def test_fine_axes_vanish_in_the_level2_approximation():
@@ -269,7 +269,7 @@ def test_fine_axes_vanish_in_the_level2_approximation():
 
 
 def test_three_scale_bands_hold_each_scale():
-    """Through WaveCLIP's own processor (448 px, L=2): the letter changes only the level-1 detail bands (stage 2);
+    """Through WaveCLIP's own processor (448 px, L=2): the grain changes only the level-1 detail bands (stage 2);
     texture changes the level-2 detail bands (stage 1) but not the level-2 approximation (stage 0); colour
     changes stage 0."""
     processor = WaveCLIPImageProcessor(image_size=448, levels=2)
@@ -282,10 +282,10 @@ def test_three_scale_bands_hold_each_scale():
         stages = [approximation, torch.stack(list(level2), 1), torch.stack(list(level1), 1)]
         return [float((band - band[:1]).abs().max()) for band in stages]
 
-    letters, textures, colors = _three_scale_variants("letter"), _three_scale_variants("texture"), _three_scale_variants("color")
-    # Letters: integer amplitudes on an integer grey, so the pixels' 2x2 means do not change at all.
-    stage0, stage1, stage2 = largest_change(letters)
-    assert stage0 < 1e-4 and stage1 < 1e-4 and stage2 > 1, (stage0, stage1, stage2)
+    grains, textures, colors = _three_scale_variants("grain"), _three_scale_variants("texture"), _three_scale_variants("color")
+    # Grains: integer tiles added to integer pixels, so the pixels' 2x2 means do not change at all.
+    stage0, stage1, stage2 = largest_change(grains)
+    assert stage0 < 1e-4 and stage1 < 1e-4 and stage2 > 0.3, (stage0, stage1, stage2)
     # Textures: the 224-px scene's uint8 rounding (and a rare clipped pixel) is all that reaches stage 0.
     stage0, stage1, _ = largest_change(textures)
     assert stage0 < 0.3 and stage1 > 1, (stage0, stage1)

@@ -22,10 +22,11 @@ clutter and noise, and carries four independent labels:
 A second layout, ``layout="three-scale"`` (448 px, `THREE_SCALE_AXES`), adds a third scale for
 adaptive resolution: the scene above drawn at 224 px and upsampled 2x, plus
 
-- ``letter``  (micro):  a 5x7 letter on three 16x20-px grey tags in free cells of the 64-px grid, drawn in
-  aligned 2x2 checker blocks at 448 px: invisible at 224 px (every 2x2 block mean is the tag's grey), so it
-  lives only in the level-1 detail bands of the 448-px image. Texture and glyph, drawn at 224 px, then live
-  in the level-2 detail bands, and colour and shape in the level-2 approximation (see
+- ``grain``   (micro):  a 1-px print grain over the whole 448-px image (row, column, checker, dot or mesh
+  grain, or none): the texture's 2x2-periodic patterns one octave finer, added to every aligned 2x2 block
+  at the amplitude it has room for without clipping. Every aligned 2x2 block keeps its mean, so the grain is invisible
+  at 224 px and lives only in the level-1 detail bands of the 448-px image. Texture and glyph, drawn at
+  224 px, then live in the level-2 detail bands, and colour and shape in the level-2 approximation (see
   `render_three_scale_image`).
 
 Images are written in the `datasets` imagefolder layout::
@@ -169,14 +170,14 @@ def caption_for(labels: dict[str, str], axes: Sequence[str] | None = None) -> st
 
 
 def _detail_phrases(labels: dict[str, str], axes: Sequence[str]) -> list[str]:
-    """The "with ..." phrases of `axes`, e.g. ``["vertical stripes", "the glyph 7", "the letter K"]``."""
+    """The "with ..." phrases of `axes`, e.g. ``["vertical stripes", "the glyph 7", "row grain"]``."""
     phrases = []
     if "texture" in axes:
         phrases.append(labels["texture"])
     if "glyph" in axes:
         phrases.append(f"the glyph {labels['glyph']}")
-    if "letter" in axes:
-        phrases.append(f"the letter {labels['letter']}")
+    if "grain" in axes:
+        phrases.append(labels["grain"])
     return phrases
 
 
@@ -473,40 +474,45 @@ def image_params(seed: int, split: str, index: int, image_size: int = 224) -> Im
 #
 # The 448-px layout adds a third scale. Its image is the two-scale scene rendered at half resolution (224 px)
 # and upsampled 2x (each scene pixel becomes a 2x2 block), plus detail that exists only at full resolution:
-# letters drawn in aligned zero-mean 2x2 checker blocks on small grey tags, and full-resolution noise. So
-# - every aligned 2x2 block mean (the Haar level-1 approximation) is the scene pixel: the letter is invisible
-#   at 224 px and lives in the level-1 detail bands (the "micro" scale);
+# full-resolution noise and a 1-px print grain (a zero-mean 2x2 tile, as the texture's tiles, added to the
+# aligned 2x2 blocks, `add_grain`). So
+# - every aligned 2x2 block mean (the Haar level-1 approximation) is the scene pixel plus noise whatever the
+#   grain: the grain is invisible at 224 px and lives in the level-1 detail bands (the "micro" scale);
 # - every aligned 4x4 block mean (the level-2 approximation) is a 2x2 block mean of the scene, which the
 #   scene's texture and glyph do not change: they live in the level-2 detail bands (the "fine" scale);
 # - colour and shape survive both averages (the "coarse" scale).
+#
+# The first micro axis was a 5x7 letter in 2x2 checker blocks on three small tags (0.2% of the image's area).
+# A 448-px teacher grown from the 224-px one did not learn it within the preset's budget (at chance after 368
+# steps, docs/adaptive_resolution.md); the grain carries the same kind of evidence (a pattern only the level-1
+# detail bands hold) over the whole image, as the texture does over the object one octave coarser.
 
 LAYOUTS = ("two-scale", "three-scale")
 DEFAULT_IMAGE_SIZE = {"two-scale": 224, "three-scale": 448}
 # Bump whenever a change alters the three-scale layout's pixels or metadata (the two-scale layout has
 # GENERATOR_VERSION); written into its info.json, so it invalidates caches.
-THREE_SCALE_VERSION = 1
+THREE_SCALE_VERSION = 2
 
-# 5x7 bitmaps of the micro axis, in the font of `GLYPH_BITMAPS`. No "A" or "I": the tokenizer lowercases, and
-# "a" is the article.
-LETTER_BITMAPS = {
-    "E": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
-    "H": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
-    "K": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
-    "P": ("11110", "10001", "10001", "11110", "10000", "10000", "10000"),
-    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
-    "X": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+# 2x2 tiles of the micro axis (rows = y, cols = x), made zero-mean when drawn: the texture's tiles under names of
+# their own, so that no word is shared with the texture axis.
+GRAIN_TILES = {
+    "plain grain": ((0, 0), (0, 0)),
+    "row grain": ((1, 1), (0, 0)),
+    "column grain": ((1, 0), (1, 0)),
+    "checker grain": ((1, 0), (0, 1)),
+    "dot grain": ((1, 0), (0, 0)),
+    "mesh grain": ((1, 1), (1, 0)),
 }
-LETTER_COPIES = 3  # tags per image, in cells of the 64-px grid that hold no glyph tag
-# (width, height): the 10x14-px letter at offset (TAG_MARGIN, TAG_MARGIN). Origins and sizes are multiples of 4,
-# so a tag covers whole 4x4 blocks, and the scene's texture under it cannot leak into the level-2 approximation.
-LETTER_TAG_SIZE = (16, 20)
+# Peak-to-peak amplitudes, multiples of 4: every zero-mean tile value (a multiple of a / 4) is then an integer, so
+# adding the grain commutes with rounding to uint8 and every 2x2 block mean stays exactly what it was.
+GRAIN_AMPLITUDES = (32, 36, 40, 44, 48)
 
 THREE_SCALE_AXES: dict[str, LabelAxis] = {
     **AXES,
-    "letter": LabelAxis("letter", tuple(LETTER_BITMAPS), "a photo of a shape with the letter {}", "micro"),
+    "grain": LabelAxis("grain", tuple(GRAIN_TILES), "a photo of a shape with {}", "micro"),
 }
 """The three-scale layout's axes: `AXES` (colour and shape coarse, texture and glyph fine) plus the micro
-``letter``. A superset of `AXES`, so it also serves to look up any axis by name."""
+``grain``. A superset of `AXES`, so it also serves to look up any axis by name."""
 
 # Nuisance settings of the three-scale layout's half-resolution scene: `sample_image_params` keywords, plus
 # `center_jitter` (the main object's centre is the image centre + uniform(-j, j) x side per coordinate; None:
@@ -523,37 +529,24 @@ class ThreeScaleParams:
     """
 
     scene: ImageParams
-    letter: str
-    letter_tag_origins: tuple[tuple[int, int], ...]  # top-left (x, y) of each letter tag
-    letter_shade: tuple[int, int]  # (tag grey, checker amplitude)
+    grain: str
+    grain_amplitude: int  # peak-to-peak, a multiple of 4
     noise_sigma: float
     noise_seed: int
 
 
 def sample_three_scale_params(rng: np.random.Generator, image_size: int = 448, **scene_kwargs) -> ThreeScaleParams:
     """Draw a half-resolution scene (`sample_image_params` with `THREE_SCALE_SCENE`, overridden by
-    `scene_kwargs`) and the micro detail of one `image_size` image: the letter, uniform, on `LETTER_COPIES` tags
-    centred in cells of the (2 * GLYPH_CELL_SIZE)-px grid that hold no glyph tag."""
+    `scene_kwargs`) and the micro detail of one `image_size` image: the grain (uniform) and its amplitude."""
     settings = {**THREE_SCALE_SCENE, **scene_kwargs}
     center_jitter = settings.pop("center_jitter", None)
     scene = sample_image_params(rng, image_size // 2, **settings)
     if center_jitter is not None:
         scene = _recentred(scene, rng, image_size // 2, center_jitter)
-    letter = str(rng.choice(list(LETTER_BITMAPS)))
-    cell = 2 * GLYPH_CELL_SIZE
-    grid = image_size // cell
-    glyph_cells = {(x // GLYPH_CELL_SIZE) + grid * (y // GLYPH_CELL_SIZE) for x, y in scene.tag_origins}
-    free = [c for c in range(grid * grid) if c not in glyph_cells]
-    cells = rng.choice(free, size=LETTER_COPIES, replace=False)
     return ThreeScaleParams(
         scene=scene,
-        letter=letter,
-        letter_tag_origins=tuple(
-            (int(c % grid) * cell + ((cell - LETTER_TAG_SIZE[0]) // 2 & ~3),
-             int(c // grid) * cell + ((cell - LETTER_TAG_SIZE[1]) // 2 & ~3))
-            for c in cells
-        ),
-        letter_shade=(int(rng.integers(110, 151)), int(rng.integers(60, 91))),
+        grain=str(rng.choice(list(GRAIN_TILES))),
+        grain_amplitude=int(rng.choice(GRAIN_AMPLITUDES)),
         noise_sigma=float(rng.uniform(1.0, 3.0)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
@@ -565,33 +558,40 @@ def _recentred(scene: ImageParams, rng: np.random.Generator, size: int, jitter: 
     return replace(scene, center=(float(size / 2 + offset[0]), float(size / 2 + offset[1])))
 
 
-def stamp_checker_tags(
-    image: np.ndarray, bitmap: Sequence[str], origins, shade: tuple[int, int], tag_size: tuple[int, int] = LETTER_TAG_SIZE
-) -> None:
-    """Draw a 5x7 `bitmap` in place on grey (width, height) = `tag_size` tags at `origins`, TAG_MARGIN px in,
-    each bitmap pixel an aligned zero-mean 2x2 checker block (+a, -a / -a, +a): every aligned 2x2 block of a
-    tag keeps the tag's grey as its mean. `image` is (H, W, 3) float32; origins must be even."""
-    grey, amplitude = shade
-    bits = np.asarray([[c == "1" for c in row] for row in bitmap], np.float32)
-    pattern = amplitude * np.kron(bits, np.array([[1.0, -1.0], [-1.0, 1.0]], np.float32))  # (14, 10)
-    m = TAG_MARGIN
-    for tx, ty in origins:
-        image[ty : ty + tag_size[1], tx : tx + tag_size[0]] = grey
-        image[ty + m : ty + m + pattern.shape[0], tx + m : tx + m + pattern.shape[1]] += pattern[:, :, None]
+def add_grain(image: np.ndarray, grain: str, amplitude: int) -> None:
+    """Add the 2x2-periodic `grain` tile (zero-mean, peak-to-peak `amplitude`, a multiple of 4) in place to every
+    aligned 2x2 block of the (H, W, 3) float32 `image`, at the largest multiple of 4 up to `amplitude` that the
+    block's values leave room for within [0, 255] (0 in a block at 0 or 255).
+
+    Each block's amplitude depends on the image and `amplitude`, never on the grain's class, every added value is
+    an integer, and no value leaves [0, 255]: on an integer-valued `image`, every 2x2 block mean is the same for
+    all six grains, exactly.
+    """
+    tile = np.asarray(GRAIN_TILES[grain], np.float32)
+    tile = tile - tile.mean()  # peak-to-peak 1, values in quarters: times a multiple of 4, integers
+    h, w = image.shape[:2]
+    blocks = image.reshape(h // 2, 2, w // 2, 2, 3)
+    room = np.minimum(blocks.min(axis=(1, 3, 4)), 255 - blocks.max(axis=(1, 3, 4)))  # (H/2, W/2)
+    # The largest |tile value| of any grain is 3/4 of its peak-to-peak amplitude.
+    quarters = np.clip(np.floor(room / 3), 0, amplitude // 4)  # amplitude / 4 of each block
+    quarters = quarters.repeat(2, axis=0).repeat(2, axis=1)
+    image += (4 * quarters * np.tile(tile, (h // 2, w // 2)))[:, :, None]
 
 
 def render_three_scale_image(params: ThreeScaleParams, image_size: int = 448) -> np.ndarray:
     """Draw one three-scale image; returns (image_size, image_size, 3) uint8 RGB (see the section comment)."""
     scene = render_image(params.scene, image_size // 2)
     image = scene.repeat(2, axis=0).repeat(2, axis=1).astype(np.float32)
-    stamp_checker_tags(image, LETTER_BITMAPS[params.letter], params.letter_tag_origins, params.letter_shade)
     image += params.noise_sigma * _noise_crop(params.noise_seed, image_size)
-    return np.clip(np.rint(image, out=image), 0, 255, out=image).astype(np.uint8)
+    # Round before the grain: adding integers to integers is exact in float32, so the block means stay exact.
+    image = np.clip(np.rint(image, out=image), 0, 255, out=image)
+    add_grain(image, params.grain, params.grain_amplitude)
+    return image.astype(np.uint8)
 
 
 def three_scale_labels_of(params: ThreeScaleParams) -> dict[str, str]:
     """Axis name -> class name of a three-scale image, in `THREE_SCALE_AXES` order."""
-    return {**labels_of(params.scene), "letter": params.letter}
+    return {**labels_of(params.scene), "grain": params.grain}
 
 
 def three_scale_image_params(seed: int, split: str, index: int, image_size: int = 448) -> ThreeScaleParams:
@@ -807,14 +807,15 @@ def label_ids(rows: Sequence[dict], axis: str) -> np.ndarray:
 
 __all__ = [
     "AXES",
+    "GRAIN_TILES",
     "GENERATOR_NAME",
     "GENERATOR_VERSION",
     "ImageParams",
     "LAYOUTS",
-    "LETTER_BITMAPS",
     "LabelAxis",
     "THREE_SCALE_AXES",
     "ThreeScaleParams",
+    "add_grain",
     "benchmark_axes",
     "caption_for",
     "generate_benchmark",
@@ -831,7 +832,6 @@ __all__ = [
     "render_image",
     "sample_image_params",
     "sample_three_scale_params",
-    "stamp_checker_tags",
     "texture_pattern",
     "three_scale_image_params",
     "three_scale_labels_of",

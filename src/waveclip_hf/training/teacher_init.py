@@ -7,7 +7,7 @@ image, as the three-scale benchmark draws its scene, reads as the 224-px image).
 blocks (the three-scale benchmark's micro axis) is invisible to the copied kernel: training adds it.
 
 The text side is copied word by word: both tokenizers are word-level (`data.text_tokenizer`), so every word the
-source knows keeps its embedding, and new words (e.g. the letters of the micro axis) start at random.
+source knows keeps its embedding, and new words (e.g. the grain names of the micro axis) start at random.
 """
 
 from pathlib import Path
