@@ -19,6 +19,7 @@ from waveclip_hf.experiments.adaptive_resolution import (
     vit_b16_reference,
     write_adaptive_docs,
 )
+from waveclip_hf.experiments.report import portable_paths
 from waveclip_hf.experiments.run_evaluation import evaluate
 
 # The stage that first sees each scale at 448 px / L=2: approximation, level-2 details, level-1 details.
@@ -182,3 +183,45 @@ def test_the_label_free_gate_is_evaluated_on_the_benchmarks_own_axes():
     # Calibrated on the test images themselves, every axis keeps at least 99% of the full model's answers there.
     assert all(row["test_agreement"] >= 0.99 for row in results["label_free"]["per_axis"].values())
     assert len(results["summary"]["stage_flip_rate_mean"]) == 3
+
+
+def test_reports_name_no_folder_of_the_machine(tmp_path):
+    """Paths under the cache folders become "<label>/..." (also through a symlink); other strings stay."""
+    cache, main = tmp_path / "cache", tmp_path / "main"
+    cache.mkdir(), main.mkdir()
+    (tmp_path / "link").symlink_to(main)
+    report = {"student": str(cache / "student-1" / "final"), "teacher": [str(main.resolve() / "teacher-2")],
+              "nested": {"linked": str(tmp_path / "link" / "teacher-3"), "other": "/elsewhere/x", "n": 1.5},
+              "prefix_only": str(cache) + "-other"}
+    assert portable_paths(report, {"<cache>": cache, "<main job cache>": tmp_path / "link"}) == {
+        "student": "<cache>/student-1/final", "teacher": ["<main job cache>/teacher-2"],
+        "nested": {"linked": "<main job cache>/teacher-3", "other": "/elsewhere/x", "n": 1.5},
+        "prefix_only": str(cache) + "-other"}
+
+
+TINY_PRESET = {
+    "num_train": 16, "num_validation": 4, "num_test": 12,
+    "teacher": {"vision_hidden_size": 32, "vision_intermediate_size": 64, "vision_num_layers": 1, "text_hidden_size": 32,
+                "text_intermediate_size": 64, "text_num_layers": 1, "projection_dim": 16, "batch_size": 8,
+                "num_epochs": 1.0, "mixed_precision": "no"},
+    "distillation": {"max_steps": 2, "batch_size": 4, "mixed_precision": "no"},
+}
+
+
+@pytest.mark.slow
+def test_the_preset_runs_end_to_end_and_records_its_first_run(tmp_path):
+    """The whole preset on a tiny benchmark (~1 min): the JSON keys, a first-run record from the run that built
+    every step (and none written by a rerun that reused them), and no folder of this machine in the reports."""
+    from waveclip_hf.experiments.adaptive_resolution import main
+
+    argv = ["--cache-dir", str(tmp_path / "cache"), "--docs-dir", str(tmp_path / "docs"), "--fresh-teacher",
+            "--num-workers", "1", "--no-progress", "--override", json.dumps(TINY_PRESET)]
+    first = main(argv)
+    assert len(first["stage_gflops"]) == 3 and first["clip_448_gflops"] > first["clip_224_gflops"]
+    assert set(first["per_axis"]) == set(THREE_SCALE_AXES) and first["per_axis"]["grain"]["scale"] == "micro"
+    assert first["context"]["first_run"]["minutes"] == first["context"]["wall_minutes"]
+    written = (tmp_path / "docs" / "adaptive_resolution.json").read_text()
+    assert str(tmp_path) not in written and "<cache>/student-" in written
+    again = main(argv)  # every step reused: the first run's record, not this run's time
+    assert again["context"]["first_run"] == first["context"]["first_run"]
+    assert again["context"]["wall_minutes"] < first["context"]["wall_minutes"]

@@ -36,7 +36,7 @@ from ..models.waveclip.configuration_waveclip import WaveCLIPVisionConfig
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, cumulative_flops
 from .adaptive_report import write_adaptive_markdown
 from .cached_steps import build_benchmark, build_teacher, distil_or_reuse_student, log, student_distillation_fields
-from .report import first_run_record, machine_description, utc_now
+from .report import first_run_record, machine_description, portable_paths, utc_now
 from .run_evaluation import evaluate_student
 
 LEVELS = 2
@@ -176,17 +176,22 @@ def run(preset: str, cache_dir: str, docs_dir: str, source_teacher: str | Path, 
     minutes = (time.time() - started) / 60
     first_run_key = {"preset": preset, "settings": settings, "seed": seed, "levels": LEVELS,
                      "generator_version": GENERATOR_VERSION, "student": student_dir.parent.name}
+    # A first run generated the benchmark, trained the teacher and distilled the student itself.
+    made_now = [data_root / "info.json", student_dir.parent / "summary.json"]
+    built_every_step = not teacher.skipped and all(path.stat().st_mtime >= started for path in made_now)
     context = {
         "command": "python -m waveclip_hf.experiments.adaptive_resolution " + " ".join(sys.argv[1:]),
         "preset": preset, "settings": settings, "date": utc_now(), "machine": machine_description(),
         "wall_minutes": round(minutes, 2), "step_seconds": step_seconds,
-        "first_run": first_run_record(cache_dir, first_run_key, minutes),
+        "first_run": first_run_record(cache_dir, first_run_key, minutes, built_every_step),
         "teacher_training": {k: teacher.info.get(k) for k in ("steps", "images_seen", "train_seconds",
                                                                "images_per_second", "zero_shot_validation")},
         "student_summary": json.loads((student_dir.parent / "summary.json").read_text()),
         "figures": FIGURES,
     }
-    report = adaptive_report(results, student_config, context)
+    source_cache = Path(settings["teacher"]["init_from"]).parent if settings["teacher"].get("init_from") else None
+    roots = {"<cache>": cache_dir, **({"<main job cache>": source_cache} if source_cache else {})}
+    report = portable_paths(adaptive_report(results, student_config, context), roots)
     write_adaptive_docs(docs_dir, report)
     log(f"wrote {docs_dir / 'adaptive_resolution.md'} in {(time.time() - started) / 60:.1f} min")
     return report

@@ -52,7 +52,7 @@ from .cached_steps import (
     student_output_dir,
 )
 from .end_to_end import SIZES, EndToEndConfig, MainJobInputs, main_job_inputs
-from .report import first_run_record, machine_description, utc_now
+from .report import first_run_record, machine_description, portable_paths, utc_now
 from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate, evaluate_student
 
 # Each variant is merged into the main job's distillation settings (so it enters the student's cache key, and the
@@ -486,6 +486,7 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
                                       built_every_step=True),
         "settings": config.settings(),
     }
+    report = portable_paths(report, {"<cache>": config.cache_dir})  # docs/ names no folder of this machine
     write_ablation_reports(Path(config.docs_dir), report)
     return report
 

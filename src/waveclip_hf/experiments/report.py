@@ -45,6 +45,34 @@ def first_run_record(cache_dir: Path, key: dict, minutes: float, built_every_ste
     return record
 
 
+def portable_paths(value, roots: dict[str, Path]):
+    """`value` (a JSON-like tree) with every string that starts with one of the `roots` folders written relative to
+    it as ``"<label>/rest"``, so that the reports in docs/ name no folder of the machine that wrote them.
+
+    `roots` maps a label (e.g. ``"<cache>"``) to a folder; symlinks are resolved on both sides.
+    """
+    prefixes = []
+    for label, folder in roots.items():
+        for form in {str(Path(folder).expanduser()), str(Path(folder).expanduser().resolve())}:
+            prefixes.append((form.rstrip("/"), label))
+    prefixes.sort(key=lambda item: -len(item[0]))  # the most specific folder first
+
+    def convert(item):
+        if isinstance(item, dict):
+            return {key: convert(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [convert(entry) for entry in item]
+        if isinstance(item, (str, Path)):
+            text = str(item)
+            for prefix, label in prefixes:
+                if text == prefix or text.startswith(prefix + "/"):
+                    return label + text[len(prefix):]
+            return item if isinstance(item, str) else text
+        return item
+
+    return convert(value)
+
+
 def write_reports(docs_dir: Path, report: dict, context: dict) -> Path:
     """Write the figures into `<docs>/figures/`, then `<docs>/results.json` (`report`) and `<docs>/results.md`.
     Returns the path of results.md."""
@@ -303,4 +331,5 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
     return Path(path)
 
 
-__all__ = ["first_run_record", "machine_description", "utc_now", "write_reports", "write_results_markdown"]
+__all__ = ["first_run_record", "machine_description", "portable_paths", "utc_now", "write_reports",
+           "write_results_markdown"]
