@@ -175,6 +175,12 @@ def test_init_from_a_smaller_teacher_reads_the_2x_upsample_like_the_source(tmp_p
             source.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5, rtol=1e-5)
         text = lambda m, tok: m.get_text_features(**tok(["a red star"], return_tensors="pt")).pooler_output
         torch.testing.assert_close(text(model, tokenizer), text(source, source_tokenizer))
+        # ... while a zero-mean 2x2 pattern (the micro scale) moves the grown teacher's embedding from step 0.
+        grain = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(32, 32)
+        upsampled = pixels.repeat_interleave(2, 2).repeat_interleave(2, 3)
+        moved = (model.get_image_features(pixel_values=upsampled + grain).pooler_output
+                 - model.get_image_features(pixel_values=upsampled).pooler_output).abs().max()
+        assert moved > 1e-2, moved
     with pytest.raises(ValueError, match="same patch grid"):
         init_from_smaller_teacher(CLIPModel(build_clip_config(dataclasses.replace(small, patch_size=16, image_size=64 * 2),
                                                               tokenizer)), tokenizer, tmp_path / "source")

@@ -45,7 +45,7 @@ PRESETS = {
     "adaptive-448": dict(
         layout="three-scale", num_train=3_000, num_validation=100, num_test=500,
         teacher=dict(image_size=448, patch_size=64, num_epochs=8.0, learning_rate=3e-4),
-        distillation=dict(cell_size=64, max_steps=200, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0,
+        distillation=dict(cell_size=64, max_steps=400, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0,
                           mixed_precision="bf16"),
     ),
 }

@@ -3,8 +3,13 @@
 A 224-px teacher with patch P becomes a 448-px teacher with patch 2P: the same G x G patch grid, the same position
 embeddings, and the patch kernel upsampled 2x (nearest) and divided by 4, so that on a 2x nearest-upsampled image
 every token is the one the source gives the original image (a 448-px image whose 2x2 block means are the 224-px
-image, as the three-scale benchmark draws its scene, reads as the 224-px image). Detail that averages out in 2x2
-blocks (the three-scale benchmark's micro axis) is invisible to the copied kernel: training adds it.
+image, as the three-scale benchmark draws its scene, reads as the 224-px image).
+
+The kernel's other part, the one that sees only detail that averages out in 2x2 blocks (the three-scale
+benchmark's micro axis), starts as a fresh CLIP's would: the new model's random kernel minus its 2x2 block means.
+Zero there (the copy alone) left the teacher blind to the new scale at step 0, and a 448-px teacher grown that way
+never learned its micro axis in the preset's budget (docs/adaptive_resolution.md); the random part adds nothing
+on a 2x-upsampled image, so the source's reading stays exact.
 
 The text side is copied word by word: both tokenizers are word-level (`data.text_tokenizer`), so every word the
 source knows keeps its embedding, and new words (e.g. the grain names of the micro axis) start at random.
@@ -40,7 +45,10 @@ def init_from_smaller_teacher(model: CLIPModel, tokenizer, source_dir: str | Pat
         )
     state = source.state_dict()
     kernel = state[PATCH_EMBEDDING]  # (hidden, 3, P, P)
-    state[PATCH_EMBEDDING] = kernel.repeat_interleave(factor, 2).repeat_interleave(factor, 3) / factor**2
+    fresh = model.state_dict()[PATCH_EMBEDDING]  # (hidden, 3, kP, kP), CLIP's random initialisation
+    block_means = torch.nn.functional.avg_pool2d(fresh, factor).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    state[PATCH_EMBEDDING] = (kernel.repeat_interleave(factor, 2).repeat_interleave(factor, 3) / factor**2
+                              + fresh - block_means)
     source_vocab, vocab = source_tokenizer.get_vocab(), tokenizer.get_vocab()
     rows = model.state_dict()[TOKEN_EMBEDDING].clone()
     shared = [word for word in vocab if word in source_vocab]
