@@ -71,6 +71,23 @@ def test_curve_equals_replay_and_the_library_sweep_with_three_stages():
     assert torch.equal(gate_scores(probs, "margin_per_label"), gate_scores(probs, "margin") / 5)
 
 
+
+def test_label_free_choice_of_the_margin_gate_is_the_pipelines_calibration():
+    """For the plain margin, `choose_label_free` picks the operating point `gating.calibrate_threshold` (what
+    `pipeline.calibrate` and `margin_threshold="auto"` use) picks: same agreement, same mean GFLOPs."""
+    from waveclip_hf.models.waveclip.gating import calibrate_threshold
+
+    generator = torch.Generator().manual_seed(1)
+    probs = (2 * torch.randn(300, 3, 6, generator=generator, dtype=torch.float64)).softmax(-1)
+    gflops = [0.1, 0.3, 0.6]
+    curve = threshold_curve(probs, gflops, "margin")
+    for target in (0.8, 0.9, 0.95, 0.99, 1.0):
+        theta = choose_label_free(curve, target)
+        library = calibrate_threshold(probs, gflops, target_agreement=target)
+        ours = replay(probs, torch.zeros(300, dtype=torch.long), gflops, "margin", theta)
+        assert (ours.agreement, ours.mean_gflops) == pytest.approx((library.agreement, library.mean_gflops), abs=1e-12)
+        assert ours.agreement >= target
+
 def test_a_threshold_moved_to_another_setting_misses_by_a_known_amount():
     source = four_images()
     # Every stage-0 margin is 0.75 and one of the four images is wrong at stage 0, right at stage 1.

@@ -14,7 +14,8 @@ another; the question is how far it misses that setting's own target. Two ways t
 - labelled (`choose_labelled`): the cheapest θ whose accuracy is within `max_accuracy_drop` of the full model's;
 - label-free (`choose_label_free`): the cheapest θ whose answers agree with the full model's on at least
   `min_agreement` of unlabelled images. Since accuracy can drop at most by the share of changed answers, agreement
-  >= 1 - d implies accuracy >= full - d. (Defined here until the library has its own label-free calibration.)
+  >= 1 - d implies accuracy >= full - d. For the plain margin this is the rule of `gating.calibrate_threshold`
+  (the pipeline's `calibrate`), extended here to the other two gates (tested to pick the same operating point).
 
 Everything is computed from stage probabilities, exactly: a gate's decisions change only where θ crosses a score,
 so `threshold_curve` gives accuracy, agreement and GFLOPs for every distinct decision at once.
