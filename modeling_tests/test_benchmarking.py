@@ -132,7 +132,9 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     runs = pipeline["runs"]
     assert set(runs) == {"stock", "stock_image_side", "waveclip_theta0_first", "waveclip_theta0",
                          "waveclip_theta_middle", "waveclip_theta_high", "stock@batch2", "waveclip_theta0@batch2",
-                         "waveclip_theta_middle@batch2", "waveclip_theta_high@batch2"}
+                         "waveclip_theta_middle@batch2", "waveclip_theta_high@batch2", "bare_waveclip_theta0"}
+    # The bare path does what the θ = 0 pipeline does (stage 0 for every image): same GFLOPs.
+    assert runs["bare_waveclip_theta0"]["gflops_per_image"] == pytest.approx(runs["waveclip_theta0"]["gflops_per_image"])
     assert runs["waveclip_theta_high@batch2"]["exit_fraction_stage0"] == 0.0
     assert runs["waveclip_theta0"]["exit_fraction_stage0"] == 1.0
     assert runs["waveclip_theta_high"]["exit_fraction_stage0"] == 0.0
@@ -146,6 +148,8 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
                     "## 4. Early exit", "## Profiling notes"):
         assert heading in markdown
     assert "`pytest smoke`" in markdown and "FLOPs convention" in markdown and meta["cpu_model"] in markdown
+    overhead = runs["waveclip_theta0"]["ms_per_image"] - runs["bare_waveclip_theta0"]["ms_per_image"]
+    assert f"The pipeline's own cost at θ = 0, `batch_size=1`: {overhead:.1f} ms per image" in markdown
 
     # The command line re-renders the same report from the JSON alone.
     notes = tmp_path / "notes.md"

@@ -44,10 +44,13 @@ PIPELINE_RUNS = {
     "waveclip_theta0": "WaveCLIP θ = 0, text cache warm",
     "waveclip_theta_middle": "WaveCLIP θ = {threshold:.3g} (median stage-0 margin), cache warm",
     "waveclip_theta_high": "WaveCLIP θ = {threshold:g} (every stage), cache warm",
+    "bare_waveclip_theta0": "WaveCLIP θ = 0 without the pipeline (per image: its image processor, then `refine` "
+                            "with the cached text embeddings and one kept stage cache)",
 }
 # Run key (before any "@batch<N>" suffix) -> the plot's label.
 PIPELINE_SHORT_NAMES = {"stock": "stock", "stock_image_side": "stock, image side", "waveclip_theta0_first": "θ=0 cold",
-                        "waveclip_theta0": "θ=0", "waveclip_theta_middle": "θ mid", "waveclip_theta_high": "θ>1"}
+                        "waveclip_theta0": "θ=0", "waveclip_theta_middle": "θ mid", "waveclip_theta_high": "θ>1",
+                        "bare_waveclip_theta0": "θ=0, no pipeline"}
 
 
 def text_tower_flops(text_config, sequence_length: int, projection_dim: int) -> int:
@@ -178,6 +181,14 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
         with memoized_text_tower(stock.model, memo):
             stock(images, candidate_labels=labels)
 
+    def bare_theta0(watch) -> None:
+        """What the θ = 0 pipeline computes for each image, called directly: the pipeline's own cost per image is
+        the difference between the two runs."""
+        text_embeds, cache = wave.label_embeddings(labels, HYPOTHESIS_TEMPLATE), wave.model.new_stage_cache()
+        for image in images:
+            pixel_values = wave.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            wave.model.refine(pixel_values, text_embeds, 0.0, cache=cache)
+
     def waveclip_run(key: str, threshold: float, batch_size: int) -> Case:
         return lambda watch: outputs.__setitem__(
             key, wave(images, candidate_labels=labels, margin_threshold=threshold, batch_size=batch_size))
@@ -192,6 +203,8 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
         if batch_size == 1:
             cases["stock_image_side"] = stock_image_side
             specs["stock_image_side"] = (len(images), 1)
+            cases["bare_waveclip_theta0"] = bare_theta0
+            specs["bare_waveclip_theta0"] = (len(images), 1)
         for key, threshold in thresholds.items():
             cases[key + suffix] = waveclip_run(key + suffix, threshold, batch_size)
             specs[key + suffix] = (len(images), batch_size)
@@ -266,6 +279,9 @@ def pipeline_runs(setup: PipelineSetup, timed: PipelineTimings, projection_dim: 
             run["gflops_per_image"] = gflops(clip_image + text_passes * num_labels * per_prompt / count)
         elif base == "stock_image_side":
             run["gflops_per_image"] = gflops(clip_image + num_labels * text_projection)
+        elif base == "bare_waveclip_theta0":
+            run["threshold"] = 0.0
+            run["gflops_per_image"] = float(setup.wave.model._cumulative_stage_gflops()[0])
         else:
             run["threshold"] = timed.thresholds[base]
     for key, run in runs.items():

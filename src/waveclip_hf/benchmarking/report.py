@@ -290,6 +290,12 @@ def _pipeline(results: dict[str, Any]) -> list[str]:
              "", "| run | images / call | images / s | ms / image | IQR ms / image | GFLOPs / image | "
              "answered at stage 0 |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [_pipeline_row(key, run) for key, run in pipe["runs"].items()]
+    runs = pipe["runs"]
+    if "bare_waveclip_theta0" in runs and "waveclip_theta0" in runs:
+        piped, bare = runs["waveclip_theta0"]["ms_per_image"], runs["bare_waveclip_theta0"]["ms_per_image"]
+        lines += ["", f"The pipeline's own cost at θ = 0, `batch_size=1`: {piped - bare:.1f} ms per image ({piped:.1f} "
+                  f"through the pipeline against {bare:.1f} for the image processor and `refine` called directly, "
+                  "same rounds)."]
     note = _contention_note(pipe.get("contention"))
     if note:
         lines += ["", f"Rounds: {note}."]
