@@ -493,16 +493,11 @@ DEFAULT_IMAGE_SIZE = {"two-scale": 224, "three-scale": 448}
 # GENERATOR_VERSION); written into its info.json, so it invalidates caches.
 THREE_SCALE_VERSION = 2
 
-# 2x2 tiles of the micro axis (rows = y, cols = x), made zero-mean when drawn: the texture's tiles under names of
-# their own, so that no word is shared with the texture axis.
-GRAIN_TILES = {
-    "plain grain": ((0, 0), (0, 0)),
-    "row grain": ((1, 1), (0, 0)),
-    "column grain": ((1, 0), (1, 0)),
-    "checker grain": ((1, 0), (0, 1)),
-    "dot grain": ((1, 0), (0, 0)),
-    "mesh grain": ((1, 1), (1, 0)),
-}
+# 2x2 tiles of the micro axis: the texture's tiles, in `TEXTURE_TILES` order, under names of their own, so that no
+# word is shared with the texture axis (made zero-mean when drawn).
+GRAIN_TILES = dict(zip(
+    ("plain grain", "row grain", "column grain", "checker grain", "dot grain", "mesh grain"), TEXTURE_TILES.values()
+))
 # Peak-to-peak amplitudes, multiples of 4: every zero-mean tile value (a multiple of a / 4) is then an integer, so
 # adding the grain commutes with rounding to uint8 and every 2x2 block mean stays exactly what it was.
 GRAIN_AMPLITUDES = (32, 36, 40, 44, 48)
