@@ -116,3 +116,23 @@ def test_the_causality_answer_calls_a_difference_a_cost_only_beyond_three_times_
     assert "mask costs accuracy here" in answer(0.5)
     assert "mask does not cost accuracy here" in answer(-0.3)
     assert "spread of 0.1 points (std) of the same student over the test splits of 3 benchmark seeds" in answer(0.2)
+
+
+def test_recorded_costs_count_the_seeds_this_command_built():
+    """A seed the main job built is one step (its first-run record); a seed the ablation command built is its
+    teacher's training loop plus its distillation."""
+    from waveclip_hf.experiments.ablations_report import recorded_costs
+
+    report = {
+        "seed_spread": {"main_job_timing": {
+            "0": {"main_job_first_run": {"minutes": 13.4}},
+            "1": {"main_job_first_run": None, "teacher_training_minutes": 8.0,
+                  "student_distillation": {"wall_minutes": 9.5, "cpu_minutes": 18.0}},
+        }},
+        "causality": {"per_seed": {}}, "ordering": {"per_seed": {}},
+    }
+    costs = recorded_costs(report)
+    assert costs["steps"] == {"main job, seed 0": {"wall_minutes": 13.4},
+                              "teacher, seed 1 (training loop)": {"wall_minutes": 8.0},
+                              "student, seed 1": {"wall_minutes": 9.5, "cpu_minutes": 18.0}}
+    assert costs["wall_minutes"] == pytest.approx(30.9)

@@ -216,6 +216,12 @@ def recorded_costs(report: dict) -> dict:
     for seed, timing in report["seed_spread"]["main_job_timing"].items():
         if timing.get("main_job_first_run"):
             steps[f"main job, seed {seed}"] = {"wall_minutes": timing["main_job_first_run"]["minutes"]}
+            continue
+        # Built by this command rather than the main job: its teacher's training loop and its distillation.
+        if timing.get("teacher_training_minutes"):
+            steps[f"teacher, seed {seed} (training loop)"] = {"wall_minutes": timing["teacher_training_minutes"]}
+        if timing.get("student_distillation"):
+            steps[f"student, seed {seed}"] = timing["student_distillation"]
     for section, variant in (("causality", "bidirectional"), ("ordering", "fine-to-coarse")):
         for seed, entry in report[section].get("per_seed", {}).items():
             if entry["distillation_timing"]:

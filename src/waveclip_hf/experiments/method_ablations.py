@@ -43,6 +43,7 @@ from ..evaluation.gate_stability import (
 )
 from ..evaluation.zero_shot import zero_shot_predictions
 from ..models.waveclip.flops import answer_flops
+from ..training.teacher import read_training_info
 from .cached_steps import (
     build_benchmark,
     distil_or_reuse_student,
@@ -121,7 +122,9 @@ def seed_run(config: EndToEndConfig, seed: int) -> SeedRun:
                                   inputs.teacher_config, student_dir, seed_config.thresholds,
                                   seed_config.gflops_target, seed_config.eval_batch_size, seed_config.progress)
     embeddings = _test_embeddings(seed_config, inputs, student_dir)
+    teacher_info = read_training_info(inputs.teacher_dir) or {}
     timing = {"this_run": elapsed(start), "student_distillation": distillation,
+              "teacher_training_minutes": teacher_info["train_seconds"] / 60 if "train_seconds" in teacher_info else None,
               "main_job_first_run": _main_job_first_run(seed_config, settings, student_dir)}
     return SeedRun(seed, seed_config, inputs, student_dir, results, embeddings, timing)
 
