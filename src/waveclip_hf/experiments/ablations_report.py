@@ -434,8 +434,10 @@ def _spread_section(report: dict) -> list[str]:
     lines += ["", f"![spread over seeds]({report['figures']['seed_spread']})", ""]
     for seed, timing in spread["main_job_timing"].items():
         first = timing.get("main_job_first_run")
-        first_text = f"{first['minutes']:.1f} min on {first['date']}" if first else "not recorded"
-        lines.append(f"- seed {seed}: the main job's first run took {first_text}; its distillation "
+        first_text = f"took {first['minutes']:.1f} min on {first['date']}" if first else "is not recorded"
+        teacher = timing.get("teacher_training_minutes")
+        teacher_text = f"its teacher's training loop {teacher:.1f} min wall, " if teacher else ""
+        lines.append(f"- seed {seed}: the main job's first run {first_text}; {teacher_text}its distillation "
                      f"{_timing(timing['student_distillation'])}.")
     for seed, timing in (samples or {}).get("timing", {}).items():
         lines.append(f"- data seed {seed}: generating the benchmark and embedding its test split took "
