@@ -248,3 +248,25 @@ def test_compiled_encoder_rows_sit_beside_the_eager_ones(tmp_path):
             "clip_full_compiled", "waveclip_cached_kept_compiled", "waveclip_naive_compiled"}
     markdown = write_reports(results, tmp_path)["markdown"].read_text()
     assert "WaveCLIP stage 0 only, compiled" in markdown and "First call of each compiled case" in markdown
+
+
+def test_a_crash_keeps_the_sections_measured_before_it(tmp_path, monkeypatch, capsys):
+    """A section that fails (here: a full disk in the pipeline section) leaves the earlier sections in
+    benchmarks.partial.json, which `--from-json` renders; a run that completes leaves no partial file."""
+    import waveclip_hf.benchmarking.run as run
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(run.SECTIONS, "pipeline", run.Section("pipeline", full_disk, inference_mode=False))
+    args = ["--quick", "--sections", "preprocessing", "pipeline", "--no-gpu", "--output-dir", str(tmp_path)]
+    with pytest.raises(OSError, match="No space left"):
+        main(args)
+    partial = tmp_path / run.PARTIAL_NAME
+    assert "sections measured before are in" in capsys.readouterr().out
+    saved = json.loads(partial.read_text())
+    assert "preprocessing" in saved and "pipeline" not in saved
+    main(["--from-json", str(partial), "--output-dir", str(tmp_path / "rendered")])
+    assert "## 2. Preprocessing" in (tmp_path / "rendered" / "benchmarks.md").read_text()
+    main(["--quick", "--sections", "preprocessing", "--no-gpu", "--output-dir", str(tmp_path)])
+    assert not partial.exists() and (tmp_path / "benchmarks.json").is_file()

@@ -57,6 +57,9 @@ class Section:
 
 
 # Every section, in the order they run (`settings.SECTION_NAMES` lists the same names in the same order).
+# The results of a run in progress, section by section, next to the reports (removed when the run completes).
+PARTIAL_NAME = "benchmarks.partial.json"
+
 SECTIONS = {
     "encoder": Section("encoder", encoder_section, uses_encoder_models=True),
     "profile": Section("encoder_profile", profile_section, uses_encoder_models=True),
@@ -77,8 +80,12 @@ def _section_scope(name: str, settings: BenchmarkSettings, inference_mode: bool,
     contention[name] = {"during": monitor.result, **({"before": before} if before else {})}
 
 
-def run_benchmarks(settings: BenchmarkSettings, command: str = "", log=print) -> dict[str, Any]:
+def run_benchmarks(settings: BenchmarkSettings, command: str = "", log=print,
+                   partial_path: Path | None = None) -> dict[str, Any]:
     """Run the selected sections in this process and return the results (see `write_reports`).
+
+    With `partial_path`, the results so far are written there (JSON) after every section, so that a crash in a
+    later section (out of memory, a full disk) keeps the sections already measured; `--from-json` renders them.
 
     Returns:
         {"meta": machine, command and conventions, "settings": `asdict(settings)`, one entry per section that ran
@@ -97,6 +104,9 @@ def run_benchmarks(settings: BenchmarkSettings, command: str = "", log=print) ->
         section = SECTIONS[name]
         with _section_scope(name, settings, section.inference_mode, contention, log):
             results[section.result_key] = section.measure(settings, models, log)
+        if partial_path is not None:
+            Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(partial_path).write_text(json.dumps(jsonable(results), indent=1) + "\n")
         if encoder_model_users and name == encoder_model_users[-1]:
             models = None  # the later sections build their own models: do not hold two sets in memory
             gc.collect()
@@ -188,8 +198,16 @@ def main(argv=None) -> None:
     settings = settings_from_args(args)
     output_dir = args.output_dir or ("runs/benchmarks_quick" if args.quick else "docs")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results = run_benchmarks(settings, command=command_line())
+    partial = Path(output_dir) / PARTIAL_NAME
+    try:
+        results = run_benchmarks(settings, command=command_line(), partial_path=partial)
+    except BaseException:
+        if partial.is_file():
+            print(f"\nThe run stopped; the sections measured before are in {partial}. Render them with "
+                  f"`python scripts/benchmark.py --from-json {partial} --output-dir <folder>`.")
+        raise
     paths = write_reports(results, output_dir, notes)
+    partial.unlink(missing_ok=True)
     print()
     for target in results["targets"]:
         print(f"{'pass' if target['passed'] else 'FAIL'}  {target['target']}: {target['measured']:.3f} "
