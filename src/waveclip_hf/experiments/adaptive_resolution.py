@@ -192,8 +192,9 @@ def run(preset: str, cache_dir: str, docs_dir: str, source_teacher: str | Path, 
     }
     source_cache = Path(settings["teacher"]["init_from"]).parent if settings["teacher"].get("init_from") else None
     roots = {"<cache>": cache_dir, **({"<main job cache>": source_cache} if source_cache else {})}
-    report = portable_paths(adaptive_report(results, student_config, context), roots)
-    write_adaptive_docs(docs_dir, report)
+    report = adaptive_report(results, student_config, context)
+    # docs/ names no folder of this machine; the returned report keeps the real paths, for code that reads them.
+    write_adaptive_docs(docs_dir, portable_paths(report, roots))
     log(f"wrote {docs_dir / 'adaptive_resolution.md'} in {(time.time() - started) / 60:.1f} min")
     return report
 

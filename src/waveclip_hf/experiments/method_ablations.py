@@ -489,8 +489,8 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
                                       built_every_step=True),
         "settings": config.settings(),
     }
-    report = portable_paths(report, {"<cache>": config.cache_dir})  # docs/ names no folder of this machine
-    write_ablation_reports(Path(config.docs_dir), report)
+    # docs/ names no folder of this machine; the returned report keeps the real paths, for code that reads them.
+    write_ablation_reports(Path(config.docs_dir), portable_paths(report, {"<cache>": config.cache_dir}))
     return report
 
 
