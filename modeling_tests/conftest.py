@@ -2,8 +2,16 @@
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from waveclip_hf import WaveCLIPConfig, WaveCLIPModel
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so that the next `Accelerator` in this process starts fresh (as
+    a new run, or a resumed one, would in its own process)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def tiny_config(levels: int = 1, image_size: int = 64, cell_size: int = 16, **vision) -> WaveCLIPConfig:

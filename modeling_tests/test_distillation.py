@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from conftest import reset_accelerate_state
 from waveclip_hf import WaveCLIPModel
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from waveclip_hf.training.checkpoints import complete_checkpoints, latest_checkpoint, save_checkpoint
@@ -98,11 +98,9 @@ def fresh_accelerate_state():
     models are tiny, and on a busy 2-core machine a second thread mostly waits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     torch.set_num_threads(threads)
 
 
@@ -380,28 +378,31 @@ def test_few_hundred_steps_bring_stages_close_to_teacher(teacher_dir, images_dir
     assert end["eval/cosine_stage1"] > end["eval/cosine_stage0"]
 
 
+class Crash(Exception):
+    """Stops a distillation mid-run, as a killed process would (`crash_at`)."""
+
+
+def crash_at(step_to_crash: int):
+    """An `evaluate` callback for `distill` that raises `Crash` at `step_to_crash` (checkpoints before it stay)."""
+    def evaluate(model, step):
+        if step == step_to_crash:
+            raise Crash
+        return {}
+    return evaluate
+
+
 def test_in_process_resume_equals_uninterrupted_run(teacher_dir, images_dir, tmp_path):
     """Crash after step 7 (checkpoints every 3), resume: same weights bit for bit as a straight 12-step run."""
     straight = distill(tiny_config(teacher_dir, images_dir, tmp_path / "a", max_steps=12, checkpoint_every=3,
                                    eval_every=0, eval_holdout=0))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_7(model, step):
-        if step == 7:
-            raise Crash
-        return {}
+    reset_accelerate_state()
 
     config = tiny_config(teacher_dir, images_dir, tmp_path / "b", max_steps=12, checkpoint_every=3, eval_every=1,
                          eval_holdout=0)
     with pytest.raises(Crash):
-        distill(config, evaluate=crash_at_7)
+        distill(config, evaluate=crash_at(7))
     assert latest_checkpoint(tmp_path / "b").name == "step-6"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     config.resume = True
     resumed = distill(config, evaluate=lambda model, step: {})
     assert resumed.step == 12
@@ -414,12 +415,10 @@ def test_resume_across_epochs_with_gradient_accumulation(teacher_dir, images_dir
     """56 training images / batch 8 = 7 batches; accumulation 2 -> 4 steps per epoch (last one a single batch)."""
     kwargs = dict(max_steps=10, checkpoint_every=5, gradient_accumulation_steps=2, eval_holdout=8, eval_every=0)
     straight = distill(tiny_config(teacher_dir, images_dir, tmp_path / "a", **kwargs))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     config = tiny_config(teacher_dir, images_dir, tmp_path / "b", **{**kwargs, "max_steps": 5})
     distill(config)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     config = tiny_config(teacher_dir, images_dir, tmp_path / "b", **kwargs, resume=True)
     resumed = distill(config)
     state = json.loads((latest_checkpoint(tmp_path / "b") / "trainer_state.json").read_text())

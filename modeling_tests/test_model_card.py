@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoTokenizer
 
+from conftest import reset_accelerate_state
 from conftest import tiny_config as tiny_student_config
 from test_distillation import PYTHON, cli_args, make_images, make_teacher, subprocess_env, tiny_config
 from test_end_to_end import known_answer_embeddings, tiny_clip_config
@@ -54,14 +54,12 @@ def distilled(tmp_path_factory):
     config = tiny_config(teacher, images, root / "run", max_steps=4, num_workers=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     try:
         assert main([*cli_args(config), "--eval-labelled-data", str(root / "labelled"),
                      "--eval-prompt-template", "a photo of a {}"]) == 0
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         torch.set_num_threads(threads)
     return root, root / "run"
 
@@ -238,13 +236,11 @@ def test_hub_private_creates_a_private_repository(tmp_path, monkeypatch):
     teacher, images = make_teacher(tmp_path / "teacher"), make_images(tmp_path / "images", 16)
     config = tiny_config(teacher, images, tmp_path / "run", max_steps=2, num_workers=0, eval_holdout=0)
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     try:
         assert main([*cli_args(config), "--push-to-hub", "me/waveclip-tiny", "--hub-private", "--license", "mit"]) == 0
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     assert calls[0] == ("create_repo", "me/waveclip-tiny", {"repo_type": "model", "exist_ok": True, "private": True})
     assert calls[1][0] == "upload_folder" and "README.md" in calls[1][2]["files"]
     card = (tmp_path / "run" / "final" / "README.md").read_text()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, CLIPConfig, CLIPVisionConfig, CLIPVisionModel
 
+from conftest import reset_accelerate_state
 from test_distillation import fresh_accelerate_state, images_dir, make_teacher, teacher_dir  # noqa: F401 (fixtures)
 from test_distillation import tiny_config as distillation_config
 from test_hub_loading import BLOCK_PACKAGE, save_tiny_folder
@@ -234,8 +234,7 @@ def test_a_run_with_a_wrong_teacher_stops_before_writing_anything(saved, images_
 
 
 def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
-from test_distillation import PYTHON, cli_args, make_images, make_teacher, subprocess_env, tiny_config, vision_state
+from conftest import reset_accelerate_state
+from test_distillation import (
+    PYTHON, Crash, cli_args, crash_at, make_images, make_teacher, subprocess_env, tiny_config, vision_state,
+)
 from waveclip_hf.training.checkpoints import TrainerState, latest_checkpoint
 from waveclip_hf.training.config import DistillationConfig
 from waveclip_hf.training.data import DistillationCollator
@@ -46,11 +48,9 @@ def saved_dataset(images_dir, tmp_path_factory):
 def fresh_accelerate_state():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     torch.set_num_threads(threads)
 
 
@@ -121,26 +121,16 @@ def test_streaming_resume_after_an_interruption_equals_an_uninterrupted_run(teac
     kwargs = dict(streaming=True, shuffle_buffer=16, max_steps=12, checkpoint_every=5, num_workers=2)
     straight = distill(tiny_config(teacher_dir, saved_dataset, tmp_path / "a", **kwargs))
     assert straight.num_train_images is None and straight.num_eval_images == 8
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_7(model, step):
-        if step == 7:
-            raise Crash
-        return {}
+    reset_accelerate_state()
 
     config = tiny_config(teacher_dir, saved_dataset, tmp_path / "b", eval_every=1, **kwargs)
     with pytest.raises(Crash):
-        distill(config, evaluate=crash_at_7)
+        distill(config, evaluate=crash_at(7))
     checkpoint = latest_checkpoint(tmp_path / "b")
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     assert (saved["step"], saved["epoch"], saved["batches_in_epoch"]) == (5, 1, 1)
     assert saved["streams"] == [{"consumed": {"0": 1}, "last_worker": 0}]
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     config.resume = True
     resumed = distill(config, evaluate=lambda model, step: {})
     a, b = vision_state(straight.student), vision_state(resumed.student)

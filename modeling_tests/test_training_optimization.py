@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from transformers import CLIPModel, get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from conftest import reset_accelerate_state
 from test_distillation import fresh_accelerate_state, images_dir, teacher_dir, tiny_config  # noqa: F401 (fixtures)
 from waveclip_hf import WaveCLIPModel
 from waveclip_hf.conversion import convert_clip_to_waveclip
@@ -125,8 +125,7 @@ def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, t
     start, _ = student_from_teacher(teacher, teacher_processor, levels=1, wavelet="haar", cell_size=16)
     moved = {}
     for multiplier in (1.0, 10.0):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         result = distill(tiny_config(teacher_dir, images_dir, tmp_path / f"m{multiplier}", max_steps=3,
                                      fresh_lr_multiplier=multiplier))
         trained = WaveCLIPModel.from_pretrained(result.final_dir)
