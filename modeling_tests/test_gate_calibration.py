@@ -9,7 +9,8 @@ import torch
 
 from conftest import tiny_model
 from waveclip_hf.evaluation.calibration import collect_stage_embeddings, exit_stages, stage_probabilities
-from waveclip_hf.models.waveclip.gating import calibrate_threshold, gate_operating_points
+from waveclip_hf.models.waveclip.gate_calibration import calibrate_threshold
+from waveclip_hf.models.waveclip.gating import gate_operating_points
 
 
 def random_stage_probs(num_images: int, num_stages: int, num_labels: int = 5, seed: int = 0) -> torch.Tensor:
@@ -117,7 +118,7 @@ def test_a_calibrated_threshold_does_online_what_it_promised():
     text_embeds = torch.randn(4, 16, generator=generator)
     probs = stage_probabilities(collect_stage_embeddings(model, [pixel_values], progress=False), text_embeds,
                                 model.logit_scale.exp().item())
-    cumulative = (model._cumulative_stage_gflops()).tolist()
+    cumulative = (model.answer_gflops()).tolist()
     chosen = calibrate_threshold(probs, cumulative, target_agreement=0.9)
     assert chosen.threshold is not None and 0.9 <= chosen.agreement < 1.0 and chosen.stage_share[0] > 0
     online = model.refine(pixel_values, text_embeds, margin_threshold=chosen.threshold)

@@ -75,7 +75,7 @@ def test_curve_equals_replay_and_the_library_sweep_with_three_stages():
 def test_label_free_choice_of_the_margin_gate_is_the_pipelines_calibration():
     """For the plain margin, `choose_label_free` picks the operating point `gating.calibrate_threshold` (what
     `pipeline.calibrate` and `margin_threshold="auto"` use) picks: same agreement, same mean GFLOPs."""
-    from waveclip_hf.models.waveclip.gating import calibrate_threshold
+    from waveclip_hf.models.waveclip.gate_calibration import calibrate_threshold
 
     generator = torch.Generator().manual_seed(1)
     probs = (2 * torch.randn(300, 3, 6, generator=generator, dtype=torch.float64)).softmax(-1)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from transformers import ZeroShotImageClassificationPipeline, pipeline
 
 from conftest import tiny_config
-from waveclip_hf import WaveCLIPModel
+from waveclip_hf import WaveCLIPModel, WaveCLIPProcessor
+from waveclip_hf.hub.loading import load_waveclip
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
@@ -45,8 +46,9 @@ def save_tiny_folder(folder, levels: int = 1):
     torch.manual_seed(0)
     model = WaveCLIPModel(config).eval()
     model.save_pretrained(folder)
-    WaveCLIPImageProcessor(image_size=64, levels=levels).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    image_processor = WaveCLIPImageProcessor(image_size=64, levels=levels)
+    image_processor.save_pretrained(folder)  # preprocessor_config.json, as the distiller's final folder has it
+    WaveCLIPProcessor(image_processor, tokenizer).save_pretrained(folder)
     return model
 
 
@@ -115,7 +117,7 @@ def test_weights_that_do_not_fit_the_config_fail_clearly(tmp_path):
     config["vision_config"]["hidden_size"] = 48
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match the shapes its config.json asks for"):
-        WaveCLIPModel.from_pretrained(tmp_path)
+        load_waveclip(tmp_path, WaveCLIPModel)
 
 
 def test_stock_pipeline_runs_on_a_saved_folder(tmp_path):

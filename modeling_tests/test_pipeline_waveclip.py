@@ -165,6 +165,8 @@ def test_label_free_calibration_keeps_its_promise_with_margin_threshold_auto(fir
     here = dataclasses.asdict(chosen)
     assert here.pop("threshold") == pytest.approx(calibration.pop("threshold"), abs=1e-6)
     assert here.pop("stage_share") == pytest.approx(calibration.pop("stage_share"))
+    label_set = ("labels", "hypothesis_template", "tokenizer_kwargs", "signal", "target")
+    assert {name: here.pop(name) for name in label_set} == {name: calibration.pop(name) for name in label_set}
     assert here == pytest.approx(calibration)
     # Several label sets on the same images: embed them once, then calibrate each set from the embeddings.
     embeds = classifier.image_stage_embeddings(first_hour["calibration_images"], batch_size=5)

@@ -33,7 +33,7 @@ from waveclip_hf import WaveCLIPModel, WaveCLIPVisionModel
 from waveclip_hf.training.checkpoints import latest_checkpoint
 from waveclip_hf.training.distillation import distill
 from waveclip_hf.training.models import load_teacher
-from waveclip_hf.models.waveclip.modeling_waveclip import copy_remote_code
+from waveclip_hf.hub.loading import load_waveclip
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "waveclip_hf"
 
@@ -63,10 +63,10 @@ def test_truncated_safetensors_name_the_file(copy, keep):
     weights.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
     message = rf"{weights} is truncated or corrupt \(safetensors: .*\)\. Download it again .* save the model again"
     with pytest.raises(ValueError, match=message):
-        WaveCLIPModel.from_pretrained(copy)
-    # The Auto class runs the folder's own copy of the modeling code, which carries the same check.
+        load_waveclip(copy, WaveCLIPModel)
+    # Through the Auto class with the folder's own remote code, as a user without this package loads it.
     with pytest.raises(ValueError, match=message):
-        AutoModel.from_pretrained(copy, trust_remote_code=True)
+        load_waveclip(copy)
 
 
 def test_a_config_json_from_another_model_is_named(copy):
@@ -79,7 +79,7 @@ def test_a_config_json_from_another_model_is_named(copy):
     clip.save_pretrained(copy)  # overwrites config.json, as copying a CLIP folder's config over would
     with pytest.raises(ValueError, match=rf"{copy / 'config.json'} describes a 'clip' model, not a 'waveclip' one "
                                          r"\(WaveCLIPModel\): .* Put back the config.json"):
-        WaveCLIPModel.from_pretrained(copy)
+        load_waveclip(copy, WaveCLIPModel)
     # Through the Auto classes the folder is a CLIP folder (no auto_map is left), so transformers builds a CLIPModel
     # and stops on the mismatched tensors itself; none of our code runs. Loud, but its message is transformers'.
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
@@ -90,12 +90,12 @@ def test_missing_or_unreadable_config_and_missing_folder(copy, tmp_path):
     (copy / "config.json").unlink()
     # transformers alone would build a default (ViT-B sized) config and fail later on 80 shape mismatches.
     with pytest.raises(FileNotFoundError, match=rf"{copy} has no config.json: .*`model.save_pretrained\(folder\)`"):
-        WaveCLIPModel.from_pretrained(copy)
+        load_waveclip(copy, WaveCLIPModel)
     (copy / "config.json").write_text("{ not json")
     with pytest.raises(OSError, match=r"config.json' is not a valid JSON file"):  # transformers' message names it
-        WaveCLIPModel.from_pretrained(copy)
+        load_waveclip(copy, WaveCLIPModel)
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'nowhere'} is not a folder"):
-        WaveCLIPModel.from_pretrained(tmp_path / "nowhere")  # transformers: "Repo id must be in the form ..."
+        load_waveclip(tmp_path / "nowhere")  # transformers: "Repo id must be in the form ..."
 
 
 def test_missing_tensors_are_an_error_not_random_weights(copy):
@@ -105,16 +105,16 @@ def test_missing_tensors_are_an_error_not_random_weights(copy):
     with pytest.raises(ValueError, match=r"has no weights for 1 of this WaveCLIPModel's tensors \(e\.g\. "
                                          r"\['vision_model\.embeddings\.band_embedding\.weight'\]\): they would be "
                                          r"randomly initialised"):
-        WaveCLIPModel.from_pretrained(copy)
+        load_waveclip(copy, WaveCLIPModel)
     # Asking for the loading report is how to get the partly loaded model on purpose.
-    model, report = WaveCLIPModel.from_pretrained(copy, output_loading_info=True)
+    model, report = load_waveclip(copy, WaveCLIPModel, output_loading_info=True)
     assert set(report["missing_keys"]) == {"vision_model.embeddings.band_embedding.weight"}
 
 
 def test_vision_model_from_a_full_checkpoint_says_how_to_load_it(saved, tmp_path):
     with pytest.raises(ValueError, match=r"describes a 'waveclip' model, not a 'waveclip_vision_model' one .* "
                                          r"`WaveCLIPModel\.from_pretrained\(\.\.\.\)` and use its `\.vision_model`"):
-        WaveCLIPVisionModel.from_pretrained(saved)
+        load_waveclip(saved, WaveCLIPVisionModel)
     # A vision tower saved on its own loads on its own.
     WaveCLIPModel.from_pretrained(saved).vision_model.save_pretrained(tmp_path / "vision")
     assert type(WaveCLIPVisionModel.from_pretrained(tmp_path / "vision")) is WaveCLIPVisionModel
@@ -125,8 +125,8 @@ def test_missing_remote_code_files_are_named_in_a_fresh_offline_process(saved, t
     """Offline, in a fresh process where `import waveclip_hf` is blocked (in a process that has the package, the
     Auto classes use its registered classes and never read the folder's code), loading a folder that lacks one of
     its code files fails before any weights are read, naming the file; putting the file back makes it load. These
-    errors come from transformers before any of our code exists in the process, so the fix (save again, or
-    `copy_remote_code(folder)`) is documented in docs/robustness.md rather than added to the message."""
+    errors come from transformers before any of our code exists in the process, so the fix (save the model and
+    processor again) is documented in docs/robustness.md rather than added to the message."""
     cases = {
         "modeling_waveclip.py": "AutoModel",
         "gating.py": "AutoModel",
@@ -176,11 +176,7 @@ def test_missing_remote_code_files_are_named_in_a_fresh_offline_process(saved, t
     assert [results[f"{name} restored"] for name in cases] == [
         "WaveCLIPModel", "WaveCLIPModel", "WaveCLIPImageProcessor", "WaveCLIPZeroShotImageClassificationPipeline"
     ]
-    # `copy_remote_code(folder)` is the documented way to put them back: it restores exactly the saved files.
-    broken = Path(folders["gating.py"][0])
-    (broken / "gating.py").unlink()
-    copy_remote_code(broken)
-    assert (broken / "gating.py").read_bytes() == (saved / "gating.py").read_bytes()
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 from conftest import tiny_model
 from test_hub_loading import LABELS, run_fresh_python, save_tiny_folder
-from waveclip_hf import WaveCLIPImageProcessor
+from waveclip_hf import WaveCLIPImageProcessor, WaveCLIPProcessor
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_DIR = REPO / "src" / "waveclip_hf" / "models" / "waveclip"
@@ -63,11 +66,17 @@ def test_a_missing_pywavelets_is_named_by_its_pip_name(monkeypatch):
 
 
 def test_a_saved_folder_carries_exactly_the_shipped_files(tmp_path):
+    """transformers' `register_for_auto_class` ships the files: a model's save carries its modeling file and every
+    relative import (the gated pipeline's among them); the processor's save adds the image processor's file."""
     model = tiny_model(levels=1)
     model.save_pretrained(tmp_path / "model")
-    assert sorted(path.name for path in (tmp_path / "model").glob("*.py")) == SHIPPED
+    model_files = sorted(path.name for path in (tmp_path / "model").glob("*.py"))
+    assert model_files == sorted(set(SHIPPED) - {"image_processing_waveclip.py"})
     model.vision_model.save_pretrained(tmp_path / "vision")
-    assert sorted(path.name for path in (tmp_path / "vision").glob("*.py")) == SHIPPED
+    assert sorted(path.name for path in (tmp_path / "vision").glob("*.py")) == model_files
+    WaveCLIPProcessor(WaveCLIPImageProcessor(), PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(
+        {"<unk>": 0}, unk_token="<unk>")))).save_pretrained(tmp_path / "model")
+    assert sorted(path.name for path in (tmp_path / "model").glob("*.py")) == SHIPPED
     for name in SHIPPED:
         assert (tmp_path / "model" / name).read_bytes() == (SHIPPED_DIR / name).read_bytes()
     # The processor alone carries its own file and what that imports (transformers' `register_for_auto_class`).

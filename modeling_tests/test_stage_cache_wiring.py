@@ -1,6 +1,8 @@
 """The stage cache as the default: `use_cache=True`, `refine(cache=...)`, the pipeline's kept cache, and compiled
 stages that agree with the eager model."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -90,11 +92,22 @@ def test_the_pipeline_keeps_one_stage_cache_across_calls(classifier):
     photos = [np.random.default_rng(seed).integers(0, 256, (50, 80, 3), dtype=np.uint8) for seed in range(3)]
     labels = ["cat", "dog", "car"]
     first = classifier(photos, candidate_labels=labels, margin_threshold=1.5)
-    cache = classifier._stage_cache
+    cache = classifier._per_thread.stage_cache
     assert type(cache).__name__ == "WaveCLIPStageCache" and cache.layers[0].key_buffer.shape[0] == 1
     pointer = cache.layers[0].key_buffer.data_ptr()
     second = classifier(photos, candidate_labels=labels, margin_threshold=1.5)
-    assert classifier._stage_cache is cache and cache.layers[0].key_buffer.data_ptr() == pointer
+    assert classifier._per_thread.stage_cache is cache and cache.layers[0].key_buffer.data_ptr() == pointer
+    # Another thread gets a cache of its own: two calls at once never write into the same buffers.
+    other = {}
+
+    def call_from_another_thread():
+        other["answers"] = classifier(photos, candidate_labels=labels, margin_threshold=1.5)
+        other["cache"] = classifier._per_thread.stage_cache
+
+    thread = threading.Thread(target=call_from_another_thread)
+    thread.start()
+    thread.join()
+    assert other["cache"] is not cache and other["answers"] == first
     assert first == second and all(answer[0]["stage"] == 2 for answer in first)
     # The same answers as refine on the processed images, without a kept cache.
     model = classifier.model

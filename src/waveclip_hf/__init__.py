@@ -4,10 +4,12 @@ Importing the package registers the WaveCLIP classes with transformers' Auto cla
 `AutoModelForZeroShotImageClassification`, `AutoImageProcessor`, `AutoProcessor`), so a saved folder loads in-process
 without `trust_remote_code`; a process without this package runs the remote code the folder carries.
 
-The gated zero-shot pipeline is deliberately not registered for its task: `pipeline("zero-shot-image-classification",
-...)` stays transformers' stock pipeline for every other model (and, without `trust_remote_code`, for WaveCLIP too).
-In-process, ask for it by class: `pipeline("zero-shot-image-classification", model=folder,
-pipeline_class=WaveCLIPZeroShotImageClassificationPipeline)`.
+The gated zero-shot pipeline comes with the model: `pipeline("zero-shot-image-classification", model=folder,
+trust_remote_code=True)` reads it from the folder's config, and `pipeline("zero-shot-image-classification",
+model=<WaveCLIPModel object>, tokenizer=..., image_processor=...)` builds it too (loading the model registers it for
+WaveCLIP models only; every other model keeps the stock pipeline). A folder needs `trust_remote_code=True` even in a
+process that imported this package, because its config names the pipeline's file; or pass
+`pipeline_class=WaveCLIPZeroShotImageClassificationPipeline`.
 
 The training and conversion tools (`DistillationConfig`, `distill`, `convert_clip_to_waveclip`) are imported on
 first use: they need accelerate and datasets, which a model user does not.
@@ -25,14 +27,15 @@ from transformers import (
 
 from .models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from .models.waveclip.gate_calibration import GateCalibration
 from .models.waveclip.modeling_waveclip import (
     WaveCLIPModel,
     WaveCLIPPreTrainedModel,
-    WaveCLIPRefinementOutput,
-    WaveCLIPStageCache,
     WaveCLIPVisionModel,
     WaveCLIPVisionModelOutput,
 )
+from .models.waveclip.refinement_waveclip import WaveCLIPRefinementOutput
+from .models.waveclip.stage_cache import WaveCLIPStageCache
 from .models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
 from .models.waveclip.processing_waveclip import WaveCLIPProcessor
 
@@ -66,6 +69,7 @@ def __dir__():
 
 __all__ = [
     "DistillationConfig",
+    "GateCalibration",
     "WaveCLIPConfig",
     "WaveCLIPImageProcessor",
     "WaveCLIPModel",

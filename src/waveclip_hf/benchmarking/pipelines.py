@@ -281,7 +281,7 @@ def pipeline_runs(setup: PipelineSetup, timed: PipelineTimings, projection_dim: 
             run["gflops_per_image"] = gflops(clip_image + num_labels * text_projection)
         elif base == "bare_waveclip_theta0":
             run["threshold"] = 0.0
-            run["gflops_per_image"] = float(setup.wave.model._cumulative_stage_gflops()[0])
+            run["gflops_per_image"] = float(setup.wave.model.answer_gflops()[0])
         else:
             run["threshold"] = timed.thresholds[base]
     for key, run in runs.items():

@@ -12,8 +12,10 @@ loss or a budget; also writes the accuracy / GFLOPs plot:
 
     python -m waveclip_hf.cli.calibrate --model <folder or hub id> --data <labelled folder> --max-accuracy-drop 0.01
 
-Both write <output-dir>/gate_calibration.json. Pass the threshold as `margin_threshold=` to the pipeline (or, in
-Python, call `classifier.calibrate(...)` and use `margin_threshold="auto"`).
+Both write <output-dir>/gate_calibration.json. A label-free calibration is written in the format the model keeps
+(`GateCalibration.to_dict`): `--save-to-model` also stores it in the model folder's config.json, where
+`pipeline(..., margin_threshold="auto")` finds it for the same labels in any order; or load the JSON file into a
+pipeline with `classifier.add_calibration("<output-dir>/gate_calibration.json")`.
 """
 
 import argparse
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, help="use at most this many images")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output-dir", default="runs/calibration", help="where gate_calibration.json goes")
+    parser.add_argument("--save-to-model", action="store_true",
+                        help="label-free: also store the calibration in the model folder's config.json")
     return parser
 
 
@@ -68,17 +72,20 @@ def _label_free(parser, args) -> None:
         args.model, args.images, _candidate_labels(parser, args), args.output_dir,
         hypothesis_template=templates[0] if len(templates) == 1 else templates,
         target_agreement=args.target_agreement, gflops_budget=args.gflops_budget, batch_size=args.batch_size,
-        max_images=args.max_images, device=args.device,
+        max_images=args.max_images, device=args.device, save_to_model=args.save_to_model,
     )
     threshold = "None (every stage)" if report["threshold"] is None else f"{report['threshold']:.6g}"
     print(f"margin_threshold = {threshold} for {len(report['candidate_labels'])} labels ({report['target']}): "
           f"{100 * report['agreement']:.1f}% of the full model's answers kept on {report['num_images']} images, "
           f"{report['mean_gflops']:.4g} GFLOPs per image ({report['mean_gflops'] / report['full_gflops']:.2f}x the "
           "full model)")
-    print(f"wrote {Path(args.output_dir) / 'gate_calibration.json'}")
+    print(f"wrote {Path(args.output_dir) / 'gate_calibration.json'}"
+          + (f" and the calibration into {Path(args.model) / 'config.json'}" if args.save_to_model else ""))
 
 
 def _labelled(parser, args) -> None:
+    if args.save_to_model:
+        parser.error("--save-to-model stores a label-free calibration (--images); a labelled sweep (--data) is a report")
     if args.target_agreement is not None or args.labels or args.labels_file:
         parser.error("--data sweeps on labelled images (class names from the data); --labels and "
                      "--target-agreement are for unlabelled --images")

@@ -54,6 +54,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..models.waveclip.folder_io import publish
+
 # Bump whenever a change alters the pixels or the metadata: it invalidates caches.
 GENERATOR_VERSION = 5
 # The generator's name in info.json: the module path it had when version 5 was made. It is an identifier, not an
@@ -778,14 +780,7 @@ def _write_metadata(folder: Path, rows: dict[str, list[dict]], info: dict) -> No
 
 def _move_into_place(tmp: Path, root: Path) -> None:
     """Rename the finished `tmp` onto `root`; an outdated benchmark at `root` is moved away first, then deleted."""
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, root)
+    publish(tmp, root)
 
 
 def load_benchmark_split(root: str | os.PathLike, split: str) -> list[dict]:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..figures.accuracy_vs_gflops import plot_tradeoff
 from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
+from ..models.waveclip.folder_io import written_atomically
 from ..models.waveclip.gating import (
     GateOperatingPoints,
     effective_threshold,
@@ -304,15 +305,19 @@ def calibrate_without_labels(
     batch_size: int = 32,
     max_images: int | None = None,
     device: str | None = None,
+    save_to_model: bool = False,
 ) -> dict:
     """Choose the gate threshold of a saved WaveCLIP model for one label set on a folder of unlabelled images.
 
     The pipeline's `calibrate` does the work (the cheapest threshold whose answers agree with the full model's on
     at least `target_agreement` of the images, default 0.99, or the most faithful within `gflops_budget` mean
-    GFLOPs); this reads the folder (recursively) and writes `<output_dir>/gate_calibration.json`.
+    GFLOPs); this reads the folder (recursively) and writes `<output_dir>/gate_calibration.json` in the format of
+    `GateCalibration.to_dict` (the pipeline's `add_calibration(path)` reads it back). With `save_to_model`, the
+    calibration is also written into the model folder's config.json, where `margin_threshold="auto"` finds it.
 
     Returns:
-        the report: the `GateCalibration` fields, the labels, template(s), model, folder and FLOPs convention.
+        the report: the `GateCalibration.to_dict()` fields, the labels in the given order, the model, the image
+        folder and the FLOPs convention.
     """
     from transformers import pipeline
 
@@ -328,16 +333,29 @@ def calibrate_without_labels(
     calibration = classifier.calibrate(paths, candidate_labels=list(candidate_labels),
                                        hypothesis_template=hypothesis_template, target_agreement=target_agreement,
                                        gflops_budget=gflops_budget, batch_size=batch_size)
-    report = {
-        **asdict(calibration),
-        "model": str(model_path), "images": str(images), "candidate_labels": list(candidate_labels),
-        "hypothesis_template": hypothesis_template if isinstance(hypothesis_template, str) else list(hypothesis_template),
-        "flops_convention": FLOPS_CONVENTION,
-    }
+    # The calibration's own format (what `config.gate_calibrations` holds), plus where it was made.
+    report = {**calibration.to_dict(), "candidate_labels": list(candidate_labels), "model": str(model_path),
+              "images": str(images), "flops_convention": FLOPS_CONVENTION}
     path = Path(output_dir) / "gate_calibration.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    if save_to_model:
+        save_calibrations_to_folder(classifier.model.config, model_path)
     return report
+
+
+def save_calibrations_to_folder(config, folder) -> Path:
+    """Rewrite `folder/config.json` with `config` (and so its `gate_calibrations`), atomically: the file is written
+    beside and renamed over the old one."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"--save-to-model writes the calibration into a local model folder's config.json, and {folder} has none "
+            "(a Hub id?). Download the model, or load gate_calibration.json with `classifier.add_calibration(path)`."
+        )
+    with written_atomically(folder, merge=True) as tmp:
+        config.to_json_file(tmp / "config.json", use_diff=True)
+    return folder / "config.json"
 
 
 def stage_flip_rates(stage_probs: torch.Tensor) -> list[float]:

@@ -32,7 +32,8 @@ from ..evaluation.calibration import (
 from ..evaluation.metrics import early_exit_accuracy
 from ..evaluation.zero_shot import text_embeddings_per_axis, zero_shot_predictions
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
-from ..models.waveclip.gating import calibrate_threshold, gate_operating_points
+from ..models.waveclip.gate_calibration import calibrate_threshold
+from ..models.waveclip.gating import gate_operating_points
 from .cached_steps import settings_hash
 
 FINE_AXES = tuple(name for name, axis in AXES.items() if axis.scale == "fine")

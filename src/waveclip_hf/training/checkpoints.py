@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from ..models.waveclip.folder_io import fsync_dir, fsync_tree, remove_tree
 from .metrics import log_main_process
 
 
@@ -75,40 +75,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` to disk, so a rename after it publishes complete data."""
-    for directory, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(directory))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a folder without ever leaving a half-deleted `step-N`: rename it to tmp-* first."""
-    if not path.exists():
-        return
-    doomed = path.with_name(f"tmp-delete-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict,
                     keep: int) -> Path:
     """Write `checkpoints/step-<step>` atomically and keep the last `keep` complete checkpoints.
@@ -122,7 +88,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     tmp, final = root / f"tmp-step-{step}", root / f"step-{step}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("tmp-*"):  # left by a crash or a full disk
+        for stale in [*root.glob("tmp-*"), *root.glob(".*.delete-*")]:  # left by a crash or a full disk
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
@@ -215,9 +181,7 @@ __all__ = [
     "Checkpointer",
     "TrainerState",
     "complete_checkpoints",
-    "fsync_tree",
     "latest_checkpoint",
-    "remove_tree",
     "resume_from_latest",
     "save_checkpoint",
 ]

@@ -3,9 +3,9 @@
 import dataclasses
 import datetime
 import json
+from contextlib import contextmanager
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +15,9 @@ from accelerate.utils import gather_object
 
 from ..evaluation.zero_shot import ZeroShotResult
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
-from .checkpoints import TRAINER_STATE_NAME, fsync_tree, latest_checkpoint, remove_tree
+from ..models.waveclip.folder_io import written_atomically
+from ..models.waveclip.processing_waveclip import WaveCLIPProcessor
+from .checkpoints import TRAINER_STATE_NAME, latest_checkpoint
 from .config import DistillationConfig
 from .data import SHOW_SKIPPED
 
@@ -95,14 +97,21 @@ def write_summary(accelerator: Accelerator, output_dir: Path, result: Distillati
 LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "_name_or_path")
 
 
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """`tokenizer.save_pretrained(folder)` without the load-time keys of `LOAD_TIME_TOKENIZER_KEYS`."""
+@contextmanager
+def without_load_time_keys(tokenizer):
+    """Inside the block, `tokenizer` saves without the load-time keys of `LOAD_TIME_TOKENIZER_KEYS`."""
     loaded_with = tokenizer.init_kwargs
     tokenizer.init_kwargs = {k: v for k, v in loaded_with.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
     try:
-        tokenizer.save_pretrained(folder)
+        yield tokenizer
     finally:
         tokenizer.init_kwargs = loaded_with
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`tokenizer.save_pretrained(folder)` without the load-time keys of `LOAD_TIME_TOKENIZER_KEYS`."""
+    with without_load_time_keys(tokenizer):
+        tokenizer.save_pretrained(folder)
 
 
 def write_model_card(folder: Path, config: DistillationConfig, result: DistillationResult, student_config, tokenizer,
@@ -133,18 +142,15 @@ def local_path_mentions(folder: Path, config: DistillationConfig) -> list[tuple[
 
 def save_final(student: WaveCLIPModel, processor, tokenizer, config: DistillationConfig,
                result: DistillationResult, teacher_config=None) -> Path:
-    """`output_dir/final`: weights + remote code (`save_pretrained`), image processor, the teacher's tokenizer and
-    a model card rendered from real figures of this run. Written to `final.tmp` and renamed, like checkpoints."""
-    output_dir = Path(config.output_dir)
-    final, tmp = output_dir / "final", output_dir / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    save_tokenizer(tokenizer, tmp)
-    write_model_card(tmp, config, result, student.config, tokenizer, teacher_config)
-    fsync_tree(tmp)
-    remove_tree(final)
-    os.replace(tmp, final)
+    """`output_dir/final`: weights + remote code (`save_pretrained`), the processor (image processor and the
+    teacher's tokenizer, also saved on their own for loaders that read them separately) and a model card rendered
+    from real figures of this run. Written to a temporary folder and renamed, like checkpoints."""
+    final = Path(config.output_dir) / "final"
+    with written_atomically(final) as tmp, without_load_time_keys(tokenizer):
+        student.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        WaveCLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(tmp)
+        write_model_card(tmp, config, result, student.config, tokenizer, teacher_config)
     return final
 
 

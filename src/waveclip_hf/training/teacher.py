@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, z
 from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
 from .teacher_init import init_from_smaller_teacher
+from ..models.waveclip.folder_io import written_atomically
 
 TRAINING_INFO_NAME = "training_info.json"
 
@@ -372,20 +372,11 @@ def _training_info(config, data_root, num_images, losses, images_seen, train_sec
 
 def _save_teacher(output_dir: Path, model, tokenizer, image_processor, info: dict) -> None:
     """Write the `save_pretrained` folder under a temporary name, then swap it in."""
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    (tmp / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, output_dir)
+    with written_atomically(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        (tmp / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
 
 
 @torch.no_grad()

@@ -13,6 +13,25 @@ from transformers.models.clip.configuration_clip import CLIPTextConfig
 
 ATTENTION_MODES = ("block_causal", "bidirectional")
 BAND_ORDERS = ("coarse_to_fine", "fine_to_coarse")
+ZERO_SHOT_TASK = "zero-shot-image-classification"
+# The model's Auto classes. `register_for_auto_class` writes one entry per class as it is saved (AutoConfig and
+# AutoModel here; AutoImageProcessor and AutoProcessor in the processors' own files); the task's Auto class is added
+# here, since one class cannot register two. Entries already in a config (e.g. "org/repo--modeling_waveclip...") win.
+WAVECLIP_AUTO_MAP = {
+    "AutoConfig": "configuration_waveclip.WaveCLIPConfig",
+    "AutoModel": "modeling_waveclip.WaveCLIPModel",
+    "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
+}
+# The gated pipeline, for `pipeline(ZERO_SHOT_TASK, model=folder, trust_remote_code=True)`. transformers writes
+# `custom_pipelines` only for a pipeline in its global task registry; the config carries it instead, and every save
+# of the model carries the pipeline's file (a relative import of modeling_waveclip.py).
+WAVECLIP_CUSTOM_PIPELINES = {
+    ZERO_SHOT_TASK: {
+        "impl": "pipeline_waveclip.WaveCLIPZeroShotImageClassificationPipeline",
+        "pt": ["AutoModelForZeroShotImageClassification"],
+        "type": "multimodal",
+    }
+}
 
 
 @strict
@@ -156,6 +175,9 @@ class WaveCLIPConfig(PreTrainedConfig):
         projection_dim (`int`, defaults to 512): size of the shared embedding.
         logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale, as CLIP.
         initializer_factor (`float`, defaults to 1.0): scale on initialiser stds.
+        gate_calibrations (`list[dict]`, *optional*): the gate's label-free calibrations, one per label set
+            (`gate_calibration.GateCalibration.to_dict()`); written by the pipeline's `calibrate` and used by
+            `margin_threshold="auto"`.
 
     Example:
 
@@ -178,10 +200,26 @@ class WaveCLIPConfig(PreTrainedConfig):
     projection_dim: int = 512
     logit_scale_init_value: float | int = 2.6592
     initializer_factor: float = 1.0
+    gate_calibrations: list | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.auto_map = {**WAVECLIP_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.custom_pipelines = getattr(self, "custom_pipelines", None) or {
+            task: dict(spec) for task, spec in WAVECLIP_CUSTOM_PIPELINES.items()
+        }
 
 
 # Saved configs get an `auto_map` entry for `AutoConfig` and carry this file.
 WaveCLIPConfig.register_for_auto_class()
 WaveCLIPVisionConfig.register_for_auto_class()
 
-__all__ = ["ATTENTION_MODES", "BAND_ORDERS", "WaveCLIPConfig", "WaveCLIPVisionConfig"]
+__all__ = [
+    "ATTENTION_MODES",
+    "BAND_ORDERS",
+    "WAVECLIP_AUTO_MAP",
+    "WAVECLIP_CUSTOM_PIPELINES",
+    "ZERO_SHOT_TASK",
+    "WaveCLIPConfig",
+    "WaveCLIPVisionConfig",
+]

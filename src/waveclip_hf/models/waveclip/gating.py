@@ -15,17 +15,16 @@ Two more ways to decide who continues, both read from the same margins:
 
 - A budget (`continue_within_budget`): after a stage, the images with the smallest margins continue first, as
   many as the remaining GFLOPs allow.
-- Label-free calibration (`gate_operating_points`, `calibrate_threshold`): the full model's answer is the
-  reference an early exit must keep, and it needs no labels. On unlabelled images, every threshold's agreement
-  with the full model and its mean GFLOPs are computed exactly, and the cheapest threshold that keeps agreement
-  at a target (or the most faithful one within a GFLOPs budget) is chosen.
+- Every operating point at once (`gate_operating_points`): on a set of images, each threshold's agreement with the
+  full model (the reference an early exit must keep, which needs no labels) and its mean GFLOPs, computed exactly.
+  `gate_calibration.py` chooses a threshold from them and keeps it with the model.
 
 This file is shipped as remote code with saved checkpoints.
 """
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -270,66 +269,4 @@ def gate_operating_points(
     return GateOperatingPoints(
         thresholds=thresholds, agreement=sums[:, 0] / num_images, mean_gflops=sums[:, 1] / num_images,
         stage_share=sums[:, 2:] / num_images, crossings=values.float(),
-    )
-
-
-@dataclass
-class GateCalibration:
-    """A threshold chosen without labels, and what it does on the calibration images.
-
-    threshold: the probability margin to pass as `margin_threshold`, or `None` when only running every stage
-        meets the target (no early exit).
-    agreement: share of the calibration images whose gated answer equals the full model's.
-    mean_gflops: mean image-encoder GFLOPs per image at this threshold; full_gflops: the full model's.
-    stage_share: share of the images answered at each stage.
-    num_images: how many images it was chosen on; target: what it was chosen for, in words.
-    """
-
-    threshold: float | None
-    agreement: float
-    mean_gflops: float
-    full_gflops: float
-    stage_share: list[float] = field(default_factory=list)
-    num_images: int = 0
-    target: str = ""
-
-
-def calibrate_threshold(
-    stage_probs: torch.Tensor, cumulative_gflops, target_agreement: float | None = None,
-    gflops_budget: float | None = None,
-) -> GateCalibration:
-    """The cheapest threshold whose answers agree with the full model's on at least `target_agreement` of the
-    images, or the most faithful one (then the cheapest) whose mean GFLOPs stay within `gflops_budget`.
-
-    Args:
-        stage_probs: (N, S, C) zero-shot probabilities after every stage, on unlabelled images.
-        cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
-        target_agreement: a fraction in (0, 1], e.g. 0.99. Exactly one of the two targets is given.
-        gflops_budget: mean GFLOPs per image, at least stage 0's cost.
-    """
-    if (target_agreement is None) == (gflops_budget is None):
-        raise ValueError("Give exactly one target: `target_agreement` (e.g. 0.99) or `gflops_budget`.")
-    points = gate_operating_points(stage_probs, cumulative_gflops)
-    if target_agreement is not None:
-        target_agreement = _as_number(target_agreement, "target_agreement", "a fraction in (0, 1], e.g. 0.99")
-        if not 0 < target_agreement <= 1:
-            raise ValueError(f"`target_agreement` must be a fraction in (0, 1], e.g. 0.99; got {target_agreement!r}.")
-        # The last point (no early exit) always agrees, so some point meets every target.
-        index = int((points.agreement >= target_agreement - 1e-12).nonzero()[0])
-        target = f"agreement with the full model >= {target_agreement:g}"
-    else:
-        budget = check_gflops_budget(gflops_budget, float(points.mean_gflops[0]))
-        affordable = (points.mean_gflops <= budget + 1e-12).nonzero().squeeze(1)
-        best = points.agreement[affordable].max()
-        index = int(affordable[points.agreement[affordable] >= best][0])
-        target = f"mean GFLOPs per image <= {budget:g}"
-    threshold = float(points.thresholds[index])
-    return GateCalibration(
-        threshold=None if math.isinf(threshold) else threshold,
-        agreement=float(points.agreement[index]),
-        mean_gflops=float(points.mean_gflops[index]),
-        full_gflops=float(torch.as_tensor(cumulative_gflops, dtype=torch.float64)[-1]),
-        stage_share=[float(share) for share in points.stage_share[index]],
-        num_images=stage_probs.shape[0],
-        target=target,
     )

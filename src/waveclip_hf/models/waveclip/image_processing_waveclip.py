@@ -12,11 +12,9 @@ pyramid live with the other figures (`waveclip_hf.figures`), outside the shipped
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -123,31 +121,6 @@ def _check_three_channels(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} expects a floating-point torch tensor, got {type(tensor).__name__}.")
     if tensor.ndim < 3 or tensor.shape[-3] != 3:
         raise ValueError(f"{name} expects a tensor of shape (..., 3, H, W), got {tuple(tensor.shape)}.")
-
-
-_ONEDNN_SWITCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _native_cpu_convolutions(device: torch.device):
-    """Run CPU convolutions with ATen's native kernels instead of oneDNN inside this block.
-
-    ptwt's DWT is a stride-2 convolution of single-channel images with 2 x 2 filters, a shape oneDNN handles
-    poorly: measured on one CPU thread, median 2.1 ms per 224 x 224 RGB image with oneDNN vs 0.67 ms with the
-    native kernel, whose results are identical. The switch is process-global: the lock
-    keeps concurrent processor calls from restoring each other's state, and a convolution another thread runs
-    meanwhile only takes the (correct) native path. Tensors on an accelerator are left alone.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    with _ONEDNN_SWITCH_LOCK:
-        previous = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.enabled = previous
 
 
 def _check_wavelet(wavelet: str) -> None:
@@ -391,8 +364,7 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
         # ptwt computes in the input dtype and has no fp16 / bf16 kernels: the DWT stays in float32, and a model
         # in half precision casts `pixel_values` after. With two-tap filters there is no padding, so `mode` does
         # not change the result; "zero" just makes that explicit.
-        with _native_cpu_convolutions(normalised.device):
-            coefficients = ptwt.wavedec2(normalised, wavelet, level=levels, mode="zero")
+        coefficients = ptwt.wavedec2(normalised, wavelet, level=levels, mode="zero")
         return pack_coefficients(coefficients).contiguous()
 
     def unpack(self, pixel_values, levels: int | None = None) -> list:
@@ -445,8 +417,7 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
         )
         if packed.dtype != torch.float64:
             packed = packed.to(torch.float32)
-        with _native_cpu_convolutions(packed.device):
-            normalised = ptwt.waverec2(unpack_coefficients(packed, levels), wavelet)
+        normalised = ptwt.waverec2(unpack_coefficients(packed, levels), wavelet)
         mean = torch.tensor(image_mean, dtype=packed.dtype, device=packed.device)[:, None, None]
         std = torch.tensor(image_std, dtype=packed.dtype, device=packed.device)[:, None, None]
         ycbcr = normalised * std + mean

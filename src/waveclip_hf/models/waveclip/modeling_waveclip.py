@@ -12,19 +12,14 @@ This file is shipped as remote code with saved checkpoints: it imports only torc
 """
 
 
-import json
-import os
-import shutil
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.clip.modeling_clip import (
@@ -40,18 +35,15 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
-from .scoring import zero_shot_logits
-from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
+from .gating import check_stage_count
+from .pipeline_waveclip import register_gated_pipeline
+from .refinement_waveclip import WaveCLIPRefinementMixin
 from .stage_cache import WaveCLIPStageCache
 from .wavelet_layout import unpack_coefficients
 
 
 logger = logging.get_logger(__name__)
 
-# Shipped files that the model code does not import, copied into every saved folder so that `AutoImageProcessor`,
-# `AutoProcessor` and the gated zero-shot pipeline load from it with `trust_remote_code=True`.
-_EXTRA_REMOTE_CODE_FILES = ("image_processing_waveclip.py", "pipeline_waveclip.py", "processing_waveclip.py")
-ZERO_SHOT_TASK = "zero-shot-image-classification"
 
 
 @dataclass
@@ -86,34 +78,6 @@ class WaveCLIPVisionModelOutput(ModelOutput):
     def past_key_values(self) -> Cache | None:
         # transformers >= 5.24 gives every output this alias; older releases have no `cache` field to alias.
         return self.cache
-
-
-@dataclass
-class WaveCLIPRefinementOutput(ModelOutput):
-    r"""
-    Output of [`WaveCLIPModel.refine`]: per image, the answer of the stage where the gate stopped it.
-
-    scores (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
-        Softmax over the labels of the answering stage's logits.
-    logits_per_image (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
-        `logit_scale * cos(image embedding, label embedding)` at the answering stage.
-    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-        Normalised image embedding of the answering stage.
-    exit_stage (`torch.LongTensor` of shape `(batch_size,)`):
-        The stage that answered (0 = approximation band only).
-    gflops (`torch.FloatTensor` of shape `(batch_size,)`):
-        Image-encoder GFLOPs spent on each image with the cache (1 multiply-add = 2 FLOPs; text excluded).
-    stage_scores (`torch.FloatTensor` of shape `(batch_size, stages, num_labels)`, *optional*):
-        With `return_all_stages=True`: the scores after every stage up to `max_stages`; NaN after the stage
-        that answered (the image did not run those).
-    """
-
-    scores: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    exit_stage: torch.LongTensor | None = None
-    gflops: torch.FloatTensor | None = None
-    stage_scores: torch.FloatTensor | None = None
 
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
@@ -332,7 +296,7 @@ class WaveCLIPEncoder(nn.Module):
 
 
 class WaveCLIPPreTrainedModel(PreTrainedModel):
-    """Weight initialisation, attention backends and Hub-ready saving shared by the WaveCLIP models."""
+    """Weight initialisation and attention backends shared by the WaveCLIP models."""
 
     config: WaveCLIPConfig
     base_model_prefix = "waveclip"
@@ -341,9 +305,6 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
-    # Written into the config by `save_pretrained` (see there); only the dual encoder has a pipeline.
-    _extra_auto_map: dict[str, str] = {}
-    _custom_pipelines: dict[str, dict] = {}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -394,143 +355,6 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
 
         with init.guard_torch_init_functions():
             initialize(self, self)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with clear errors where a folder cannot give this model.
-
-        Raises a `ValueError` (or `FileNotFoundError` for missing files) that names the file and the fix when: a local
-        path does not exist; the folder has no `config.json` or another model's (e.g. a CLIP `config.json` copied
-        over); a `.safetensors` file is truncated or corrupt; the weights do not fit the config; or some of the
-        model's tensors are missing from the checkpoint (they would be silently random). Pass
-        `output_loading_info=True` to get the model and transformers' loading report instead of the last error.
-        """
-        from safetensors import SafetensorError
-
-        source = pretrained_model_name_or_path
-        folder = Path(source) if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) else None
-        if isinstance(source, (str, os.PathLike)) and folder is None:
-            text = os.fspath(source)
-            if os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text):
-                raise FileNotFoundError(
-                    f"{text} is not a folder: pass the folder written by `model.save_pretrained(...)` or a Hub id."
-                )
-        if folder is not None and kwargs.get("config") is None:
-            cls._check_local_config(folder)
-        want_report = kwargs.pop("output_loading_info", False)
-        try:
-            model, report = super().from_pretrained(source, *args, output_loading_info=True, **kwargs)
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            raise ValueError(
-                f"The weights in {source} do not match the shapes its config.json asks for "
-                "(the report above lists each tensor): the config and the safetensors come from different models. "
-                "Save both with `model.save_pretrained(folder)`, or pass the config the weights were trained with."
-            ) from error
-        except SafetensorError as error:
-            bad = _unreadable_safetensors(folder) if folder is not None else []
-            where = ", ".join(map(str, bad)) if bad else f"a .safetensors file of {source}"
-            raise ValueError(
-                f"{where} is truncated or corrupt (safetensors: {error}). Download it again (for a Hub model, "
-                "`from_pretrained(..., force_download=True)`) or save the model again with `save_pretrained`."
-            ) from error
-        if want_report:
-            return model, report
-        missing = sorted(report.get("missing_keys") or [])
-        # `from_pretrained(None, config=..., state_dict=...)` builds the model from a state dict the caller chose:
-        # what it leaves out is initialised, as transformers does. Only a checkpoint that lacks tensors is an error.
-        if missing and source is not None:
-            hint = "Save the model with `model.save_pretrained(folder)` so that every tensor is written."
-            if any(key.startswith("vision_model.") for key in report.get("unexpected_keys") or []):
-                hint = (
-                    "The folder holds a full WaveCLIPModel: load it with `WaveCLIPModel.from_pretrained(...)` and use "
-                    "its `.vision_model`."
-                )
-            raise ValueError(
-                f"The checkpoint {source} has no weights for {len(missing)} of this {cls.__name__}'s tensors "
-                f"(e.g. {missing[:3]}): they would be randomly initialised. {hint}"
-            )
-        return model
-
-    @classmethod
-    def _check_local_config(cls, folder: Path) -> None:
-        """A local folder must hold this model's config.json (transformers would fall back to defaults, or warn
-        and build the wrong geometry from another model's config)."""
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"{folder} has no config.json: the weights cannot be read without the geometry it records. Save the "
-                "model with `model.save_pretrained(folder)` (it writes config.json next to model.safetensors), or "
-                "pass `config=`."
-            )
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (ValueError, AttributeError, OSError):
-            return  # not JSON (or not an object): transformers' own error names the file
-        expected = cls.config_class.model_type
-        if model_type != expected:
-            hint = (
-                " It is a full WaveCLIP checkpoint: load it with `WaveCLIPModel.from_pretrained(...)` and use its "
-                "`.vision_model`." if model_type == "waveclip" else
-                " Put back the config.json that was saved with these weights (`save_pretrained` writes both), or "
-                "pass `config=`."
-            )
-            raise ValueError(
-                f"{config_file} describes a {model_type!r} model, not a {expected!r} one ({cls.__name__}): the folder "
-                f"holds another model's config.{hint}"
-            )
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus what transformers has no per-model mechanism for.
-
-        `register_for_auto_class` (end of this file) makes transformers write `auto_map` entries for `AutoConfig` and
-        `AutoModel` and copy this file with its relative imports. This adds the other `auto_map` entries
-        (`AutoModelForZeroShotImageClassification`, `AutoImageProcessor`: one Auto class per registered class),
-        `custom_pipelines` (transformers writes it only for a pipeline registered in its global task registry, which
-        would replace the stock zero-shot pipeline for every model), and copies the image processor and pipeline
-        files, so that the folder carries every shipped file and loads anywhere with `trust_remote_code=True`.
-        """
-        config = self.config
-        if self._extra_auto_map:
-            config.auto_map = {**(getattr(config, "auto_map", None) or {}), **self._extra_auto_map}
-        if self._custom_pipelines:
-            config.custom_pipelines = {task: dict(spec) for task, spec in self._custom_pipelines.items()}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            copy_remote_code(save_directory)
-
-
-def _unreadable_safetensors(folder: Path) -> list[Path]:
-    """The `.safetensors` files in `folder` whose header safetensors cannot read."""
-    from safetensors import SafetensorError, safe_open
-
-    bad = []
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError):
-            bad.append(path)
-    return bad
-
-
-def copy_remote_code(save_directory) -> list[Path]:
-    """Copy the modules a saved folder runs with `trust_remote_code` (and their relative imports) into it."""
-    here = Path(__file__).parent
-    sources = {here / "modeling_waveclip.py"}
-    for name in _EXTRA_REMOTE_CODE_FILES:
-        sources.add(here / name)
-    for source in list(sources):
-        sources.update(Path(p) for p in get_relative_import_files(str(source)))
-    copied = []
-    for source in sorted(sources):
-        destination = Path(save_directory) / source.name
-        if source.resolve() != destination.resolve():
-            shutil.copyfile(source, destination)
-        copied.append(destination)
-    return copied
-
 
 class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
     """The WaveCLIP image encoder: staged wavelet tokens, block-causal attention, a KV cache per stage.
@@ -792,7 +616,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class WaveCLIPModel(WaveCLIPPreTrainedModel):
+class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
     """CLIP's dual encoder with a WaveCLIP vision tower; methods and outputs mirror `CLIPModel`.
 
     The text tower, text projection and logit scale are CLIP's (so text embeddings equal the teacher's); the
@@ -800,18 +624,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
     """
 
     config: WaveCLIPConfig
-    _extra_auto_map = {
-        "AutoModelForZeroShotImageClassification": "modeling_waveclip.WaveCLIPModel",
-        "AutoImageProcessor": "image_processing_waveclip.WaveCLIPImageProcessor",
-        "AutoProcessor": "processing_waveclip.WaveCLIPProcessor",
-    }
-    _custom_pipelines = {
-        ZERO_SHOT_TASK: {
-            "impl": "pipeline_waveclip.WaveCLIPZeroShotImageClassificationPipeline",
-            "pt": ["AutoModelForZeroShotImageClassification"],
-            "type": "multimodal",
-        }
-    }
 
     def __init__(self, config: WaveCLIPConfig):
         super().__init__(config)
@@ -825,18 +637,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
         self.post_init()
-
-    @property
-    def num_stages(self) -> int:
-        return self.config.vision_config.num_stages
-
-    def new_stage_cache(self, num_stages: int | None = None) -> WaveCLIPStageCache:
-        """An empty [`WaveCLIPStageCache`] for this model's stages (default: all), to keep across `refine` calls.
-
-        Build it here rather than from an import: a model and a pipeline loaded with `trust_remote_code` may come
-        from different copies of the WaveCLIP code, and `refine` takes only this model's own cache class.
-        """
-        return WaveCLIPStageCache(self.config.vision_config, num_stages)
 
     def compile_stages(self, **compile_kwargs) -> "WaveCLIPModel":
         """`torch.compile` the vision tower's stages in place (see [`WaveCLIPVisionModel.compile_stages`]); the text
@@ -898,173 +698,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return outputs if return_dict else outputs.to_tuple()
 
-    @torch.no_grad()
-    def refine(
-        self,
-        pixel_values: torch.Tensor,
-        text_embeds: torch.Tensor | None = None,
-        margin_threshold: float | None = None,
-        max_stages: int | None = None,
-        margin_scaling: str = "none",
-        gflops_budget: float | None = None,
-        return_all_stages: bool = False,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: WaveCLIPStageCache | None = None,
-    ) -> WaveCLIPRefinementOutput:
-        """Margin-gated zero-shot classification, coarse to fine: the `generate` of this model.
-
-        Runs stage 0 on the batch, scores it against the labels, lets the images whose probability margin passes
-        the gate (see `gating.py`) answer, drops them from the batch and from the cache, and feeds the next stage's
-        tokens to the rest from the cache. No stage is ever computed twice.
-
-        ```python
-        >>> inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=image, return_tensors="pt")
-        >>> model.refine(**inputs, margin_threshold=0.2)  # or model.refine(pixel_values, text_embeds, 0.2)
-        ```
-
-        Args:
-            pixel_values: (batch, 3, S, S) packed coefficients from [`WaveCLIPImageProcessor`].
-            text_embeds: (num_labels, projection_dim) label embeddings (`get_text_features(...).pooler_output`,
-                normalised here); or give the labels' `input_ids` (and `attention_mask`) instead.
-            margin_threshold: stop when top-1 minus top-2 probability reaches it (0: everything at stage 0;
-                `None`, the default: no early exit, every image through every stage up to `max_stages`). A
-                bidirectional model (`attention="bidirectional"`) takes only `None`: it answers after one full forward.
-            max_stages: answer at the latest after this many stages (default: all; a bidirectional model: all).
-            margin_scaling: `"none"` or `"num_labels"` (the paper's threshold x number of labels).
-            gflops_budget: mean image-encoder GFLOPs per image for this batch. After each stage, of the images the
-                gate sends on, those with the smallest margins continue first, as many as the budget still pays for.
-            return_all_stages: also return `stage_scores`, every image's scores after every stage it ran.
-            input_ids, attention_mask, position_ids: (num_labels, length) tokenised label prompts, instead of
-                `text_embeds` (e.g. from [`WaveCLIPProcessor`] with `text=`).
-            cache: a [`WaveCLIPStageCache`] from `new_stage_cache()` to reuse (it is reset first; by default a new
-                one per call). One kept across calls on batches of one size allocates nothing after the first call,
-                unless images leave the batch after a later stage than 0 (the pipeline keeps one).
-
-        Returns:
-            [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
-        """
-        num_stages = self.num_stages if max_stages is None else check_stage_count(max_stages, "max_stages", self.num_stages)
-        # Checked up front, not only when the gate first runs: a single label or max_stages=1 never reaches it.
-        if margin_threshold is not None:
-            margin_threshold = check_margin_threshold(margin_threshold)
-        check_margin_scaling(margin_scaling)
-        first_stage = self._first_refined_stage(margin_threshold, num_stages)
-        self.vision_model._check_pixel_values(pixel_values)
-        text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
-        batch_size, num_labels = pixel_values.shape[0], text_embeds.shape[0]
-        device, logit_scale = self.logit_scale.device, self.logit_scale.exp()
-        cumulative = self._cumulative_stage_gflops()
-        gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, batch_size)
-        # With return_all_stages: (batch, stages, labels), NaN for the stages an image did not run.
-        stage_scores = (text_embeds.new_full((batch_size, num_stages, num_labels), float("nan"), device=device)
-                        if return_all_stages else None)
-
-        logits_per_image = torch.empty(batch_size, num_labels, device=device, dtype=text_embeds.dtype)
-        image_embeds = torch.empty(batch_size, text_embeds.shape[1], device=device, dtype=text_embeds.dtype)
-        exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        active = torch.arange(batch_size, device=device)
-        if margin_threshold == 0:
-            # Every probability margin is >= 0, so the gate stops every image at stage 0 (its documented meaning):
-            # run that stage alone, without a cache to fill.
-            num_stages = 1
-        # A bidirectional model runs one full forward (first_stage = the last stage), without a cache.
-        cache = self._refine_cache(cache, num_stages) if first_stage == 0 else None
-        for stage in range(first_stage, num_stages):
-            last = stage == num_stages - 1
-            # The first stage reads every image: no gather copy of the pixels.
-            inputs = pixel_values if stage == first_stage else pixel_values[active]
-            outputs = self.get_image_features(inputs, num_stages=stage + 1, cache=cache)
-            logits = zero_shot_logits(outputs.pooler_output, text_embeds, logit_scale)
-            embeds = nn.functional.normalize(outputs.pooler_output, dim=-1).to(logits.dtype)
-            probs = logits.softmax(-1)
-            if stage_scores is not None:
-                stage_scores[active, stage] = probs
-            stops = torch.ones_like(active, dtype=torch.bool) if last else ~gate.continues(probs, stage)
-            answered = active[stops]
-            logits_per_image[answered] = logits[stops]
-            image_embeds[answered] = embeds[stops]
-            exit_stage[answered] = stage
-            if bool(stops.all()):
-                break
-            continuing = (~stops).nonzero().squeeze(1)
-            if not bool((~stops).all()):
-                cache.batch_select_indices(continuing)
-            active = active[continuing]
-
-        return WaveCLIPRefinementOutput(
-            scores=logits_per_image.softmax(-1), logits_per_image=logits_per_image, image_embeds=image_embeds,
-            exit_stage=exit_stage, gflops=cumulative.to(device)[exit_stage].float(), stage_scores=stage_scores,
-        )
-
-    def _refinement_label_embeddings(self, text_embeds, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        """(num_labels, projection_dim) label embeddings for `refine`: given, or from the labels' tokens."""
-        if (text_embeds is None) == (input_ids is None):
-            raise ValueError(
-                "Pass the labels once: either `text_embeds` (num_labels, projection_dim) or their `input_ids` (e.g. "
-                "`processor(text=prompts, images=images, return_tensors='pt', padding=True)`)."
-            )
-        if input_ids is not None:
-            text_embeds = self.get_text_features(
-                input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
-            ).pooler_output
-        if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] == 0:
-            raise ValueError(
-                f"`text_embeds` must be a (num_labels >= 1, projection_dim) tensor, got "
-                f"{tuple(text_embeds.shape) if isinstance(text_embeds, torch.Tensor) else type(text_embeds).__name__}."
-            )
-        if text_embeds.shape[1] != self.projection_dim:
-            raise ValueError(
-                f"`text_embeds` have {text_embeds.shape[1]} dimensions but this model projects to "
-                f"{self.projection_dim}: use `get_text_features(...).pooler_output` of the same model."
-            )
-        return text_embeds
-
-    def _cumulative_stage_gflops(self) -> torch.Tensor:
-        """(num_stages,) float64: image-encoder GFLOPs to have an answer after each stage, the way the model runs
-        (with the cache; for a bidirectional model, its one full forward at every entry)."""
-        from .flops import answer_flops  # the analytic per-stage count; imported here to keep model import light
-
-        return torch.tensor(answer_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64) / 1e9
-
-    def _refine_cache(self, cache, num_stages: int) -> WaveCLIPStageCache | None:
-        """The empty cache `refine` fills: none for a single stage, else `cache` reset, or a new one for
-        `num_stages` stages."""
-        if num_stages == 1:
-            return None
-        if cache is None:
-            return WaveCLIPStageCache(self.config.vision_config, num_stages)
-        if not isinstance(cache, WaveCLIPStageCache):
-            raise ValueError(
-                f"`refine(cache=...)` reuses this model's `WaveCLIPStageCache`, got {type(cache).__module__}."
-                f"{type(cache).__name__}. Pass `model.new_stage_cache()` (or nothing: refine then makes its own)."
-            )
-        held = len(cache.stage_offsets) - 1
-        if held < num_stages or len(cache.layers) != self.config.vision_config.num_hidden_layers:
-            raise ValueError(
-                f"`refine(cache=...)` got a WaveCLIPStageCache for {held} stages of {len(cache.layers)} layers, but "
-                f"runs {num_stages} stages of {self.config.vision_config.num_hidden_layers} layers: build it with "
-                "`model.new_stage_cache()`."
-            )
-        cache.reset()
-        return cache
-
-    def _first_refined_stage(self, margin_threshold: float | None, num_stages: int) -> int:
-        """The stage `refine` starts at: 0, or for a bidirectional model the last one (it runs one full forward and
-        answers there), after refusing an early exit it cannot make."""
-        vision_config = self.config.vision_config
-        if vision_config.attention != "bidirectional":
-            return 0
-        if margin_threshold is not None or num_stages != vision_config.num_stages:
-            raise ValueError(
-                "This WaveCLIP has `attention='bidirectional'`: every stage's class token sees every token, so no "
-                "stage answers before the full forward and there is no early exit. Call `refine` with "
-                f"margin_threshold=None and max_stages=None (got margin_threshold={margin_threshold}, max_stages="
-                f"{num_stages}), or use a block-causal model (the default) for gated refinement."
-            )
-        return num_stages - 1
-
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
@@ -1116,14 +749,16 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-# Saved folders get `auto_map` entries for these Auto classes and carry this file (see `save_pretrained`).
+# Saved folders get an `auto_map` entry for `AutoModel` and carry this file with its relative imports, the gated
+# pipeline's among them; a model object handed to `pipeline("zero-shot-image-classification", model=...)` gets that
+# pipeline (every other model keeps the stock one).
 WaveCLIPModel.register_for_auto_class("AutoModel")
 WaveCLIPVisionModel.register_for_auto_class("AutoModel")
+register_gated_pipeline(WaveCLIPModel)
 
 __all__ = [
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
-    "WaveCLIPRefinementOutput",
     "WaveCLIPStageCache",
     "WaveCLIPVisionModel",
     "WaveCLIPVisionModelOutput",

@@ -28,35 +28,51 @@ otherwise give such labels near-uniform scores without a word.
 
 `calibrate(images, candidate_labels=..., target_agreement=0.99)` chooses the threshold for one label set (and
 template) without labels: the full model's answers on unlabelled images of the user's domain are the reference
-that early exits must keep (`gating.calibrate_threshold`). It is remembered per label set and used by
-`margin_threshold="auto"`. To calibrate several label sets on the same images, embed them once
+that early exits must keep (`gate_calibration.calibrate_threshold`). It is stored in the model's config
+(`gate_calibrations`), so `save_pretrained` keeps it and `margin_threshold="auto"` finds it again, in any process,
+for the same labels in any order. To calibrate several label sets on the same images, embed them once
 (`image_stage_embeddings(images)`) and pass `image_embeddings=` to each `calibrate`.
 
 Label text embeddings are computed once per (labels, template), in chunks of 1,024 prompts so that 10,000-label
 vocabularies fit in memory, and reused by later calls. Bad parameters (threshold, `max_stages`, template, labels)
 raise a `ValueError` before any image is decoded.
 
+Sharing: one pipeline may serve many threads at once (a web server's pattern). A call keeps its parameters and its
+label set to itself; the label embeddings are shared under a lock (the same labels give the same embeddings in
+every thread); the stage cache that `refine` reuses is one per thread. `calibrate` changes what
+`margin_threshold="auto"` means for its label set from then on, in every thread: calibrate before serving.
+
+`pipeline("zero-shot-image-classification", model=<WaveCLIPModel object>, ...)` returns this pipeline too: loading
+the model registers it for WaveCLIP models (`register_gated_pipeline`); every other model keeps the stock pipeline.
+
 This file is shipped as remote code with saved checkpoints.
 """
 
 import difflib
+import importlib
+import json
 import operator
+import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sized
+from pathlib import Path
 
 import torch
 from transformers.image_utils import load_image
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 from transformers.utils import logging
 
-from .gating import (
+from .folder_io import written_atomically
+from .gate_calibration import (
     GateCalibration,
     calibrate_threshold,
-    check_gflops_budget,
-    check_margin_scaling,
-    check_margin_threshold,
-    check_stage_count,
+    find_calibration,
+    store_calibration,
 )
+from .configuration_waveclip import ZERO_SHOT_TASK
+from .gating import check_gflops_budget, check_margin_scaling, check_margin_threshold, check_stage_count
+from .processing_waveclip import WaveCLIPProcessor
 from .scoring import zero_shot_logits
 
 logger = logging.get_logger(__name__)
@@ -162,10 +178,21 @@ def check_call_parameters(names) -> None:
         )
 
 
-def label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs) -> tuple:
-    """What identifies a label set's embeddings and calibration: labels, template(s) and tokenizer settings (they
-    change the token ids, hence the embeddings)."""
+def embedding_key(candidate_labels, hypothesis_template, tokenizer_kwargs) -> tuple:
+    """What identifies a label set's embeddings, one row per label in the caller's order: labels, template(s) and
+    tokenizer settings (they change the token ids, hence the embeddings)."""
     return (tuple(candidate_labels), hypothesis_template, tuple(sorted((tokenizer_kwargs or {}).items())))
+
+
+def is_image_path(image: str) -> bool:
+    """Whether a string image is a local path (rather than a URL or base64 data, which `load_image` decodes).
+
+    Base64 has no '.', and a base64 image is thousands of characters long, so a string with a '.' or a short one
+    is a path; the image processor then opens it and names the file when it cannot.
+    """
+    if image.startswith(("http://", "https://", "data:")):
+        return False
+    return "." in image or len(image) < 256
 
 
 class _LabelSet:
@@ -200,9 +227,10 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
 
     def __init__(self, **kwargs):
         self._text_embeddings = OrderedDict()
-        # One stage cache for every call: `refine` resets it, and batches of one size reuse its buffers.
-        self._stage_cache = None
-        self._calibrations = {}
+        self._text_embeddings_lock = threading.Lock()
+        # One stage cache per thread: `refine` resets it, batches of one size reuse its buffers, and two threads
+        # never write into the same one.
+        self._per_thread = threading.local()
         super().__init__(**kwargs)
 
     def __call__(self, image=None, candidate_labels=None, **kwargs):
@@ -234,7 +262,7 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 forward_params["max_stages"], "max_stages", self.model.num_stages, hint=" (or None for all)"
             )
         if forward_params.get("gflops_budget") is not None:
-            stage0 = float(self.model._cumulative_stage_gflops()[0])
+            stage0 = float(self.model.answer_gflops()[0])
             forward_params["gflops_budget"] = check_gflops_budget(forward_params["gflops_budget"], stage0)
         if not isinstance(forward_params.get("return_all_stages", False), bool):
             raise ValueError(f"`return_all_stages` must be True or False, got {forward_params['return_all_stages']!r}.")
@@ -272,25 +300,28 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         return (self.run_single(item, preprocess_params, forward_params, postprocess_params) for item in items)
 
     def calibrated_threshold(self, candidate_labels, hypothesis_template=DEFAULT_TEMPLATE, tokenizer_kwargs=None):
-        """The threshold `calibrate` chose for this label set and template (`None`: every stage); a `ValueError` if
-        it was never calibrated."""
-        key = label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
-        if key not in self._calibrations:
+        """The threshold calibrated for this label set (its labels in any order) and template, as stored in the
+        model's config (`None`: every stage); a `ValueError` if it was never calibrated."""
+        calibration = find_calibration(self.model.config, candidate_labels, hypothesis_template, tokenizer_kwargs)
+        if calibration is None:
+            stored = len(getattr(self.model.config, "gate_calibrations", None) or [])
             raise ValueError(
                 f"`margin_threshold='auto'` needs a calibration for these labels and template ({len(candidate_labels)} "
-                f"labels, template {hypothesis_template!r}): call `classifier.calibrate(images, candidate_labels=..., "
-                "hypothesis_template=...)` first on unlabelled images of your domain, with the same labels and "
-                "template, or pass a number as `margin_threshold`."
+                f"labels, template {hypothesis_template!r}); the model holds {stored} calibration(s), none for this "
+                "set. Call `classifier.calibrate(images, candidate_labels=..., hypothesis_template=...)` on "
+                "unlabelled images of your domain with the same labels and template (then `save_pretrained` keeps "
+                "it), or pass a number as `margin_threshold`."
             )
-        return self._calibrations[key].threshold
+        return calibration.threshold
 
     def preprocess(self, image, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, timeout=None,
                    tokenizer_kwargs=None):
         label_set = candidate_labels
         if not (isinstance(label_set, _LabelSet) and label_set.matches(hypothesis_template, tokenizer_kwargs)):
             label_set = _LabelSet.checked(candidate_labels, hypothesis_template, tokenizer_kwargs)
-        if isinstance(image, str):  # URL, path or base64, as the stock pipeline; arrays go to the processor as is
-            image = load_image(image, timeout=timeout)
+        if isinstance(image, str) and not is_image_path(image):
+            image = load_image(image, timeout=timeout)  # URL or base64, as the stock pipeline
+        # Paths, arrays and PIL images go to the image processor, which names a file it cannot read.
         inputs = self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
         # Text is not tokenised per image: _forward embeds each label set once and caches it. One reference per
         # image, so that batching keeps the set together.
@@ -303,10 +334,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         A list of templates gives each label the mean of its normalised per-template embeddings (CLIP's prompt
         ensembles); a single template gives the text tower's embedding as is.
         """
-        key = label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
-        if key in self._text_embeddings:
-            self._text_embeddings.move_to_end(key)
-            return self._text_embeddings[key]
+        key = embedding_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
+        with self._text_embeddings_lock:
+            if key in self._text_embeddings:
+                self._text_embeddings.move_to_end(key)
+                return self._text_embeddings[key]
         if isinstance(hypothesis_template, str):
             embeds = self._embed_prompts([hypothesis_template.format(label) for label in candidate_labels],
                                          tokenizer_kwargs)
@@ -318,9 +350,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 for template in hypothesis_template
             ]
             embeds = torch.stack(per_template).mean(0)
-        self._text_embeddings[key] = embeds
-        if len(self._text_embeddings) > _TEXT_CACHE_SIZE:
-            self._text_embeddings.popitem(last=False)
+        # Two threads may embed the same new set at once; both get equal tensors and one is kept.
+        with self._text_embeddings_lock:
+            self._text_embeddings[key] = embeds
+            if len(self._text_embeddings) > _TEXT_CACHE_SIZE:
+                self._text_embeddings.popitem(last=False)
         return embeds
 
     def _embed_prompts(self, sequences: list[str], tokenizer_kwargs=None) -> torch.Tensor:
@@ -391,12 +425,13 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if isinstance(margin_threshold, str):  # "auto", checked in _sanitize_parameters
             margin_threshold = self.calibrated_threshold(labels, template, tokenizer_kwargs)
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
-        if self._stage_cache is None:
-            self._stage_cache = self.model.new_stage_cache()
+        cache = getattr(self._per_thread, "stage_cache", None)
+        if cache is None:
+            cache = self._per_thread.stage_cache = self.model.new_stage_cache()
         outputs = self.model.refine(
             model_inputs["pixel_values"], text_embeds, margin_threshold, max_stages=max_stages,
             margin_scaling=margin_scaling, gflops_budget=gflops_budget, return_all_stages=return_all_stages,
-            cache=self._stage_cache,
+            cache=cache,
         )
         num_images = model_inputs["pixel_values"].shape[0]
         return {
@@ -427,15 +462,45 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         return [{"score": score, "label": labels[index], "stage": stage, "gflops": gflops, "stage_scores": row}
                 for score, index, row in zip(scores, ranked, per_label)]
 
+    def add_calibration(self, calibration) -> GateCalibration:
+        """Use a calibration made elsewhere for `margin_threshold="auto"`: a [`GateCalibration`], its dict, or the
+        path of a JSON file in that format (`python -m waveclip_hf.cli.calibrate` writes one). It is stored in the
+        model's config, as `calibrate` stores its own, and replaces an earlier one for the same label set."""
+        if isinstance(calibration, (str, os.PathLike)):
+            try:
+                calibration = json.loads(Path(calibration).read_text())
+            except (OSError, ValueError) as error:
+                raise ValueError(f"Cannot read the calibration file {calibration}: {error}") from error
+        if isinstance(calibration, dict):
+            calibration = GateCalibration.from_dict(calibration)
+        if not isinstance(calibration, GateCalibration) and type(calibration).__name__ != "GateCalibration":
+            raise ValueError(f"`add_calibration` takes a GateCalibration, its dict or a JSON file, got {calibration!r}.")
+        store_calibration(self.model.config, calibration)
+        return calibration
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """transformers' pipeline save (the model with its remote code and calibrations, the tokenizer, the image
+        processor) and the [`WaveCLIPProcessor`] that pairs the last two, written to a temporary folder first: a save
+        that fails midway leaves `save_directory` as it was. Files already in `save_directory` that the save does not
+        write (a README) are kept.
+
+        The processor is saved too because a loaded image processor keeps the processor's `AutoProcessor` entry in
+        its `auto_map`: saved alone, it would name a file the folder lacks."""
+        with written_atomically(save_directory, merge=True) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+            if self.tokenizer is not None and self.image_processor is not None:
+                WaveCLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer).save_pretrained(tmp)
+
     def calibrate(self, images=None, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE,
                   target_agreement=None, gflops_budget=None, batch_size=None, tokenizer_kwargs=None, timeout=None,
                   image_embeddings=None) -> GateCalibration:
-        """Choose `margin_threshold` for one label set without labels, and remember it for `margin_threshold="auto"`.
+        """Choose `margin_threshold` for one label set without labels, and keep it in the model's config for
+        `margin_threshold="auto"` (`save_pretrained` then saves it with the model).
 
         The full model's answer is the reference: on `images` (unlabelled images of your domain, not the ones you
         will evaluate on), pick the cheapest threshold whose answers agree with the full model's on at least
         `target_agreement` of them (default 0.99), or the most faithful one within `gflops_budget` mean GFLOPs per
-        image. Exactly one target; the choice is exact (`gating.calibrate_threshold`).
+        image. Exactly one target; the choice is exact (`gate_calibration.calibrate_threshold`).
 
         Args:
             images: paths, URLs, PIL images or arrays, as a call takes them.
@@ -476,9 +541,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 f"{100 / len(stage_probs):.1f} points, so agreement on new images may fall short of the target. Use a "
                 f"few hundred images of your domain."
             )
-        calibration = calibrate_threshold(stage_probs, self.model._cumulative_stage_gflops().tolist(),
-                                          target_agreement, gflops_budget)
-        self._calibrations[label_set_key(labels, template, tokenizer_kwargs)] = calibration
+        calibration = calibrate_threshold(stage_probs, self.model.answer_gflops().tolist(), target_agreement,
+                                          gflops_budget).for_label_set(labels, template, tokenizer_kwargs)
+        store_calibration(self.model.config, calibration)
         return calibration
 
     @torch.no_grad()
@@ -501,7 +566,8 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             batch.clear()
 
         for image in images:
-            batch.append(load_image(image, timeout=timeout) if isinstance(image, str) else image)
+            is_remote = isinstance(image, str) and not is_image_path(image)
+            batch.append(load_image(image, timeout=timeout) if is_remote else image)
             if len(batch) == batch_size:
                 flush()
         if batch:
@@ -510,8 +576,51 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             raise ValueError("`calibrate` got no images: pass unlabelled images of your domain (a few hundred).")
         return torch.cat(embeds)
 
+
+class ZeroShotImageClassificationDispatch(ZeroShotImageClassificationPipeline):
+    """Stands in transformers' task registry for the zero-shot image pipeline: builds the gated pipeline for a model
+    whose class names one (`_gated_pipeline_class`, set by `register_gated_pipeline`) and, for every other model,
+    the pipeline the registry held before (the stock one), with the same arguments.
+
+    `pipeline(task, model=<folder or Hub id>)` reads the folder's `custom_pipelines` and never gets here; a model
+    object has no folder to read, which is the case this serves.
+    """
+
+    _builds_gated_pipelines = True
+    fallback_class = ZeroShotImageClassificationPipeline
+
+    def __new__(cls, *args, model=None, **kwargs):
+        pipeline_class = getattr(model, "_gated_pipeline_class", None) or cls.fallback_class
+        return pipeline_class(*args, model=model, **kwargs)
+
+
+def register_gated_pipeline(model_class) -> None:
+    """Make `pipeline(ZERO_SHOT_TASK, model=<model_class instance>)` build this file's gated pipeline.
+
+    The registry's entry for the task keeps everything (default model, model classes) but its implementation, which
+    becomes `ZeroShotImageClassificationDispatch`: every other model still gets the pipeline it got before. Loading
+    several copies of the WaveCLIP code (two folders with `trust_remote_code`) registers one dispatcher; each model
+    class names its own copy's pipeline.
+    """
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    model_class._gated_pipeline_class = WaveCLIPZeroShotImageClassificationPipeline
+    entry = PIPELINE_REGISTRY.supported_tasks.get(ZERO_SHOT_TASK)
+    if entry is None or getattr(entry["impl"], "_builds_gated_pipelines", False):
+        return
+    previous = entry["impl"]
+    if isinstance(previous, str):  # transformers >= 5.24 names the class by its dotted path until first use
+        module_path, class_name = previous.rsplit(".", 1)
+        previous = getattr(importlib.import_module(module_path), class_name)
+    dispatch = type("ZeroShotImageClassificationDispatch", (ZeroShotImageClassificationDispatch,),
+                    {"fallback_class": previous, "__module__": __name__})
+    PIPELINE_REGISTRY.supported_tasks[ZERO_SHOT_TASK] = {**entry, "impl": dispatch}
+
+
 __all__ = [
     "CALL_PARAMETERS",
+    "ZeroShotImageClassificationDispatch",
+    "register_gated_pipeline",
     "WaveCLIPZeroShotImageClassificationPipeline",
     "check_candidate_labels",
     "check_hypothesis_template",
