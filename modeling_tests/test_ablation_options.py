@@ -4,11 +4,11 @@ approximation last). The defaults are the method and are covered by every other 
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel
 from transformers.cache_utils import DynamicCache
 
-from conftest import tiny_config
 from waveclip_hf import WaveCLIPModel
 from waveclip_hf.conversion import convert_clip_to_waveclip
 from waveclip_hf.models.waveclip.configuration_waveclip import WaveCLIPVisionConfig
@@ -85,8 +85,10 @@ def test_fine_to_coarse_gflops_per_stage_at_vit_b16_geometry():
 
     approximation_convolution = 2 * 49 * 768 * 3 * 16 * 16
     projection = 2 * 768 * 512
-    expected = [3 * approximation_convolution + layers(148, 148) + projection,
-                approximation_convolution + layers(50, 198) + projection]
+    expected = [
+        3 * approximation_convolution + layers(148, 148) + projection,
+        approximation_convolution + layers(50, 198) + projection,
+    ]
     assert embedding_flops(config, 0) == 3 * embedding_flops(config, 1) == 3 * approximation_convolution
     assert stage_flops(config, projection_dim=512) == expected
     assert [round(f / 1e9, 2) for f in expected] == [26.12, 8.92]
@@ -97,8 +99,9 @@ def test_fine_to_coarse_gflops_per_stage_at_vit_b16_geometry():
 
 def test_fine_to_coarse_counts_match_the_flop_counter():
     torch.manual_seed(0)
-    model = WaveCLIPModel._from_config(tiny_config(levels=2, band_order="fine_to_coarse"),
-                                       attn_implementation="eager").eval()
+    model = WaveCLIPModel._from_config(
+        tiny_config(levels=2, band_order="fine_to_coarse"), attn_implementation="eager"
+    ).eval()
     x = pixels(model.config, batch_size=1)
     measured, cache = [], None
     for stage in range(3):
@@ -125,8 +128,10 @@ def test_fine_to_coarse_reads_the_same_tokens_in_reverse_order(levels):
     with torch.no_grad():
         for stage in range(levels + 1):
             # Class tokens belong to stages (each stage's exit), the other tokens to the band they read.
-            assert torch.equal(fine_first.vision_model.embeddings.embed_stage(coefficients, stage)[:, 1:],
-                               coarse_first.vision_model.embeddings.embed_stage(coefficients, levels - stage)[:, 1:])
+            assert torch.equal(
+                fine_first.vision_model.embeddings.embed_stage(coefficients, stage)[:, 1:],
+                coarse_first.vision_model.embeddings.embed_stage(coefficients, levels - stage)[:, 1:],
+            )
 
 
 @pytest.mark.parametrize("levels", [1, 2])
@@ -152,8 +157,13 @@ def test_fine_to_coarse_cached_stage_by_stage_equals_one_forward(levels):
 def tiny_teacher() -> CLIPModel:
     torch.manual_seed(0)
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    return CLIPModel(CLIPConfig(text_config=dict(layers, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=3),
-                                vision_config=dict(layers, image_size=64, patch_size=16), projection_dim=16)).eval()
+    return CLIPModel(
+        CLIPConfig(
+            text_config=dict(layers, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=3),
+            vision_config=dict(layers, image_size=64, patch_size=16),
+            projection_dim=16,
+        )
+    ).eval()
 
 
 def test_conversion_folds_the_teacher_into_the_approximation_projection_in_either_order():
@@ -170,8 +180,10 @@ def test_conversion_folds_the_teacher_into_the_approximation_projection_in_eithe
     # Its tokens are the coarse-to-fine model's stage-0 tokens, whose projection is the teacher's folded one.
     coefficients = unpack_coefficients(pixels(coarse_first.config), 2)
     with torch.no_grad():
-        assert torch.equal(fine_first.vision_model.embeddings.embed_stage(coefficients, 2),
-                           coarse_first.vision_model.embeddings.embed_stage(coefficients, 0))  # equal class tokens too
+        assert torch.equal(
+            fine_first.vision_model.embeddings.embed_stage(coefficients, 2),
+            coarse_first.vision_model.embeddings.embed_stage(coefficients, 0),
+        )  # equal class tokens too
     # The distiller's fresh parameters are the detail projections in either order.
     assert "vision_model.embeddings.patch_embeddings.0.weight" not in fresh_parameter_names(fine_first)
     assert "vision_model.embeddings.patch_embeddings.2.weight" in fresh_parameter_names(fine_first)
@@ -216,8 +228,11 @@ def test_bidirectional_model_refuses_a_cache_and_early_exit():
         refined = model.refine(x, text)
         full = model.get_image_features(x).pooler_output
     assert refined.exit_stage.tolist() == [1, 1, 1]
-    expected = model.logit_scale.exp() * torch.nn.functional.normalize(full, dim=-1) @ \
-        torch.nn.functional.normalize(text, dim=-1).T
+    expected = (
+        model.logit_scale.exp()
+        * torch.nn.functional.normalize(full, dim=-1)
+        @ torch.nn.functional.normalize(text, dim=-1).T
+    )
     assert torch.allclose(refined.logits_per_image, expected, atol=1e-5)
     assert refined.gflops.tolist() == pytest.approx([full_forward_flops(model.config) / 1e9] * 3)
 
@@ -227,11 +242,13 @@ def test_bidirectional_flops_and_stage_weights():
     with pytest.raises(ValueError, match="no cache and no per-stage answers.*answer_flops"):
         stage_flops(config)
     assert answer_flops(config) == [full_forward_flops(config)] * 2
-    assert answer_flops(WaveCLIPVisionConfig()) == [sum(stage_flops(WaveCLIPVisionConfig())[:s + 1]) for s in (0, 1)]
+    assert answer_flops(WaveCLIPVisionConfig()) == [sum(stage_flops(WaveCLIPVisionConfig())[: s + 1]) for s in (0, 1)]
     table = format_flops_table(config, projection_dim=512)
     assert "| one full forward (bidirectional attention: no cache, no early exit) | 198 | 35.31 |" in table
     # The last class token is the only answer: by default all the distillation weight goes there.
     assert DistillationConfig(attention="bidirectional").resolved_stage_weights(2).tolist() == [0.0, 1.0]
-    assert DistillationConfig(attention="bidirectional", stage_weights=[1, 1]).resolved_stage_weights(2).tolist() == \
-        [0.5, 0.5]
+    assert DistillationConfig(attention="bidirectional", stage_weights=[1, 1]).resolved_stage_weights(2).tolist() == [
+        0.5,
+        0.5,
+    ]
     assert DistillationConfig().resolved_stage_weights(2).tolist() == [0.5, 0.5]

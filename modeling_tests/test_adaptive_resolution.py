@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
 from test_end_to_end import tiny_clip_config
+
 from waveclip_hf.data.synthetic import GENERATOR_VERSION, THREE_SCALE_AXES, THREE_SCALE_VERSION
 from waveclip_hf.experiments import cached_steps
 from waveclip_hf.experiments.adaptive_report import HAND_WRITTEN_MARKER, first_answering_stage
@@ -22,6 +22,7 @@ from waveclip_hf.experiments.adaptive_resolution import (
 from waveclip_hf.experiments.report import portable_paths
 from waveclip_hf.experiments.run_evaluation import evaluate
 
+
 # The stage that first sees each scale at 448 px / L=2: approximation, level-2 details, level-1 details.
 FIRST_STAGE = {"coarse": 0, "fine": 1, "micro": 2}
 
@@ -32,8 +33,10 @@ def three_scale_embeddings(num_images: int = 12):
     offsets, dim = {}, 0
     for name, axis in THREE_SCALE_AXES.items():
         offsets[name], dim = dim, dim + len(axis.class_names)
-    rows = [{name: axis.class_names[i % len(axis.class_names)] for name, axis in THREE_SCALE_AXES.items()}
-            for i in range(num_images)]
+    rows = [
+        {name: axis.class_names[i % len(axis.class_names)] for name, axis in THREE_SCALE_AXES.items()}
+        for i in range(num_images)
+    ]
     stages = torch.zeros(num_images, 3, dim)
     for i, row in enumerate(rows):
         for name, axis in THREE_SCALE_AXES.items():
@@ -51,23 +54,37 @@ def three_scale_embeddings(num_images: int = 12):
 def test_report_on_known_answers(tmp_path):
     embeddings, rows = three_scale_embeddings()
     student_config = tiny_config(levels=2)
-    results = evaluate(embeddings, rows, student_config, tiny_clip_config(), [0.0, 0.5, 0.99, 1.01], 0.6,
-                       axes=THREE_SCALE_AXES)
+    results = evaluate(
+        embeddings, rows, student_config, tiny_clip_config(), [0.0, 0.5, 0.99, 1.01], 0.6, axes=THREE_SCALE_AXES
+    )
     gflops = results["student_cumulative_gflops"]
     assert results["per_axis"]["color"]["stages"] == [1.0, 1.0, 1.0]
     assert results["per_axis"]["glyph"]["stages"] == [0.0, 1.0, 1.0]
     assert results["per_axis"]["grain"]["stages"] == [0.0, 0.0, 1.0]
-    context = {"command": "python -m waveclip_hf.experiments.adaptive_resolution", "preset": "adaptive-448",
-               "settings": preset_settings("adaptive-448"), "date": "2026-01-01 00:00 UTC", "machine": "test machine",
-               "wall_minutes": 1.5, "step_seconds": {"benchmark": 1.0, "teacher": 2.0},
-               "first_run": {"minutes": 3.0, "date": "2026-01-01 00:00 UTC", "machine": "test machine"},
-               "teacher_training": {"images_seen": 10, "train_seconds": 1.0}, "figures": {
-                   "curve": "figures/adaptive_accuracy_vs_gflops.png", "shares": "figures/adaptive_exit_stage_share.png"}}
+    context = {
+        "command": "python -m waveclip_hf.experiments.adaptive_resolution",
+        "preset": "adaptive-448",
+        "settings": preset_settings("adaptive-448"),
+        "date": "2026-01-01 00:00 UTC",
+        "machine": "test machine",
+        "wall_minutes": 1.5,
+        "step_seconds": {"benchmark": 1.0, "teacher": 2.0},
+        "first_run": {"minutes": 3.0, "date": "2026-01-01 00:00 UTC", "machine": "test machine"},
+        "teacher_training": {"images_seen": 10, "train_seconds": 1.0},
+        "figures": {
+            "curve": "figures/adaptive_accuracy_vs_gflops.png",
+            "shares": "figures/adaptive_exit_stage_share.png",
+        },
+    }
     report = adaptive_report(results, student_config, context)
     # The issue's keys, with accuracies as fractions.
     assert report["stage_gflops"] == gflops and report["clip_448_gflops"] > report["clip_224_gflops"] > 0
-    assert report["per_axis"]["grain"] == {"scale": "micro", "teacher_accuracy": 1.0,
-                                            "stage_accuracy": [0.0, 0.0, 1.0], "chance": 1 / 6}
+    assert report["per_axis"]["grain"] == {
+        "scale": "micro",
+        "teacher_accuracy": 1.0,
+        "stage_accuracy": [0.0, 0.0, 1.0],
+        "chance": 1 / 6,
+    }
     # θ = 0.99 sends every image to stage 2 (all margins are the same 0.5-ish); it is the cheapest within 1 point.
     gated = report["gated"]
     assert (gated["margin_threshold"], gated["accuracy"], gated["rule"]) == (0.99, 1.0, "cheapest")
@@ -79,8 +96,10 @@ def test_report_on_known_answers(tmp_path):
     assert "- coarse axes: answered color from stage 0, shape from stage 0; the gate spends" in text
     assert "- fine axes: answered texture from stage 1, glyph from stage 1;" in text
     assert "- micro axes: answered grain from stage 2;" in text
-    assert "- Micro axis grain: stage 0 -16.7, stage 1 -16.7, stage 2 +83.3 points over chance: near chance " \
-           "before stage 2; stage 2 reaches 100.0% (teacher 100.0%): learned at stage 2." in text
+    assert (
+        "- Micro axis grain: stage 0 -16.7, stage 1 -16.7, stage 2 +83.3 points over chance: near chance "
+        "before stage 2; stage 2 reaches 100.0% (teacher 100.0%): learned at stage 2." in text
+    )
     assert "- Teacher axes under 90%: none" in text
     assert (tmp_path / "figures" / "adaptive_accuracy_vs_gflops.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "adaptive_resolution.json").read_text())["gated"]["margin_threshold"] == 0.99
@@ -112,15 +131,23 @@ def test_costs_against_plain_clip():
 def test_benchmark_keys(monkeypatch, tmp_path):
     """The three-scale benchmark gets its own key; the main job's two-scale key is the one it always had."""
     calls = []
-    monkeypatch.setattr(cached_steps, "generate_benchmark", lambda root, **kwargs: calls.append((root, kwargs)) or root)
+    monkeypatch.setattr(
+        cached_steps, "generate_benchmark", lambda root, **kwargs: calls.append((root, kwargs)) or root
+    )
     counts = {"num_train": 20_000, "num_validation": 1_000, "num_test": 5_000}
     two_scale = cached_steps.build_benchmark(tmp_path, counts, 0, 1, False)
     assert two_scale.name == f"benchmark-v{GENERATOR_VERSION}-6a4eae49cbab" and calls[0][1]["layout"] == "two-scale"
     settings = preset_settings("adaptive-448")
     three_scale = cached_steps.build_benchmark(tmp_path, settings, 0, 1, False)
-    keyed = {"seed": 0, "generator_version": GENERATOR_VERSION, "num_train": settings["num_train"],
-             "num_validation": settings["num_validation"], "num_test": settings["num_test"],
-             "layout": "three-scale", "layout_version": THREE_SCALE_VERSION}
+    keyed = {
+        "seed": 0,
+        "generator_version": GENERATOR_VERSION,
+        "num_train": settings["num_train"],
+        "num_validation": settings["num_validation"],
+        "num_test": settings["num_test"],
+        "layout": "three-scale",
+        "layout_version": THREE_SCALE_VERSION,
+    }
     assert three_scale.name == f"benchmark-v{GENERATOR_VERSION}-{cached_steps.settings_hash(keyed)}"
     assert calls[1][1]["layout"] == "three-scale"
     with pytest.raises(ValueError, match="Unknown preset"):
@@ -142,8 +169,9 @@ def test_patch_scaled_teacher_reads_a_2x_nearest_upsample_like_the_original():
     upsampled = pixels.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     with torch.no_grad():
         expected = teacher.get_image_features(pixel_values=pixels).pooler_output
-        torch.testing.assert_close(scaled.get_image_features(pixel_values=upsampled).pooler_output, expected,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            scaled.get_image_features(pixel_values=upsampled).pooler_output, expected, atol=1e-5, rtol=1e-5
+        )
         # Interpolated positions on the same upsample read a 4x4 grid of 16-px patches: another embedding.
         interpolated = teacher.get_image_features(pixel_values=upsampled, interpolate_pos_encoding=True).pooler_output
     assert not torch.allclose(interpolated, expected, atol=1e-2)
@@ -168,7 +196,8 @@ def test_a_student_at_twice_the_teachers_size_needs_no_interpolated_positions():
     big = [image.repeat(2, 0).repeat(2, 1) for image in small]
     with torch.no_grad():
         expected = teacher.get_image_features(
-            pixel_values=build_image_processor(64)(list(small), return_tensors="pt")["pixel_values"]).pooler_output
+            pixel_values=build_image_processor(64)(list(small), return_tensors="pt")["pixel_values"]
+        ).pooler_output
         stage0 = student.get_image_features(
             WaveCLIPImageProcessor(image_size=128, levels=2)(big, return_tensors="pt")["pixel_values"]
         ).stage_pooler_outputs[:, 0]
@@ -177,8 +206,16 @@ def test_a_student_at_twice_the_teachers_size_needs_no_interpolated_positions():
 
 def test_the_label_free_gate_is_evaluated_on_the_benchmarks_own_axes():
     embeddings, rows = three_scale_embeddings()
-    results = evaluate(embeddings, rows, tiny_config(levels=2), tiny_clip_config(), [0.0, 0.5, 0.99, 1.01], 0.6,
-                       calibration_embeddings=embeddings["student"], axes=THREE_SCALE_AXES)
+    results = evaluate(
+        embeddings,
+        rows,
+        tiny_config(levels=2),
+        tiny_clip_config(),
+        [0.0, 0.5, 0.99, 1.01],
+        0.6,
+        calibration_embeddings=embeddings["student"],
+        axes=THREE_SCALE_AXES,
+    )
     assert list(results["label_free"]["per_axis"]) == list(THREE_SCALE_AXES) == list(results["per_axis"])
     # Calibrated on the test images themselves, every axis keeps at least 99% of the full model's answers there.
     assert all(row["test_agreement"] >= 0.99 for row in results["label_free"]["per_axis"].values())
@@ -190,20 +227,36 @@ def test_reports_name_no_folder_of_the_machine(tmp_path):
     cache, main = tmp_path / "cache", tmp_path / "main"
     cache.mkdir(), main.mkdir()
     (tmp_path / "link").symlink_to(main)
-    report = {"student": str(cache / "student-1" / "final"), "teacher": [str(main.resolve() / "teacher-2")],
-              "nested": {"linked": str(tmp_path / "link" / "teacher-3"), "other": "/elsewhere/x", "n": 1.5},
-              "prefix_only": str(cache) + "-other"}
+    report = {
+        "student": str(cache / "student-1" / "final"),
+        "teacher": [str(main.resolve() / "teacher-2")],
+        "nested": {"linked": str(tmp_path / "link" / "teacher-3"), "other": "/elsewhere/x", "n": 1.5},
+        "prefix_only": str(cache) + "-other",
+    }
     assert portable_paths(report, {"<cache>": cache, "<main job cache>": tmp_path / "link"}) == {
-        "student": "<cache>/student-1/final", "teacher": ["<main job cache>/teacher-2"],
+        "student": "<cache>/student-1/final",
+        "teacher": ["<main job cache>/teacher-2"],
         "nested": {"linked": "<main job cache>/teacher-3", "other": "/elsewhere/x", "n": 1.5},
-        "prefix_only": str(cache) + "-other"}
+        "prefix_only": str(cache) + "-other",
+    }
 
 
 TINY_PRESET = {
-    "num_train": 16, "num_validation": 4, "num_test": 12,
-    "teacher": {"vision_hidden_size": 32, "vision_intermediate_size": 64, "vision_num_layers": 1, "text_hidden_size": 32,
-                "text_intermediate_size": 64, "text_num_layers": 1, "projection_dim": 16, "batch_size": 8,
-                "num_epochs": 1.0, "mixed_precision": "no"},
+    "num_train": 16,
+    "num_validation": 4,
+    "num_test": 12,
+    "teacher": {
+        "vision_hidden_size": 32,
+        "vision_intermediate_size": 64,
+        "vision_num_layers": 1,
+        "text_hidden_size": 32,
+        "text_intermediate_size": 64,
+        "text_num_layers": 1,
+        "projection_dim": 16,
+        "batch_size": 8,
+        "num_epochs": 1.0,
+        "mixed_precision": "no",
+    },
     "distillation": {"max_steps": 2, "batch_size": 4, "mixed_precision": "no"},
 }
 
@@ -214,8 +267,18 @@ def test_the_preset_runs_end_to_end_and_records_its_first_run(tmp_path):
     every step (and none written by a rerun that reused them), and no folder of this machine in the reports."""
     from waveclip_hf.experiments.adaptive_resolution import main
 
-    argv = ["--cache-dir", str(tmp_path / "cache"), "--docs-dir", str(tmp_path / "docs"), "--fresh-teacher",
-            "--num-workers", "1", "--no-progress", "--override", json.dumps(TINY_PRESET)]
+    argv = [
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--docs-dir",
+        str(tmp_path / "docs"),
+        "--fresh-teacher",
+        "--num-workers",
+        "1",
+        "--no-progress",
+        "--override",
+        json.dumps(TINY_PRESET),
+    ]
     first = main(argv)
     assert len(first["stage_gflops"]) == 3 and first["clip_448_gflops"] > first["clip_224_gflops"]
     assert set(first["per_axis"]) == set(THREE_SCALE_AXES) and first["per_axis"]["grain"]["scale"] == "micro"

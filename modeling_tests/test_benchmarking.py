@@ -27,16 +27,33 @@ from waveclip_hf.benchmarking.timing import run_interleaved, summarize
 
 def tiny_settings(**overrides) -> BenchmarkSettings:
     settings = dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=64,
-        patch_size=8, projection_dim=16, cell_size=16, levels=1,
-        text_hidden_size=32, text_num_hidden_layers=2, text_num_attention_heads=4, text_intermediate_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=8,
+        projection_dim=16,
+        cell_size=16,
+        levels=1,
+        text_hidden_size=32,
+        text_num_hidden_layers=2,
+        text_num_attention_heads=4,
+        text_intermediate_size=64,
         text_max_length=16,
         cpu_schedules=(Schedule(1, 1, 2), Schedule(3, 0, 1)),
         cpu_early_exit=Schedule(4, 0, 2),
-        preprocessing_single=Schedule(1, 0, 1), preprocessing_batch=Schedule(3, 0, 1),
-        profile_batch_size=2, gpu_schedules=(Schedule(2, 0, 1),), gpu_early_exit=Schedule(4, 0, 1),
-        num_labels=12, pipeline_images=2, stock_pipeline_images=1, pipeline_rounds=1,
-        pipeline_batch_sizes=(1, 2), compile_backend=None,
+        preprocessing_single=Schedule(1, 0, 1),
+        preprocessing_batch=Schedule(3, 0, 1),
+        profile_batch_size=2,
+        gpu_schedules=(Schedule(2, 0, 1),),
+        gpu_early_exit=Schedule(4, 0, 1),
+        num_labels=12,
+        pipeline_images=2,
+        stock_pipeline_images=1,
+        pipeline_rounds=1,
+        pipeline_batch_sizes=(1, 2),
+        compile_backend=None,
     )
     settings.update(overrides)
     return BenchmarkSettings(**settings)
@@ -58,6 +75,7 @@ def test_run_interleaved_runs_warmup_untimed_then_rotates_the_trials():
             calls.append(name)
             with watch.part("inner"):
                 pass
+
         return run
 
     times = run_interleaved({"a": case("a"), "b": case("b")}, warmup=1, trials=2, device=torch.device("cpu"))
@@ -79,8 +97,14 @@ def test_rounds_during_which_other_processes_were_busy_are_re_run(monkeypatch):
     monkeypatch.setattr(timing, "CpuMonitor", FakeMonitor)
     monkeypatch.setattr(timing, "wait_for_idle", lambda *args, **kwargs: {})
     calls, stats = [], {}
-    times = run_interleaved({"a": lambda watch: calls.append("a")}, warmup=0, trials=2, device=torch.device("cpu"),
-                            quiet=QuietPolicy(max_busy_cores=0.3, max_retries=3), stats=stats)
+    times = run_interleaved(
+        {"a": lambda watch: calls.append("a")},
+        warmup=0,
+        trials=2,
+        device=torch.device("cpu"),
+        quiet=QuietPolicy(max_busy_cores=0.3, max_retries=3),
+        stats=stats,
+    )
     assert len(calls) == 5 and len(times["a"]["total"]) == 2
     assert stats == {"rounds_busy_cores": [0.0, 0.1], "discarded_rounds": 3, "contended_rounds_kept": 0}
 
@@ -92,10 +116,22 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     assert paths["plot"].stat().st_size > 0
 
     report = json.loads(paths["json"].read_text())
-    assert {"meta", "settings", "encoder", "encoder_profile", "early_exit", "preprocessing", "pipeline",
-            "targets"} <= set(report)
+    assert {
+        "meta",
+        "settings",
+        "encoder",
+        "encoder_profile",
+        "early_exit",
+        "preprocessing",
+        "pipeline",
+        "targets",
+    } <= set(report)
     assert set(report["encoder_profile"]["calls"]) == {
-        "clip_full", "waveclip_stage0_cached", "waveclip_stage1_from_cache", "waveclip_full_forward"}
+        "clip_full",
+        "waveclip_stage0_cached",
+        "waveclip_stage1_from_cache",
+        "waveclip_full_forward",
+    }
     meta = report["meta"]
     assert {"cpu_model", "cpu_cores", "torch", "date_utc", "command", "flops_convention", "wall_seconds"} <= set(meta)
     assert meta["command"] == "pytest smoke"
@@ -106,8 +142,17 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
         assert set(entry["configs"]) == {name for name in ENCODER_CONFIGS if not name.endswith("_compiled")}
         assert entry["first_call_seconds"] == {}
         for row in entry["configs"].values():
-            assert {"median", "q1", "q3", "min", "max", "samples", "ms_per_image", "gflops_per_image",
-                    "gflops_per_second"} <= set(row)
+            assert {
+                "median",
+                "q1",
+                "q3",
+                "min",
+                "max",
+                "samples",
+                "ms_per_image",
+                "gflops_per_image",
+                "gflops_per_second",
+            } <= set(row)
             assert row["gflops_per_image"] > 0
     if torch.cuda.is_available():
         assert set(report["encoder"]["cuda"]) == {"float32", "bfloat16"}
@@ -130,11 +175,23 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     assert pipeline["num_labels"] == 12
     assert pipeline["waveclip_pipeline_class"] == "WaveCLIPZeroShotImageClassificationPipeline"
     runs = pipeline["runs"]
-    assert set(runs) == {"stock", "stock_image_side", "waveclip_theta0_first", "waveclip_theta0",
-                         "waveclip_theta_middle", "waveclip_theta_high", "stock@batch2", "waveclip_theta0@batch2",
-                         "waveclip_theta_middle@batch2", "waveclip_theta_high@batch2", "bare_waveclip_theta0"}
+    assert set(runs) == {
+        "stock",
+        "stock_image_side",
+        "waveclip_theta0_first",
+        "waveclip_theta0",
+        "waveclip_theta_middle",
+        "waveclip_theta_high",
+        "stock@batch2",
+        "waveclip_theta0@batch2",
+        "waveclip_theta_middle@batch2",
+        "waveclip_theta_high@batch2",
+        "bare_waveclip_theta0",
+    }
     # The bare path does what the θ = 0 pipeline does (stage 0 for every image): same GFLOPs.
-    assert runs["bare_waveclip_theta0"]["gflops_per_image"] == pytest.approx(runs["waveclip_theta0"]["gflops_per_image"])
+    assert runs["bare_waveclip_theta0"]["gflops_per_image"] == pytest.approx(
+        runs["waveclip_theta0"]["gflops_per_image"]
+    )
     assert runs["waveclip_theta_high@batch2"]["exit_fraction_stage0"] == 0.0
     assert runs["waveclip_theta0"]["exit_fraction_stage0"] == 1.0
     assert runs["waveclip_theta_high"]["exit_fraction_stage0"] == 0.0
@@ -144,8 +201,14 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     assert len(targets) >= 10 and all(isinstance(t["passed"], bool) for t in targets)
 
     markdown = paths["markdown"].read_text()
-    for heading in ("## Targets", "## 1. Image encoder", "## 2. Preprocessing", "## 3. Zero-shot pipeline",
-                    "## 4. Early exit", "## Profiling notes"):
+    for heading in (
+        "## Targets",
+        "## 1. Image encoder",
+        "## 2. Preprocessing",
+        "## 3. Zero-shot pipeline",
+        "## 4. Early exit",
+        "## Profiling notes",
+    ):
         assert heading in markdown
     assert "`pytest smoke`" in markdown and "FLOPs convention" in markdown and meta["cpu_model"] in markdown
     overhead = runs["waveclip_theta0"]["ms_per_image"] - runs["bare_waveclip_theta0"]["ms_per_image"]
@@ -168,7 +231,12 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
 def test_the_sections_run_in_the_order_the_settings_name_them():
     assert tuple(SECTIONS) == SECTION_NAMES == BenchmarkSettings().sections
     assert [section.result_key for section in SECTIONS.values()] == [
-        "encoder", "encoder_profile", "early_exit", "preprocessing", "pipeline"]
+        "encoder",
+        "encoder_profile",
+        "early_exit",
+        "preprocessing",
+        "pipeline",
+    ]
 
 
 def test_encoder_rows_take_each_configuration_from_its_case_and_part():
@@ -177,15 +245,32 @@ def test_encoder_rows_take_each_configuration_from_its_case_and_part():
         "waveclip_cached_full": {"total": [0.5, 0.5], "stage0_cached": [0.1, 0.1], "stage1": [0.4, 0.4]},
         "waveclip_naive": {"total": [0.9, 0.7], "stages_0-0": [0.2, 0.2], "stages_0-1": [0.7, 0.5]},
     }
-    gflops = {"clip_full": 4.0, "waveclip_stage0": 1.0, "waveclip_cached_full": 4.0, "waveclip_naive": 5.0,
-              "waveclip_full_forward": 4.0}
+    gflops = {
+        "clip_full": 4.0,
+        "waveclip_stage0": 1.0,
+        "waveclip_cached_full": 4.0,
+        "waveclip_naive": 5.0,
+        "waveclip_full_forward": 4.0,
+    }
     rows = encoder_rows(times, batch_size=2, gflops_per_image=gflops, num_stages=2)
     # Rows for the configurations whose case ran, in the report's order.
-    assert list(rows) == ["clip_full", "waveclip_stage0", "waveclip_cached_full", "waveclip_naive",
-                          "waveclip_full_forward"]
+    assert list(rows) == [
+        "clip_full",
+        "waveclip_stage0",
+        "waveclip_cached_full",
+        "waveclip_naive",
+        "waveclip_full_forward",
+    ]
     medians = {name: row["median"] for name, row in rows.items()}
-    assert medians == pytest.approx({"clip_full": 0.5, "waveclip_stage0": 0.2, "waveclip_cached_full": 0.5,
-                                     "waveclip_naive": 0.8, "waveclip_full_forward": 0.6})
+    assert medians == pytest.approx(
+        {
+            "clip_full": 0.5,
+            "waveclip_stage0": 0.2,
+            "waveclip_cached_full": 0.5,
+            "waveclip_naive": 0.8,
+            "waveclip_full_forward": 0.6,
+        }
+    )
     assert rows["clip_full"]["ms_per_image"] == pytest.approx(250.0)
     assert rows["clip_full"]["gflops_per_second"] == pytest.approx(4.0 * 2 / 0.5)
     # Only configurations timed by a whole case with parts carry them.
@@ -206,8 +291,12 @@ def test_a_single_section_runs_alone_and_is_reported_alone(tmp_path):
 
 
 def test_encoder_targets_are_ratios_of_medians_against_their_bounds():
-    configs = {"clip_full": {"median": 1.0}, "waveclip_stage0": {"median": 0.3},
-               "waveclip_cached_full": {"median": 1.2}, "waveclip_naive": {"median": 1.8}}
+    configs = {
+        "clip_full": {"median": 1.0},
+        "waveclip_stage0": {"median": 0.3},
+        "waveclip_cached_full": {"median": 1.2},
+        "waveclip_naive": {"median": 1.8},
+    }
     targets = evaluate_targets({"encoder": {"cpu": {"float32": {"8": {"configs": configs}}}}})
     assert [(t["target"], t["measured"], t["kind"], t["bound"], t["passed"]) for t in targets] == [
         ("stage 0 / CLIP full pass, CPU batch 8", pytest.approx(0.3), "<=", 0.35, True),
@@ -218,16 +307,25 @@ def test_encoder_targets_are_ratios_of_medians_against_their_bounds():
 
 
 def test_at_batch_4_the_kept_stage_cache_is_judged_against_clip_and_one_full_forward():
-    configs = {"clip_full": {"median": 1.0}, "waveclip_stage0": {"median": 0.25},
-               "waveclip_cached_full": {"median": 1.1}, "waveclip_cached_kept": {"median": 1.02},
-               "waveclip_cached_dynamic": {"median": 1.08}, "waveclip_naive": {"median": 1.3},
-               "waveclip_full_forward": {"median": 1.0}}
+    configs = {
+        "clip_full": {"median": 1.0},
+        "waveclip_stage0": {"median": 0.25},
+        "waveclip_cached_full": {"median": 1.1},
+        "waveclip_cached_kept": {"median": 1.02},
+        "waveclip_cached_dynamic": {"median": 1.08},
+        "waveclip_naive": {"median": 1.3},
+        "waveclip_full_forward": {"median": 1.0},
+    }
     targets = evaluate_targets({"encoder": {"cpu": {"float32": {"4": {"configs": configs}}}}})
     assert [(t["target"], t["measured"], t["bound"], t["passed"]) for t in targets] == [
         ("stage 0 / CLIP full pass, CPU batch 4", pytest.approx(0.25), 0.35, True),
         ("cached full pass (kept stage cache) / CLIP full pass, CPU batch 4", pytest.approx(1.02), 1.04, True),
-        ("cached full pass (kept stage cache) / one block-causal full forward, CPU batch 4", pytest.approx(1.02),
-         1.03, True),
+        (
+            "cached full pass (kept stage cache) / one block-causal full forward, CPU batch 4",
+            pytest.approx(1.02),
+            1.03,
+            True,
+        ),
         ("naive re-run / cached full pass (kept stage cache), CPU batch 4", pytest.approx(1.3 / 1.02), 1.20, True),
     ]
     # The other caches' ratios are in the details.
@@ -239,13 +337,22 @@ def test_at_batch_4_the_kept_stage_cache_is_judged_against_clip_and_one_full_for
 def test_compiled_encoder_rows_sit_beside_the_eager_ones(tmp_path):
     """`backend="eager"`: torch.compile's tracing without code generation, so the rows and the report are checked
     without minutes of compilation."""
-    results = run_benchmarks(tiny_settings(sections=("encoder",), use_gpu=False, compile_backend="eager",
-                                           cpu_schedules=(Schedule(1, 0, 1), Schedule(3, 0, 1))),
-                             log=lambda *_: None)
+    results = run_benchmarks(
+        tiny_settings(
+            sections=("encoder",),
+            use_gpu=False,
+            compile_backend="eager",
+            cpu_schedules=(Schedule(1, 0, 1), Schedule(3, 0, 1)),
+        ),
+        log=lambda *_: None,
+    )
     for entry in results["encoder"]["cpu"]["float32"].values():
         assert set(entry["configs"]) == set(ENCODER_CONFIGS)
         assert set(entry["first_call_seconds"]) == {
-            "clip_full_compiled", "waveclip_cached_kept_compiled", "waveclip_naive_compiled"}
+            "clip_full_compiled",
+            "waveclip_cached_kept_compiled",
+            "waveclip_naive_compiled",
+        }
     markdown = write_reports(results, tmp_path)["markdown"].read_text()
     assert "WaveCLIP stage 0 only, compiled" in markdown and "First call of each compiled case" in markdown
 

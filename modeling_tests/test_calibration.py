@@ -9,9 +9,9 @@ import PIL.Image
 import pytest
 import skimage.data
 import torch
-
 from conftest import tiny_model
 from test_hub_loading import save_tiny_folder
+
 from waveclip_hf.evaluation.calibration import (
     OperatingPoint,
     choose_threshold,
@@ -21,6 +21,7 @@ from waveclip_hf.evaluation.calibration import (
     stage_probabilities,
     sweep_thresholds,
 )
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,11 @@ def test_sweep_end_points_and_choice():
 def test_calibration_script_on_a_labelled_image_folder(tmp_path):
     model_dir = tmp_path / "model"
     save_tiny_folder(model_dir, levels=2)
-    photos = {"cat": skimage.data.chelsea(), "astronaut": skimage.data.astronaut(), "coffee cup": skimage.data.coffee()}
+    photos = {
+        "cat": skimage.data.chelsea(),
+        "astronaut": skimage.data.astronaut(),
+        "coffee cup": skimage.data.coffee(),
+    }
     for name, array in photos.items():
         folder = tmp_path / "data" / "validation" / name
         folder.mkdir(parents=True)
@@ -73,9 +78,26 @@ def test_calibration_script_on_a_labelled_image_folder(tmp_path):
             PIL.Image.fromarray(array).rotate(angle).save(folder / f"{i}.png")
     out = tmp_path / "calibration"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "calibrate_gate.py"), "--model", str(model_dir), "--data",
-         str(tmp_path / "data"), "--output-dir", str(out), "--batch-size", "4", "--thresholds", "0", "0.5", "1.01"],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "calibrate_gate.py"),
+            "--model",
+            str(model_dir),
+            "--data",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "4",
+            "--thresholds",
+            "0",
+            "0.5",
+            "1.01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "gate_calibration.json").read_text())

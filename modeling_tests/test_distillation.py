@@ -15,19 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import reset_accelerate_state
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from conftest import reset_accelerate_state
 from waveclip_hf import WaveCLIPModel
+from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from waveclip_hf.training.checkpoints import complete_checkpoints, latest_checkpoint, save_checkpoint
 from waveclip_hf.training.config import DistillationConfig
 from waveclip_hf.training.data import load_image_dataset
 from waveclip_hf.training.distillation import distill, distillation_loss
 from waveclip_hf.training.models import load_teacher
-from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+
 
 PYTHON = sys.executable
 PROMPTS = ["a photo of a red square", "a photo of a blue circle", "a photo of green stripes", "a photo of noise"]
@@ -39,13 +40,25 @@ PROMPTS = ["a photo of a red square", "a photo of a blue circle", "a photo of gr
 def make_teacher(folder: Path, seed: int = 0) -> Path:
     tokenizer = build_word_level_tokenizer(PROMPTS + ["a photo of a {}"], max_length=16)
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         **clip_text_config_kwargs(tokenizer)),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **clip_text_config_kwargs(tokenizer),
+        ),
         # initializer_factor=10: a default-initialised tiny CLIP maps every image to nearly the same direction
         # (mean pairwise cosine ~0.9), which would make "cosine to the teacher" meaningless; this one spreads them
         # (~0.2) and depends on fine detail, as a real teacher does.
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16, initializer_factor=10.0),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+            initializer_factor=10.0,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(seed)
@@ -106,9 +119,23 @@ def fresh_accelerate_state():
 
 def tiny_config(teacher_dir, images_dir, output_dir, **overrides) -> DistillationConfig:
     values = dict(
-        teacher=str(teacher_dir), train_data=str(images_dir), output_dir=str(output_dir), levels=1, cell_size=16,
-        batch_size=8, learning_rate=2e-3, weight_decay=0.0, warmup_steps=5, max_steps=20, num_workers=0,
-        eval_holdout=8, eval_every=0, checkpoint_every=0, log_every=5, peak_tflops=1.0, progress_bar=False,
+        teacher=str(teacher_dir),
+        train_data=str(images_dir),
+        output_dir=str(output_dir),
+        levels=1,
+        cell_size=16,
+        batch_size=8,
+        learning_rate=2e-3,
+        weight_decay=0.0,
+        warmup_steps=5,
+        max_steps=20,
+        num_workers=0,
+        eval_holdout=8,
+        eval_every=0,
+        checkpoint_every=0,
+        log_every=5,
+        peak_tflops=1.0,
+        progress_bar=False,
     )
     values.update(overrides)
     return DistillationConfig(**values)
@@ -117,19 +144,50 @@ def tiny_config(teacher_dir, images_dir, output_dir, **overrides) -> Distillatio
 def cli_args(config: DistillationConfig) -> list[str]:
     """The CLI flags for a config built by `tiny_config` (only the fields it sets)."""
     return [
-        "--teacher", config.teacher, "--train-data", config.train_data, "--output-dir", config.output_dir,
-        "--levels", str(config.levels), "--cell-size", str(config.cell_size), "--batch-size", str(config.batch_size),
-        "--lr", str(config.learning_rate), "--weight-decay", str(config.weight_decay),
-        "--warmup-steps", str(config.warmup_steps), "--max-steps", str(config.max_steps),
-        "--num-workers", str(config.num_workers), "--eval-holdout", str(config.eval_holdout),
-        "--eval-every", str(config.eval_every), "--checkpoint-every", str(config.checkpoint_every),
-        "--keep-checkpoints", str(config.keep_checkpoints), "--log-every", str(config.log_every),
-        "--peak-tflops", str(config.peak_tflops), "--seed", str(config.seed), "--no-progress-bar",
+        "--teacher",
+        config.teacher,
+        "--train-data",
+        config.train_data,
+        "--output-dir",
+        config.output_dir,
+        "--levels",
+        str(config.levels),
+        "--cell-size",
+        str(config.cell_size),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.learning_rate),
+        "--weight-decay",
+        str(config.weight_decay),
+        "--warmup-steps",
+        str(config.warmup_steps),
+        "--max-steps",
+        str(config.max_steps),
+        "--num-workers",
+        str(config.num_workers),
+        "--eval-holdout",
+        str(config.eval_holdout),
+        "--eval-every",
+        str(config.eval_every),
+        "--checkpoint-every",
+        str(config.checkpoint_every),
+        "--keep-checkpoints",
+        str(config.keep_checkpoints),
+        "--log-every",
+        str(config.log_every),
+        "--peak-tflops",
+        str(config.peak_tflops),
+        "--seed",
+        str(config.seed),
+        "--no-progress-bar",
     ]
 
 
 def subprocess_env(**extra) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     env.update(extra)
     return env
 
@@ -166,7 +224,9 @@ def test_checkpoint_every_zero_still_checkpoints_the_end(teacher_dir, images_dir
 
 def test_stage_weights_default_equal_and_validated():
     torch.testing.assert_close(DistillationConfig().resolved_stage_weights(3), torch.full((3,), 1 / 3))
-    torch.testing.assert_close(DistillationConfig(stage_weights=[1, 3]).resolved_stage_weights(2), torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(
+        DistillationConfig(stage_weights=[1, 3]).resolved_stage_weights(2), torch.tensor([0.25, 0.75])
+    )
     with pytest.raises(ValueError, match="2 stages"):
         DistillationConfig(stage_weights=[1, 1, 1], levels=1).resolved_stage_weights(2)
 
@@ -174,7 +234,9 @@ def test_stage_weights_default_equal_and_validated():
 def test_non_clip_teacher_is_named_in_the_error(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ValueError, match=rf"{tmp_path}.*'bert'.*not a CLIP model"):
         load_teacher(str(tmp_path))
     with pytest.raises(ValueError, match="no-such-folder"):
@@ -243,8 +305,9 @@ def test_epochs_of_batches_resumes_mid_epoch_where_it_left_off():
     accelerator = Accelerator(rng_types=[])
 
     def loader():
-        return accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-            list(range(10)), batch_size=4, sampler=EpochPermutationSampler(10, seed=3)))
+        return accelerator.prepare_data_loader(
+            torch.utils.data.DataLoader(list(range(10)), batch_size=4, sampler=EpochPermutationSampler(10, seed=3))
+        )
 
     straight_state = TrainerState()
     straight = epochs_of_batches(accelerator, loader(), straight_state)
@@ -259,8 +322,11 @@ def test_epochs_of_batches_resumes_mid_epoch_where_it_left_off():
     resumed = epochs_of_batches(accelerator, loader(), resumed_state)
     got += [next(resumed).tolist() for _ in range(4)]
     assert got == expected
-    assert (resumed_state.epoch, resumed_state.batches_in_epoch) == (straight_state.epoch,
-                                                                     straight_state.batches_in_epoch) == (2, 2)
+    assert (
+        (resumed_state.epoch, resumed_state.batches_in_epoch)
+        == (straight_state.epoch, straight_state.batches_in_epoch)
+        == (2, 2)
+    )
 
 
 def test_training_meter_reduces_windows_and_excludes_paused_time(tmp_path):
@@ -273,8 +339,9 @@ def test_training_meter_reduces_windows_and_excludes_paused_time(tmp_path):
             self.postfix = postfix
 
     bar = Bar()
-    meter = TrainingMeter(Accelerator(), flops_per_image=2e9, peak_tflops=1.0, log_path=tmp_path / "log.jsonl",
-                          progress=bar)
+    meter = TrainingMeter(
+        Accelerator(), flops_per_image=2e9, peak_tflops=1.0, log_path=tmp_path / "log.jsonl", progress=bar
+    )
     meter.add(torch.tensor(1.0), torch.tensor([0.5, 0.25]), batch_size=8)
     meter.add(torch.tensor(3.0), torch.tensor([0.7, 0.45]), batch_size=8)
     started = meter.started
@@ -297,7 +364,7 @@ def test_checkpoint_write_failure_publishes_nothing(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    model = accelerator.prepare(torch.nn.Linear(3, 3))
+    accelerator.prepare(torch.nn.Linear(3, 3))
     save_checkpoint(accelerator, tmp_path, 1, {"step": 1}, keep=3)
     real_save = torch.save
 
@@ -340,8 +407,15 @@ def read_log(output_dir) -> list[dict]:
 def test_short_run_improves_stages_and_keeps_text_side_exact(teacher_dir, images_dir, tmp_path):
     # Evaluated on the training images: this checks that the optimisation fits the teacher, not generalisation
     # (64 images of a random teacher say nothing about that).
-    config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=30, eval_every=30,
-                         eval_data=str(images_dir), eval_holdout=0)
+    config = tiny_config(
+        teacher_dir,
+        images_dir,
+        tmp_path / "run",
+        max_steps=30,
+        eval_every=30,
+        eval_data=str(images_dir),
+        eval_holdout=0,
+    )
     result = distill(config)
     start = next(entry for entry in read_log(tmp_path / "run") if entry["step"] == 0)
     end = result.metrics
@@ -367,8 +441,16 @@ def test_short_run_improves_stages_and_keeps_text_side_exact(teacher_dir, images
 @pytest.mark.slow
 def test_few_hundred_steps_bring_stages_close_to_teacher(teacher_dir, images_dir, tmp_path):
     """900 steps (~30 s): both stages end far above where they started and the full-detail stage is closest."""
-    config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=900, eval_every=300, log_every=50,
-                         eval_data=str(images_dir), eval_holdout=0)
+    config = tiny_config(
+        teacher_dir,
+        images_dir,
+        tmp_path / "run",
+        max_steps=900,
+        eval_every=300,
+        log_every=50,
+        eval_data=str(images_dir),
+        eval_holdout=0,
+    )
     result = distill(config)
     start = next(entry for entry in read_log(tmp_path / "run") if entry["step"] == 0)
     end = result.metrics
@@ -384,21 +466,27 @@ class Crash(Exception):
 
 def crash_at(step_to_crash: int):
     """An `evaluate` callback for `distill` that raises `Crash` at `step_to_crash` (checkpoints before it stay)."""
+
     def evaluate(model, step):
         if step == step_to_crash:
             raise Crash
         return {}
+
     return evaluate
 
 
 def test_in_process_resume_equals_uninterrupted_run(teacher_dir, images_dir, tmp_path):
     """Crash after step 7 (checkpoints every 3), resume: same weights bit for bit as a straight 12-step run."""
-    straight = distill(tiny_config(teacher_dir, images_dir, tmp_path / "a", max_steps=12, checkpoint_every=3,
-                                   eval_every=0, eval_holdout=0))
+    straight = distill(
+        tiny_config(
+            teacher_dir, images_dir, tmp_path / "a", max_steps=12, checkpoint_every=3, eval_every=0, eval_holdout=0
+        )
+    )
     reset_accelerate_state()
 
-    config = tiny_config(teacher_dir, images_dir, tmp_path / "b", max_steps=12, checkpoint_every=3, eval_every=1,
-                         eval_holdout=0)
+    config = tiny_config(
+        teacher_dir, images_dir, tmp_path / "b", max_steps=12, checkpoint_every=3, eval_every=1, eval_holdout=0
+    )
     with pytest.raises(Crash):
         distill(config, evaluate=crash_at(7))
     assert latest_checkpoint(tmp_path / "b").name == "step-6"
@@ -428,8 +516,18 @@ def test_resume_across_epochs_with_gradient_accumulation(teacher_dir, images_dir
 
 
 def test_label_vocabulary_kl_and_cached_teacher_embeddings(teacher_dir, images_dir, tmp_path):
-    config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=6, eval_every=3, log_every=3,
-                         label_vocabulary=PROMPTS, kl_weight=0.5, kl_temperature=2.0, cache_teacher_embeddings=True)
+    config = tiny_config(
+        teacher_dir,
+        images_dir,
+        tmp_path / "run",
+        max_steps=6,
+        eval_every=3,
+        log_every=3,
+        label_vocabulary=PROMPTS,
+        kl_weight=0.5,
+        kl_temperature=2.0,
+        cache_teacher_embeddings=True,
+    )
     result = distill(config)
     assert set(result.metrics) >= {"eval/top1_agreement_stage0", "eval/top1_agreement_stage1"}
     assert result.train_flops_per_image["teacher_forward"] == 0  # cached: the teacher does not run per step
@@ -460,7 +558,10 @@ def test_corrupt_files_are_skipped_and_counted(teacher_dir, images_dir, tmp_path
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_count"] == 4
     assert {entry.split(" ")[0] for entry in summary["skipped_examples"]} == {
-        "truncated.png", "text.jpg", "empty.webp", "deep/zero.gif"
+        "truncated.png",
+        "text.jpg",
+        "empty.webp",
+        "deep/zero.gif",
     }
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped"] == 4
@@ -489,15 +590,37 @@ def test_sigkill_and_resume_equals_uninterrupted_run(teacher_dir, images_dir, tm
     """A real `python -m waveclip_hf.cli.distill` killed with SIGKILL after its 2nd checkpoint, then resumed, ends with
     exactly the weights of an uninterrupted run; every step-* folder that ever appeared was complete."""
     steps = 150
-    straight = tiny_config(teacher_dir, images_dir, tmp_path / "straight", max_steps=steps, checkpoint_every=10,
-                           keep_checkpoints=3, eval_holdout=0)
-    subprocess.run([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(straight)], check=True, env=subprocess_env(),
-                   capture_output=True)
+    straight = tiny_config(
+        teacher_dir,
+        images_dir,
+        tmp_path / "straight",
+        max_steps=steps,
+        checkpoint_every=10,
+        keep_checkpoints=3,
+        eval_holdout=0,
+    )
+    subprocess.run(
+        [PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(straight)],
+        check=True,
+        env=subprocess_env(),
+        capture_output=True,
+    )
 
-    killed = tiny_config(teacher_dir, images_dir, tmp_path / "killed", max_steps=steps, checkpoint_every=10,
-                         keep_checkpoints=3, eval_holdout=0)
-    process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(killed)], env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = tiny_config(
+        teacher_dir,
+        images_dir,
+        tmp_path / "killed",
+        max_steps=steps,
+        checkpoint_every=10,
+        keep_checkpoints=3,
+        eval_holdout=0,
+    )
+    process = subprocess.Popen(
+        [PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(killed)],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = tmp_path / "killed" / "checkpoints"
     seen = set()
     try:
@@ -523,8 +646,12 @@ def test_sigkill_and_resume_equals_uninterrupted_run(teacher_dir, images_dir, tm
     last = latest_checkpoint(tmp_path / "killed")
     assert 10 <= int(last.name[5:]) < steps
 
-    out = subprocess.run([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(killed), "--resume"], env=subprocess_env(),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(killed), "--resume"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Resumed from {last}" in out.stderr
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
@@ -537,10 +664,24 @@ def test_sigkill_and_resume_equals_uninterrupted_run(teacher_dir, images_dir, tm
 def test_sigterm_to_the_process_group_checkpoints_and_exits_143(teacher_dir, images_dir, tmp_path):
     """SIGTERM to the whole process group (as Slurm or `kill -TERM -<pgid>` do), data-loader workers included:
     the run finishes its step, checkpoints, says so and exits with 143, without a traceback."""
-    config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=100000, checkpoint_every=0,
-                         eval_holdout=0, log_every=1, num_workers=2)
-    process = subprocess.Popen([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(config)], env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    config = tiny_config(
+        teacher_dir,
+        images_dir,
+        tmp_path / "run",
+        max_steps=100000,
+        checkpoint_every=0,
+        eval_holdout=0,
+        log_every=1,
+        num_workers=2,
+    )
+    process = subprocess.Popen(
+        [PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(config)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
@@ -583,17 +724,40 @@ def test_two_cpu_processes_sigterm_and_resume_equal_an_uninterrupted_run(teacher
     env = subprocess_env(ACCELERATE_USE_CPU="1")
 
     def torchrun(port):
-        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", "waveclip_hf.cli.distill"]
+        return [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "waveclip_hf.cli.distill",
+        ]
 
     def config(name):
-        return tiny_config(teacher_dir, images_dir, tmp_path / name, max_steps=40, batch_size=4, checkpoint_every=0,
-                           eval_holdout=0, log_every=1, num_workers=1)
+        return tiny_config(
+            teacher_dir,
+            images_dir,
+            tmp_path / name,
+            max_steps=40,
+            batch_size=4,
+            checkpoint_every=0,
+            eval_holdout=0,
+            log_every=1,
+            num_workers=1,
+        )
 
-    subprocess.run([*torchrun(29611), *cli_args(config("straight"))], check=True, env=env,
-                   capture_output=True)
-    process = subprocess.Popen([*torchrun(29612), *cli_args(config("stopped"))], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    subprocess.run([*torchrun(29611), *cli_args(config("straight"))], check=True, env=env, capture_output=True)
+    process = subprocess.Popen(
+        [*torchrun(29612), *cli_args(config("stopped"))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     log = tmp_path / "stopped" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 5):
@@ -603,10 +767,13 @@ def test_two_cpu_processes_sigterm_and_resume_equal_an_uninterrupted_run(teacher
     assert "Stopped by SIGTERM" in stderr, stderr[-3000:]
     checkpoint = latest_checkpoint(tmp_path / "stopped")
     assert 5 <= int(checkpoint.name[5:]) < 40
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
-                                                                           "random_states_1.pkl"]
-    out = subprocess.run([*torchrun(29613), *cli_args(config("stopped")), "--resume"], env=env,
-                         capture_output=True, text=True)
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    out = subprocess.run(
+        [*torchrun(29613), *cli_args(config("stopped")), "--resume"], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "stopped" / "final" / "model.safetensors")
@@ -618,8 +785,16 @@ def test_final_folder_loads_in_a_fresh_offline_process(teacher_dir, images_dir, 
     config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=6, eval_every=0)
     result = distill(config)
     final = Path(result.final_dir)
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_waveclip.py",
-                 "configuration_waveclip.py", "image_processing_waveclip.py", "tokenizer.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_waveclip.py",
+        "configuration_waveclip.py",
+        "image_processing_waveclip.py",
+        "tokenizer.json",
+    ):
         assert (final / name).exists(), name
 
     images = sorted(images_dir.rglob("*.png"))[:3]
@@ -644,8 +819,13 @@ def test_final_folder_loads_in_a_fresh_offline_process(teacher_dir, images_dir, 
         "torch.save({'stages': stages, 'pixels': pixels, 'cls': type(model).__module__}, out)\n"
     )
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-    out = subprocess.run([PYTHON, "-c", script, str(final), str(tmp_path / "out.pt"), *map(str, images)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [PYTHON, "-c", script, str(final), str(tmp_path / "out.pt"), *map(str, images)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     fresh = torch.load(tmp_path / "out.pt")
     assert "transformers_modules" in fresh["cls"]
@@ -667,7 +847,7 @@ def test_model_card_front_matter_and_no_placeholders(teacher_dir, images_dir, tm
     assert set(front["tags"]) == {"waveclip", "clip", "wavelet", "zero-shot-image-classification", "distillation"}
     assert "$" not in card
     assert "margin_threshold" in card and "trust_remote_code=True" in card
-    assert f"cosine to teacher" in card and f"| 1 | {result.metrics['eval/cosine_stage1']:.4f} |" in card
+    assert "cosine to teacher" in card and f"| 1 | {result.metrics['eval/cosine_stage1']:.4f} |" in card
     from huggingface_hub import ModelCard
 
     assert ModelCard(card).data.pipeline_tag == "zero-shot-image-classification"
@@ -678,7 +858,9 @@ def test_model_card_rendering_fails_on_missing_values(tmp_path):
 
     template = tmp_path / "t.md"
     template.write_text("---\nbase_model: $teacher\n---\n$steps steps, cost $$5\n")
-    assert render_model_card({"teacher": "x/y", "steps": 3}, template) == "---\nbase_model: x/y\n---\n3 steps, cost $5\n"
+    assert (
+        render_model_card({"teacher": "x/y", "steps": 3}, template) == "---\nbase_model: x/y\n---\n3 steps, cost $5\n"
+    )
     with pytest.raises(ValueError, match=r"\['steps'\]"):
         render_model_card({"teacher": "x/y"}, template)
     with pytest.raises(ValueError, match=r"\['steps'\]"):
@@ -703,10 +885,16 @@ def test_an_installed_package_finds_the_model_card_template(tmp_path):
     shutil.copy(repo / "hub_card" / "README.md.template", site / "waveclip_hf" / "hub_card")
     found = subprocess.run(
         [PYTHON, "-c", "import waveclip_hf.hub.model_card as m; print(m.__file__); print(m.DEFAULT_TEMPLATE)"],
-        cwd=tmp_path, env=subprocess_env(PYTHONPATH=str(site)), capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+        env=subprocess_env(PYTHONPATH=str(site)),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
-    assert found == [str(site / "waveclip_hf" / "hub" / "model_card.py"),
-                     str(site / "waveclip_hf" / "hub_card" / "README.md.template")]
+    assert found == [
+        str(site / "waveclip_hf" / "hub" / "model_card.py"),
+        str(site / "waveclip_hf" / "hub_card" / "README.md.template"),
+    ]
 
 
 def test_cli_help_and_bad_teacher(tmp_path, images_dir):
@@ -717,11 +905,33 @@ def test_cli_help_and_bad_teacher(tmp_path, images_dir):
     parser = build_parser()
     flags = [action for action in parser._actions if action.dest != "help"]
     assert [a.option_strings[0] for a in flags if not a.help] == []  # every flag says what it does
-    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} - {"adam_betas"} | {"recipe"}
-    args = build_parser().parse_args(["--train-data", "x", "--output-dir", "y", "--max-steps", "7", "--lr", "0.1",
-                                      "--stage-weights", "1", "2", "--mixed-precision", "bf16"])
+    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} - {"adam_betas"} | {
+        "recipe"
+    }
+    args = build_parser().parse_args(
+        [
+            "--train-data",
+            "x",
+            "--output-dir",
+            "y",
+            "--max-steps",
+            "7",
+            "--lr",
+            "0.1",
+            "--stage-weights",
+            "1",
+            "2",
+            "--mixed-precision",
+            "bf16",
+        ]
+    )
     config = config_from_args(args)
-    assert (config.max_steps, config.learning_rate, config.stage_weights, config.mixed_precision) == (7, 0.1, [1.0, 2.0], "bf16")
+    assert (config.max_steps, config.learning_rate, config.stage_weights, config.mixed_precision) == (
+        7,
+        0.1,
+        [1.0, 2.0],
+        "bf16",
+    )
     vocabulary = tmp_path / "labels.txt"
     vocabulary.write_text("a photo of a cat\n\na photo of a dog\n")
     args = build_parser().parse_args(["--train-data", "x", "--output-dir", "y", "--label-vocabulary", str(vocabulary)])
@@ -734,8 +944,9 @@ def test_a_saved_dataset_dict_gives_the_asked_split_and_names_the_others(tmp_pat
     from waveclip_hf.training.data import load_saved_split
 
     folder = tmp_path / "saved_dict"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"x": [1, 2, 3]}),
-                          "validation": datasets.Dataset.from_dict({"x": [4]})}).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"x": [1, 2, 3]}), "validation": datasets.Dataset.from_dict({"x": [4]})}
+    ).save_to_disk(str(folder))
     assert load_saved_split(folder, str(folder), "validation")["x"] == [4]
     assert len(load_saved_split(folder, str(folder), "train")) == 3
     with pytest.raises(ValueError, match=r"has splits \['train', 'validation'\], not 'test'. Pass --data-split"):

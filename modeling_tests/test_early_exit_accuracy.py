@@ -13,15 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from waveclip_hf.evaluation.calibration import cumulative_stage_gflops, exit_stages, stage_probabilities, sweep_thresholds
+
+from waveclip_hf.data.synthetic import AXES
+from waveclip_hf.evaluation.calibration import (
+    cumulative_stage_gflops,
+    exit_stages,
+    stage_probabilities,
+    sweep_thresholds,
+)
 from waveclip_hf.evaluation.metrics import EARLY_EXIT_ACCURACY_DIR, early_exit_accuracy
+from waveclip_hf.evaluation.zero_shot import zero_shot_predictions
 from waveclip_hf.experiments.report import write_reports
 from waveclip_hf.experiments.run_evaluation import evaluate
-from waveclip_hf.evaluation.zero_shot import zero_shot_predictions
-from waveclip_hf.data.synthetic import AXES
 from waveclip_hf.models.waveclip.flops import clip_vit_flops
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +36,9 @@ def test_the_metric_loads_by_path_and_reports_accuracy_with_the_compute_spent():
     import evaluate as hf_evaluate
 
     metric = hf_evaluate.load(str(EARLY_EXIT_ACCURACY_DIR), keep_in_memory=True)
-    result = metric.compute(predictions=[0, 1, 1, 2], references=[0, 1, 0, 2], gflops=[1.5, 4.0, 1.5, 4.0],
-                            full_gflops=4.0)
+    result = metric.compute(
+        predictions=[0, 1, 1, 2], references=[0, 1, 0, 2], gflops=[1.5, 4.0, 1.5, 4.0], full_gflops=4.0
+    )
     assert result == {"accuracy": 0.75, "mean_gflops": 2.75, "gflops_ratio": 0.6875, "num_examples": 4}
     # Without the full cost there is no ratio; batches add up like any `evaluate` metric.
     metric.add_batch(predictions=[3], references=[3], gflops=[0.1])
@@ -63,15 +70,37 @@ def test_an_installed_wheel_loads_the_metric_offline(tmp_path):
         shutil.copy(REPO / name, source / name)
     for folder in ("src", "hub_card"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
-                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(source),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     site = tmp_path / "site"
     with zipfile.ZipFile(next((tmp_path / "dist").glob("waveclip_hf-*.whl"))) as wheel:
         wheel.extractall(site)
-    code = ("import waveclip_hf.evaluation.metrics as m; print(m.EARLY_EXIT_ACCURACY_DIR); "
-            "print(m.early_exit_accuracy([0, 1], [0, 0], [2.0, 6.0], full_gflops=8.0))")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path / "home")}
+    code = (
+        "import waveclip_hf.evaluation.metrics as m; print(m.EARLY_EXIT_ACCURACY_DIR); "
+        "print(m.early_exit_accuracy([0, 1], [0, 0], [2.0, 6.0], full_gflops=8.0))"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(site),
+        "HF_HUB_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HOME": str(tmp_path / "home"),
+    }
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     folder, result = out.stdout.strip().splitlines()[-2:]
@@ -85,11 +114,22 @@ def test_an_installed_wheel_loads_the_metric_offline(tmp_path):
 def random_embeddings(num_images: int = 300, seed: int = 0):
     """Teacher, two-stage student and text embeddings where the stages answer differently, with test rows."""
     generator = torch.Generator().manual_seed(seed)
-    rows = [{name: axis.class_names[int(torch.randint(len(axis.class_names), (1,), generator=generator))]
-             for name, axis in AXES.items()} for _ in range(num_images)]
-    normal = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=generator), dim=-1)
-    embeddings = {"teacher": normal(num_images, 16), "student": normal(num_images, 2, 16),
-                  "logit_scale": torch.tensor([30.0])}
+    rows = [
+        {
+            name: axis.class_names[int(torch.randint(len(axis.class_names), (1,), generator=generator))]
+            for name, axis in AXES.items()
+        }
+        for _ in range(num_images)
+    ]
+
+    def normal(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+    embeddings = {
+        "teacher": normal(num_images, 16),
+        "student": normal(num_images, 2, 16),
+        "logit_scale": torch.tensor([30.0]),
+    }
     for name, axis in AXES.items():
         embeddings[f"text.{name}"] = normal(len(axis.class_names), 16)
         embeddings[f"student_text.{name}"] = embeddings[f"text.{name}"].clone()
@@ -136,7 +176,9 @@ def test_main_job_numbers_through_the_metric_equal_the_hand_computation(tmp_path
         assert [g for _, g in measured] == pytest.approx([g for _, g in hand["sweep"]], rel=1e-14, abs=0)
     # The stages answer differently, so the sweep has points between the two costs (not a trivial comparison).
     assert any(gflops[0] < p["mean_gflops"] < gflops[-1] for p in results["sweep_mean"])
-    assert results["teacher_gflops"] == clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
+    assert (
+        results["teacher_gflops"] == clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
+    )
 
     # What the main job publishes: results.json up to the last bits of the mean GFLOPs, and results.md exactly.
     hand_results = json.loads(json.dumps(results))
@@ -144,9 +186,18 @@ def test_main_job_numbers_through_the_metric_equal_the_hand_computation(tmp_path
         hand = hand_computed_axis(name, embeddings, rows, gflops, thresholds)
         for point, (_, mean) in zip(hand_results["sweep_per_axis"][name], hand["sweep"]):
             point["mean_gflops"] = mean
-    context = {"command": "test", "date": "2026-01-01 00:00 UTC", "machine": "test", "wall_minutes": 0.1,
-               "first_run": None, "data": "random", "teacher": "tiny", "student": "tiny", "demo_threshold": 0.5,
-               "demo": []}
+    context = {
+        "command": "test",
+        "date": "2026-01-01 00:00 UTC",
+        "machine": "test",
+        "wall_minutes": 0.1,
+        "first_run": None,
+        "data": "random",
+        "teacher": "tiny",
+        "student": "tiny",
+        "demo_threshold": 0.5,
+        "demo": [],
+    }
     ours = write_reports(tmp_path / "ours", {"settings": {}, "context": context, **results}, context).read_text()
     theirs = write_reports(tmp_path / "hand", {"settings": {}, "context": context, **hand_results}, context)
     assert ours == theirs.read_text()

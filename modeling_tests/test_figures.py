@@ -7,6 +7,7 @@ from PIL import Image
 
 from waveclip_hf.figures import architecture
 
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "waveclip_hf"
 
 
@@ -21,6 +22,10 @@ def test_architecture_picture_names_real_folders_and_modules():
     for key, label in architecture._FOLDERS.items():
         for path in re.findall(r"[a-z_]+/[a-z_/]*", label):
             folder, _, module = path.rstrip("/").rpartition("/")
-            candidates = [PACKAGE / path, PACKAGE / folder / f"{module}.py", PACKAGE / folder / f"{module}_waveclip.py"]
+            candidates = [
+                PACKAGE / path,
+                PACKAGE / folder / f"{module}.py",
+                PACKAGE / folder / f"{module}_waveclip.py",
+            ]
             assert any(candidate.exists() for candidate in candidates), (key, path)
     assert {key for key, *_ in architecture._BOXES} >= set(architecture._FOLDERS)

@@ -1,6 +1,7 @@
 """The analytic FLOPs count against `torch.utils.flop_counter.FlopCounterMode`.
 
-Counted with `eager` attention: on CPU `FlopCounterMode` does not see the matmuls inside SDPA (docs/model.md, section 5).
+Counted with `eager` attention: on CPU `FlopCounterMode` does not see the matmuls inside SDPA (docs/model.md,
+section 5).
 The ViT-B/16-sized models are built without weight initialisation (the values do not change the count, and
 initialising 86M parameters would take most of the time budget).
 """
@@ -22,6 +23,7 @@ from waveclip_hf.models.waveclip.flops import (
     gflops,
     stage_flops,
 )
+
 
 TEXT = dict(
     hidden_size=16,

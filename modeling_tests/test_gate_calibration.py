@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from waveclip_hf.evaluation.calibration import collect_stage_embeddings, exit_stages, stage_probabilities
 from waveclip_hf.models.waveclip.gate_calibration import calibrate_threshold
 from waveclip_hf.models.waveclip.gating import gate_operating_points
@@ -69,7 +69,9 @@ def test_calibrate_threshold_meets_its_target_at_the_least_cost():
     points = gate_operating_points(probs, cumulative)
     for target in (0.5, 0.8, 0.95, 0.99, 1.0):
         chosen = calibrate_threshold(probs, cumulative, target_agreement=target)
-        agreement, gflops, _ = replay(probs, chosen.threshold if chosen.threshold is not None else math.inf, cumulative)
+        agreement, gflops, _ = replay(
+            probs, chosen.threshold if chosen.threshold is not None else math.inf, cumulative
+        )
         assert (agreement, gflops) == (pytest.approx(chosen.agreement), pytest.approx(chosen.mean_gflops))
         assert chosen.agreement >= target
         # No cheaper operating point reaches the target.
@@ -116,8 +118,9 @@ def test_a_calibrated_threshold_does_online_what_it_promised():
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(40, 3, 64, 64, generator=generator)
     text_embeds = torch.randn(4, 16, generator=generator)
-    probs = stage_probabilities(collect_stage_embeddings(model, [pixel_values], progress=False), text_embeds,
-                                model.logit_scale.exp().item())
+    probs = stage_probabilities(
+        collect_stage_embeddings(model, [pixel_values], progress=False), text_embeds, model.logit_scale.exp().item()
+    )
     cumulative = (model.answer_gflops()).tolist()
     chosen = calibrate_threshold(probs, cumulative, target_agreement=0.9)
     assert chosen.threshold is not None and 0.9 <= chosen.agreement < 1.0 and chosen.stage_share[0] > 0
@@ -142,9 +145,24 @@ def test_the_calibration_command_on_an_unlabelled_folder(tmp_path):
     write_images(tmp_path / "unlabelled" / "any" / "layout", 12, seed=0)
     script = Path(__file__).resolve().parents[1] / "scripts" / "calibrate_gate.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--model", str(tmp_path / "model"), "--images", str(tmp_path / "unlabelled"),
-         "--labels", *LABELS, "--target-agreement", "0.75", "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(tmp_path / "unlabelled"),
+            "--labels",
+            *LABELS,
+            "--target-agreement",
+            "0.75",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "gate_calibration.json").read_text())
@@ -155,9 +173,15 @@ def test_the_calibration_command_on_an_unlabelled_folder(tmp_path):
     # The same choice as the pipeline's calibrate on the same images.
     from waveclip_hf.evaluation.calibration import calibrate_without_labels
 
-    again = calibrate_without_labels(str(tmp_path / "model"), str(tmp_path / "unlabelled"), LABELS,
-                                     str(tmp_path / "again"), target_agreement=0.75)
+    again = calibrate_without_labels(
+        str(tmp_path / "model"), str(tmp_path / "unlabelled"), LABELS, str(tmp_path / "again"), target_agreement=0.75
+    )
     assert again["threshold"] == pytest.approx(report["threshold"]) and again["agreement"] == report["agreement"]
-    bad = subprocess.run([sys.executable, str(script), "--model", "m", "--images", "x"], capture_output=True,
-                         text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    bad = subprocess.run(
+        [sys.executable, str(script), "--model", "m", "--images", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert bad.returncode == 2 and "needs the label set: --labels a b c, or --labels-file" in bad.stderr

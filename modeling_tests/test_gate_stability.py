@@ -16,6 +16,7 @@ from waveclip_hf.evaluation.gate_stability import (
     transfers,
 )
 
+
 GFLOPS = [1.0, 3.0]
 
 
@@ -40,9 +41,20 @@ def test_threshold_curve_of_the_margin_gate_by_hand():
     assert choose_label_free(threshold_curve(probs, GFLOPS, "margin"), 0.99) == 0.75
     assert threshold_curve(probs, GFLOPS, "margin").accuracy is None
     # With two labels p1 = (1 + margin) / 2 and the per-label margin is margin / 2: the same decisions.
-    assert threshold_curve(probs, GFLOPS, "top1", labels).thresholds.tolist() == [0.5, 0.625, 0.75, 0.875, float("inf")]
+    assert threshold_curve(probs, GFLOPS, "top1", labels).thresholds.tolist() == [
+        0.5,
+        0.625,
+        0.75,
+        0.875,
+        float("inf"),
+    ]
     assert threshold_curve(probs, GFLOPS, "margin_per_label", labels).thresholds.tolist() == [
-        0.0, 0.125, 0.25, 0.375, float("inf")]
+        0.0,
+        0.125,
+        0.25,
+        0.375,
+        float("inf"),
+    ]
     result = replay(probs, labels, GFLOPS, "top1", 0.75)
     assert (result.accuracy, result.full_accuracy, result.agreement, result.mean_gflops) == (0.75, 1.0, 0.75, 2.0)
 
@@ -57,7 +69,8 @@ def test_curve_equals_replay_and_the_library_sweep_with_three_stages():
         for k in range(0, len(curve.thresholds), 97):
             result = replay(probs, labels, gflops, gate, curve.thresholds[k])
             assert (result.accuracy, result.mean_gflops, result.agreement) == pytest.approx(
-                (curve.accuracy[k], curve.mean_gflops[k], curve.agreement[k]), abs=1e-12)
+                (curve.accuracy[k], curve.mean_gflops[k], curve.agreement[k]), abs=1e-12
+            )
     # The margin gates are the library's gate (`calibration.sweep_thresholds`, which `refine` is tested against).
     for gate, scaling in (("margin", "none"), ("margin_per_label", "num_labels")):
         curve = threshold_curve(probs, gflops, gate, labels)
@@ -69,7 +82,6 @@ def test_curve_equals_replay_and_the_library_sweep_with_three_stages():
         assert [p.accuracy for p in library] == pytest.approx([r.accuracy for r in ours], abs=1e-12)
         assert [p.mean_gflops for p in library] == pytest.approx([r.mean_gflops for r in ours], abs=1e-12)
     assert torch.equal(gate_scores(probs, "margin_per_label"), gate_scores(probs, "margin") / 5)
-
 
 
 def test_label_free_choice_of_the_margin_gate_is_the_pipelines_calibration():
@@ -88,6 +100,7 @@ def test_label_free_choice_of_the_margin_gate_is_the_pipelines_calibration():
         assert (ours.agreement, ours.mean_gflops) == pytest.approx((library.agreement, library.mean_gflops), abs=1e-12)
         assert ours.agreement >= target
 
+
 def test_a_threshold_moved_to_another_setting_misses_by_a_known_amount():
     source = four_images()
     # Every stage-0 margin is 0.75 and one of the four images is wrong at stage 0, right at stage 1.
@@ -105,7 +118,9 @@ def test_a_threshold_moved_to_another_setting_misses_by_a_known_amount():
     assert own_a["cost_ratio"] == 1.0
     summary = summarise_transfers(rows)
     assert summary["count"] == 3 and summary["share_missed"] == pytest.approx(1 / 3)
-    assert summary["mean_shortfall_points"] == pytest.approx(8.0) and summary["worst_shortfall_points"] == pytest.approx(24.0)
+    assert summary["mean_shortfall_points"] == pytest.approx(8.0) and summary[
+        "worst_shortfall_points"
+    ] == pytest.approx(24.0)
     assert summary["mean_gflops"] == pytest.approx((1 + 3 + 2.5) / 3)
     # The label-free calibration sees no labels: on B it asks for agreement, which θ = 0.75 gives only for 3 of 4.
     label_free = transfers(settings, [("B", "B")], GFLOPS, "margin", "label_free", 0.01)[0]

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import tiny_model
 from PIL import Image
 
-from conftest import tiny_model
 from waveclip_hf.conversion.grow_level import freeze_all_but_last_stage, grow_level, haar_level_gain, new_stage_rows
 from waveclip_hf.models.waveclip.flops import stage_flops
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
@@ -27,7 +27,9 @@ def photos_448_and_224() -> tuple[list[np.ndarray], list[np.ndarray]]:
     for photo in (skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()):
         side = min(photo.shape[:2])
         top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
-        square = Image.fromarray(photo[top : top + side, left : left + side]).resize((448, 448), Image.Resampling.BICUBIC)
+        square = Image.fromarray(photo[top : top + side, left : left + side]).resize(
+            (448, 448), Image.Resampling.BICUBIC
+        )
         image = np.asarray(square)
         big.append(image)
         small.append(image.astype(np.float32).reshape(224, 2, 224, 2, 3).mean(axis=(1, 3)) / 255)

@@ -14,14 +14,15 @@ import PIL.Image
 import pytest
 import skimage.data
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import ZeroShotImageClassificationPipeline, pipeline
 
-from conftest import tiny_config
 from waveclip_hf import WaveCLIPModel, WaveCLIPProcessor
+from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from waveclip_hf.hub.loading import load_waveclip
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
-from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+
 
 LABELS = ["cat", "astronaut", "coffee cup", "rocket"]
 PHOTOS = {"cat": skimage.data.chelsea, "astronaut": skimage.data.astronaut, "coffee cup": skimage.data.coffee}
@@ -42,7 +43,9 @@ def save_tiny_folder(folder, levels: int = 1):
     """A complete tiny checkpoint: weights, config, remote code, image processor and an offline tokenizer."""
     tokenizer = build_word_level_tokenizer([f"This is a photo of {label}." for label in LABELS] + ["a photo of {}"])
     config = tiny_config(levels)
-    config.text_config = type(config.text_config)(**{**config.text_config.to_dict(), **clip_text_config_kwargs(tokenizer)})
+    config.text_config = type(config.text_config)(
+        **{**config.text_config.to_dict(), **clip_text_config_kwargs(tokenizer)}
+    )
     torch.manual_seed(0)
     model = WaveCLIPModel(config).eval()
     model.save_pretrained(folder)
@@ -57,7 +60,11 @@ def run_fresh_python(code: str, cwd) -> subprocess.CompletedProcess:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules"))
     result = subprocess.run(
         [sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -66,9 +73,18 @@ def run_fresh_python(code: str, cwd) -> subprocess.CompletedProcess:
 def test_saved_folder_has_weights_remote_code_and_auto_map(tmp_path):
     save_tiny_folder(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_waveclip.py",
-            "configuration_waveclip.py", "image_processing_waveclip.py", "pipeline_waveclip.py", "gating.py",
-            "flops.py", "wavelet_layout.py"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "modeling_waveclip.py",
+        "configuration_waveclip.py",
+        "image_processing_waveclip.py",
+        "pipeline_waveclip.py",
+        "gating.py",
+        "flops.py",
+        "wavelet_layout.py",
+    } <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_waveclip.WaveCLIPModel"
@@ -80,7 +96,9 @@ def test_fresh_process_loads_with_trust_remote_code_and_gives_identical_outputs(
     folder = tmp_path / "model"
     model = save_tiny_folder(folder, levels=2)
     processor = WaveCLIPImageProcessor(image_size=64, levels=2)
-    pixel_values = processor(images=[skimage.data.astronaut(), skimage.data.coffee()], return_tensors="pt")["pixel_values"]
+    pixel_values = processor(images=[skimage.data.astronaut(), skimage.data.coffee()], return_tensors="pt")[
+        "pixel_values"
+    ]
     save_file({"pixel_values": pixel_values.contiguous()}, tmp_path / "inputs.safetensors")
     with torch.no_grad():
         expected = model.get_image_features(pixel_values).stage_pooler_outputs
@@ -98,7 +116,8 @@ def test_fresh_process_loads_with_trust_remote_code_and_gives_identical_outputs(
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         assert type(processor).__name__ == "WaveCLIPImageProcessor", type(processor)
         pixel_values = load_file({str(tmp_path / "inputs.safetensors")!r})["pixel_values"]
-        again = processor(images=[skimage.data.astronaut(), skimage.data.coffee()], return_tensors="pt")["pixel_values"]
+        photos = [skimage.data.astronaut(), skimage.data.coffee()]
+        again = processor(images=photos, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             stages = model.get_image_features(pixel_values).stage_pooler_outputs
         save_file({{"stages": stages, "pixel_values": again}}, {str(tmp_path / "outputs.safetensors")!r})
@@ -123,7 +142,9 @@ def test_weights_that_do_not_fit_the_config_fail_clearly(tmp_path):
 def test_stock_pipeline_runs_on_a_saved_folder(tmp_path):
     save_tiny_folder(tmp_path)
     classifier = pipeline(
-        "zero-shot-image-classification", model=str(tmp_path), trust_remote_code=True,
+        "zero-shot-image-classification",
+        model=str(tmp_path),
+        trust_remote_code=True,
         pipeline_class=ZeroShotImageClassificationPipeline,
     )
     assert type(classifier) is ZeroShotImageClassificationPipeline
@@ -164,7 +185,9 @@ def test_custom_pipeline_in_a_fresh_process_matches_the_full_model(tmp_path):
     # The full-model answer equals WaveCLIPModel.forward on the same inputs.
     classifier = pipeline("zero-shot-image-classification", model=str(folder), trust_remote_code=True)
     inputs = classifier.image_processor(images=[skimage.data.chelsea()], return_tensors="pt")
-    text = classifier.tokenizer([f"This is a photo of {label}." for label in LABELS], padding=True, return_tensors="pt")
+    text = classifier.tokenizer(
+        [f"This is a photo of {label}." for label in LABELS], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         probs = model(**text, **inputs).logits_per_image.softmax(-1)[0]
     by_label = {entry["label"]: entry["score"] for entry in result["full"][0]}
@@ -182,7 +205,9 @@ def test_label_embeddings_are_computed_once_per_label_set(tmp_path):
     classifier(skimage.data.chelsea(), candidate_labels=LABELS, hypothesis_template="a photo of {}")
     assert len(calls) == 2
     # Other tokenizer settings give other token ids: a new entry, not the stale embeddings of the first call.
-    truncated = classifier(skimage.data.chelsea(), candidate_labels=LABELS, tokenizer_kwargs={"max_length": 4, "truncation": True})
+    truncated = classifier(
+        skimage.data.chelsea(), candidate_labels=LABELS, tokenizer_kwargs={"max_length": 4, "truncation": True}
+    )
     assert len(calls) == 3 and truncated != first
 
 

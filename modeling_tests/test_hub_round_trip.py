@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_hub_loading import LABELS, save_tiny_folder
 from transformers import pipeline
 
-from test_hub_loading import LABELS, save_tiny_folder
 from waveclip_hf import GateCalibration, WaveCLIPZeroShotImageClassificationPipeline
 from waveclip_hf.hub.round_trip import run_round_trip
 from waveclip_hf.models.waveclip.gate_calibration import find_calibration, label_set_key
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.name for p in (REPO / "src/waveclip_hf/models/waveclip").glob("*.py") if p.name != "__init__.py")
@@ -39,9 +40,15 @@ def test_every_save_after_loading_holds_every_file_and_reloads_bit_identical(rou
     assert round_trip["missing_files"] == {name: [] for name in saves}
     for name in saves:
         assert round_trip["identical_outputs"][name] == {
-            "stages": True, "text": True, "pipeline_scores": True, "pipeline_stages": True}, name
+            "stages": True,
+            "text": True,
+            "pipeline_scores": True,
+            "pipeline_stages": True,
+        }, name
     assert round_trip["reload"]["bfloat16"]["dtype"] == "torch.bfloat16"
-    assert round_trip["reload"]["calibrated"]["calibrations"] == 1 and round_trip["reload"]["pushed"]["calibrations"] == 1
+    assert (
+        round_trip["reload"]["calibrated"]["calibrations"] == 1 and round_trip["reload"]["pushed"]["calibrations"] == 1
+    )
 
 
 def test_a_pipeline_save_that_fails_midway_leaves_nothing(round_trip):
@@ -59,7 +66,10 @@ def test_a_model_object_gets_the_gated_pipeline_and_clip_the_stock_one(round_tri
     answer = round_trip["model_object"]
     assert answer["class"] == "WaveCLIPZeroShotImageClassificationPipeline"
     assert answer["stage"] == 0 and answer["keys"] == ["gflops", "label", "score", "stage"]
-    assert answer["clip_class"] == "transformers.pipelines.zero_shot_image_classification.ZeroShotImageClassificationPipeline"
+    assert (
+        answer["clip_class"]
+        == "transformers.pipelines.zero_shot_image_classification.ZeroShotImageClassificationPipeline"
+    )
 
 
 def test_a_saved_calibration_answers_auto_in_a_fresh_process_for_labels_in_any_order(round_trip):
@@ -107,7 +117,8 @@ def test_calibrate_stores_into_the_config_and_save_pretrained_keeps_it(folder, t
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())["gate_calibrations"]
     assert [record["labels"] for record in saved] == [sorted(LABELS), sorted(LABELS[:2])]
     assert saved[0]["format"] == 1 and saved[0]["gflops_ratio"] == pytest.approx(
-        saved[0]["mean_gflops"] / saved[0]["full_gflops"])
+        saved[0]["mean_gflops"] / saved[0]["full_gflops"]
+    )
 
 
 def test_the_calibration_cli_file_loads_back_into_a_pipeline(folder, tmp_path):
@@ -120,9 +131,26 @@ def test_the_calibration_cli_file_loads_back_into_a_pipeline(folder, tmp_path):
     model = tmp_path / "model"
     save_tiny_folder(model, levels=2)
     run = subprocess.run(
-        [sys.executable, "-m", "waveclip_hf.cli.calibrate", "--model", str(model), "--images", str(images),
-         "--labels", *LABELS, "--target-agreement", "0.9", "--output-dir", str(tmp_path / "out"), "--save-to-model"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "waveclip_hf.cli.calibrate",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--labels",
+            *LABELS,
+            "--target-agreement",
+            "0.9",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--save-to-model",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads((tmp_path / "out" / "gate_calibration.json").read_text())
@@ -151,15 +179,18 @@ def test_a_missing_image_file_through_the_pipeline_names_the_file(folder, tmp_pa
     with pytest.raises(ValueError, match=re.escape(f"Cannot read image file '{missing}': no such file.")):
         classifier(missing, candidate_labels=LABELS)
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(ValueError, match=r"Cannot read image file '.*notes\.png': .*Check that it is a complete image"):
+    with pytest.raises(
+        ValueError, match=r"Cannot read image file '.*notes\.png': .*Check that it is a complete image"
+    ):
         classifier(str(tmp_path / "notes.png"), candidate_labels=LABELS)
 
 
 def test_a_folder_needs_trust_remote_code_for_its_pipeline_even_with_the_package_imported(folder):
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         pipeline("zero-shot-image-classification", model=str(folder))
-    by_class = pipeline("zero-shot-image-classification", model=str(folder),
-                        pipeline_class=WaveCLIPZeroShotImageClassificationPipeline)
+    by_class = pipeline(
+        "zero-shot-image-classification", model=str(folder), pipeline_class=WaveCLIPZeroShotImageClassificationPipeline
+    )
     assert by_class(noise_images(1)[0], candidate_labels=LABELS, margin_threshold=0.0)[0]["stage"] == 0
 
 

@@ -349,8 +349,9 @@ def test_resample_filters_and_aspect_options():
         assert 0 < difference.mean() < 0.02, (resample, difference.mean())
     # do_center_crop=False squeezes the whole image to S x S: the left and right edges survive.
     squeezed = processor.inverse(processor(images=image, do_center_crop=False)["pixel_values"])[0]
-    edges = F.interpolate(torch.from_numpy(image / 255.0).permute(2, 0, 1)[None], size=(SIZE, SIZE), mode="bicubic",
-                          antialias=True)[0].clamp(0, 1)
+    edges = F.interpolate(
+        torch.from_numpy(image / 255.0).permute(2, 0, 1)[None], size=(SIZE, SIZE), mode="bicubic", antialias=True
+    )[0].clamp(0, 1)
     assert (squeezed - edges).abs().max() < 1e-4
 
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_end_to_end import MINIATURE
 from transformers import AutoConfig
 
-from test_end_to_end import MINIATURE
 from waveclip_hf.experiments.cached_steps import student_distillation_fields, student_output_dir
 from waveclip_hf.experiments.end_to_end import EndToEndConfig
 from waveclip_hf.experiments.method_ablations import VARIANTS, build_parser, run_method_ablations, transfer_pairs
@@ -16,19 +16,29 @@ from waveclip_hf.experiments.method_ablations import VARIANTS, build_parser, run
 
 def test_transfer_pairs_compare_what_each_question_asks():
     # (student seed, data seed): seed 0 and seed 1 on their own benchmarks, seed 0's student on seed 2's benchmark.
-    keys = [(student, data, axis, size) for student, data in ((0, 0), (1, 1), (0, 2))
-            for axis, sizes in (("color", (2, 3)), ("shape", (2,))) for size in sizes]
+    keys = [
+        (student, data, axis, size)
+        for student, data in ((0, 0), (1, 1), (0, 2))
+        for axis, sizes in (("color", (2, 3)), ("shape", (2,)))
+        for size in sizes
+    ]
     pairs = transfer_pairs(dict.fromkeys(keys))
     assert ((0, 0, "color", 2), (0, 0, "color", 3)) in pairs["across_label_set_sizes"]
     assert len(pairs["across_label_set_sizes"]) == 6  # two directions on the colour axis of each of three sources
     # Across benchmark samples: seed 0's student on its own and on seed 2's test split, the whole label set.
     assert sorted(pairs["across_benchmark_samples"]) == [
-        ((0, 0, "color", 3), (0, 2, "color", 3)), ((0, 0, "shape", 2), (0, 2, "shape", 2)),
-        ((0, 2, "color", 3), (0, 0, "color", 3)), ((0, 2, "shape", 2), (0, 0, "shape", 2))]
+        ((0, 0, "color", 3), (0, 2, "color", 3)),
+        ((0, 0, "shape", 2), (0, 2, "shape", 2)),
+        ((0, 2, "color", 3), (0, 0, "color", 3)),
+        ((0, 2, "shape", 2), (0, 0, "shape", 2)),
+    ]
     # Across retrained models: each seed's own student on its own benchmark (not seed 0's on seed 2's data).
     assert sorted(pairs["across_retrained_models"]) == [
-        ((0, 0, "color", 3), (1, 1, "color", 3)), ((0, 0, "shape", 2), (1, 1, "shape", 2)),
-        ((1, 1, "color", 3), (0, 0, "color", 3)), ((1, 1, "shape", 2), (0, 0, "shape", 2))]
+        ((0, 0, "color", 3), (1, 1, "color", 3)),
+        ((0, 0, "shape", 2), (1, 1, "shape", 2)),
+        ((1, 1, "color", 3), (0, 0, "color", 3)),
+        ((1, 1, "shape", 2), (0, 0, "shape", 2)),
+    ]
     assert ((0, 2, "color", 3), (0, 2, "color", 2)) in pairs["from_all_labels"]
     assert ((0, 2, "color", 2), (0, 2, "color", 3)) not in pairs["from_all_labels"]
     assert len(pairs["on_itself"]) == len(keys)
@@ -42,12 +52,17 @@ def test_transfer_pairs_compare_what_each_question_asks():
 
 @pytest.mark.slow
 def test_method_ablations_miniature_and_cached_rerun(tmp_path):
-    config = EndToEndConfig(cache_dir=str(tmp_path / "cache"), docs_dir=str(tmp_path / "docs"), overrides=MINIATURE,
-                            progress=False)
+    config = EndToEndConfig(
+        cache_dir=str(tmp_path / "cache"), docs_dir=str(tmp_path / "docs"), overrides=MINIATURE, progress=False
+    )
     # First one seed with the ablation students and another benchmark sample read by its student ...
     alone = run_method_ablations(config, seeds=(0,), variant_seeds=(0,), sample_seeds=(1,), max_subsets=3)
-    assert alone["gate_stability"]["transfer_kinds"] == ["across_benchmark_samples", "across_label_set_sizes",
-                                                         "from_all_labels", "on_itself"]
+    assert alone["gate_stability"]["transfer_kinds"] == [
+        "across_benchmark_samples",
+        "across_label_set_sizes",
+        "from_all_labels",
+        "on_itself",
+    ]
     assert alone["seed_spread"]["benchmark_samples"]["data_seeds"] == [0, 1]
     assert "Retrained seeds were not run" in (tmp_path / "docs" / "ablations.md").read_text()
     # ... then a second seed's main job, which reuses that benchmark.
@@ -69,8 +84,15 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
     # The main job's student is the one the main job caches (its key is unchanged); the variants are new folders
     # whose configs carry the option.
     folders = report["seed_spread"]["folders"][0]
-    main_fields = student_distillation_fields(config.settings(), Path(folders["data"]), Path(folders["teacher"]),
-                                              levels=1, seed=0, num_workers=2, progress=False)
+    main_fields = student_distillation_fields(
+        config.settings(),
+        Path(folders["data"]),
+        Path(folders["teacher"]),
+        levels=1,
+        seed=0,
+        num_workers=2,
+        progress=False,
+    )
     assert folders["student"] == str(student_output_dir(config.cache_dir, main_fields) / "final")
     causal_entry = report["causality"]["per_seed"][0]
     bidirectional = AutoConfig.from_pretrained(causal_entry["student_dir"], trust_remote_code=True).vision_config
@@ -84,8 +106,13 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
     assert report["causality"]["gflops"]["bidirectional"] > g_c2f[-1]
 
     text = (tmp_path / "docs" / "ablations.md").read_text()
-    for heading in ("## The answers", "## 1. Cost of causality", "## 2. Order of the bands",
-                    "## 3. Stability of the gate", "## 4. Spread over benchmark seeds"):
+    for heading in (
+        "## The answers",
+        "## 1. Cost of causality",
+        "## 2. Order of the bands",
+        "## 3. Stability of the gate",
+        "## 4. Spread over benchmark seeds",
+    ):
         assert heading in text
     assert "1. **Cost of causality.**" in text and "python scripts/method_ablations.py" in text
     for name in ("causality", "band_order", "gate_stability", "seed_spread"):
@@ -102,15 +129,21 @@ def test_method_ablations_miniature_and_cached_rerun(tmp_path):
 def test_the_causality_answer_calls_a_difference_a_cost_only_beyond_three_times_the_measured_spread():
     from waveclip_hf.experiments.ablations_report import causality_answer
 
-    spread = {"last_stage": 1, "seeds": [0],
-              "benchmark_samples": {"data_seeds": [0, 1, 2],
-                                    "spread": {"student_stage1_mean_accuracy": {"std": 0.001}}}}
+    spread = {
+        "last_stage": 1,
+        "seeds": [0],
+        "benchmark_samples": {"data_seeds": [0, 1, 2], "spread": {"student_stage1_mean_accuracy": {"std": 0.001}}},
+    }
 
     def answer(bidirectional_minus_causal_points):
-        return causality_answer({"difference_points_per_seed": [bidirectional_minus_causal_points],
-                                 "block_causal_mean_accuracy": 0.889,
-                                 "bidirectional_mean_accuracy": 0.889 + bidirectional_minus_causal_points / 100},
-                                spread)
+        return causality_answer(
+            {
+                "difference_points_per_seed": [bidirectional_minus_causal_points],
+                "block_causal_mean_accuracy": 0.889,
+                "bidirectional_mean_accuracy": 0.889 + bidirectional_minus_causal_points / 100,
+            },
+            spread,
+        )
 
     assert "mask costs little accuracy, if any, here" in answer(0.2)  # 2 std of a 0.1-point spread
     assert "mask costs accuracy here" in answer(0.5)
@@ -124,15 +157,23 @@ def test_recorded_costs_count_the_seeds_this_command_built():
     from waveclip_hf.experiments.ablations_report import recorded_costs
 
     report = {
-        "seed_spread": {"main_job_timing": {
-            "0": {"main_job_first_run": {"minutes": 13.4}},
-            "1": {"main_job_first_run": None, "teacher_training_minutes": 8.0,
-                  "student_distillation": {"wall_minutes": 9.5, "cpu_minutes": 18.0}},
-        }},
-        "causality": {"per_seed": {}}, "ordering": {"per_seed": {}},
+        "seed_spread": {
+            "main_job_timing": {
+                "0": {"main_job_first_run": {"minutes": 13.4}},
+                "1": {
+                    "main_job_first_run": None,
+                    "teacher_training_minutes": 8.0,
+                    "student_distillation": {"wall_minutes": 9.5, "cpu_minutes": 18.0},
+                },
+            }
+        },
+        "causality": {"per_seed": {}},
+        "ordering": {"per_seed": {}},
     }
     costs = recorded_costs(report)
-    assert costs["steps"] == {"main job, seed 0": {"wall_minutes": 13.4},
-                              "teacher, seed 1 (training loop)": {"wall_minutes": 8.0},
-                              "student, seed 1": {"wall_minutes": 9.5, "cpu_minutes": 18.0}}
+    assert costs["steps"] == {
+        "main job, seed 0": {"wall_minutes": 13.4},
+        "teacher, seed 1 (training loop)": {"wall_minutes": 8.0},
+        "student, seed 1": {"wall_minutes": 9.5, "cpu_minutes": 18.0},
+    }
     assert costs["wall_minutes"] == pytest.approx(30.9)

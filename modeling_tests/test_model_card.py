@@ -17,19 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import ModelCard
-from PIL import Image
-from transformers import AutoTokenizer
-
 from conftest import reset_accelerate_state
 from conftest import tiny_config as tiny_student_config
+from huggingface_hub import ModelCard
+from PIL import Image
 from test_distillation import PYTHON, cli_args, make_images, make_teacher, subprocess_env, tiny_config
 from test_end_to_end import known_answer_embeddings, tiny_clip_config
+from transformers import AutoTokenizer
+
 from waveclip_hf.data.synthetic import AXES
 from waveclip_hf.experiments.run_evaluation import card_results, evaluate
 from waveclip_hf.hub.front_matter import example_labels, resolve_license, tokenizes_without_unknown
 from waveclip_hf.training.config import RECIPES, DistillationConfig
 from waveclip_hf.training.outputs import DistillationResult, rewrite_model_card
+
 
 # The tiny teacher's tokenizer knows these words (test_distillation.PROMPTS); the labelled folder uses them as labels.
 LABELLED_CLASSES = {"square": "class0", "circle": "class1", "stripes": "class2", "noise": "class3"}
@@ -56,8 +57,18 @@ def distilled(tmp_path_factory):
     torch.set_num_threads(1)
     reset_accelerate_state()
     try:
-        assert main([*cli_args(config), "--eval-labelled-data", str(root / "labelled"),
-                     "--eval-prompt-template", "a photo of a {}"]) == 0
+        assert (
+            main(
+                [
+                    *cli_args(config),
+                    "--eval-labelled-data",
+                    str(root / "labelled"),
+                    "--eval-prompt-template",
+                    "a photo of a {}",
+                ]
+            )
+            == 0
+        )
     finally:
         reset_accelerate_state()
         torch.set_num_threads(threads)
@@ -95,8 +106,10 @@ def test_the_card_publishes_the_labelled_evaluation_in_a_model_index_the_hub_rea
     assert result["task"] == {"type": "zero-shot-image-classification", "name": "Zero-shot image classification"}
     assert result["dataset"] == {"type": "imagefolder", "name": "image folder `labelled`"}
     assert [m["type"] for m in result["metrics"]] == ["accuracy", "accuracy"]
-    assert [m["value"] for m in result["metrics"]] == [round(task["stage_accuracy"][1], 4),
-                                                       round(task["stage_accuracy"][0], 4)]
+    assert [m["value"] for m in result["metrics"]] == [
+        round(task["stage_accuracy"][1], 4),
+        round(task["stage_accuracy"][0], 4),
+    ]
     assert all(m["name"].startswith("Top-1 accuracy") for m in result["metrics"])
     parsed = ModelCard(card).data  # huggingface_hub's reader, as the Hub parses the card
     assert [r.metric_value for r in parsed.eval_results] == [m["value"] for m in result["metrics"]]
@@ -120,7 +133,7 @@ def test_example_labels_are_words_the_saved_tokenizer_knows(distilled):
     labels = [label.strip() for label in widget["candidate_labels"].split(",")]
     assert labels == ["circle", "noise", "square"]  # the evaluated classes come first
     assert widget["src"].startswith("https://huggingface.co/")
-    assert f"candidate_labels={json.dumps(labels)}, hypothesis_template=\"a photo of a {{}}\"," in card
+    assert f'candidate_labels={json.dumps(labels)}, hypothesis_template="a photo of a {{}}",' in card
     for label in labels:
         assert tokenizer.unk_token_id not in tokenizer(label)["input_ids"]
         assert tokenizer.unk_token_id not in tokenizer(f"a photo of a {label}")["input_ids"]
@@ -141,11 +154,20 @@ def test_the_cards_snippet_runs_as_written_in_a_fresh_process(distilled, tmp_pat
     snippet = snippet.replace('"your-username/run"', repr(str(run / "final"))).replace('"cat.jpg"', repr(str(image)))
     snippet = snippet.replace("classifier(image,", "results = classifier(image,")
     script = tmp_path / "snippet.py"
-    script.write_text(snippet + "\nimport json\nprint(json.dumps({'stages': list(stages.shape), 'results': results, "
-                      "'refined': refined.exit_stage.tolist()}))\n")
+    script.write_text(
+        snippet + "\nimport json\nprint(json.dumps({'stages': list(stages.shape), 'results': results, "
+        "'refined': refined.exit_stage.tolist()}))\n"
+    )
     env = subprocess_env(PYTHONPATH="")  # the saved folder's remote code, not this package
-    done = subprocess.run([PYTHON, "-I", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          stdin=subprocess.DEVNULL, timeout=300)
+    done = subprocess.run(
+        [PYTHON, "-I", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # No interactive question (an AutoTokenizer call without trust_remote_code asked one) and no type warning.
     assert "Do you wish to run the custom code" not in done.stdout + done.stderr
@@ -158,7 +180,7 @@ def test_the_cards_snippet_runs_as_written_in_a_fresh_process(distilled, tmp_pat
     assert max(r["score"] for r in output["results"]) - min(r["score"] for r in output["results"]) > 1e-4
     assert all(r["stage"] in (0, 1) and r["gflops"] > 0 for r in output["results"])
     # The calibrated ("auto") call and `refine` on the processor's output ran as the card shows them.
-    assert "margin_threshold=\"auto\"" in snippet and output["refined"] in ([0], [1])
+    assert 'margin_threshold="auto"' in snippet and output["refined"] in ([0], [1])
 
 
 def test_licence_given_inherited_or_the_teachers_terms(tmp_path):
@@ -183,8 +205,9 @@ def test_the_main_jobs_accuracy_reaches_the_card(distilled, tmp_path):
     shutil.copytree(run, copy)
     # A student cached before this fix: load-time keys in its tokenizer config, no config in its summary.json.
     tokenizer_config = json.loads((copy / "final" / "tokenizer_config.json").read_text())
-    (copy / "final" / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "is_local": True,
-                                                                      "local_files_only": True}))
+    (copy / "final" / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "is_local": True, "local_files_only": True})
+    )
     summary = json.loads((copy / "summary.json").read_text())
     (copy / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     embeddings, rows = known_answer_embeddings()
@@ -198,8 +221,10 @@ def test_the_main_jobs_accuracy_reaches_the_card(distilled, tmp_path):
     texture = next(r for r in model["results"] if r["dataset"]["config"] == "texture")
     assert [m["value"] for m in texture["metrics"]] == [1.0, 0.0]  # all stages right, stage 0 wrong (known answers)
     assert texture["dataset"]["split"] == "test"
-    assert "| texture | waveclip_hf generated benchmark, texture axis (fine scale) (test) | 12 | 6 | 100.0% | 0.0% | " \
-           "100.0% |" in card
+    assert (
+        "| texture | waveclip_hf generated benchmark, texture axis (fine scale) (test) | 12 | 6 | 100.0% | 0.0% | "
+        "100.0% |" in card
+    )
     assert "the main job of waveclip_hf" in card and "Not measured" not in card
     # Everything else is the run's own: steps, date, and still no local path.
     summary = json.loads((copy / "summary.json").read_text())
@@ -208,8 +233,10 @@ def test_the_main_jobs_accuracy_reaches_the_card(distilled, tmp_path):
     assert DistillationResult.from_json(summary).zero_shot[0].task == "labelled"
     saved = (copy / "final" / "tokenizer_config.json").read_text()
     assert "is_local" not in saved and "local_files_only" not in saved
-    assert AutoTokenizer.from_pretrained(copy / "final")("a red square")["input_ids"] == \
-        AutoTokenizer.from_pretrained(run / "final")("a red square")["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(copy / "final")("a red square")["input_ids"]
+        == AutoTokenizer.from_pretrained(run / "final")("a red square")["input_ids"]
+    )
     shutil.rmtree(copy / "checkpoints")  # and no checkpoint to read the config from: a clear error
     with pytest.raises(FileNotFoundError, match="holds no config .* and .* no checkpoint to read it from"):
         rewrite_model_card(copy / "final", card_results(results, len(rows), 0.5))
@@ -256,16 +283,42 @@ def test_recipe_vit_b16_gives_the_documented_settings_and_flags_override_it():
 
     _, args = parse_args(["--recipe", "vit-b16", "--train-data", "/data/images", "--output-dir", "runs/b16"])
     config = config_from_args(args)
-    documented = dict(teacher="openai/clip-vit-base-patch16", levels=1, cell_size=32, batch_size=128,
-                      max_steps=20_000, learning_rate=1e-4, mixed_precision="bf16", num_workers=8,
-                      checkpoint_every=1000, eval_every=1000)
+    documented = dict(
+        teacher="openai/clip-vit-base-patch16",
+        levels=1,
+        cell_size=32,
+        batch_size=128,
+        max_steps=20_000,
+        learning_rate=1e-4,
+        mixed_precision="bf16",
+        num_workers=8,
+        checkpoint_every=1000,
+        eval_every=1000,
+    )
     assert {k: getattr(config, k) for k in documented} == documented == RECIPES["vit-b16"]
     assert config == DistillationConfig.from_recipe("vit-b16", train_data="/data/images", output_dir="runs/b16")
     # Explicit flags win, wherever they stand; everything else keeps the recipe's value.
-    _, args = parse_args(["--batch-size", "64", "--recipe", "vit-b16", "--train-data", "x", "--output-dir", "y",
-                          "--mixed-precision", "no"])
+    _, args = parse_args(
+        [
+            "--batch-size",
+            "64",
+            "--recipe",
+            "vit-b16",
+            "--train-data",
+            "x",
+            "--output-dir",
+            "y",
+            "--mixed-precision",
+            "no",
+        ]
+    )
     config = config_from_args(args)
-    assert (config.batch_size, config.mixed_precision, config.max_steps, config.learning_rate) == (64, "no", 20_000, 1e-4)
+    assert (config.batch_size, config.mixed_precision, config.max_steps, config.learning_rate) == (
+        64,
+        "no",
+        20_000,
+        1e-4,
+    )
     # Without a recipe, the library defaults.
     _, args = parse_args(["--train-data", "x", "--output-dir", "y"])
     assert config_from_args(args).batch_size == DistillationConfig().batch_size == 64
@@ -319,12 +372,13 @@ def documented_distill_commands(markdown: str) -> list[list[str]]:
         for command in block.replace("\\\n", " ").splitlines():
             words = shlex.split(command, comments=True)
             if "waveclip_hf.cli.distill" in words and "..." not in words:
-                commands.append(words[words.index("waveclip_hf.cli.distill") + 1:])
+                commands.append(words[words.index("waveclip_hf.cli.distill") + 1 :])
     return commands
 
 
 def test_the_readme_gpu_install_and_recipe_commands_work_as_written():
-    """README's *Distilling on a GPU machine*: a CUDA torch goes in before the project, which keeps it (torch is a lower
+    """README's *Distilling on a GPU machine*: a CUDA torch goes in before the project, which keeps it (torch is a
+    lower
     bound only, and the setup script installs torch only where there is none); the distillation command it shows
     parses into the ViT-B/16 recipe with the labelled evaluation and a private upload."""
     import re
@@ -348,8 +402,9 @@ def test_the_readme_gpu_install_and_recipe_commands_work_as_written():
     assert {k: getattr(config, k) for k in RECIPES["vit-b16"]} == RECIPES["vit-b16"]
     assert (config.eval_labelled_data, config.eval_prompt_template) == ("/data/val-by-class", "a photo of a {}.")
     assert (config.push_to_hub, config.hub_private) == ("your-org/waveclip-b16", True)
-    streamed = config_from_args(parse_args([*flags, "--train-data", "imagenet-1k", "--data-split", "train",
-                                            "--streaming"])[1])
+    streamed = config_from_args(
+        parse_args([*flags, "--train-data", "imagenet-1k", "--data-split", "train", "--streaming"])[1]
+    )
     assert (streamed.streaming, streamed.max_steps, streamed.train_data) == (True, 20_000, "imagenet-1k")
 
 
@@ -357,8 +412,11 @@ def test_every_documented_distill_command_parses():
     """Each complete command of README and docs/distillation.md is accepted by the CLI as written."""
     from waveclip_hf.cli.distill import config_from_args, parse_args
 
-    commands = [flags for doc in ("README.md", "docs/distillation.md")
-                for flags in documented_distill_commands((REPO / doc).read_text())]
+    commands = [
+        flags
+        for doc in ("README.md", "docs/distillation.md")
+        for flags in documented_distill_commands((REPO / doc).read_text())
+    ]
     assert len(commands) >= 5
     for flags in commands:
         config = config_from_args(parse_args(flags)[1])

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
 from transformers.cache_utils import DynamicCache
 
-from conftest import tiny_config, tiny_model
 from waveclip_hf import WaveCLIPConfig, WaveCLIPVisionConfig, WaveCLIPVisionModel
 from waveclip_hf.conversion import convert_clip_to_waveclip
 
@@ -192,7 +192,10 @@ def test_num_stages_out_of_range_and_cache_mismatches_are_clear_errors():
         model.vision_model(pixel_values, num_stages=0)
     with torch.no_grad():
         cache = model.vision_model(pixel_values, num_stages=1, use_cache=True).cache
-    with pytest.raises(ValueError, match=r"must be an integer in 2\.\.2 \(the stages processed after this call; the cache holds 1 of 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be an integer in 2\.\.2 \(the stages processed after this call; the cache holds 1 of 2\)",
+    ):
         model.vision_model(pixel_values, num_stages=1, cache=cache)
     with pytest.raises(ValueError, match="batch_select_indices"):
         model.vision_model(pixel_values[:1], cache=cache)
@@ -242,10 +245,24 @@ def test_conversion_copies_the_teacher_and_stage0_is_the_teacher_at_half_resolut
 
     torch.manual_seed(0)
     teacher_config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=3),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=224, patch_size=16),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=99,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=16,
+        ),
         projection_dim=16,
     )
     teacher = CLIPModel(teacher_config).eval()

@@ -7,6 +7,7 @@ from pathlib import Path
 import PIL.Image
 import skimage.data
 import torch
+from test_hub_loading import LABELS, save_tiny_folder
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -21,8 +22,8 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 import waveclip_hf
-from test_hub_loading import LABELS, save_tiny_folder
 from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,17 +54,22 @@ def test_a_saved_folder_loads_in_process_without_trust_remote_code(tmp_path):
     assert type(processor) is waveclip_hf.WaveCLIPImageProcessor
     pixel_values = processor(images=[skimage.data.astronaut()], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        assert torch.equal(loaded.get_image_features(pixel_values).pooler_output,
-                           model.get_image_features(pixel_values).pooler_output)
+        assert torch.equal(
+            loaded.get_image_features(pixel_values).pooler_output, model.get_image_features(pixel_values).pooler_output
+        )
 
 
 def test_the_gated_pipeline_in_process_is_asked_for_by_class(tmp_path):
     save_tiny_folder(tmp_path, levels=2)
-    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path),
-                          pipeline_class=waveclip_hf.WaveCLIPZeroShotImageClassificationPipeline)
+    classifier = pipeline(
+        "zero-shot-image-classification",
+        model=str(tmp_path),
+        pipeline_class=waveclip_hf.WaveCLIPZeroShotImageClassificationPipeline,
+    )
     assert type(classifier) is waveclip_hf.WaveCLIPZeroShotImageClassificationPipeline
-    results = classifier([skimage.data.chelsea(), skimage.data.coffee()], candidate_labels=LABELS,
-                         margin_threshold=0.0, batch_size=2)
+    results = classifier(
+        [skimage.data.chelsea(), skimage.data.coffee()], candidate_labels=LABELS, margin_threshold=0.0, batch_size=2
+    )
     assert [{entry["stage"] for entry in per_image} for per_image in results] == [{0}, {0}]
     assert all(abs(sum(entry["score"] for entry in per_image) - 1) < 1e-5 for per_image in results)
 
@@ -71,10 +77,21 @@ def test_the_gated_pipeline_in_process_is_asked_for_by_class(tmp_path):
 def save_tiny_clip_folder(folder) -> CLIPModel:
     tokenizer = build_word_level_tokenizer([f"This is a photo of {label}." for label in LABELS])
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                         **clip_text_config_kwargs(tokenizer)),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=6),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **clip_text_config_kwargs(tokenizer),
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=30,
+            patch_size=6,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -98,7 +115,9 @@ def test_importing_the_package_leaves_the_stock_zero_shot_pipeline_for_clip(tmp_
     result = classifier(image, candidate_labels=LABELS)
     assert set(result[0]) == {"score", "label"}  # no "stage" / "gflops": the stock pipeline, not ours
     inputs = classifier.image_processor(images=[image], return_tensors="pt")
-    text = classifier.tokenizer([f"This is a photo of {label}." for label in LABELS], padding=True, return_tensors="pt")
+    text = classifier.tokenizer(
+        [f"This is a photo of {label}." for label in LABELS], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         probs = model(**text, **inputs).logits_per_image.softmax(-1)[0]
     by_label = {entry["label"]: entry["score"] for entry in result}

@@ -17,12 +17,13 @@ import PIL.Image
 import pytest
 import skimage.data
 import torch
+from test_hub_loading import LABELS, run_fresh_python, save_tiny_folder
 from transformers import pipeline
 
-from test_hub_loading import LABELS, run_fresh_python, save_tiny_folder
 from waveclip_hf import WaveCLIPZeroShotImageClassificationPipeline
 from waveclip_hf.models.waveclip.gating import probability_margin
 from waveclip_hf.models.waveclip.scoring import zero_shot_logits
+
 
 TEMPLATES = ["This is a photo of {}.", "a photo of {}"]
 
@@ -129,21 +130,29 @@ def first_hour(request, tmp_path_factory):
         stderr = run_fresh_python(code, tmp_path).stderr
     else:
         stderr = run_in_this_process(code)
-    return {"results": json.loads(out.read_text()), "stderr": stderr, "model": model, "folder": folder,
-            "calibration_images": calibration_images, "test_images": test_images}
+    return {
+        "results": json.loads(out.read_text()),
+        "stderr": stderr,
+        "model": model,
+        "folder": folder,
+        "calibration_images": calibration_images,
+        "test_images": test_images,
+    }
 
 
 def reference_pipeline(folder):
     """The same folder in this process (for the model's own answers to compare with)."""
-    return pipeline("zero-shot-image-classification", model=str(folder),
-                    pipeline_class=WaveCLIPZeroShotImageClassificationPipeline)
+    return pipeline(
+        "zero-shot-image-classification", model=str(folder), pipeline_class=WaveCLIPZeroShotImageClassificationPipeline
+    )
 
 
 def stage_probabilities(classifier, paths, labels, template=TEMPLATES[0]) -> torch.Tensor:
     """(N, stages, labels) probabilities of the in-process model after every stage."""
     embeds = classifier.image_stage_embeddings(paths, batch_size=8)
-    return zero_shot_logits(embeds, classifier.label_embeddings(labels, template),
-                            classifier.model.logit_scale.exp()).softmax(-1)
+    return zero_shot_logits(
+        embeds, classifier.label_embeddings(labels, template), classifier.model.logit_scale.exp()
+    ).softmax(-1)
 
 
 def test_label_free_calibration_keeps_its_promise_with_margin_threshold_auto(first_hour):
@@ -215,14 +224,18 @@ def test_a_list_of_templates_is_a_prompt_ensemble(first_hour):
     tokenizer = classifier.tokenizer
     with torch.no_grad():
         per_template = [
-            torch.nn.functional.normalize(model.get_text_features(
-                **tokenizer([template.format(label) for label in LABELS], padding=True, return_tensors="pt")
-            ).pooler_output, dim=-1)
+            torch.nn.functional.normalize(
+                model.get_text_features(
+                    **tokenizer([template.format(label) for label in LABELS], padding=True, return_tensors="pt")
+                ).pooler_output,
+                dim=-1,
+            )
             for template in TEMPLATES
         ]
         ensemble = torch.stack(per_template).mean(0)
-        pixel_values = classifier.image_processor(images=[PIL.Image.open(first_hour["test_images"][0])],
-                                                  return_tensors="pt")["pixel_values"]
+        pixel_values = classifier.image_processor(
+            images=[PIL.Image.open(first_hour["test_images"][0])], return_tensors="pt"
+        )["pixel_values"]
         expected = model.refine(pixel_values, ensemble).scores[0]
     result = {entry["label"]: entry["score"] for entry in first_hour["results"]["ensemble"]}
     assert [result[label] for label in LABELS] == pytest.approx(expected.tolist(), abs=1e-5)
@@ -244,12 +257,15 @@ def test_a_list_of_templates_is_a_prompt_ensemble(first_hour):
 def test_top_k_typos_and_unknown_words(first_hour):
     results = first_hour["results"]
     assert results["top_2"] == results["all_labels"][:2]
-    assert "`margin_treshold` is not a parameter of the WaveCLIP zero-shot pipeline. Did you mean " \
-           "`margin_threshold`? Accepted: candidate_labels, hypothesis_template," in results["typo"]
+    assert (
+        "`margin_treshold` is not a parameter of the WaveCLIP zero-shot pipeline. Did you mean "
+        "`margin_threshold`? Accepted: candidate_labels, hypothesis_template," in results["typo"]
+    )
     # The tokenizer knows "cat" but not "dog" or "car": the warning names them.
     warning = first_hour["stderr"].split("--- unknown words ---", 1)[1]
-    assert "The tokenizer does not know 'dog' in 'This is a photo of dog.'; 'car' in 'This is a photo of car.'" \
-           in warning
+    assert (
+        "The tokenizer does not know 'dog' in 'This is a photo of dog.'; 'car' in 'This is a photo of car.'" in warning
+    )
     assert "'cat'" not in warning.split(":")[0]
     assert len(results["unknown_words"]) == 3
 

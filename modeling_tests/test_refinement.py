@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from waveclip_hf.models.waveclip.flops import stage_flops
 from waveclip_hf.models.waveclip.gating import effective_threshold, gate_stops, probability_margin
 from waveclip_hf.models.waveclip.scoring import zero_shot_logits
@@ -143,7 +143,9 @@ def test_a_gflops_budget_refines_the_smallest_margins_first():
     # Stage 1 for everybody and one stage 2: it goes to the image least sure after stage 1.
     budget = float(8 * step[0] + 8 * step[1] + step[2]) / 8
     out = model.refine(pixel_values, text_embeds, gflops_budget=budget)
-    assert (out.exit_stage == 2).nonzero().squeeze(1).tolist() == [int(probability_margin(stage_scores[:, 1]).argmin())]
+    assert (out.exit_stage == 2).nonzero().squeeze(1).tolist() == [
+        int(probability_margin(stage_scores[:, 1]).argmin())
+    ]
     assert (out.exit_stage == 1).sum() == 7
 
     # With a threshold, only the images the gate sends on compete for the budget.

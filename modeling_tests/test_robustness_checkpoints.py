@@ -22,18 +22,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModel, CLIPConfig, CLIPVisionConfig, CLIPVisionModel
-
 from conftest import reset_accelerate_state
+from safetensors.torch import load_file, save_file
 from test_distillation import fresh_accelerate_state, images_dir, make_teacher, teacher_dir  # noqa: F401 (fixtures)
 from test_distillation import tiny_config as distillation_config
 from test_hub_loading import BLOCK_PACKAGE, save_tiny_folder
+from transformers import AutoModel, CLIPConfig, CLIPVisionConfig, CLIPVisionModel
+
 from waveclip_hf import WaveCLIPModel, WaveCLIPVisionModel
+from waveclip_hf.hub.loading import load_waveclip
 from waveclip_hf.training.checkpoints import latest_checkpoint
 from waveclip_hf.training.distillation import distill
 from waveclip_hf.training.models import load_teacher
-from waveclip_hf.hub.loading import load_waveclip
+
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "waveclip_hf"
 
@@ -72,13 +73,22 @@ def test_truncated_safetensors_name_the_file(copy, keep):
 def test_a_config_json_from_another_model_is_named(copy):
     clip = CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+        ),
         projection_dim=16,
     )
     clip.save_pretrained(copy)  # overwrites config.json, as copying a CLIP folder's config over would
-    with pytest.raises(ValueError, match=rf"{copy / 'config.json'} describes a 'clip' model, not a 'waveclip' one "
-                                         r"\(WaveCLIPModel\): .* Put back the config.json"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{copy / 'config.json'} describes a 'clip' model, not a 'waveclip' one "
+        r"\(WaveCLIPModel\): .* Put back the config.json",
+    ):
         load_waveclip(copy, WaveCLIPModel)
     # Through the Auto classes the folder is a CLIP folder (no auto_map is left), so transformers builds a CLIPModel
     # and stops on the mismatched tensors itself; none of our code runs. Loud, but its message is transformers'.
@@ -102,9 +112,12 @@ def test_missing_tensors_are_an_error_not_random_weights(copy):
     weights = load_file(copy / "model.safetensors")
     del weights["vision_model.embeddings.band_embedding.weight"]
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"has no weights for 1 of this WaveCLIPModel's tensors \(e\.g\. "
-                                         r"\['vision_model\.embeddings\.band_embedding\.weight'\]\): they would be "
-                                         r"randomly initialised"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no weights for 1 of this WaveCLIPModel's tensors \(e\.g\. "
+        r"\['vision_model\.embeddings\.band_embedding\.weight'\]\): they would be "
+        r"randomly initialised",
+    ):
         load_waveclip(copy, WaveCLIPModel)
     # Asking for the loading report is how to get the partly loaded model on purpose.
     model, report = load_waveclip(copy, WaveCLIPModel, output_loading_info=True)
@@ -112,8 +125,11 @@ def test_missing_tensors_are_an_error_not_random_weights(copy):
 
 
 def test_vision_model_from_a_full_checkpoint_says_how_to_load_it(saved, tmp_path):
-    with pytest.raises(ValueError, match=r"describes a 'waveclip' model, not a 'waveclip_vision_model' one .* "
-                                         r"`WaveCLIPModel\.from_pretrained\(\.\.\.\)` and use its `\.vision_model`"):
+    with pytest.raises(
+        ValueError,
+        match=r"describes a 'waveclip' model, not a 'waveclip_vision_model' one .* "
+        r"`WaveCLIPModel\.from_pretrained\(\.\.\.\)` and use its `\.vision_model`",
+    ):
         load_waveclip(saved, WaveCLIPVisionModel)
     # A vision tower saved on its own loads on its own.
     WaveCLIPModel.from_pretrained(saved).vision_model.save_pretrained(tmp_path / "vision")
@@ -165,8 +181,9 @@ def test_missing_remote_code_files_are_named_in_a_fresh_offline_process(saved, t
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for name, loader in cases.items():
@@ -174,9 +191,11 @@ def test_missing_remote_code_files_are_named_in_a_fresh_offline_process(saved, t
         kind, message = results[name]
         assert kind in ("OSError", "FileNotFoundError") and name in message, (name, results[name])
     assert [results[f"{name} restored"] for name in cases] == [
-        "WaveCLIPModel", "WaveCLIPModel", "WaveCLIPImageProcessor", "WaveCLIPZeroShotImageClassificationPipeline"
+        "WaveCLIPModel",
+        "WaveCLIPModel",
+        "WaveCLIPImageProcessor",
+        "WaveCLIPZeroShotImageClassificationPipeline",
     ]
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,27 +204,44 @@ def test_missing_remote_code_files_are_named_in_a_fresh_offline_process(saved, t
 
 
 def test_teachers_that_are_not_a_complete_clip_checkpoint(saved, tmp_path):
-    with pytest.raises(ValueError, match=r"is a 'waveclip' model \(WaveCLIPConfig\), not a CLIP model: .* It is a "
-                                         r"WaveCLIP student: pass the CLIP checkpoint it was distilled from"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a 'waveclip' model \(WaveCLIPConfig\), not a CLIP model: .* It is a "
+        r"WaveCLIP student: pass the CLIP checkpoint it was distilled from",
+    ):
         load_teacher(str(saved))
 
     vision_only = tmp_path / "vision_only"
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     image_size=32, patch_size=16)).save_pretrained(vision_only)
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+        )
+    ).save_pretrained(vision_only)
     with pytest.raises(ValueError, match=r"is a 'clip_vision_model' model .* not a CLIP model"):
         load_teacher(str(vision_only))
 
     truncated = make_teacher(tmp_path / "truncated")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"Could not load the CLIP teacher's weights from .*truncated.* "
-                                         r"\(SafetensorError: .*\)\. Check that its model\.safetensors is complete"):
+    with pytest.raises(
+        ValueError,
+        match=r"Could not load the CLIP teacher's weights from .*truncated.* "
+        r"\(SafetensorError: .*\)\. Check that its model\.safetensors is complete",
+    ):
         load_teacher(str(truncated))
 
     no_processor = make_teacher(tmp_path / "no_processor")
     (no_processor / "preprocessor_config.json").unlink()
-    with pytest.raises(ValueError, match=r"has weights but not a loadable image processor and tokenizer .*"
-                                         r"preprocessor_config\.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"has weights but not a loadable image processor and tokenizer .*"
+        r"preprocessor_config\.json",
+    ):
         load_teacher(str(no_processor))
 
     # Without tokenizer files transformers quietly builds an empty CLIPTokenizer: every prompt would become the
@@ -239,8 +275,9 @@ def straight_run(teacher_dir, images_dir, tmp_path_factory):
     torch.set_num_threads(1)
     reset_accelerate()
     output = tmp_path_factory.mktemp("straight")
-    result = distill(distillation_config(teacher_dir, images_dir, output, max_steps=9, checkpoint_every=3,
-                                         eval_holdout=0))
+    result = distill(
+        distillation_config(teacher_dir, images_dir, output, max_steps=9, checkpoint_every=3, eval_holdout=0)
+    )
     reset_accelerate()
     return load_file(Path(result.final_dir) / "model.safetensors")
 
@@ -265,9 +302,12 @@ def test_out_of_disk_during_a_checkpoint_keeps_the_last_one_and_resume_uses_it(
     config = distillation_config(teacher_dir, images_dir, output, max_steps=9, checkpoint_every=3, eval_holdout=0)
     real_save = full_disk_when(monkeypatch, torch, "tmp-step-6")
     # The run stops with an error that says what failed, what is intact and what to do.
-    with pytest.raises(OSError, match=r"Could not write checkpoint .*step-6 \(.*No space left on device.*\); nothing "
-                                      r"was published and earlier checkpoints are intact \(the last complete one is "
-                                      r".*step-3\)\. Free disk space and resume with --resume"):
+    with pytest.raises(
+        OSError,
+        match=r"Could not write checkpoint .*step-6 \(.*No space left on device.*\); nothing "
+        r"was published and earlier checkpoints are intact \(the last complete one is "
+        r".*step-3\)\. Free disk space and resume with --resume",
+    ):
         distill(config)
     checkpoints = output / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3"]  # no half-written tmp-step-6 left
@@ -352,7 +392,9 @@ def pickle_uses(path: Path) -> list[str]:
         if owner == "torch" and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
             found.append(f"{path.name}:{node.lineno}: torch.load without weights_only=True")
         allow = keywords.get("allow_pickle")
-        if owner in ("np", "numpy") and not (allow is None or isinstance(allow, ast.Constant) and allow.value is False):
+        if owner in ("np", "numpy") and not (
+            allow is None or isinstance(allow, ast.Constant) and allow.value is False
+        ):
             found.append(f"{path.name}:{node.lineno}: np.load with allow_pickle")
     return found
 
@@ -364,9 +406,11 @@ def test_the_library_never_loads_a_pickle():
     # The checker itself finds each pattern.
     sample = SOURCE.parent.parent / "modeling_tests" / "_pickle_sample.py"
     try:
-        sample.write_text("import pickle\nimport joblib.x\nimport torch, numpy as np\ntorch.load('a')\n"
-                          "torch.load('a', weights_only=False)\nnp.load('a', allow_pickle=True)\n"
-                          "torch.load('a', weights_only=True)\nnp.load('a', mmap_mode='r')\n")
+        sample.write_text(
+            "import pickle\nimport joblib.x\nimport torch, numpy as np\ntorch.load('a')\n"
+            "torch.load('a', weights_only=False)\nnp.load('a', allow_pickle=True)\n"
+            "torch.load('a', weights_only=True)\nnp.load('a', mmap_mode='r')\n"
+        )
         assert len(pickle_uses(sample)) == 5
     finally:
         sample.unlink()

@@ -16,14 +16,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
+from test_hub_loading import LABELS, save_tiny_folder
 from transformers import pipeline
 from transformers.cache_utils import DynamicCache
 
-from conftest import tiny_config, tiny_model
-from test_hub_loading import LABELS, save_tiny_folder
 from waveclip_hf import WaveCLIPModel
-from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
 
 def random_pixels(batch: int, seed: int = 1) -> torch.Tensor:
@@ -45,8 +45,10 @@ def stage0_cache(model, pixel_values):
     [
         (lambda: random_pixels(2).numpy(), r"must be a torch tensor, got ndarray"),
         (lambda: random_pixels(1).tolist(), r"must be a torch tensor, got list"),
-        (lambda: (random_pixels(2) * 40 + 128).clamp(0, 255).to(torch.uint8),
-         r"must be floating point .*torch\.uint8: these look like raw pixels"),
+        (
+            lambda: (random_pixels(2) * 40 + 128).clamp(0, 255).to(torch.uint8),
+            r"must be floating point .*torch\.uint8: these look like raw pixels",
+        ),
         (lambda: random_pixels(2).long(), r"must be floating point .*torch\.int64"),
         (lambda: random_pixels(2) > 0, r"must be floating point .*torch\.bool"),
         (lambda: random_pixels(2)[:0], r"holds no images \(batch size 0\)"),
@@ -246,8 +248,11 @@ def photo():
         (dict(hypothesis_template=None), r"`hypothesis_template` must be a string"),
         (dict(candidate_labels=None), r"`candidate_labels` is empty"),
         (dict(candidate_labels=["cat", 3]), r"`candidate_labels` must be non-empty strings; got \[3\]"),
-        (dict(candidate_labels=["cat " * 40, "dog"]), r"The prompt 'This is a photo of cat cat .* is 48 tokens long, "
-                                                       r"more than the text tower's 32 positions"),
+        (
+            dict(candidate_labels=["cat " * 40, "dog"]),
+            r"The prompt 'This is a photo of cat cat .* is 48 tokens long, "
+            r"more than the text tower's 32 positions",
+        ),
     ],
 )
 def test_pipeline_parameters_are_clear_errors(classifier, photo, kwargs, message):
@@ -304,7 +309,10 @@ def test_one_image_at_a_time_equals_the_batched_path_for_lists_and_generators(cl
         for got, expected in zip(one_by_one, batched):
             assert [(e["label"], e["stage"]) for e in got] == [(e["label"], e["stage"]) for e in expected]
             assert max(abs(a["score"] - b["score"]) for a, b in zip(got, expected)) < 1e-5
-            assert max(abs(x - y) for a, b in zip(got, expected) for x, y in zip(a["stage_scores"], b["stage_scores"])) < 1e-5
+            assert (
+                max(abs(x - y) for a, b in zip(got, expected) for x, y in zip(a["stage_scores"], b["stage_scores"]))
+                < 1e-5
+            )
     top = classifier(images, top_k=2, **kwargs)
     assert [[e["label"] for e in r] for r in top] == [[e["label"] for e in r[:2]] for r in batched]
     # Scores are ranked (ties would keep the labels' order, as the stock pipeline's stable sort does).
@@ -318,16 +326,18 @@ def test_the_labels_travel_as_one_reference_per_image(classifier, photo):
     outputs = classifier.forward(inputs)
     for values in (inputs.values(), outputs.values()):
         assert not any(isinstance(value, (list, tuple)) for value in values)
-    assert [entry["label"] for entry in classifier.postprocess(outputs)] == \
-        [entry["label"] for entry in classifier(photo, candidate_labels=LABELS)]
+    assert [entry["label"] for entry in classifier.postprocess(outputs)] == [
+        entry["label"] for entry in classifier(photo, candidate_labels=LABELS)
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pipeline_matches_fp32(classifier, photo, dtype):
     """fp32 `pixel_values` from the processor go into a half-precision model (the stock pipeline would cast them
     first; WaveCLIP keeps the DWT in fp32 and casts inside the patch projections)."""
-    half = pipeline("zero-shot-image-classification", model=classifier.model.name_or_path, trust_remote_code=True,
-                    dtype=dtype)
+    half = pipeline(
+        "zero-shot-image-classification", model=classifier.model.name_or_path, trust_remote_code=True, dtype=dtype
+    )
     assert half.model.dtype == dtype
     reference = {e["label"]: e["score"] for e in classifier(photo, candidate_labels=LABELS)}
     result = half(photo, candidate_labels=LABELS)

@@ -194,8 +194,14 @@ seeds = st.integers(0, 2**32 - 1)
 def array_cases(draw) -> Case:
     height, width = draw(sizes())
     return make_array_case(
-        height, width, draw(st.sampled_from(DTYPES)), draw(st.sampled_from(LAYOUTS)), draw(st.integers(1, 4)),
-        draw(st.sampled_from(["numpy", "torch"])), draw(st.sampled_from(VALUES)), draw(seeds),
+        height,
+        width,
+        draw(st.sampled_from(DTYPES)),
+        draw(st.sampled_from(LAYOUTS)),
+        draw(st.integers(1, 4)),
+        draw(st.sampled_from(["numpy", "torch"])),
+        draw(st.sampled_from(VALUES)),
+        draw(seeds),
         draw(st.sampled_from(["c", "fortran", "negative"])),
     )
 
@@ -213,8 +219,11 @@ def check_batch(cases: list[Case], levels: int) -> None:
     """The whole contract for one call on a batch of drawn images."""
     processor = WaveCLIPImageProcessor(image_size=SIZE, levels=levels)
     images = [case.image for case in cases]
-    before = [image.copy() if isinstance(image, np.ndarray) else image.clone() for image in images
-              if isinstance(image, (np.ndarray, torch.Tensor))]
+    before = [
+        image.copy() if isinstance(image, np.ndarray) else image.clone()
+        for image in images
+        if isinstance(image, (np.ndarray, torch.Tensor))
+    ]
     first_bad = next((i for i, case in enumerate(cases) if case.error), None)
     if hypothesis.currently_in_test_context():  # shown by `pytest --hypothesis-show-statistics`
         hypothesis.event("error" if first_bad is not None else "valid")
@@ -224,7 +233,9 @@ def check_batch(cases: list[Case], levels: int) -> None:
             processor(images=images)
         # The message names the image (its index in the batch) and the problem.
         assert re.search(rf"^Image {first_bad}: .*{cases[first_bad].error}", str(raised.value)), (
-            cases[first_bad].description, str(raised.value))
+            cases[first_bad].description,
+            str(raised.value),
+        )
         return
 
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
@@ -259,13 +270,19 @@ def test_every_mode_dtype_and_layout_at_the_output_size_matches_the_independent_
     layouts = [("HW", 1)] + [(layout, channels) for layout in ("HWC", "CHW") for channels in (1, 2, 3, 4)]
     for dtype in DTYPES:
         for container in ("numpy", "torch"):
-            cases = [make_array_case(SIZE, SIZE, dtype, layout, channels, container, "valid", seed=2, memory=memory)
-                     for layout, channels in layouts for memory in ("c", "fortran", "negative")]
+            cases = [
+                make_array_case(SIZE, SIZE, dtype, layout, channels, container, "valid", seed=2, memory=memory)
+                for layout, channels in layouts
+                for memory in ("c", "fortran", "negative")
+            ]
             assert all(case.reference is not None for case in cases)
             check_batch(cases, levels=1)
     anomalies = [make_pil_case(SIZE, SIZE, mode, values, seed=3) for mode in ("I", "F") for values in VALUES[1:]]
-    anomalies += [make_array_case(SIZE, SIZE, dtype, "HWC", 3, "torch" if i % 2 else "numpy", values, seed=4)
-                  for i, dtype in enumerate(DTYPES) for values in VALUES[1:]]
+    anomalies += [
+        make_array_case(SIZE, SIZE, dtype, "HWC", 3, "torch" if i % 2 else "numpy", values, seed=4)
+        for i, dtype in enumerate(DTYPES)
+        for values in VALUES[1:]
+    ]
     for case in anomalies:
         check_batch([case], levels=1)
     # mode I out of range, mode F x 3 anomalies, 3 float dtypes x 3 anomalies, 2 wide int dtypes out of range
@@ -367,8 +384,18 @@ def test_a_batch_array_with_zero_images_is_an_empty_batch():
         WaveCLIPImageProcessor(image_size=SIZE)(images=np.zeros((0, 8, 8, 3), np.uint8))
 
 
-@pytest.mark.parametrize("mode, via", [("PA", "RGBA"), ("La", "LA"), ("RGBa", "RGBA"), ("YCbCr", "RGB"),
-                                       ("LAB", "RGB"), ("HSV", "RGB"), ("RGBX", "RGB")])
+@pytest.mark.parametrize(
+    "mode, via",
+    [
+        ("PA", "RGBA"),
+        ("La", "LA"),
+        ("RGBa", "RGBA"),
+        ("YCbCr", "RGB"),
+        ("LAB", "RGB"),
+        ("HSV", "RGB"),
+        ("RGBX", "RGB"),
+    ],
+)
 def test_rarer_pil_modes_convert_as_pillow_does(mode, via):
     rng = np.random.default_rng(6)
     base = PIL.Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8))  # RGBA

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+from test_hub_loading import LABELS, run_fresh_python, save_tiny_folder
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from conftest import tiny_model
-from test_hub_loading import LABELS, run_fresh_python, save_tiny_folder
 from waveclip_hf import WaveCLIPImageProcessor, WaveCLIPProcessor
+
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_DIR = REPO / "src" / "waveclip_hf" / "models" / "waveclip"
@@ -74,21 +75,25 @@ def test_a_saved_folder_carries_exactly_the_shipped_files(tmp_path):
     assert model_files == sorted(set(SHIPPED) - {"image_processing_waveclip.py"})
     model.vision_model.save_pretrained(tmp_path / "vision")
     assert sorted(path.name for path in (tmp_path / "vision").glob("*.py")) == model_files
-    WaveCLIPProcessor(WaveCLIPImageProcessor(), PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(
-        {"<unk>": 0}, unk_token="<unk>")))).save_pretrained(tmp_path / "model")
+    WaveCLIPProcessor(
+        WaveCLIPImageProcessor(),
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>"))),
+    ).save_pretrained(tmp_path / "model")
     assert sorted(path.name for path in (tmp_path / "model").glob("*.py")) == SHIPPED
     for name in SHIPPED:
         assert (tmp_path / "model" / name).read_bytes() == (SHIPPED_DIR / name).read_bytes()
     # The processor alone carries its own file and what that imports (transformers' `register_for_auto_class`).
     WaveCLIPImageProcessor().save_pretrained(tmp_path / "processor")
     assert sorted(path.name for path in (tmp_path / "processor").glob("*.py")) == [
-        "image_processing_waveclip.py", "wavelet_layout.py"
+        "image_processing_waveclip.py",
+        "wavelet_layout.py",
     ]
 
 
 def test_the_model_card_starts_its_how_to_use_with_the_install_line():
     requirement = next(
-        dep for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        dep
+        for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
         if dep.startswith("transformers")
     )
     template = (REPO / "hub_card" / "README.md.template").read_text()
@@ -122,7 +127,8 @@ def test_a_saved_folder_runs_in_a_process_with_only_the_runtime_packages(tmp_pat
     with torch.no_grad():
         expected = model.get_image_features(pixel_values).stage_pooler_outputs
     run_fresh_python(
-        BLOCK_IMPORTS + f"""
+        BLOCK_IMPORTS
+        + f"""
 import json, sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, pipeline

@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers.cache_utils import Cache, DynamicCache
 
-from conftest import tiny_model
 from waveclip_hf.models.waveclip.stage_cache import WaveCLIPStageCache, WaveCLIPStageCacheLayer
 
 

@@ -6,11 +6,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
+from test_hub_loading import save_tiny_folder
 from transformers import pipeline
 from transformers.cache_utils import DynamicCache
 
-from conftest import tiny_model
-from test_hub_loading import save_tiny_folder
 from waveclip_hf.models.waveclip.gating import probability_margin
 from waveclip_hf.models.waveclip.scoring import zero_shot_logits
 from waveclip_hf.models.waveclip.stage_cache import WaveCLIPStageCache
@@ -71,13 +71,16 @@ def test_refine_with_a_kept_cache_equals_refine_without_and_reuses_its_buffers(t
 
 def test_refine_refuses_a_cache_it_cannot_use():
     model, pixel_values, text_embeds = refine_inputs(levels=2, batch=2)
-    with pytest.raises(ValueError, match=r"reuses this model.s `WaveCLIPStageCache`, got transformers.cache_utils.DynamicCache"):
+    with pytest.raises(
+        ValueError, match=r"reuses this model.s `WaveCLIPStageCache`, got transformers.cache_utils.DynamicCache"
+    ):
         model.refine(pixel_values, text_embeds, margin_threshold=0.5, cache=DynamicCache())
     with pytest.raises(ValueError, match=r"WaveCLIPStageCache for 2 stages of 2 layers, but runs 3 stages"):
         model.refine(pixel_values, text_embeds, margin_threshold=0.5, cache=WaveCLIPStageCache(model.config, 2))
     # Built for fewer stages than exist is fine when `max_stages` asks for no more.
-    capped = model.refine(pixel_values, text_embeds, margin_threshold=1.5, max_stages=2,
-                          cache=WaveCLIPStageCache(model.config, 2))
+    capped = model.refine(
+        pixel_values, text_embeds, margin_threshold=1.5, max_stages=2, cache=WaveCLIPStageCache(model.config, 2)
+    )
     assert capped.exit_stage.tolist() == [1, 1]
 
 
@@ -139,8 +142,10 @@ def compiled_and_eager_refine(backend: str):
     torch._dynamo.reset()
     eager = model.refine(pixel_values, text_embeds, margin_threshold=threshold)
     cache = WaveCLIPStageCache(compiled.config)
-    outputs = [compiled.refine(images, text_embeds, margin_threshold=threshold, cache=cache)
-               for images in (pixel_values, pixel_values[:4], pixel_values)]
+    outputs = [
+        compiled.refine(images, text_embeds, margin_threshold=threshold, cache=cache)
+        for images in (pixel_values, pixel_values[:4], pixel_values)
+    ]
     return eager, outputs
 
 

@@ -10,11 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-
 from conftest import reset_accelerate_state
 from test_distillation import (
-    PYTHON, Crash, cli_args, crash_at, make_images, make_teacher, subprocess_env, tiny_config, vision_state,
+    PYTHON,
+    Crash,
+    cli_args,
+    crash_at,
+    make_images,
+    make_teacher,
+    subprocess_env,
+    tiny_config,
+    vision_state,
 )
+
 from waveclip_hf.training.checkpoints import TrainerState, latest_checkpoint
 from waveclip_hf.training.config import DistillationConfig
 from waveclip_hf.training.data import DistillationCollator
@@ -56,8 +64,15 @@ def fresh_accelerate_state():
 
 def names_in_order(saved_dataset, count: int, num_workers: int = 0, seed: int = 0, state=None):
     """The file names of the next `count` streamed batches (batch 5) from `state`, and the state after them."""
-    config = DistillationConfig(train_data=str(saved_dataset), streaming=True, max_steps=1, seed=seed,
-                                shuffle_buffer=8, eval_holdout=8, num_workers=num_workers)
+    config = DistillationConfig(
+        train_data=str(saved_dataset),
+        streaming=True,
+        max_steps=1,
+        seed=seed,
+        shuffle_buffer=8,
+        eval_holdout=8,
+        num_workers=num_workers,
+    )
     images, eval_set = load_streaming_data(config)
     accelerator = Accelerator(rng_types=[])
     collator = DistillationCollator(teacher_processor=_Identity())
@@ -76,8 +91,11 @@ class _Identity:
 def test_streamed_order_is_seeded_covers_every_row_once_and_skips_held_out_rows(saved_dataset, monkeypatch):
     # Keep each item's file name in the batch, to see the order.
     original = DistillationCollator.__call__
-    monkeypatch.setattr(DistillationCollator, "__call__",
-                        lambda self, items: {**original(self, items), "names": [i["name"] for i in items]})
+    monkeypatch.setattr(
+        DistillationCollator,
+        "__call__",
+        lambda self, items: {**original(self, items), "names": [i["name"] for i in items]},
+    )
     first, state, eval_set = names_in_order(saved_dataset, 14)
     assert len(eval_set) == 8  # the first 8 rows of the unshuffled stream
     held_out = {Path(eval_set[i]["name"]).name for i in range(8)}
@@ -143,15 +161,25 @@ def test_cli_streams_an_image_folder(teacher_dir, images_dir, tmp_path):
     the command line (about 15 s); without --max-steps the CLI says why it cannot run."""
     config = tiny_config(teacher_dir, images_dir, tmp_path / "run", max_steps=3, num_workers=0)
     env = subprocess_env(HF_DATASETS_OFFLINE="1")
-    out = subprocess.run([PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(config), "--streaming",
-                          "--shuffle-buffer", "16"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [PYTHON, "-m", "waveclip_hf.cli.distill", *cli_args(config), "--streaming", "--shuffle-buffer", "16"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["step"], summary["num_train_images"], summary["config"]["streaming"]) == (3, None, True)
     assert "on a stream of" in out.stderr
     args = [a for a in cli_args(config) if a not in ("--max-steps", "3")]
-    out = subprocess.run([PYTHON, "-m", "waveclip_hf.cli.distill", *args, "--streaming"], env=env,
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [PYTHON, "-m", "waveclip_hf.cli.distill", *args, "--streaming"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "needs `max_steps` (--max-steps)" in out.stderr
 
 
@@ -169,15 +197,42 @@ def test_two_cpu_processes_stream_their_own_parts_and_resume_after_sigterm(teach
     env = subprocess_env(ACCELERATE_USE_CPU="1", HF_DATASETS_OFFLINE="1")
 
     def command(port, name):
-        config = tiny_config(teacher_dir, saved_dataset, tmp_path / name, max_steps=30, batch_size=4,
-                             checkpoint_every=0, log_every=1, num_workers=1)
-        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", "waveclip_hf.cli.distill", *cli_args(config), "--streaming", "--shuffle-buffer", "8"]
+        config = tiny_config(
+            teacher_dir,
+            saved_dataset,
+            tmp_path / name,
+            max_steps=30,
+            batch_size=4,
+            checkpoint_every=0,
+            log_every=1,
+            num_workers=1,
+        )
+        return [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "waveclip_hf.cli.distill",
+            *cli_args(config),
+            "--streaming",
+            "--shuffle-buffer",
+            "8",
+        ]
 
     straight = subprocess.run(command(29621, "straight"), env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    process = subprocess.Popen(command(29622, "stopped"), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command(29622, "stopped"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     log = tmp_path / "stopped" / "log.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 6):

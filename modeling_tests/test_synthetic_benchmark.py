@@ -61,7 +61,9 @@ def test_rendering_is_deterministic():
 
 def test_generated_files_are_deterministic(tiny_benchmark, tmp_path):
     # Another run, in one process this time, writes the same bytes.
-    other = generate_benchmark(tmp_path / "again", num_train=12, num_validation=4, num_test=6, seed=3, num_workers=1, progress=False)
+    other = generate_benchmark(
+        tmp_path / "again", num_train=12, num_validation=4, num_test=6, seed=3, num_workers=1, progress=False
+    )
     for split in ("train", "test"):
         for name in ("00000.png", "00003.png", "metadata.jsonl"):
             assert (tiny_benchmark / split / name).read_bytes() == (other / split / name).read_bytes()
@@ -91,7 +93,10 @@ def test_loads_with_datasets_imagefolder(tiny_benchmark):
     assert {name: len(split) for name, split in ds.items()} == {"train": 12, "validation": 4, "test": 6}
     row = ds["test"][0]
     assert row["image"].size == (224, 224)
-    assert row == {**row, **{k: v for k, v in load_benchmark_split(tiny_benchmark, "test")[0].items() if k != "file_name"}}
+    assert row == {
+        **row,
+        **{k: v for k, v in load_benchmark_split(tiny_benchmark, "test")[0].items() if k != "file_name"},
+    }
 
 
 def test_a_benchmark_written_before_the_package_layout_changed_is_reused(tiny_benchmark):
@@ -100,8 +105,12 @@ def test_a_benchmark_written_before_the_package_layout_changed_is_reused(tiny_be
     info = read_benchmark_info(tiny_benchmark)
     assert info["generator"] == "waveclip_hf.benchmarks.synthetic" and info["generator_version"] == 5
     assert list(info) == ["generator", "generator_version", "seed", "image_size", "num_images", "axes"]
-    assert info["axes"]["glyph"] == {"name": "glyph", "class_names": ["0", "1", "2", "4", "5", "7"],
-                                     "template": "a photo of a shape with the glyph {}", "scale": "fine"}
+    assert info["axes"]["glyph"] == {
+        "name": "glyph",
+        "class_names": ["0", "1", "2", "4", "5", "7"],
+        "template": "a photo of a shape with the glyph {}",
+        "scale": "fine",
+    }
     assert info["num_images"] == {"train": 12, "validation": 4, "test": 6} and info["seed"] == 3
 
 
@@ -173,14 +182,19 @@ def test_sample_caption_names_only_true_labels():
 
 
 def block_mean(image: np.ndarray, block: int) -> np.ndarray:
-    """(H, W, C) -> (H/b, W/b, C) mean of aligned b x b blocks: the Haar level-log2(b) approximation up to a factor b."""
+    """(H, W, C) -> (H/b, W/b, C) mean of aligned b x b blocks: the Haar level-log2(b) approximation up to a
+    factor b."""
     h, w, c = image.shape
     return image.astype(np.float64).reshape(h // block, block, w // block, block, c).mean(axis=(1, 3))
 
 
 def test_two_scale_pixels_are_pinned():
     """The default (two-scale) benchmark must not change when other layouts are added: three images, hashed."""
-    expected = {("train", 0): "c6993361b28840ee", ("test", 5): "49629b8b44baff3f", ("validation", 17): "202195838d97224f"}
+    expected = {
+        ("train", 0): "c6993361b28840ee",
+        ("test", 5): "49629b8b44baff3f",
+        ("validation", 17): "202195838d97224f",
+    }
     for (split, index), digest in expected.items():
         assert hashlib.sha256(render_image(image_params(0, split, index)).tobytes()).hexdigest()[:16] == digest
 
@@ -192,15 +206,18 @@ def test_caption_with_three_details():
     assert caption_for(labels, ("texture", "glyph")) == "a shape with dots and the glyph 7"
     assert THREE_SCALE_AXES["grain"].prompts()[0] == "a photo of a shape with plain grain"
     rng = np.random.default_rng(0)
-    named = {axis for _ in range(100) for axis in sample_caption(labels, rng, return_axes=True, axes=THREE_SCALE_AXES)[1]}
+    named = {
+        axis for _ in range(100) for axis in sample_caption(labels, rng, return_axes=True, axes=THREE_SCALE_AXES)[1]
+    }
     assert named == set(THREE_SCALE_AXES)
 
 
 @pytest.fixture(scope="module")
 def three_scale_benchmark(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench448") / "synthetic"
-    return generate_benchmark(root, num_train=3, num_validation=1, num_test=2, seed=3, num_workers=1, progress=False,
-                              layout="three-scale")
+    return generate_benchmark(
+        root, num_train=3, num_validation=1, num_test=2, seed=3, num_workers=1, progress=False, layout="three-scale"
+    )
 
 
 def test_three_scale_layout_writes_five_axes(three_scale_benchmark):
@@ -227,7 +244,9 @@ def _three_scale_variants(axis: str) -> dict[str, np.ndarray]:
     if axis == "grain":
         return {name: render_three_scale_image(dataclasses.replace(params, grain=name)) for name in names}
     return {
-        name: render_three_scale_image(dataclasses.replace(params, scene=dataclasses.replace(params.scene, **{axis: name})))
+        name: render_three_scale_image(
+            dataclasses.replace(params, scene=dataclasses.replace(params.scene, **{axis: name}))
+        )
         for name in names
     }
 
@@ -250,7 +269,10 @@ def test_micro_axis_vanishes_below_448():
     full, coarse = _max_pairwise(renders, 2)
     assert full > 5 and coarse == 0, (full, coarse)
     # Pillow's box filter is the 2x2 block mean: the 224-px downsample is the same image for every grain.
-    downsampled = {name: np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BOX)) for name, image in renders.items()}
+    downsampled = {
+        name: np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BOX))
+        for name, image in renders.items()
+    }
     assert all(np.array_equal(d, downsampled["plain grain"]) for d in downsampled.values())
 
 
@@ -265,7 +287,12 @@ def test_fine_axes_vanish_in_the_level2_approximation():
                 half = np.abs(block_mean(renders[a], 2) - block_mean(renders[b], 2)).mean()
                 quarter = np.abs(block_mean(renders[a], 4) - block_mean(renders[b], 4))
                 # Equal up to uint8 rounding, and the rare texture pixel clipped at 0 or 255 (as at 224 px).
-                assert half > min_half and quarter.mean() < 0.01 * half and quarter.max() < 3, (a, b, half, quarter.max())
+                assert half > min_half and quarter.mean() < 0.01 * half and quarter.max() < 3, (
+                    a,
+                    b,
+                    half,
+                    quarter.max(),
+                )
 
 
 def test_three_scale_bands_hold_each_scale():
@@ -282,7 +309,11 @@ def test_three_scale_bands_hold_each_scale():
         stages = [approximation, torch.stack(list(level2), 1), torch.stack(list(level1), 1)]
         return [float((band - band[:1]).abs().max()) for band in stages]
 
-    grains, textures, colors = _three_scale_variants("grain"), _three_scale_variants("texture"), _three_scale_variants("color")
+    grains, textures, colors = (
+        _three_scale_variants("grain"),
+        _three_scale_variants("texture"),
+        _three_scale_variants("color"),
+    )
     # Grains: integer tiles added to integer pixels, so the pixels' 2x2 means do not change at all.
     stage0, stage1, stage2 = largest_change(grains)
     assert stage0 < 1e-4 and stage1 < 1e-4 and stage2 > 0.3, (stage0, stage1, stage2)

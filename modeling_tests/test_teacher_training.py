@@ -7,6 +7,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from waveclip_hf.data.synthetic import AXES, generate_benchmark, sample_caption
+from waveclip_hf.evaluation.zero_shot import zero_shot_accuracy_per_axis
 from waveclip_hf.training.teacher import (
     TeacherTrainingConfig,
     evaluate_clip_zero_shot,
@@ -16,7 +17,7 @@ from waveclip_hf.training.teacher import (
     train_clip_teacher,
 )
 from waveclip_hf.training.teacher_data import build_image_processor, normalize_pixels, pixel_cache
-from waveclip_hf.evaluation.zero_shot import zero_shot_accuracy_per_axis
+
 
 TINY = TeacherTrainingConfig(
     # 64-px inputs (the processor resizes the 224-px images) keep this test at a few seconds.
@@ -110,7 +111,9 @@ def test_multi_positive_clip_loss():
     torch.manual_seed(0)
     logits = torch.randn(5, 5) * 3
     # One positive per row: exactly CLIP's loss.
-    torch.testing.assert_close(multi_positive_clip_loss(logits, torch.eye(5, dtype=torch.bool)), image_text_contrastive_loss(logits.T))
+    torch.testing.assert_close(
+        multi_positive_clip_loss(logits, torch.eye(5, dtype=torch.bool)), image_text_contrastive_loss(logits.T)
+    )
     # Captions 0 and 1 are both true of images 0 and 1: the target spreads over them.
     matches = torch.eye(5, dtype=torch.bool)
     matches[0, 1] = matches[1, 0] = True
@@ -155,9 +158,17 @@ def test_init_from_a_smaller_teacher_reads_the_2x_upsample_like_the_source(tmp_p
     from waveclip_hf.training.teacher import build_clip_config
     from waveclip_hf.training.teacher_init import init_from_smaller_teacher
 
-    small = TeacherTrainingConfig(image_size=32, patch_size=8, vision_hidden_size=32, vision_intermediate_size=64,
-                                  vision_num_layers=1, text_hidden_size=32, text_intermediate_size=64,
-                                  text_num_layers=1, projection_dim=16)
+    small = TeacherTrainingConfig(
+        image_size=32,
+        patch_size=8,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_layers=1,
+        text_hidden_size=32,
+        text_intermediate_size=64,
+        text_num_layers=1,
+        projection_dim=16,
+    )
     source_tokenizer = build_word_level_tokenizer(["a red star", "a blue ring"], max_length=small.max_text_length)
     torch.manual_seed(0)
     source = CLIPModel(build_clip_config(small, source_tokenizer)).eval()
@@ -171,17 +182,34 @@ def test_init_from_a_smaller_teacher_reads_the_2x_upsample_like_the_source(tmp_p
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_image_features(pixel_values=pixels.repeat_interleave(2, 2).repeat_interleave(2, 3)).pooler_output,
-            source.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5, rtol=1e-5)
-        text = lambda m, tok: m.get_text_features(**tok(["a red star"], return_tensors="pt")).pooler_output
+            model.get_image_features(
+                pixel_values=pixels.repeat_interleave(2, 2).repeat_interleave(2, 3)
+            ).pooler_output,
+            source.get_image_features(pixel_values=pixels).pooler_output,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+        def text(m, tok):
+            return m.get_text_features(**tok(["a red star"], return_tensors="pt")).pooler_output
+
         torch.testing.assert_close(text(model, tokenizer), text(source, source_tokenizer))
         # ... while a zero-mean 2x2 pattern (the micro scale) moves the grown teacher's embedding from step 0.
         grain = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(32, 32)
         upsampled = pixels.repeat_interleave(2, 2).repeat_interleave(2, 3)
-        moved = (model.get_image_features(pixel_values=upsampled + grain).pooler_output
-                 - model.get_image_features(pixel_values=upsampled).pooler_output).abs().max()
+        moved = (
+            (
+                model.get_image_features(pixel_values=upsampled + grain).pooler_output
+                - model.get_image_features(pixel_values=upsampled).pooler_output
+            )
+            .abs()
+            .max()
+        )
         assert moved > 1e-2, moved
     with pytest.raises(ValueError, match="same patch grid"):
-        init_from_smaller_teacher(CLIPModel(build_clip_config(dataclasses.replace(small, patch_size=16, image_size=64 * 2),
-                                                              tokenizer)), tokenizer, tmp_path / "source")
+        init_from_smaller_teacher(
+            CLIPModel(build_clip_config(dataclasses.replace(small, patch_size=16, image_size=64 * 2), tokenizer)),
+            tokenizer,
+            tmp_path / "source",
+        )
     assert TeacherTrainingConfig(init_from="x").config_hash({"a": 1}) != TeacherTrainingConfig().config_hash({"a": 1})

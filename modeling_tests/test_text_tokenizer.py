@@ -3,6 +3,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from waveclip_hf.data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 
+
 CORPUS = [
     "a red star with vertical stripes and the glyph 7",
     "a blue circle with dots and the glyph A",
@@ -44,7 +45,11 @@ def test_save_and_reload_with_auto_tokenizer(tmp_path):
 def test_clip_text_model_pools_at_eos():
     tokenizer = build_word_level_tokenizer(CORPUS, max_length=16)
     config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=16,
         **clip_text_config_kwargs(tokenizer),
     )
     torch.manual_seed(0)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from transformers import CLIPModel, get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
-
 from conftest import reset_accelerate_state
 from test_distillation import fresh_accelerate_state, images_dir, teacher_dir, tiny_config  # noqa: F401 (fixtures)
+from transformers import CLIPModel, get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
 from waveclip_hf import WaveCLIPModel
 from waveclip_hf.conversion import convert_clip_to_waveclip
 from waveclip_hf.training.config import DistillationConfig
@@ -39,9 +39,11 @@ def test_schedule_is_transformers_cosine_with_min_lr_bit_for_bit(warmup, total, 
     min_lr_rate 0 also to `get_cosine_schedule_with_warmup`, the CLIP teacher's schedule before the unification."""
     peak = 7e-4
     ours = [peak * cosine_schedule_with_warmup(step, warmup, total, min_lr_rate) for step in range(total + 1)]
-    theirs = _scheduler_lrs(lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, warmup, total,
-                                                                                  min_lr_rate=min_lr_rate),
-                            peak, total + 1)
+    theirs = _scheduler_lrs(
+        lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, warmup, total, min_lr_rate=min_lr_rate),
+        peak,
+        total + 1,
+    )
     assert ours == theirs
     if min_lr_rate == 0.0:
         assert ours == _scheduler_lrs(lambda o: get_cosine_schedule_with_warmup(o, warmup, total), peak, total + 1)
@@ -65,24 +67,46 @@ def test_weight_decay_rule_is_clips_on_the_teacher_and_the_student(teacher_dir):
     teacher = CLIPModel.from_pretrained(teacher_dir)
     decayed = {name for name, p in teacher.named_parameters() if decays(name, p)}
     assert decayed == {name for name, p in teacher.named_parameters() if p.ndim >= 2 and "embedding" not in name}
-    assert {"visual_projection.weight", "text_projection.weight",
-            "vision_model.encoder.layers.0.self_attn.q_proj.weight", "text_model.encoder.layers.1.mlp.fc2.weight"} <= decayed
-    for name in ("logit_scale", "vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.class_embedding",
-                 "vision_model.embeddings.position_embedding.weight", "text_model.embeddings.token_embedding.weight",
-                 "vision_model.post_layernorm.weight", "vision_model.encoder.layers.0.mlp.fc1.bias"):
+    assert {
+        "visual_projection.weight",
+        "text_projection.weight",
+        "vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_model.encoder.layers.1.mlp.fc2.weight",
+    } <= decayed
+    for name in (
+        "logit_scale",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.position_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "vision_model.post_layernorm.weight",
+        "vision_model.encoder.layers.0.mlp.fc1.bias",
+    ):
         assert name not in decayed and name in dict(teacher.named_parameters())
     groups = parameter_groups(teacher, 0.1)
     assert sorted((g["weight_decay"], len(g["params"])) for g in groups) == [
-        (0.0, len(list(teacher.parameters())) - len(decayed)), (0.1, len(decayed))]
+        (0.0, len(list(teacher.parameters())) - len(decayed)),
+        (0.1, len(decayed)),
+    ]
 
     student = convert_clip_to_waveclip(teacher, levels=1, cell_size=16)
     freeze_text_side(student)
     names = {id(p): n for n, p in student.named_parameters()}
-    decayed = sorted(names[id(p)] for g in parameter_groups(student, 0.05) if g["weight_decay"] == 0.05
-                     for p in g["params"])
-    layer_matrices = [f"vision_model.encoder.layers.{i}.{m}.weight" for i in range(2)
-                      for m in ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.out_proj", "self_attn.q_proj",
-                                "self_attn.v_proj")]
+    decayed = sorted(
+        names[id(p)] for g in parameter_groups(student, 0.05) if g["weight_decay"] == 0.05 for p in g["params"]
+    )
+    layer_matrices = [
+        f"vision_model.encoder.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in (
+            "mlp.fc1",
+            "mlp.fc2",
+            "self_attn.k_proj",
+            "self_attn.out_proj",
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+        )
+    ]
     assert decayed == sorted(layer_matrices + ["visual_projection.weight"])  # class tokens, patch projections: no
 
 
@@ -126,9 +150,18 @@ def test_fresh_parameters_get_their_own_learning_rate(teacher_dir, images_dir, t
     moved = {}
     for multiplier in (1.0, 10.0):
         reset_accelerate_state()
-        result = distill(tiny_config(teacher_dir, images_dir, tmp_path / f"m{multiplier}", max_steps=3,
-                                     fresh_lr_multiplier=multiplier))
+        result = distill(
+            tiny_config(
+                teacher_dir, images_dir, tmp_path / f"m{multiplier}", max_steps=3, fresh_lr_multiplier=multiplier
+            )
+        )
         trained = WaveCLIPModel.from_pretrained(result.final_dir)
-        moved[multiplier] = float((trained.vision_model.embeddings.patch_embeddings[1].weight.detach()
-                                   - start.vision_model.embeddings.patch_embeddings[1].weight.detach()).abs().mean())
+        moved[multiplier] = float(
+            (
+                trained.vision_model.embeddings.patch_embeddings[1].weight.detach()
+                - start.vision_model.embeddings.patch_embeddings[1].weight.detach()
+            )
+            .abs()
+            .mean()
+        )
     assert moved[1.0] > 0 and moved[10.0] > 3 * moved[1.0], moved

@@ -14,9 +14,10 @@ import unittest
 
 import pytest
 import torch
-
 from transformers_sdist import SdistUnavailable, import_common_tests
+
 from waveclip_hf import WaveCLIPConfig, WaveCLIPModel, WaveCLIPVisionConfig, WaveCLIPVisionModel
+
 
 try:
     test_modeling_common, test_configuration_common = import_common_tests()
@@ -35,8 +36,20 @@ ConfigTester = test_configuration_common.ConfigTester
 class WaveCLIPVisionModelTester:
     """Tiny vision tower: 16 px images, 8 px cells, 2 levels -> 2x2 cells, stages of 5 + 13 + 13 = 31 tokens."""
 
-    def __init__(self, parent, batch_size=4, image_size=16, cell_size=8, levels=2, hidden_size=32, projection_dim=32,
-                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, is_training=True):
+    def __init__(
+        self,
+        parent,
+        batch_size=4,
+        image_size=16,
+        cell_size=8,
+        levels=2,
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        is_training=True,
+    ):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -53,9 +66,14 @@ class WaveCLIPVisionModelTester:
 
     def get_config(self) -> WaveCLIPVisionConfig:
         return WaveCLIPVisionConfig(
-            image_size=self.image_size, cell_size=self.cell_size, levels=self.levels, hidden_size=self.hidden_size,
-            projection_dim=self.projection_dim, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            image_size=self.image_size,
+            cell_size=self.cell_size,
+            levels=self.levels,
+            hidden_size=self.hidden_size,
+            projection_dim=self.projection_dim,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
         )
 
     def prepare_config_and_inputs(self):
@@ -70,8 +88,19 @@ class WaveCLIPVisionModelTester:
 class WaveCLIPTextModelTester:
     """CLIP's text tester, as transformers has it (the text tower is an unchanged `CLIPTextModel`)."""
 
-    def __init__(self, parent, batch_size=4, seq_length=7, vocab_size=99, hidden_size=32, projection_dim=32,
-                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=512):
+    def __init__(
+        self,
+        parent,
+        batch_size=4,
+        seq_length=7,
+        vocab_size=99,
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=512,
+    ):
         self.parent = parent
         self.batch_size = batch_size
         self.seq_length = seq_length
@@ -85,9 +114,13 @@ class WaveCLIPTextModelTester:
 
     def get_config(self) -> dict:
         return dict(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, projection_dim=self.projection_dim,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            projection_dim=self.projection_dim,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
         )
 
     def prepare_config_and_inputs(self):
@@ -125,8 +158,12 @@ class WaveCLIPModelTester:
     def prepare_config_and_inputs_for_common(self):
         _, input_ids, attention_mask = self.text_model_tester.prepare_config_and_inputs()
         _, pixel_values = self.vision_model_tester.prepare_config_and_inputs()
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                  "return_loss": True}
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "return_loss": True,
+        }
         return self.get_config(), inputs
 
 
@@ -209,7 +246,9 @@ class WaveCLIPModelTest(ModelTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model_tester = WaveCLIPModelTester(self)
         self.config_tester = ConfigTester(
-            self, config_class=WaveCLIPConfig, has_text_modality=False,
+            self,
+            config_class=WaveCLIPConfig,
+            has_text_modality=False,
             common_properties=["projection_dim", "logit_scale_init_value"],
         )
 

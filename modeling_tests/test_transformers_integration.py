@@ -6,11 +6,12 @@ initialisation transformers runs on a fresh model.
 
 import pytest
 import torch
-from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
-
 from conftest import tiny_config
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
+
 from waveclip_hf import WaveCLIPModel, WaveCLIPVisionModel
 from waveclip_hf.models.waveclip.modeling_waveclip import block_causal_mask
+
 
 # transformers 5.24 renamed `gradient_checkpointing_enable` (the only name at the supported floor).
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
@@ -61,11 +62,15 @@ def test_dual_encoder_exports_and_matches_eager(dynamic):
     inputs = {"input_ids": input_ids, "pixel_values": pixels(2)}
     dynamic_shapes = None
     if dynamic:
-        dynamic_shapes = {"input_ids": {0: torch.export.Dim("texts", min=2, max=16)},
-                          "pixel_values": {0: torch.export.Dim("images", min=2, max=16)}}
+        dynamic_shapes = {
+            "input_ids": {0: torch.export.Dim("texts", min=2, max=16)},
+            "pixel_values": {0: torch.export.Dim("images", min=2, max=16)},
+        }
     exported = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
-    check = {"input_ids": torch.randint(4, 99, (4 if dynamic else 3, 6)),
-             "pixel_values": pixels(5 if dynamic else 2, seed=3)}
+    check = {
+        "input_ids": torch.randint(4, 99, (4 if dynamic else 3, 6)),
+        "pixel_values": pixels(5 if dynamic else 2, seed=3),
+    }
     with torch.no_grad():
         expected = model(**check)
     got = exported.module()(**check)

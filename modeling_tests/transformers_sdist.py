@@ -26,12 +26,13 @@ from types import ModuleType
 
 import transformers
 
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "transformers_common_tests"
 COMMON_FILES = ("test_modeling_common.py", "test_configuration_common.py")
 STAND_INS = {
     "exporters/test_export.py": (
-        '"""Stand-in for transformers\' export harness, which the sdist does not ship (see transformers_sdist.py)."""\n'
+        '"""Stand-in for transformers\' export harness, which the sdist does not ship (transformers_sdist.py)."""\n'
         "\n\nclass ExportTesterMixin:\n    pass\n"
     ),
     "generation/test_utils.py": (
@@ -61,8 +62,20 @@ class SdistUnavailable(RuntimeError):
 
 def _download_sdist(version: str, destination: Path) -> Path:
     """`pip download` the sdist of transformers==version into `destination`; returns the archive."""
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", f"transformers=={version}", "--dest", str(destination)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        f"transformers=={version}",
+        "--dest",
+        str(destination),
+    ]
     # pip reads the sdist's metadata after downloading it; with the setuptools already installed that takes seconds,
     # while an isolated build environment is installed first (about a minute).
     attempts = [[*command, "--no-build-isolation"], command]
@@ -122,4 +135,3 @@ def import_common_tests() -> tuple[ModuleType, ModuleType]:
     modeling = importlib.import_module(f"{PACKAGE}.test_modeling_common")
     configuration = importlib.import_module(f"{PACKAGE}.test_configuration_common")
     return modeling, configuration
-

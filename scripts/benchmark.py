@@ -12,5 +12,6 @@ full run, runs/benchmarks_quick/ with --quick, so a smoke run never overwrites t
 
 from waveclip_hf.benchmarking.run import main
 
+
 if __name__ == "__main__":
     main()

@@ -8,5 +8,6 @@ See `python -m waveclip_hf.cli.calibrate --help`.
 
 from waveclip_hf.cli.calibrate import main
 
+
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@ def main(argv=None):
     parser.add_argument("--docs-dir", default=EndToEndConfig.docs_dir)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    config = EndToEndConfig(size=args.size, cache_dir=args.cache_dir, docs_dir=args.docs_dir,
-                            progress=not args.no_progress)
+    config = EndToEndConfig(
+        size=args.size, cache_dir=args.cache_dir, docs_dir=args.docs_dir, progress=not args.no_progress
+    )
     run_distillation_ablation(config)
 
 

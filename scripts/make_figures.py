@@ -16,6 +16,7 @@ from waveclip_hf.figures.architecture import plot_architecture
 from waveclip_hf.figures.diagrams import plot_attention_mask, plot_stage_tokens, plot_subband_pyramid
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
+
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 

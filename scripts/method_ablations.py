@@ -10,5 +10,6 @@ docs/ablations.{json,md} and docs/figures/ablation_*.png (under --docs-dir, defa
 
 from waveclip_hf.experiments.method_ablations import main
 
+
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ with this checkout's pipeline_waveclip.py, once with BASE_COMMIT's. Each classif
 work without a pipeline (image processor + `refine` per image). Prints the median and minimum ms per image. The
 tiny model makes the encoder cheap, so what remains is mostly the pipeline's own work.
 """
+
 import shutil
 import statistics
 import subprocess
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from transformers import pipeline
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "modeling_tests"))
 from test_hub_loading import save_tiny_folder  # noqa: E402  (the tests' tiny checkpoint)
+
 
 torch.set_num_threads(2)
 BASE = sys.argv[1] if len(sys.argv) > 1 else "62f94e3"
@@ -29,23 +32,30 @@ root = Path(tempfile.mkdtemp(prefix="pipeline_overhead_"))
 new, old = root / "new", root / "old"
 save_tiny_folder(new, levels=1)
 shutil.copytree(new, old)
-(old / "pipeline_waveclip.py").write_text(subprocess.check_output(
-    ["git", "show", f"{BASE}:src/waveclip_hf/models/waveclip/pipeline_waveclip.py"], text=True))
+(old / "pipeline_waveclip.py").write_text(
+    subprocess.check_output(["git", "show", f"{BASE}:src/waveclip_hf/models/waveclip/pipeline_waveclip.py"], text=True)
+)
 labels = [f"object {i}" for i in range(1000)]
 rng = np.random.default_rng(0)
 images = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(16)]
-pipes = {name: pipeline("zero-shot-image-classification", model=str(folder), trust_remote_code=True)
-         for name, folder in (("old", old), ("new", new))}
+pipes = {
+    name: pipeline("zero-shot-image-classification", model=str(folder), trust_remote_code=True)
+    for name, folder in (("old", old), ("new", new))
+}
 # The tiny tokenizer does not know "object" (a warning): the cost is what is measured.
 for p in pipes.values():
     p(images[:2], candidate_labels=labels, margin_threshold=0.0)
 times = {name: [] for name in pipes}
 for _ in range(7):
     for name, p in pipes.items():
-        t = time.perf_counter(); p(images, candidate_labels=labels, margin_threshold=0.0); times[name].append((time.perf_counter() - t) / len(images))
+        t = time.perf_counter()
+        p(images, candidate_labels=labels, margin_threshold=0.0)
+        times[name].append((time.perf_counter() - t) / len(images))
 bare = []
 for _ in range(7):
-    p = pipes["new"]; text = p.label_embeddings(labels, "This is a photo of {}."); cache = p.model.new_stage_cache()
+    p = pipes["new"]
+    text = p.label_embeddings(labels, "This is a photo of {}.")
+    cache = p.model.new_stage_cache()
     t = time.perf_counter()
     for im in images:
         px = p.image_processor(images=[im], return_tensors="pt")["pixel_values"]

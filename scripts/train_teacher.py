@@ -20,14 +20,25 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 from waveclip_hf.data.synthetic import AXES, GENERATOR_VERSION, generate_benchmark
 from waveclip_hf.training.teacher import TeacherTrainingConfig, evaluate_clip_zero_shot, train_clip_teacher
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     defaults = TeacherTrainingConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None, help="benchmark folder (default .cache/benchmarks/synthetic-v<version>-seed<seed>-n<counts>)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="teacher folder (default .cache/teachers/clip-teacher-seed<seed>)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="benchmark folder (default .cache/benchmarks/synthetic-v<version>-seed<seed>-n<counts>)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="teacher folder (default .cache/teachers/clip-teacher-seed<seed>)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of both the benchmark and the training run")
     parser.add_argument("--num-train", type=int, default=30_000)
     parser.add_argument("--num-validation", type=int, default=2_000)
@@ -44,7 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     counts = f"{args.num_train}-{args.num_validation}-{args.num_test}"
-    data_root = args.data_root or REPO / ".cache" / "benchmarks" / f"synthetic-v{GENERATOR_VERSION}-seed{args.seed}-n{counts}"
+    data_root = (
+        args.data_root or REPO / ".cache" / "benchmarks" / f"synthetic-v{GENERATOR_VERSION}-seed{args.seed}-n{counts}"
+    )
     output_dir = args.output_dir or REPO / ".cache" / "teachers" / f"clip-teacher-seed{args.seed}"
     config = dataclasses.replace(
         defaults,
@@ -62,20 +75,27 @@ def main() -> None:
 
     start = time.perf_counter()
     with PartialState().main_process_first():
-        generate_benchmark(data_root, args.num_train, args.num_validation, args.num_test, seed=args.seed, num_workers=args.num_workers)
+        generate_benchmark(
+            data_root, args.num_train, args.num_validation, args.num_test, seed=args.seed, num_workers=args.num_workers
+        )
     print(f"benchmark: {data_root} ({time.perf_counter() - start:.0f} s)")
 
     result = train_clip_teacher(data_root, output_dir, config, num_workers=args.num_workers)
     info = result.info
     status = "reused (same config hash)" if result.skipped else "trained"
-    print(f"teacher: {output_dir} {status}: {info['steps']} steps, {info['train_seconds']} s, {info['images_per_second']} img/s")
+    print(
+        f"teacher: {output_dir} {status}: {info['steps']} steps, {info['train_seconds']} s, "
+        f"{info['images_per_second']} img/s"
+    )
 
     if args.eval_split and PartialState().is_main_process:
         # Score the saved folder, loaded the way a user would load a Hub checkpoint.
         model = CLIPModel.from_pretrained(output_dir)
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
         processor = AutoImageProcessor.from_pretrained(output_dir)
-        accuracies = evaluate_clip_zero_shot(model, tokenizer, processor, data_root, args.eval_split, num_workers=args.num_workers)
+        accuracies = evaluate_clip_zero_shot(
+            model, tokenizer, processor, data_root, args.eval_split, num_workers=args.num_workers
+        )
         chance = {axis: 1 / len(AXES[axis].class_names) for axis in AXES}
         print(f"zero-shot accuracy on {args.eval_split}:")
         for axis, accuracy in accuracies.items():

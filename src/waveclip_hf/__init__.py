@@ -26,18 +26,19 @@ from transformers import (
 )
 
 from .models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
-from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from .models.waveclip.gate_calibration import GateCalibration
+from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from .models.waveclip.modeling_waveclip import (
     WaveCLIPModel,
     WaveCLIPPreTrainedModel,
     WaveCLIPVisionModel,
     WaveCLIPVisionModelOutput,
 )
-from .models.waveclip.refinement_waveclip import WaveCLIPRefinementOutput
-from .models.waveclip.stage_cache import WaveCLIPStageCache
 from .models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
 from .models.waveclip.processing_waveclip import WaveCLIPProcessor
+from .models.waveclip.refinement_waveclip import WaveCLIPRefinementOutput
+from .models.waveclip.stage_cache import WaveCLIPStageCache
+
 
 AutoConfig.register(WaveCLIPConfig.model_type, WaveCLIPConfig, exist_ok=True)
 AutoConfig.register(WaveCLIPVisionConfig.model_type, WaveCLIPVisionConfig, exist_ok=True)

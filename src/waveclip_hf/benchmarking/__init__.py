@@ -29,6 +29,7 @@ from .run import SECTIONS, Section, run_benchmarks
 from .settings import BenchmarkSettings, Schedule, quick_settings
 from .targets import evaluate_targets
 
+
 __all__ = [
     "HAND_WRITTEN_MARKER",
     "SECTIONS",

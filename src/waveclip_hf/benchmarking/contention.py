@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+
 if TYPE_CHECKING:
     from .settings import BenchmarkSettings
 
@@ -60,8 +61,11 @@ class CpuMonitor:
         hz = os.sysconf("SC_CLK_TCK")
         wall = wall1 - wall0
         others = max(0.0, (jiffies1[0] - jiffies0[0]) / hz - (cpu1 - cpu0)) / wall
-        return {"others_busy_cores": round(others, 2), "steal_cores": round((jiffies1[1] - jiffies0[1]) / hz / wall, 2),
-                "seconds": round(wall, 1)}
+        return {
+            "others_busy_cores": round(others, 2),
+            "steal_cores": round((jiffies1[1] - jiffies0[1]) / hz / wall, 2),
+            "seconds": round(wall, 1),
+        }
 
 
 def wait_for_idle(max_seconds: float, max_busy_cores: float = 0.3, log=print, window: float = 1.0) -> dict:

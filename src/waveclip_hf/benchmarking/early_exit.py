@@ -28,8 +28,9 @@ def forced_exit_counts(batch_size: int, fractions: Sequence[float]) -> list[int]
     return [int(round(f * batch_size)) for f in fractions]
 
 
-def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Tensor,
-                    fractions: Sequence[float]) -> Case:
+def early_exit_case(
+    waveclip, pixel_values: torch.Tensor, text_embeds: torch.Tensor, fractions: Sequence[float]
+) -> Case:
     """One round of `refine`'s batched early-exit path at every forced exit fraction.
 
     Mirrors `WaveCLIPModel.refine` step by step: stage 0 with a cache, scores against the labels and the gate's
@@ -82,8 +83,9 @@ def early_exit_case(waveclip, pixel_values: torch.Tensor, text_embeds: torch.Ten
     return run
 
 
-def early_exit_rows(times: dict[str, list[float]], fractions: Sequence[float], stage_costs: list[int],
-                    batch_size: int) -> list[dict[str, Any]]:
+def early_exit_rows(
+    times: dict[str, list[float]], fractions: Sequence[float], stage_costs: list[int], batch_size: int
+) -> list[dict[str, Any]]:
     """One row per exit fraction: the measured time per batch against two predictions.
 
     - `predicted_seconds` (the target): t(stage 0) + (1 - f) x t(later stages on the whole batch), i.e. the later
@@ -95,8 +97,12 @@ def early_exit_rows(times: dict[str, list[float]], fractions: Sequence[float], s
         stage_costs: analytic FLOPs per image of each stage (cached), `stage_flops`.
     """
     stage0 = np.asarray(times["stage0"])
-    totals = {f"{fraction:g}": stage0 + np.asarray(times.get(f"select@{fraction:g}", 0.0))
-              + np.asarray(times.get(f"later@{fraction:g}", 0.0)) for fraction in fractions}
+    totals = {
+        f"{fraction:g}": stage0
+        + np.asarray(times.get(f"select@{fraction:g}", 0.0))
+        + np.asarray(times.get(f"later@{fraction:g}", 0.0))
+        for fraction in fractions
+    }
     full_later = np.median(np.asarray(times["later@0"]) + np.asarray(times["select@0"]))
     stage0_median, no_exit = float(np.median(stage0)), float(np.median(totals["0"]))
     gflops_no_exit = gflops(sum(stage_costs))
@@ -104,24 +110,39 @@ def early_exit_rows(times: dict[str, list[float]], fractions: Sequence[float], s
     for fraction, exited in zip(fractions, forced_exit_counts(batch_size, fractions)):
         key = f"{fraction:g}"
         per_image_gflops = gflops(stage_costs[0] + (1 - fraction) * sum(stage_costs[1:]))
-        row = {"exit_fraction": fraction, "exited_images": exited,
-               **rate_summary(totals[key], batch_size, per_image_gflops)}
+        row = {
+            "exit_fraction": fraction,
+            "exited_images": exited,
+            **rate_summary(totals[key], batch_size, per_image_gflops),
+        }
         predicted = stage0_median + (1 - fraction) * full_later
         gflops_line = no_exit * per_image_gflops / gflops_no_exit
-        rows.append({
-            **row,
-            "predicted_seconds": predicted,
-            "deviation_percent": 100 * (row["median"] - predicted) / predicted,
-            "gflops_line_seconds": gflops_line,
-            "gflops_line_deviation_percent": 100 * (row["median"] - gflops_line) / gflops_line,
-            "parts": {part: summarize(samples) for part, samples in times.items()
-                      if part == "stage0" or part.endswith(f"@{key}")},
-        })
+        rows.append(
+            {
+                **row,
+                "predicted_seconds": predicted,
+                "deviation_percent": 100 * (row["median"] - predicted) / predicted,
+                "gflops_line_seconds": gflops_line,
+                "gflops_line_deviation_percent": 100 * (row["median"] - gflops_line) / gflops_line,
+                "parts": {
+                    part: summarize(samples)
+                    for part, samples in times.items()
+                    if part == "stage0" or part.endswith(f"@{key}")
+                },
+            }
+        )
     return rows
 
 
-def benchmark_early_exit(waveclip, schedule: Schedule, fractions: Sequence[float], device, dtype: torch.dtype,
-                         settings: BenchmarkSettings, log=print) -> dict[str, Any]:
+def benchmark_early_exit(
+    waveclip,
+    schedule: Schedule,
+    fractions: Sequence[float],
+    device,
+    dtype: torch.dtype,
+    settings: BenchmarkSettings,
+    log=print,
+) -> dict[str, Any]:
     """Time per image at each forced exit fraction against the two predictions of `early_exit_rows`.
 
     Returns:
@@ -138,16 +159,29 @@ def benchmark_early_exit(waveclip, schedule: Schedule, fractions: Sequence[float
     start, contention = time.perf_counter(), {}
     times = run_interleaved(
         {"early_exit": early_exit_case(waveclip, pixel_values, text_embeds, fractions)},
-        schedule.warmup, schedule.trials, device, quiet_policy(settings), contention,
+        schedule.warmup,
+        schedule.trials,
+        device,
+        quiet_policy(settings),
+        contention,
     )["early_exit"]
     rows = early_exit_rows(times, fractions, stage_flops(waveclip.config), batch_size)
-    log(f"  early exit {device.type} batch {batch_size}: "
-        + ", ".join(f"{100 * r['exit_fraction']:.0f}% {1e3 * r['median']:.0f} ms ({r['deviation_percent']:+.1f}%)"
-                    for r in rows))
+    log(
+        f"  early exit {device.type} batch {batch_size}: "
+        + ", ".join(
+            f"{100 * r['exit_fraction']:.0f}% {1e3 * r['median']:.0f} ms ({r['deviation_percent']:+.1f}%)"
+            for r in rows
+        )
+    )
     return {
-        "batch_size": batch_size, "warmup": schedule.warmup, "trials": schedule.trials,
-        "num_labels": settings.num_labels, "rows": rows, "contention": contention,
-        "wall_seconds": time.perf_counter() - start, "load_average_end": load_average(),
+        "batch_size": batch_size,
+        "warmup": schedule.warmup,
+        "trials": schedule.trials,
+        "num_labels": settings.num_labels,
+        "rows": rows,
+        "contention": contention,
+        "wall_seconds": time.perf_counter() - start,
+        "load_average_end": load_average(),
     }
 
 
@@ -162,8 +196,13 @@ def early_exit_section(settings: BenchmarkSettings, models: EncoderModels, log=p
     The CPU entry is a single sweep, not keyed by dtype; `early_exit_entries` reads both shapes.
     """
     waveclip = models.waveclip.to("cpu", torch.float32)
-    cpu = benchmark_early_exit(waveclip, settings.cpu_early_exit, settings.exit_fractions, "cpu", torch.float32,
-                               settings, log)
-    cuda = for_each_gpu_dtype(settings, lambda dtype: benchmark_early_exit(
-        waveclip, settings.gpu_early_exit, settings.exit_fractions, "cuda", dtype, settings, log))
+    cpu = benchmark_early_exit(
+        waveclip, settings.cpu_early_exit, settings.exit_fractions, "cpu", torch.float32, settings, log
+    )
+    cuda = for_each_gpu_dtype(
+        settings,
+        lambda dtype: benchmark_early_exit(
+            waveclip, settings.gpu_early_exit, settings.exit_fractions, "cuda", dtype, settings, log
+        ),
+    )
     return {"cpu": cpu, "cuda": cuda}

@@ -51,44 +51,88 @@ def _total(clip_config, waveclip_config) -> float:
     return sum(stage_flops(waveclip_config))
 
 
-def _eager_and_compiled(name: str, label: str, short_name: str, marker: str, timed_by: tuple[str, str],
-                        flops: Callable[[Any, Any], float]) -> dict[str, EncoderConfiguration]:
+def _eager_and_compiled(
+    name: str, label: str, short_name: str, marker: str, timed_by: tuple[str, str], flops: Callable[[Any, Any], float]
+) -> dict[str, EncoderConfiguration]:
     """The configuration, and its compiled twin (`<name>_compiled`, timed by the compiled copy's case)."""
     case, part = timed_by
-    return {name: EncoderConfiguration(label, short_name, marker, timed_by, flops),
-            f"{name}_compiled": EncoderConfiguration(f"{label}, compiled", f"{short_name}, compiled", marker,
-                                                     (f"{case}_compiled", part), flops)}
+    return {
+        name: EncoderConfiguration(label, short_name, marker, timed_by, flops),
+        f"{name}_compiled": EncoderConfiguration(
+            f"{label}, compiled", f"{short_name}, compiled", marker, (f"{case}_compiled", part), flops
+        ),
+    }
 
 
-_CLIP_FULL = ("clip_full", "CLIP ViT full pass", "CLIP full", "s", ("clip_full", "total"),
-              lambda clip_config, waveclip_config: clip_vit_flops(clip_config))
-_STAGE0 = ("waveclip_stage0", "WaveCLIP stage 0 only", "stage 0", "o", ("waveclip_naive", "stages_0-0"),
-           lambda clip_config, waveclip_config: stage_flops(waveclip_config)[0])
-_CACHED_KEPT = ("waveclip_cached_kept", "WaveCLIP cached full pass, one stage cache kept across calls (reset "
-                "before each, as the pipeline does)", "cached, kept cache", "P", ("waveclip_cached_kept", "total"),
-                _total)
-_NAIVE = ("waveclip_naive", "WaveCLIP naive re-run (stage 0, then all stages again without cache)", "naive re-run",
-          "^", ("waveclip_naive", "total"),
-          lambda clip_config, waveclip_config: cumulative_flops(waveclip_config, mode="naive")[-1])
-_FULL_FORWARD = ("waveclip_full_forward", "WaveCLIP single block-causal full forward (all stages, one call)",
-                 "one full forward", "v", ("waveclip_naive", "stages_0-{last_stage}"),
-                 lambda clip_config, waveclip_config: full_forward_flops(waveclip_config))
+_CLIP_FULL = (
+    "clip_full",
+    "CLIP ViT full pass",
+    "CLIP full",
+    "s",
+    ("clip_full", "total"),
+    lambda clip_config, waveclip_config: clip_vit_flops(clip_config),
+)
+_STAGE0 = (
+    "waveclip_stage0",
+    "WaveCLIP stage 0 only",
+    "stage 0",
+    "o",
+    ("waveclip_naive", "stages_0-0"),
+    lambda clip_config, waveclip_config: stage_flops(waveclip_config)[0],
+)
+_CACHED_KEPT = (
+    "waveclip_cached_kept",
+    "WaveCLIP cached full pass, one stage cache kept across calls (reset before each, as the pipeline does)",
+    "cached, kept cache",
+    "P",
+    ("waveclip_cached_kept", "total"),
+    _total,
+)
+_NAIVE = (
+    "waveclip_naive",
+    "WaveCLIP naive re-run (stage 0, then all stages again without cache)",
+    "naive re-run",
+    "^",
+    ("waveclip_naive", "total"),
+    lambda clip_config, waveclip_config: cumulative_flops(waveclip_config, mode="naive")[-1],
+)
+_FULL_FORWARD = (
+    "waveclip_full_forward",
+    "WaveCLIP single block-causal full forward (all stages, one call)",
+    "one full forward",
+    "v",
+    ("waveclip_naive", "stages_0-{last_stage}"),
+    lambda clip_config, waveclip_config: full_forward_flops(waveclip_config),
+)
 
 # Eager configurations first (in the report's order), then the compiled twins of five of them.
-_EAGER_AND_COMPILED = [_eager_and_compiled(*spec) for spec in (_CLIP_FULL, _STAGE0, _CACHED_KEPT, _NAIVE,
-                                                                _FULL_FORWARD)]
+_EAGER_AND_COMPILED = [
+    _eager_and_compiled(*spec) for spec in (_CLIP_FULL, _STAGE0, _CACHED_KEPT, _NAIVE, _FULL_FORWARD)
+]
 ENCODER_CONFIGURATIONS = {
     **{name: pair[name] for pair, name in zip(_EAGER_AND_COMPILED, ("clip_full", "waveclip_stage0"))},
     "waveclip_cached_full": EncoderConfiguration(
-        "WaveCLIP cached full pass, a new stage cache per call (`use_cache=True`)", "cached, new cache", "D",
-        ("waveclip_cached_full", "total"), _total),
+        "WaveCLIP cached full pass, a new stage cache per call (`use_cache=True`)",
+        "cached, new cache",
+        "D",
+        ("waveclip_cached_full", "total"),
+        _total,
+    ),
     "waveclip_cached_kept": _EAGER_AND_COMPILED[2]["waveclip_cached_kept"],
     "waveclip_cached_dynamic": EncoderConfiguration(
-        "WaveCLIP cached full pass with a transformers DynamicCache (grows by torch.cat)", "cached, DynamicCache",
-        "X", ("waveclip_cached_dynamic", "total"), _total),
+        "WaveCLIP cached full pass with a transformers DynamicCache (grows by torch.cat)",
+        "cached, DynamicCache",
+        "X",
+        ("waveclip_cached_dynamic", "total"),
+        _total,
+    ),
     **{name: pair[name] for pair, name in zip(_EAGER_AND_COMPILED[3:], ("waveclip_naive", "waveclip_full_forward"))},
-    **{name: configuration for pair in _EAGER_AND_COMPILED for name, configuration in pair.items()
-       if name.endswith("_compiled")},
+    **{
+        name: configuration
+        for pair in _EAGER_AND_COMPILED
+        for name, configuration in pair.items()
+        if name.endswith("_compiled")
+    },
 }
 # Configuration name -> the report's label.
 ENCODER_CONFIGS = {name: configuration.label for name, configuration in ENCODER_CONFIGURATIONS.items()}
@@ -96,8 +140,10 @@ ENCODER_CONFIGS = {name: configuration.label for name, configuration in ENCODER_
 
 def encoder_gflops(clip_vision, waveclip) -> dict[str, float]:
     """Analytic GFLOPs per image of every encoder configuration (`FLOPS_CONVENTION`)."""
-    return {name: gflops(configuration.flops(clip_vision.config, waveclip.config))
-            for name, configuration in ENCODER_CONFIGURATIONS.items()}
+    return {
+        name: gflops(configuration.flops(clip_vision.config, waveclip.config))
+        for name, configuration in ENCODER_CONFIGURATIONS.items()
+    }
 
 
 def encoder_cases(clip_vision, waveclip, pixel_values: torch.Tensor, compiled=None) -> dict[str, Case]:
@@ -131,6 +177,7 @@ def encoder_cases(clip_vision, waveclip, pixel_values: torch.Tensor, compiled=No
             for stage in range(1, num_stages):
                 with watch.part(f"stage{stage}"):
                     model.get_image_features(pixel_values, num_stages=stage + 1, cache=cache)
+
         return run
 
     def kept_case(model) -> Case:
@@ -139,6 +186,7 @@ def encoder_cases(clip_vision, waveclip, pixel_values: torch.Tensor, compiled=No
         def reset():
             kept.reset()
             return kept
+
         return cached_case(model, reset)
 
     def naive_case(model) -> Case:
@@ -146,16 +194,23 @@ def encoder_cases(clip_vision, waveclip, pixel_values: torch.Tensor, compiled=No
             for stage in range(num_stages):
                 with watch.part(f"stages_0-{stage}"):
                     model.get_image_features(pixel_values, num_stages=stage + 1)
+
         return run
 
-    cases = {"clip_full": clip_case(clip_vision), "waveclip_cached_full": cached_case(waveclip, lambda: None),
-             "waveclip_cached_kept": kept_case(waveclip),
-             "waveclip_cached_dynamic": cached_case(waveclip, DynamicCache), "waveclip_naive": naive_case(waveclip)}
+    cases = {
+        "clip_full": clip_case(clip_vision),
+        "waveclip_cached_full": cached_case(waveclip, lambda: None),
+        "waveclip_cached_kept": kept_case(waveclip),
+        "waveclip_cached_dynamic": cached_case(waveclip, DynamicCache),
+        "waveclip_naive": naive_case(waveclip),
+    }
     if compiled is not None:
         clip_compiled, waveclip_compiled = compiled
-        cases.update(clip_full_compiled=clip_case(clip_compiled),
-                     waveclip_cached_kept_compiled=kept_case(waveclip_compiled),
-                     waveclip_naive_compiled=naive_case(waveclip_compiled))
+        cases.update(
+            clip_full_compiled=clip_case(clip_compiled),
+            waveclip_cached_kept_compiled=kept_case(waveclip_compiled),
+            waveclip_naive_compiled=naive_case(waveclip_compiled),
+        )
     return cases
 
 
@@ -195,8 +250,15 @@ def encoder_rows(times: CaseTimes, batch_size: int, gflops_per_image: dict[str, 
     return rows
 
 
-def benchmark_encoder(clip_vision, waveclip, schedules: Sequence[Schedule], device, dtype: torch.dtype,
-                      settings: BenchmarkSettings, log=print) -> dict[str, Any]:
+def benchmark_encoder(
+    clip_vision,
+    waveclip,
+    schedules: Sequence[Schedule],
+    device,
+    dtype: torch.dtype,
+    settings: BenchmarkSettings,
+    log=print,
+) -> dict[str, Any]:
     """All encoder configurations at each batch size: seconds per batch call, ms per image, GFLOP/s.
 
     Returns:
@@ -224,18 +286,25 @@ def benchmark_encoder(clip_vision, waveclip, schedules: Sequence[Schedule], devi
         times = run_interleaved(cases, schedule.warmup, schedule.trials, device, quiet_policy(settings), contention)
         rows = encoder_rows(times, schedule.batch_size, per_image, waveclip.num_stages)
         out[str(schedule.batch_size)] = {
-            "warmup": schedule.warmup, "trials": schedule.trials, "configs": rows, "contention": contention,
-            "first_call_seconds": first, "wall_seconds": time.perf_counter() - start,
+            "warmup": schedule.warmup,
+            "trials": schedule.trials,
+            "configs": rows,
+            "contention": contention,
+            "first_call_seconds": first,
+            "wall_seconds": time.perf_counter() - start,
             "load_average_end": load_average(),
         }
-        log(f"  encoder {device.type} {str(dtype).removeprefix('torch.')} batch {schedule.batch_size}: "
-            + ", ".join(f"{name} {1e3 * row['median']:.1f} ms" for name, row in rows.items()))
+        log(
+            f"  encoder {device.type} {str(dtype).removeprefix('torch.')} batch {schedule.batch_size}: "
+            + ", ".join(f"{name} {1e3 * row['median']:.1f} ms" for name, row in rows.items())
+        )
     return out
 
 
 def encoder_section(settings: BenchmarkSettings, models: EncoderModels, log=print) -> dict[str, Any]:
     """{"cpu": {"float32": `benchmark_encoder`}, "cuda": {dtype: `benchmark_encoder`} or {"skipped": why}}."""
     cpu = {"float32": benchmark_encoder(*models, settings.cpu_schedules, "cpu", torch.float32, settings, log)}
-    cuda = for_each_gpu_dtype(settings, lambda dtype: benchmark_encoder(
-        *models, settings.gpu_schedules, "cuda", dtype, settings, log))
+    cuda = for_each_gpu_dtype(
+        settings, lambda dtype: benchmark_encoder(*models, settings.gpu_schedules, "cuda", dtype, settings, log)
+    )
     return {"cpu": cpu, "cuda": cuda}

@@ -18,8 +18,9 @@ class EncoderModels(NamedTuple):
 
     def to(self, device, dtype: torch.dtype) -> EncoderModels:
         """Both models moved (in place, as `nn.Module.to` does) to `device` and `dtype`."""
-        return EncoderModels(self.clip_vision.to(device=device, dtype=dtype),
-                             self.waveclip.to(device=device, dtype=dtype))
+        return EncoderModels(
+            self.clip_vision.to(device=device, dtype=dtype), self.waveclip.to(device=device, dtype=dtype)
+        )
 
 
 def label_names(num_labels: int) -> list[str]:
@@ -32,9 +33,13 @@ def clip_vision_config(settings: BenchmarkSettings):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=settings.hidden_size, num_hidden_layers=settings.num_hidden_layers,
-        num_attention_heads=settings.num_attention_heads, intermediate_size=settings.intermediate_size,
-        image_size=settings.image_size, patch_size=settings.patch_size, projection_dim=settings.projection_dim,
+        hidden_size=settings.hidden_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        intermediate_size=settings.intermediate_size,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+        projection_dim=settings.projection_dim,
     )
 
 
@@ -57,8 +62,10 @@ def build_models(settings: BenchmarkSettings, tokenizer=None):
 
     torch.manual_seed(settings.seed)
     text_config = dict(
-        hidden_size=settings.text_hidden_size, num_hidden_layers=settings.text_num_hidden_layers,
-        num_attention_heads=settings.text_num_attention_heads, intermediate_size=settings.text_intermediate_size,
+        hidden_size=settings.text_hidden_size,
+        num_hidden_layers=settings.text_num_hidden_layers,
+        num_attention_heads=settings.text_num_attention_heads,
+        intermediate_size=settings.text_intermediate_size,
         projection_dim=settings.projection_dim,
     )
     if tokenizer is not None:

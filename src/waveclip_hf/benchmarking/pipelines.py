@@ -33,24 +33,31 @@ from .preprocessing import sample_images
 from .settings import BenchmarkSettings
 from .timing import Case, run_interleaved, summarize
 
+
 HYPOTHESIS_TEMPLATE = "This is a photo of {}."
 
 # Run key (before any "@batch<N>" suffix) -> the report's label; `{threshold}` is the run's margin threshold.
 PIPELINE_RUNS = {
     "stock": "stock CLIP pipeline, as shipped (re-encodes all prompts for every image)",
     "stock_image_side": "stock CLIP pipeline, image side only (text transformer memoised; prompts still tokenised "
-                        "and projected per image)",
+    "and projected per image)",
     "waveclip_theta0_first": "WaveCLIP θ = 0, first call (text cache cold; measured once)",
     "waveclip_theta0": "WaveCLIP θ = 0, text cache warm",
     "waveclip_theta_middle": "WaveCLIP θ = {threshold:.3g} (median stage-0 margin), cache warm",
     "waveclip_theta_high": "WaveCLIP θ = {threshold:g} (every stage), cache warm",
     "bare_waveclip_theta0": "WaveCLIP θ = 0 without the pipeline (per image: its image processor, then `refine` "
-                            "with the cached text embeddings and one kept stage cache)",
+    "with the cached text embeddings and one kept stage cache)",
 }
 # Run key (before any "@batch<N>" suffix) -> the plot's label.
-PIPELINE_SHORT_NAMES = {"stock": "stock", "stock_image_side": "stock, image side", "waveclip_theta0_first": "θ=0 cold",
-                        "waveclip_theta0": "θ=0", "waveclip_theta_middle": "θ mid", "waveclip_theta_high": "θ>1",
-                        "bare_waveclip_theta0": "θ=0, no pipeline"}
+PIPELINE_SHORT_NAMES = {
+    "stock": "stock",
+    "stock_image_side": "stock, image side",
+    "waveclip_theta0_first": "θ=0 cold",
+    "waveclip_theta0": "θ=0",
+    "waveclip_theta_middle": "θ mid",
+    "waveclip_theta_high": "θ>1",
+    "bare_waveclip_theta0": "θ=0, no pipeline",
+}
 
 
 def text_tower_flops(text_config, sequence_length: int, projection_dim: int) -> int:
@@ -77,8 +84,9 @@ def memoized_text_tower(clip_model, memo: dict):
         if attention_mask is not None:
             key += hashlib.sha1(attention_mask.cpu().numpy().tobytes()).hexdigest()
         if key not in memo:
-            memo[key] = original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 **kwargs)
+            memo[key] = original(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            )
         # A fresh output object: `CLIPModel.get_text_features` overwrites `pooler_output` with its projection.
         stored = memo[key]
         return type(stored)(**dict(stored.items()))
@@ -120,9 +128,10 @@ def load_pipelines(settings: BenchmarkSettings, tokenizer) -> tuple[Any, Any, An
     with tempfile.TemporaryDirectory(prefix="waveclip_benchmark_") as folder:
         clip_folder, wave_folder = Path(folder, "clip"), Path(folder, "waveclip")
         clip.save_pretrained(clip_folder)
-        CLIPImageProcessor(size={"shortest_edge": settings.image_size},
-                           crop_size={"height": settings.image_size, "width": settings.image_size}
-                           ).save_pretrained(clip_folder)
+        CLIPImageProcessor(
+            size={"shortest_edge": settings.image_size},
+            crop_size={"height": settings.image_size, "width": settings.image_size},
+        ).save_pretrained(clip_folder)
         tokenizer.save_pretrained(clip_folder)
         waveclip.save_pretrained(wave_folder)
         WaveCLIPImageProcessor(image_size=settings.image_size, levels=settings.levels).save_pretrained(wave_folder)
@@ -148,8 +157,17 @@ def prepare_pipelines(settings: BenchmarkSettings) -> PipelineSetup:
     stock, wave, text_config, vision_config = load_pipelines(settings, tokenizer)
     photos = list(sample_images(settings.seed).values())
     images = [photos[i % len(photos)] for i in range(settings.pipeline_images)]
-    return PipelineSetup(labels, prompts, int(sequence_length), images, images[: settings.stock_pipeline_images],
-                         stock, wave, text_config, vision_config)
+    return PipelineSetup(
+        labels,
+        prompts,
+        int(sequence_length),
+        images,
+        images[: settings.stock_pipeline_images],
+        stock,
+        wave,
+        text_config,
+        vision_config,
+    )
 
 
 def middle_threshold(setup: PipelineSetup) -> float:
@@ -191,7 +209,8 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
 
     def waveclip_run(key: str, threshold: float, batch_size: int) -> Case:
         return lambda watch: outputs.__setitem__(
-            key, wave(images, candidate_labels=labels, margin_threshold=threshold, batch_size=batch_size))
+            key, wave(images, candidate_labels=labels, margin_threshold=threshold, batch_size=batch_size)
+        )
 
     cases: dict[str, Case] = {}
     specs: dict[str, tuple[int, int]] = {}
@@ -247,15 +266,22 @@ def time_pipelines(setup: PipelineSetup, settings: BenchmarkSettings, log=print)
         tokenize_seconds = run_interleaved(tokenize, 1, 5, cpu)["tokenize"]["total"]
         # The cold call happens once by definition: it is not retried, only recorded with its contention.
         wait_if_asked(settings, log)
-        first = {"first": lambda watch: outputs.__setitem__(
-            "waveclip_theta0_first", setup.wave(setup.images, candidate_labels=setup.labels, margin_threshold=0.0))}
+        first = {
+            "first": lambda watch: outputs.__setitem__(
+                "waveclip_theta0_first", setup.wave(setup.images, candidate_labels=setup.labels, margin_threshold=0.0)
+            )
+        }
         first_seconds = run_interleaved(first, 0, 1, cpu, None, first_contention)["first"]["total"]
-        thresholds = {"waveclip_theta0": 0.0, "waveclip_theta_middle": middle_threshold(setup),
-                      "waveclip_theta_high": settings.high_threshold}
+        thresholds = {
+            "waveclip_theta0": 0.0,
+            "waveclip_theta_middle": middle_threshold(setup),
+            "waveclip_theta_high": settings.high_threshold,
+        }
         cases, specs = pipeline_cases(setup, thresholds, settings.pipeline_batch_sizes, memo, outputs)
         times = run_interleaved(cases, 0, settings.pipeline_rounds, cpu, quiet_policy(settings), contention)
-    return PipelineTimings(tokenize_seconds, first_seconds, first_contention, thresholds, specs, times, contention,
-                           outputs)
+    return PipelineTimings(
+        tokenize_seconds, first_seconds, first_contention, thresholds, specs, times, contention, outputs
+    )
 
 
 def pipeline_runs(setup: PipelineSetup, timed: PipelineTimings, projection_dim: int) -> dict[str, dict[str, Any]]:
@@ -269,8 +295,14 @@ def pipeline_runs(setup: PipelineSetup, timed: PipelineTimings, projection_dim: 
     per_prompt = text_tower_flops(text_config, setup.sequence_length, projection_dim)
     text_projection = 2 * text_config.hidden_size * projection_dim
     clip_image = clip_vit_flops(setup.vision_config, projection_dim)
-    runs = {"waveclip_theta0_first": {**summarize(timed.first_call_seconds), "images": len(setup.images),
-                                      "batch_size": 1, "threshold": 0.0}}
+    runs = {
+        "waveclip_theta0_first": {
+            **summarize(timed.first_call_seconds),
+            "images": len(setup.images),
+            "batch_size": 1,
+            "threshold": 0.0,
+        }
+    }
     for key, (count, batch_size) in timed.run_specs.items():
         base = key.split("@")[0]
         run = runs[key] = {**summarize(timed.run_times[key]["total"]), "images": count, "batch_size": batch_size}
@@ -322,10 +354,15 @@ def benchmark_pipelines(settings: BenchmarkSettings, log=print) -> dict[str, Any
         "hypothesis_template": HYPOTHESIS_TEMPLATE,
         "prompt_tokens": setup.sequence_length,
         "tokenize_prompts_seconds": summarize(timed.tokenize_seconds),
-        "text_tower": {"layers": text_config.num_hidden_layers, "hidden_size": text_config.hidden_size,
-                       "heads": text_config.num_attention_heads, "intermediate_size": text_config.intermediate_size},
+        "text_tower": {
+            "layers": text_config.num_hidden_layers,
+            "hidden_size": text_config.hidden_size,
+            "heads": text_config.num_attention_heads,
+            "intermediate_size": text_config.intermediate_size,
+        },
         "text_gflops_per_label_set": gflops(
-            num_labels * text_tower_flops(text_config, setup.sequence_length, settings.projection_dim)),
+            num_labels * text_tower_flops(text_config, setup.sequence_length, settings.projection_dim)
+        ),
         "stock_pipeline_class": type(setup.stock).__name__,
         "stock_image_processor": type(setup.stock.image_processor).__name__,
         "waveclip_pipeline_class": type(setup.wave).__name__,

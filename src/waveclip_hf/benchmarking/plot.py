@@ -21,10 +21,17 @@ def _encoder_panel(ax, title: str, configs: dict[str, dict[str, Any]]) -> None:
     top = 0.0
     for index, (name, row) in enumerate(configs.items()):
         scale = 1e3 / row["batch_size"]
-        ax.errorbar(row["gflops_per_image"], row["ms_per_image"],
-                    yerr=[[scale * (row["median"] - row["q1"])], [scale * (row["q3"] - row["median"])]],
-                    marker=ENCODER_CONFIGURATIONS[name].marker, linestyle="none", markersize=7, capsize=3,
-                    color=f"C{index}", label=ENCODER_CONFIGURATIONS[name].short_name)
+        ax.errorbar(
+            row["gflops_per_image"],
+            row["ms_per_image"],
+            yerr=[[scale * (row["median"] - row["q1"])], [scale * (row["q3"] - row["median"])]],
+            marker=ENCODER_CONFIGURATIONS[name].marker,
+            linestyle="none",
+            markersize=7,
+            capsize=3,
+            color=f"C{index}",
+            label=ENCODER_CONFIGURATIONS[name].short_name,
+        )
         top = max(top, row["ms_per_image"])
     clip = configs["clip_full"]
     rate = clip["ms_per_image"] / clip["gflops_per_image"]
@@ -44,12 +51,21 @@ def _early_exit_panel(ax, device: str, dtype: str, sweep: dict[str, Any]) -> Non
     points = sweep["rows"]
     x = [r["gflops_per_image"] for r in points]
     ax.plot(x, [r["ms_per_image"] for r in points], "o-", label="measured")
-    ax.plot(x, [1e3 * r["predicted_seconds"] / sweep["batch_size"] for r in points], "--",
-            label="t(stage 0) + (1 − f) t(later)")
+    ax.plot(
+        x,
+        [1e3 * r["predicted_seconds"] / sweep["batch_size"] for r in points],
+        "--",
+        label="t(stage 0) + (1 − f) t(later)",
+    )
     ax.plot(x, [1e3 * r["gflops_line_seconds"] / sweep["batch_size"] for r in points], ":", label="time ∝ GFLOPs")
     for r in points:
-        ax.annotate(f"{100 * r['exit_fraction']:.0f}%", (r["gflops_per_image"], r["ms_per_image"]),
-                    textcoords="offset points", xytext=(4, -12), fontsize=8)
+        ax.annotate(
+            f"{100 * r['exit_fraction']:.0f}%",
+            (r["gflops_per_image"], r["ms_per_image"]),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
     ax.set_xlabel("analytic GFLOPs / image")
     ax.set_ylabel("median ms / image")
     ax.set_title(f"early exit, {device} {dtype}, batch {sweep['batch_size']} (label: exit fraction)", fontsize=10)
@@ -65,8 +81,13 @@ def _pipeline_panel(ax, pipe: dict[str, Any]) -> None:
         marker = "s" if run["batch_size"] == 1 else "o"
         ax.plot(run["gflops_per_image"], run["ms_per_image"], marker=marker, color=colour, linestyle="none")
         label = PIPELINE_SHORT_NAMES[base] + ("" if run["batch_size"] == 1 else f" (bs {run['batch_size']})")
-        ax.annotate(label, (run["gflops_per_image"], run["ms_per_image"]), textcoords="offset points",
-                    xytext=(4, 3), fontsize=7)
+        ax.annotate(
+            label,
+            (run["gflops_per_image"], run["ms_per_image"]),
+            textcoords="offset points",
+            xytext=(4, 3),
+            fontsize=7,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("GFLOPs / image (image encoder + text where run)")
@@ -77,10 +98,18 @@ def _pipeline_panel(ax, pipe: dict[str, Any]) -> None:
 
 def _panels(results: dict[str, Any]):
     """(encoder rows [(device, dtype, {batch: entry})], early-exit sweeps [(device, dtype, sweep)], pipeline)."""
-    encoder_rows = [(device, dtype, per_batch) for device, per_dtype in results.get("encoder", {}).items()
-                    if "skipped" not in per_dtype for dtype, per_batch in per_dtype.items()]
-    sweeps = [(device, dtype, sweep) for device, entry in results.get("early_exit", {}).items()
-              if "skipped" not in entry for dtype, sweep in early_exit_entries(entry)]
+    encoder_rows = [
+        (device, dtype, per_batch)
+        for device, per_dtype in results.get("encoder", {}).items()
+        if "skipped" not in per_dtype
+        for dtype, per_batch in per_dtype.items()
+    ]
+    sweeps = [
+        (device, dtype, sweep)
+        for device, entry in results.get("early_exit", {}).items()
+        if "skipped" not in entry
+        for dtype, sweep in early_exit_entries(entry)
+    ]
     return encoder_rows, sweeps, results.get("pipeline")
 
 
@@ -106,7 +135,7 @@ def plot_time_vs_gflops(results: dict[str, Any], path) -> Path | None:
     for row_axes, (device, dtype, per_batch) in zip(axes, encoder_rows):
         for ax, (batch, entry) in zip(row_axes, per_batch.items()):
             _encoder_panel(ax, f"{device} {dtype}, batch {batch}", entry["configs"])
-        for ax in row_axes[len(per_batch):]:
+        for ax in row_axes[len(per_batch) :]:
             ax.set_axis_off()
     if last_row:
         for ax, (device, dtype, sweep) in zip(axes[-1], sweeps):
@@ -116,8 +145,11 @@ def plot_time_vs_gflops(results: dict[str, Any], path) -> Path | None:
         for ax in axes[-1][last_row:]:
             ax.set_axis_off()
     meta = results["meta"]
-    figure.suptitle(f"Time vs GFLOPs per configuration — {meta['cpu_model']}, {meta['cpu_cores']} cores, torch "
-                    f"{meta['torch']}; {FLOPS_CONVENTION.split(';')[0]}", fontsize=10)
+    figure.suptitle(
+        f"Time vs GFLOPs per configuration — {meta['cpu_model']}, {meta['cpu_cores']} cores, torch "
+        f"{meta['torch']}; {FLOPS_CONVENTION.split(';')[0]}",
+        fontsize=10,
+    )
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)

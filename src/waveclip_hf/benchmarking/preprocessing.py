@@ -39,13 +39,16 @@ def build_processors(settings: BenchmarkSettings) -> dict[str, Any]:
 
     return {
         "waveclip": WaveCLIPImageProcessor(image_size=settings.image_size, levels=settings.levels),
-        "clip": CLIPImageProcessor(size={"shortest_edge": settings.image_size},
-                                   crop_size={"height": settings.image_size, "width": settings.image_size}),
+        "clip": CLIPImageProcessor(
+            size={"shortest_edge": settings.image_size},
+            crop_size={"height": settings.image_size, "width": settings.image_size},
+        ),
     }
 
 
 def _processor_call(processor, images: list, threads: int | None = None) -> Case:
     """A case that runs `processor` on `images` (on `threads` torch threads if given, restored after)."""
+
     def run(watch) -> None:
         if threads is None:
             processor(images=images, return_tensors="pt")
@@ -56,6 +59,7 @@ def _processor_call(processor, images: list, threads: int | None = None) -> Case
             processor(images=images, return_tensors="pt")
         finally:
             torch.set_num_threads(previous)
+
     return run
 
 
@@ -65,8 +69,10 @@ def preprocessing_cases(processors: dict[str, Any], images: list) -> dict[str, C
     The WaveCLIP processor runs torch operators, which use every core torch is given; it is also timed on one
     thread, because its operators are small and a busy core stalls each parallel region.
     """
-    return {**{name: _processor_call(processor, images) for name, processor in processors.items()},
-            "waveclip_1_thread": _processor_call(processors["waveclip"], images, threads=1)}
+    return {
+        **{name: _processor_call(processor, images) for name, processor in processors.items()},
+        "waveclip_1_thread": _processor_call(processors["waveclip"], images, threads=1),
+    }
 
 
 def time_single_images(processors: dict[str, Any], images: dict[str, Any], settings: BenchmarkSettings) -> dict:
@@ -75,10 +81,13 @@ def time_single_images(processors: dict[str, Any], images: dict[str, Any], setti
     single: dict[str, dict[str, Any]] = {}
     for name, image in images.items():
         wait_if_asked(settings, log=lambda *_: None)  # single-image rounds are too short to judge one by one
-        times = run_interleaved(preprocessing_cases(processors, [image]), schedule.warmup, schedule.trials,
-                                torch.device("cpu"))
-        single[name] = {"size": f"{image.width}x{image.height}",
-                        **{case: summarize(case_times["total"]) for case, case_times in times.items()}}
+        times = run_interleaved(
+            preprocessing_cases(processors, [image]), schedule.warmup, schedule.trials, torch.device("cpu")
+        )
+        single[name] = {
+            "size": f"{image.width}x{image.height}",
+            **{case: summarize(case_times["total"]) for case, case_times in times.items()},
+        }
     return single
 
 
@@ -89,11 +98,22 @@ def time_batch(processors: dict[str, Any], images: dict[str, Any], settings: Ben
     names = list(images)
     batch = [images[names[i % len(names)]] for i in range(schedule.batch_size)]
     contention: dict = {}
-    times = run_interleaved(preprocessing_cases(processors, batch), schedule.warmup, schedule.trials,
-                            torch.device("cpu"), quiet_policy(settings), contention)
-    return {"batch_size": schedule.batch_size, "warmup": schedule.warmup, "trials": schedule.trials,
-            "images": names, "contention": contention,
-            **{case: summarize(case_times["total"]) for case, case_times in times.items()}}
+    times = run_interleaved(
+        preprocessing_cases(processors, batch),
+        schedule.warmup,
+        schedule.trials,
+        torch.device("cpu"),
+        quiet_policy(settings),
+        contention,
+    )
+    return {
+        "batch_size": schedule.batch_size,
+        "warmup": schedule.warmup,
+        "trials": schedule.trials,
+        "images": names,
+        "contention": contention,
+        **{case: summarize(case_times["total"]) for case, case_times in times.items()},
+    }
 
 
 def benchmark_preprocessing(settings: BenchmarkSettings, log=print) -> dict[str, Any]:
@@ -112,10 +132,14 @@ def benchmark_preprocessing(settings: BenchmarkSettings, log=print) -> dict[str,
     cases = list(preprocessing_cases(processors, []))
     mean_single = {case: float(np.mean([single[name][case]["median"] for name in images])) for case in cases}
     per_image_batched = {case: batch[case]["median"] / batch["batch_size"] for case in cases}
-    log("  preprocessing per image (single call, mean over images): "
+    log(
+        "  preprocessing per image (single call, mean over images): "
         + ", ".join(f"{p} {1e3 * t:.1f} ms" for p, t in mean_single.items())
-        + "; in a batch of " + str(batch["batch_size"]) + ": "
-        + ", ".join(f"{p} {1e3 * t:.1f} ms" for p, t in per_image_batched.items()))
+        + "; in a batch of "
+        + str(batch["batch_size"])
+        + ": "
+        + ", ".join(f"{p} {1e3 * t:.1f} ms" for p, t in per_image_batched.items())
+    )
     return {
         "processors": {name: type(processor).__name__ for name, processor in processors.items()},
         "single": single,

@@ -12,8 +12,9 @@ from .models import EncoderModels, random_pixel_values
 from .settings import BenchmarkSettings
 
 
-def profile_calls(calls: dict[str, Callable[[], Any]], device, row_limit: int = 8,
-                  before: Callable[[], Any] | None = None) -> dict[str, Any]:
+def profile_calls(
+    calls: dict[str, Callable[[], Any]], device, row_limit: int = 8, before: Callable[[], Any] | None = None
+) -> dict[str, Any]:
     """`torch.profiler` of one call each (after one untimed call): total and the top operators by self time.
 
     `before` runs ahead of each profiled call (e.g. waiting for a quiet machine); the other processes' CPU use
@@ -40,8 +41,15 @@ def profile_calls(calls: dict[str, Callable[[], Any]], device, row_limit: int = 
         out[name] = {
             "self_time_total_ms": total / 1e3,
             "others_busy_cores": (monitor.result or {}).get("others_busy_cores"),
-            "ops": [{"op": event.key, "self_ms": getattr(event, key) / 1e3, "calls": event.count,
-                     "share": getattr(event, key) / total if total else 0.0} for event in top],
+            "ops": [
+                {
+                    "op": event.key,
+                    "self_ms": getattr(event, key) / 1e3,
+                    "calls": event.count,
+                    "share": getattr(event, key) / total if total else 0.0,
+                }
+                for event in top
+            ],
         }
     return out
 

@@ -18,6 +18,7 @@ from .encoder import ENCODER_CONFIGS
 from .pipelines import PIPELINE_RUNS
 from .plot import plot_time_vs_gflops
 
+
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "benchmarks.json", "benchmarks.md", "benchmark_time_vs_gflops.png"
 
 # Everything after this line in an existing benchmarks.md is written by hand (analysis of a run) and is kept when
@@ -85,8 +86,9 @@ def _contention_row(meta: dict[str, Any]) -> list[str]:
         cells.append(cell)
     if not cells:
         return []
-    return ["| other processes' CPU use during each section (cores busy, of "
-            f"{meta['cpu_cores']}) | {'; '.join(cells)} |"]
+    return [
+        f"| other processes' CPU use during each section (cores busy, of {meta['cpu_cores']}) | {'; '.join(cells)} |"
+    ]
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -94,7 +96,8 @@ def _header(results: dict[str, Any]) -> list[str]:
     meta = results["meta"]
     lines = ["# Benchmarks: WaveCLIP vs a plain CLIP ViT", ""]
     lines += [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| machine | {meta['cpu_model']}, {meta['cpu_cores']} cores ({meta['usable_cores']} usable, "
         f"torch threads {meta['torch_threads']}){'; GPU ' + meta['gpu'] if meta.get('gpu') else ''} |",
         f"| torch / transformers / python | {meta['torch']} / {meta['transformers']} / {meta['python']} |",
@@ -129,8 +132,10 @@ def _targets(results: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Targets", "", "| target | measured | bound | result | note |", "|---|---:|---:|---|---|"]
     for t in targets:
-        lines.append(f"| {t['target']} | {t['measured']:.3f} | {t['kind']} {t['bound']:g} | "
-                     f"{'pass' if t['passed'] else '**FAIL**'} | {t['detail']} |")
+        lines.append(
+            f"| {t['target']} | {t['measured']:.3f} | {t['kind']} {t['bound']:g} | "
+            f"{'pass' if t['passed'] else '**FAIL**'} | {t['detail']} |"
+        )
     return lines + [""]
 
 
@@ -138,26 +143,37 @@ def _encoder_table(device: str, dtype: str, batch: str, entry: dict[str, Any]) -
     """One (device, dtype, batch size) table of every encoder configuration, then the cached passes by call and
     the compiled cases' first calls."""
     note = _contention_note(entry.get("contention"))
-    lines = [f"**{device.upper()} {dtype}, batch {batch}** (warm-up {entry['warmup']}, "
-             f"{entry['trials']} trials{'; ' + note if note else ''})", "",
-             "| configuration | GFLOPs / image | median / batch | IQR | min–max | ms / image | "
-             "GFLOP/s | × CLIP (same mode) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"**{device.upper()} {dtype}, batch {batch}** (warm-up {entry['warmup']}, "
+        f"{entry['trials']} trials{'; ' + note if note else ''})",
+        "",
+        "| configuration | GFLOPs / image | median / batch | IQR | min–max | ms / image | "
+        "GFLOP/s | × CLIP (same mode) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     rows = entry["configs"]
     for name, row in rows.items():
         clip = rows["clip_full_compiled" if name.endswith("_compiled") else "clip_full"]["median"]
         lines.append(
             f"| {ENCODER_CONFIGS[name]} | {row['gflops_per_image']:.2f} | {_ms(row['median'])} | "
             f"{_spread(row)} | {_minmax(row)} | {row['ms_per_image']:.2f} | "
-            f"{row['gflops_per_second']:.1f} | {row['median'] / clip:.3f} |")
+            f"{row['gflops_per_second']:.1f} | {row['median'] / clip:.3f} |"
+        )
     lines.append("")
     for name, row in rows.items():
         if name.startswith("waveclip_cached") and "parts" in row:
-            lines.append(f"{ENCODER_CONFIGS[name]}, by call: " + ", ".join(
-                f"{part} {_ms(p['median'])}" for part, p in row["parts"].items()) + ".")
+            lines.append(
+                f"{ENCODER_CONFIGS[name]}, by call: "
+                + ", ".join(f"{part} {_ms(p['median'])}" for part, p in row["parts"].items())
+                + "."
+            )
     first = entry.get("first_call_seconds")
     if first:
-        lines.append("First call of each compiled case (tracing and code generation included, not in the table): "
-                     + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first.items()) + ".")
+        lines.append(
+            "First call of each compiled case (tracing and code generation included, not in the table): "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first.items())
+            + "."
+        )
     return lines + [""]
 
 
@@ -165,15 +181,22 @@ def _encoder(results: dict[str, Any]) -> list[str]:
     encoder = results.get("encoder")
     if not encoder:
         return []
-    lines = ["## 1. Image encoder", "",
-             "Random pixel values (WaveCLIP reads them as packed coefficients). \"Stage 0 only\" and the \"single "
-             "full forward\" are the two calls inside the naive re-run, each timed on its own.", ""]
+    lines = [
+        "## 1. Image encoder",
+        "",
+        'Random pixel values (WaveCLIP reads them as packed coefficients). "Stage 0 only" and the "single '
+        'full forward" are the two calls inside the naive re-run, each timed on its own.',
+        "",
+    ]
     settings = results["settings"]
     for device, per_dtype in encoder.items():
         if "skipped" in per_dtype:
-            lines += [f"**{device.upper()}**: {per_dtype['skipped']}; the code path (batch sizes "
-                      f"{', '.join(str(s['batch_size']) for s in settings['gpu_schedules'])}, "
-                      f"{' and '.join(settings['gpu_dtypes'])}, sdpa) is in `benchmark_encoder`.", ""]
+            lines += [
+                f"**{device.upper()}**: {per_dtype['skipped']}; the code path (batch sizes "
+                f"{', '.join(str(s['batch_size']) for s in settings['gpu_schedules'])}, "
+                f"{' and '.join(settings['gpu_dtypes'])}, sdpa) is in `benchmark_encoder`.",
+                "",
+            ]
             continue
         for dtype, per_batch in per_dtype.items():
             for batch, entry in per_batch.items():
@@ -185,12 +208,17 @@ def _encoder_profile(results: dict[str, Any]) -> list[str]:
     prof = results.get("encoder_profile")
     if not prof:
         return []
-    lines = [f"### Where the encoder time goes ({prof['device'].upper()}, batch {prof['batch_size']}, "
-             "`torch.profiler`, one call each)", "",
-             "| call | self-time total | top operators (self time, calls, share) |", "|---|---:|---|"]
+    lines = [
+        f"### Where the encoder time goes ({prof['device'].upper()}, batch {prof['batch_size']}, "
+        "`torch.profiler`, one call each)",
+        "",
+        "| call | self-time total | top operators (self time, calls, share) |",
+        "|---|---:|---|",
+    ]
     for name, call in prof["calls"].items():
-        ops = "; ".join(f"`{op['op']}` {_ms(op['self_ms'] / 1e3)} ({op['calls']}×, {100 * op['share']:.0f}%)"
-                        for op in call["ops"])
+        ops = "; ".join(
+            f"`{op['op']}` {_ms(op['self_ms'] / 1e3)} ({op['calls']}×, {100 * op['share']:.0f}%)" for op in call["ops"]
+        )
         busy = call.get("others_busy_cores")
         busy = f" (others {busy:.2f} cores)" if busy is not None else ""
         lines.append(f"| {name}{busy} | {_ms(call['self_time_total_ms'] / 1e3)} | {ops} |")
@@ -206,14 +234,18 @@ def _early_exit_table(device: str, dtype: str, entry: dict[str, Any]) -> list[st
         "the cache after `batch_select_indices`, as in `refine`. "
         "Stage 0 (with scoring) is shared by all fractions of a round. Predicted = t(stage 0) + (1 − f) "
         "× t(later stages, whole batch), the GFLOPs-scaled line; the last column compares with time ∝ "
-        "GFLOPs at the no-exit rate.", "",
+        "GFLOPs at the no-exit rate.",
+        "",
         "| exit fraction | GFLOPs / image | median / batch | IQR | ms / image | predicted | deviation | "
-        "vs time ∝ GFLOPs |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "vs time ∝ GFLOPs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in entry["rows"]:
         lines.append(
             f"| {100 * row['exit_fraction']:.0f}% | {row['gflops_per_image']:.2f} | {_ms(row['median'])} "
             f"| {_spread(row)} | {row['ms_per_image']:.2f} | {_ms(row['predicted_seconds'])} | "
-            f"{row['deviation_percent']:+.1f}% | {row['gflops_line_deviation_percent']:+.1f}% |")
+            f"{row['deviation_percent']:+.1f}% | {row['gflops_line_deviation_percent']:+.1f}% |"
+        )
     return lines + [""]
 
 
@@ -235,41 +267,55 @@ def _preprocessing(results: dict[str, Any]) -> list[str]:
     pre = results.get("preprocessing")
     if not pre:
         return []
-    lines = ["## 2. Preprocessing", "",
-             f"`WaveCLIPImageProcessor` (YCbCr + Haar DWT) vs `CLIPImageProcessor()`, which gives "
-             f"`{pre['processors']['clip']}` here (torchvision is not installed). Same RGB PIL images, "
-             "`return_tensors=\"pt\"`.",
-             "", "| image | size | WaveCLIP median | IQR | CLIP median | IQR | ratio | WaveCLIP on 1 thread |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## 2. Preprocessing",
+        "",
+        f"`WaveCLIPImageProcessor` (YCbCr + Haar DWT) vs `CLIPImageProcessor()`, which gives "
+        f"`{pre['processors']['clip']}` here (torchvision is not installed). Same RGB PIL images, "
+        '`return_tensors="pt"`.',
+        "",
+        "| image | size | WaveCLIP median | IQR | CLIP median | IQR | ratio | WaveCLIP on 1 thread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     batch = pre["batch"]
     rows = [(name, row["size"], row) for name, row in pre["single"].items()]
     rows.append((f"batch of {batch['batch_size']} (images cycled), per call", "", batch))
     for name, size, row in rows:
         one_thread = _ms(row["waveclip_1_thread"]["median"]) if "waveclip_1_thread" in row else "—"
-        lines.append(f"| {name} | {size} | {_ms(row['waveclip']['median'])} | {_spread(row['waveclip'])} | "
-                     f"{_ms(row['clip']['median'])} | {_spread(row['clip'])} | "
-                     f"{row['waveclip']['median'] / row['clip']['median']:.2f} | {one_thread} |")
-    return lines + ["", f"Single image: warm-up {pre['single_schedule']['warmup']}, "
-                    f"{pre['single_schedule']['trials']} trials per image; batch: warm-up {batch['warmup']}, "
-                    f"{batch['trials']} trials ({_contention_note(batch.get('contention')) or '-'}).", ""]
+        lines.append(
+            f"| {name} | {size} | {_ms(row['waveclip']['median'])} | {_spread(row['waveclip'])} | "
+            f"{_ms(row['clip']['median'])} | {_spread(row['clip'])} | "
+            f"{row['waveclip']['median'] / row['clip']['median']:.2f} | {one_thread} |"
+        )
+    return lines + [
+        "",
+        f"Single image: warm-up {pre['single_schedule']['warmup']}, "
+        f"{pre['single_schedule']['trials']} trials per image; batch: warm-up {batch['warmup']}, "
+        f"{batch['trials']} trials ({_contention_note(batch.get('contention')) or '-'}).",
+        "",
+    ]
 
 
 def _pipeline_intro(pipe: dict[str, Any]) -> str:
     """The paragraph that says what the two pipelines ran on: labels, text tower, classes, rounds."""
     tt = pipe["text_tower"]
-    clip_text = "CLIP ViT-B/16's text tower size; " if (tt["layers"], tt["hidden_size"]) == (12, 512) else (
-        "smaller than CLIP ViT-B/16's 12 x 512 text tower; ")
+    clip_text = (
+        "CLIP ViT-B/16's text tower size; "
+        if (tt["layers"], tt["hidden_size"]) == (12, 512)
+        else ("smaller than CLIP ViT-B/16's 12 x 512 text tower; ")
+    )
     return (
-        f"{pipe['num_labels']} labels (\"object 0\" … ), template \"{pipe['hypothesis_template']}\" "
+        f'{pipe["num_labels"]} labels ("object 0" … ), template "{pipe["hypothesis_template"]}" '
         f"({pipe['prompt_tokens']} tokens with padding), word-level tokenizer. Text tower: {tt['layers']} layers, "
         f"width {tt['hidden_size']}, {tt['heads']} heads ({clip_text}random weights, shared by both "
         f"models via `convert_clip_to_waveclip`); one label set costs {pipe['text_gflops_per_label_set']:.0f} GFLOPs "
-        "of text. Stock: `pipeline(\"zero-shot-image-classification\", model=clip_folder)` → "
+        'of text. Stock: `pipeline("zero-shot-image-classification", model=clip_folder)` → '
         f"`{pipe['stock_pipeline_class']}` "
         f"with `{pipe['stock_image_processor']}`; WaveCLIP: `trust_remote_code=True` → "
         f"`{pipe['waveclip_pipeline_class']}`. PIL images (the preprocessing sample photos, cycled), default "
         f"`batch_size=1` unless marked. {pipe['rounds']} interleaved rounds per run (median call time; IQR as ms / "
-        "image). At `batch_size` > 1 the stock pipeline encodes the prompts once per batch, not per image.")
+        "image). At `batch_size` > 1 the stock pipeline encodes the prompts once per batch, not per image."
+    )
 
 
 def _pipeline_row(key: str, run: dict[str, Any]) -> str:
@@ -278,37 +324,59 @@ def _pipeline_row(key: str, run: dict[str, Any]) -> str:
         label += f", **batch_size={run['batch_size']}**"
     share = f"{100 * run['exit_fraction_stage0']:.0f}%" if "exit_fraction_stage0" in run else "—"
     n = run["images"]
-    return (f"| {label} | {n} | {run['images_per_second']:.3f} | {run['ms_per_image']:.1f} | "
-            f"{1e3 * run['q1'] / n:.1f}–{1e3 * run['q3'] / n:.1f} | {run['gflops_per_image']:.2f} | {share} |")
+    return (
+        f"| {label} | {n} | {run['images_per_second']:.3f} | {run['ms_per_image']:.1f} | "
+        f"{1e3 * run['q1'] / n:.1f}–{1e3 * run['q3'] / n:.1f} | {run['gflops_per_image']:.2f} | {share} |"
+    )
 
 
 def _pipeline(results: dict[str, Any]) -> list[str]:
     pipe = results.get("pipeline")
     if not pipe:
         return []
-    lines = ["## 3. Zero-shot pipeline end to end", "", _pipeline_intro(pipe),
-             "", "| run | images / call | images / s | ms / image | IQR ms / image | GFLOPs / image | "
-             "answered at stage 0 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## 3. Zero-shot pipeline end to end",
+        "",
+        _pipeline_intro(pipe),
+        "",
+        "| run | images / call | images / s | ms / image | IQR ms / image | GFLOPs / image | answered at stage 0 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     lines += [_pipeline_row(key, run) for key, run in pipe["runs"].items()]
     runs = pipe["runs"]
     if "bare_waveclip_theta0" in runs and "waveclip_theta0" in runs:
         piped, bare = runs["waveclip_theta0"]["ms_per_image"], runs["bare_waveclip_theta0"]["ms_per_image"]
-        lines += ["", f"The pipeline's own cost at θ = 0, `batch_size=1`: {piped - bare:.1f} ms per image ({piped:.1f} "
-                  f"through the pipeline against {bare:.1f} for the image processor and `refine` called directly, "
-                  "same rounds)."]
+        lines += [
+            "",
+            f"The pipeline's own cost at θ = 0, `batch_size=1`: {piped - bare:.1f} ms per image ({piped:.1f} "
+            f"through the pipeline against {bare:.1f} for the image processor and `refine` called directly, "
+            "same rounds).",
+        ]
     note = _contention_note(pipe.get("contention"))
     if note:
         lines += ["", f"Rounds: {note}."]
-    lines += ["", f"Tokenising the {pipe['num_labels']} prompts (which the stock pipeline does for every image, "
-              f"memoised or not): median {_ms(pipe['tokenize_prompts_seconds']['median'])} ms."]
-    return lines + ["", "GFLOPs / image: the image encoder (analytic, `flops.py`) plus, for the stock pipeline, the "
-                    "text tower on every prompt (same per-layer formula); the first WaveCLIP call carries one label "
-                    "set's text cost spread over its images.", ""]
+    lines += [
+        "",
+        f"Tokenising the {pipe['num_labels']} prompts (which the stock pipeline does for every image, "
+        f"memoised or not): median {_ms(pipe['tokenize_prompts_seconds']['median'])} ms.",
+    ]
+    return lines + [
+        "",
+        "GFLOPs / image: the image encoder (analytic, `flops.py`) plus, for the stock pipeline, the "
+        "text tower on every prompt (same per-layer formula); the first WaveCLIP call carries one label "
+        "set's text cost spread over its images.",
+        "",
+    ]
 
 
 # The report's parts after the header, in order.
 REPORT_PARTS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
-    _targets, _encoder, _encoder_profile, _early_exit, _preprocessing, _pipeline,
+    _targets,
+    _encoder,
+    _encoder_profile,
+    _early_exit,
+    _preprocessing,
+    _pipeline,
 )
 
 

@@ -80,8 +80,9 @@ def _section_scope(name: str, settings: BenchmarkSettings, inference_mode: bool,
     contention[name] = {"during": monitor.result, **({"before": before} if before else {})}
 
 
-def run_benchmarks(settings: BenchmarkSettings, command: str = "", log=print,
-                   partial_path: Path | None = None) -> dict[str, Any]:
+def run_benchmarks(
+    settings: BenchmarkSettings, command: str = "", log=print, partial_path: Path | None = None
+) -> dict[str, Any]:
     """Run the selected sections in this process and return the results (see `write_reports`).
 
     With `partial_path`, the results so far are written there (JSON) after every section, so that a crash in a
@@ -94,8 +95,12 @@ def run_benchmarks(settings: BenchmarkSettings, command: str = "", log=print,
     torch.set_num_threads(usable_cores())
     started = time.perf_counter()
     results: dict[str, Any] = {"meta": machine_info(), "settings": jsonable(asdict(settings))}
-    results["meta"].update(command=command, flops_convention=FLOPS_CONVENTION,
-                           attn_implementation=settings.attn_implementation, geometry=geometry_label(settings))
+    results["meta"].update(
+        command=command,
+        flops_convention=FLOPS_CONVENTION,
+        attn_implementation=settings.attn_implementation,
+        geometry=geometry_label(settings),
+    )
     contention = results["meta"]["contention"] = {}
     selected = [name for name in SECTIONS if name in settings.sections]
     encoder_model_users = [name for name in selected if SECTIONS[name].uses_encoder_models]
@@ -150,13 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-width", type=int, help="text tower width of the pipelines (default 512)")
     parser.add_argument("--levels", type=int, help="WaveCLIP DWT levels (default 1)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU path even when CUDA is available")
-    parser.add_argument("--compile-backend", help="torch.compile backend of the compiled encoder rows "
-                        "(default inductor; 'none' for eager only)")
-    parser.add_argument("--wait-for-idle", type=float, metavar="SECONDS",
-                        help="before each section, wait at most this long for other processes to go quiet")
+    parser.add_argument(
+        "--compile-backend",
+        help="torch.compile backend of the compiled encoder rows (default inductor; 'none' for eager only)",
+    )
+    parser.add_argument(
+        "--wait-for-idle",
+        type=float,
+        metavar="SECONDS",
+        help="before each section, wait at most this long for other processes to go quiet",
+    )
     parser.add_argument("--notes", type=Path, help="Markdown file appended to the report as 'Profiling notes'")
-    parser.add_argument("--from-json", type=Path, metavar="BENCHMARKS_JSON",
-                        help="do not run: rewrite the Markdown and the plot from an earlier run's JSON")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="BENCHMARKS_JSON",
+        help="do not run: rewrite the Markdown and the plot from an earlier run's JSON",
+    )
     return parser
 
 
@@ -203,13 +218,17 @@ def main(argv=None) -> None:
         results = run_benchmarks(settings, command=command_line(), partial_path=partial)
     except BaseException:
         if partial.is_file():
-            print(f"\nThe run stopped; the sections measured before are in {partial}. Render them with "
-                  f"`python scripts/benchmark.py --from-json {partial} --output-dir <folder>`.")
+            print(
+                f"\nThe run stopped; the sections measured before are in {partial}. Render them with "
+                f"`python scripts/benchmark.py --from-json {partial} --output-dir <folder>`."
+            )
         raise
     paths = write_reports(results, output_dir, notes)
     partial.unlink(missing_ok=True)
     print()
     for target in results["targets"]:
-        print(f"{'pass' if target['passed'] else 'FAIL'}  {target['target']}: {target['measured']:.3f} "
-              f"({target['kind']} {target['bound']:g})")
+        print(
+            f"{'pass' if target['passed'] else 'FAIL'}  {target['target']}: {target['measured']:.3f} "
+            f"({target['kind']} {target['bound']:g})"
+        )
     print(f"\nwall time {results['meta']['wall_seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))

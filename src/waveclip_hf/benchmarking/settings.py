@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 # The sections in the order they run (and the choices of `--sections`); `run.SECTIONS` says what each one does.
 SECTION_NAMES = ("encoder", "profile", "early_exit", "preprocessing", "pipeline")
 
@@ -46,7 +47,12 @@ class BenchmarkSettings:
     sections: tuple[str, ...] = SECTION_NAMES
     profile_batch_size: int = 8  # torch.profiler of one call per encoder configuration
     # Encoder: (batch size, warm-up rounds, trials). Fewer trials where one round costs minutes.
-    cpu_schedules: tuple[Schedule, ...] = (Schedule(1, 2, 10), Schedule(4, 1, 8), Schedule(8, 1, 6), Schedule(64, 1, 3))
+    cpu_schedules: tuple[Schedule, ...] = (
+        Schedule(1, 2, 10),
+        Schedule(4, 1, 8),
+        Schedule(8, 1, 6),
+        Schedule(64, 1, 3),
+    )
     gpu_schedules: tuple[Schedule, ...] = (Schedule(1, 5, 20), Schedule(64, 3, 10), Schedule(512, 2, 5))
     gpu_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     # `torch.compile` backend of the compiled encoder configurations (None: eager only). Compiling both encoders
@@ -75,27 +81,52 @@ class BenchmarkSettings:
 
     @property
     def is_vit_b16(self) -> bool:
-        return (self.hidden_size, self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                self.image_size, self.patch_size) == (768, 12, 12, 3072, 224, 16)
+        return (
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.intermediate_size,
+            self.image_size,
+            self.patch_size,
+        ) == (768, 12, 12, 3072, 224, 16)
 
 
 def quick_settings() -> BenchmarkSettings:
     """Every section at a narrow geometry, tiny batches and one or two trials: a smoke run of the whole suite."""
     return BenchmarkSettings(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, projection_dim=128,
-        text_hidden_size=128, text_num_hidden_layers=2, text_num_attention_heads=4, text_intermediate_size=256,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        projection_dim=128,
+        text_hidden_size=128,
+        text_num_hidden_layers=2,
+        text_num_attention_heads=4,
+        text_intermediate_size=256,
         cpu_schedules=(Schedule(1, 1, 2), Schedule(4, 1, 2)),
         gpu_schedules=(Schedule(1, 1, 3), Schedule(64, 1, 3)),
-        cpu_early_exit=Schedule(8, 1, 2), gpu_early_exit=Schedule(64, 1, 2),
-        preprocessing_single=Schedule(1, 1, 2), preprocessing_batch=Schedule(8, 1, 2), profile_batch_size=2,
-        num_labels=100, pipeline_images=4, stock_pipeline_images=2, pipeline_rounds=1,
-        pipeline_batch_sizes=(1, 4), compile_backend=None,
+        cpu_early_exit=Schedule(8, 1, 2),
+        gpu_early_exit=Schedule(64, 1, 2),
+        preprocessing_single=Schedule(1, 1, 2),
+        preprocessing_batch=Schedule(8, 1, 2),
+        profile_batch_size=2,
+        num_labels=100,
+        pipeline_images=4,
+        stock_pipeline_images=2,
+        pipeline_rounds=1,
+        pipeline_batch_sizes=(1, 4),
+        compile_backend=None,
     )
 
 
 def geometry_label(settings: BenchmarkSettings) -> str:
     """One line naming the models under test, for the report's header."""
-    vit = "ViT-B/16" if settings.is_vit_b16 else (
-        f"ViT width {settings.hidden_size}, {settings.num_hidden_layers} layers, patch {settings.patch_size}")
-    return (f"{vit} ({settings.image_size} px, projection {settings.projection_dim}) vs WaveCLIP at the same width, "
-            f"cell {settings.cell_size}, L={settings.levels}; random weights")
+    vit = (
+        "ViT-B/16"
+        if settings.is_vit_b16
+        else (f"ViT width {settings.hidden_size}, {settings.num_hidden_layers} layers, patch {settings.patch_size}")
+    )
+    return (
+        f"{vit} ({settings.image_size} px, projection {settings.projection_dim}) vs WaveCLIP at the same width, "
+        f"cell {settings.cell_size}, L={settings.levels}; random weights"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+
 # Bounds of the targets (ratios of median times unless marked).
 STAGE0_OVER_CLIP_MAX = 0.35  # WaveCLIP stage 0 against the CLIP full pass
 CACHED_OVER_CLIP_MAX = 1.10  # the cached full pass against the CLIP full pass
@@ -57,18 +58,46 @@ def encoder_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         def against(reference: float) -> str:
             return "; ".join(f"with {name}: {reference / median:.3f}" for name, median in others.items())
 
-        targets.append(_target(f"stage 0 / CLIP full pass, CPU batch {batch}", rows["waveclip_stage0"]["median"] / clip,
-                               STAGE0_OVER_CLIP_MAX, "<=", "median seconds per batch call"))
+        targets.append(
+            _target(
+                f"stage 0 / CLIP full pass, CPU batch {batch}",
+                rows["waveclip_stage0"]["median"] / clip,
+                STAGE0_OVER_CLIP_MAX,
+                "<=",
+                "median seconds per batch call",
+            )
+        )
         bound = CACHED_OVER_CLIP_MAX_AT_TARGET_BATCH if batch == CACHED_TARGET_BATCH else CACHED_OVER_CLIP_MAX
-        targets.append(_target(f"{label} / CLIP full pass, CPU batch {batch}", cached / clip, bound, "<=",
-                               "stage 0 into the cache + later stages from it. " + compared(clip)))
+        targets.append(
+            _target(
+                f"{label} / CLIP full pass, CPU batch {batch}",
+                cached / clip,
+                bound,
+                "<=",
+                "stage 0 into the cache + later stages from it. " + compared(clip),
+            )
+        )
         if batch == CACHED_TARGET_BATCH and "waveclip_full_forward" in rows:
             full = rows["waveclip_full_forward"]["median"]
-            targets.append(_target(f"{label} / one block-causal full forward, CPU batch {batch}", cached / full,
-                                   CACHED_OVER_FULL_FORWARD_MAX, "<=", compared(full)))
+            targets.append(
+                _target(
+                    f"{label} / one block-causal full forward, CPU batch {batch}",
+                    cached / full,
+                    CACHED_OVER_FULL_FORWARD_MAX,
+                    "<=",
+                    compared(full),
+                )
+            )
         naive = rows["waveclip_naive"]["median"]
-        targets.append(_target(f"naive re-run / {label}, CPU batch {batch}", naive / cached, NAIVE_OVER_CACHED_MIN,
-                               ">=", "stage 0, then a full forward without cache. " + against(naive)))
+        targets.append(
+            _target(
+                f"naive re-run / {label}, CPU batch {batch}",
+                naive / cached,
+                NAIVE_OVER_CACHED_MIN,
+                ">=",
+                "stage 0, then a full forward without cache. " + against(naive),
+            )
+        )
     return targets
 
 
@@ -78,26 +107,53 @@ def preprocessing_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if not pre:
         return []
     targets = []
-    batched, single, clip_name = pre["batched_seconds_per_image"], pre["mean_single_seconds"], pre["processors"]["clip"]
+    batched, single, clip_name = (
+        pre["batched_seconds_per_image"],
+        pre["mean_single_seconds"],
+        pre["processors"]["clip"],
+    )
     if cpu:
         largest = max(cpu, key=int)
         encoder_per_image = cpu[largest]["configs"]["waveclip_cached_full"]["ms_per_image"] / 1e3
-        targets.append(_target(
-            f"WaveCLIP preprocessing / encoder full pass, per image (processor batch {pre['batch']['batch_size']}, "
-            f"encoder batch {largest})", batched["waveclip"] / encoder_per_image, PREPROCESSING_OVER_ENCODER_MAX,
-            "<=", "WaveCLIP cached full pass per image"))
+        targets.append(
+            _target(
+                f"WaveCLIP preprocessing / encoder full pass, per image (processor batch "
+                f"{pre['batch']['batch_size']}, encoder batch {largest})",
+                batched["waveclip"] / encoder_per_image,
+                PREPROCESSING_OVER_ENCODER_MAX,
+                "<=",
+                "WaveCLIP cached full pass per image",
+            )
+        )
         batch1 = cpu.get("1", {}).get("configs", {}).get("waveclip_cached_full")
         if batch1 is not None:
-            targets.append(_target(
-                "WaveCLIP preprocessing / encoder full pass, one image (processor and encoder batch 1)",
-                single["waveclip"] / batch1["median"], PREPROCESSING_OVER_ENCODER_MAX, "<=",
-                "mean over the sample images of the single-image call"))
-    targets.append(_target(
-        f"WaveCLIP / {clip_name} preprocessing, batch of {pre['batch']['batch_size']}",
-        batched["waveclip"] / batched["clip"], WAVECLIP_OVER_CLIP_PREPROCESSING_MAX, "<=", ""))
-    targets.append(_target(
-        f"WaveCLIP / {clip_name} preprocessing, one image per call", single["waveclip"] / single["clip"],
-        WAVECLIP_OVER_CLIP_PREPROCESSING_MAX, "<=", "mean over the sample images"))
+            targets.append(
+                _target(
+                    "WaveCLIP preprocessing / encoder full pass, one image (processor and encoder batch 1)",
+                    single["waveclip"] / batch1["median"],
+                    PREPROCESSING_OVER_ENCODER_MAX,
+                    "<=",
+                    "mean over the sample images of the single-image call",
+                )
+            )
+    targets.append(
+        _target(
+            f"WaveCLIP / {clip_name} preprocessing, batch of {pre['batch']['batch_size']}",
+            batched["waveclip"] / batched["clip"],
+            WAVECLIP_OVER_CLIP_PREPROCESSING_MAX,
+            "<=",
+            "",
+        )
+    )
+    targets.append(
+        _target(
+            f"WaveCLIP / {clip_name} preprocessing, one image per call",
+            single["waveclip"] / single["clip"],
+            WAVECLIP_OVER_CLIP_PREPROCESSING_MAX,
+            "<=",
+            "mean over the sample images",
+        )
+    )
     return targets
 
 
@@ -107,10 +163,15 @@ def early_exit_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if not early:
         return []
     worst = max(early["rows"], key=lambda row: abs(row["deviation_percent"]))
-    return [_target(
-        f"early exit: max |deviation| from the GFLOPs-scaled line, CPU batch {early['batch_size']} (%)",
-        abs(worst["deviation_percent"]), EARLY_EXIT_DEVIATION_MAX_PERCENT, "<=",
-        f"worst at exit fraction {worst['exit_fraction']:g}")]
+    return [
+        _target(
+            f"early exit: max |deviation| from the GFLOPs-scaled line, CPU batch {early['batch_size']} (%)",
+            abs(worst["deviation_percent"]),
+            EARLY_EXIT_DEVIATION_MAX_PERCENT,
+            "<=",
+            f"worst at exit fraction {worst['exit_fraction']:g}",
+        )
+    ]
 
 
 def pipeline_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -119,24 +180,42 @@ def pipeline_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if not pipe:
         return []
     runs = pipe["runs"]
-    comparisons = [("stock", "waveclip_theta0", "as shipped (re-encodes the prompts per image), batch_size=1"),
-                   ("stock_image_side", "waveclip_theta0", "image side only (text tower memoised), batch_size=1")]
-    comparisons += [(f"stock@batch{b}", f"waveclip_theta0@batch{b}", f"as shipped, batch_size={b} (prompts "
-                     "encoded once per batch)") for b in pipe["batch_sizes"] if b != 1]
+    comparisons = [
+        ("stock", "waveclip_theta0", "as shipped (re-encodes the prompts per image), batch_size=1"),
+        ("stock_image_side", "waveclip_theta0", "image side only (text tower memoised), batch_size=1"),
+    ]
+    comparisons += [
+        (
+            f"stock@batch{b}",
+            f"waveclip_theta0@batch{b}",
+            f"as shipped, batch_size={b} (prompts encoded once per batch)",
+        )
+        for b in pipe["batch_sizes"]
+        if b != 1
+    ]
     targets = []
     for stock_key, wave_key, label in comparisons:
         if stock_key not in runs or wave_key not in runs:
             continue
         speedup = runs[wave_key]["images_per_second"] / runs[stock_key]["images_per_second"]
         ratio = runs[stock_key]["gflops_per_image"] / runs[wave_key]["gflops_per_image"]
-        targets.append(_target(
-            f"pipeline: (WaveCLIP theta=0 speed-up over stock CLIP) / GFLOPs ratio, {label}", speedup / ratio,
-            PIPELINE_SPEEDUP_OVER_GFLOPS_RATIO_MIN, ">=", f"speed-up {speedup:.2f}x, GFLOPs ratio {ratio:.2f}x"))
+        targets.append(
+            _target(
+                f"pipeline: (WaveCLIP theta=0 speed-up over stock CLIP) / GFLOPs ratio, {label}",
+                speedup / ratio,
+                PIPELINE_SPEEDUP_OVER_GFLOPS_RATIO_MIN,
+                ">=",
+                f"speed-up {speedup:.2f}x, GFLOPs ratio {ratio:.2f}x",
+            )
+        )
     return targets
 
 
 TARGETS_BY_SECTION: tuple[Callable[[dict[str, Any]], list[dict[str, Any]]], ...] = (
-    encoder_targets, preprocessing_targets, early_exit_targets, pipeline_targets,
+    encoder_targets,
+    preprocessing_targets,
+    early_exit_targets,
+    pipeline_targets,
 )
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .contention import CpuMonitor, QuietPolicy, wait_for_idle
 
+
 # What `run_interleaved` times: a callable that runs one case once and times its own parts on the stopwatch.
 Case = Callable[["Stopwatch"], None]
 # `run_interleaved`'s output: case name -> part name ("total" for the whole call) -> seconds per kept trial.
@@ -54,8 +55,13 @@ def summarize(samples: Sequence[float]) -> dict[str, Any]:
         raise ValueError("No samples to summarize.")
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     return {
-        "median": float(median), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
-        "min": float(values.min()), "max": float(values.max()), "n": int(values.size),
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "iqr": float(q3 - q1),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "n": int(values.size),
         "samples": [float(v) for v in values],
     }
 
@@ -122,7 +128,8 @@ def run_interleaved(
 
 
 def _timed_round(cases: dict[str, Case], order: list[str], device) -> tuple[dict[str, dict[str, float]], dict | None]:
-    """Every case once in `order`: ({case: {part: seconds, "__total__": seconds}}, the round's `CpuMonitor` reading)."""
+    """Every case once in `order`: ({case: {part: seconds, "__total__": seconds}}, the round's `CpuMonitor`
+    reading)."""
     parts: dict[str, dict[str, float]] = {}
     with CpuMonitor() as monitor:
         for name in order:

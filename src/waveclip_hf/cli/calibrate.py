@@ -26,33 +26,50 @@ from ..evaluation.calibration import calibrate, calibrate_without_labels
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m waveclip_hf.cli.calibrate` (and `scripts/calibrate_gate.py`)."""
-    parser = argparse.ArgumentParser(prog="python -m waveclip_hf.cli.calibrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m waveclip_hf.cli.calibrate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="saved WaveCLIP folder or Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of unlabelled images of your domain (label-free calibration)")
     source.add_argument("--data", help="labelled images: folder <split>/<class>/*.jpg or a datasets id/path")
     parser.add_argument("--labels", nargs="+", help="candidate labels (label-free calibration)")
     parser.add_argument("--labels-file", help="a text file with one candidate label per line, instead of --labels")
-    parser.add_argument("--hypothesis-template", nargs="+", default=["This is a photo of {}."],
-                        help="prompt template; several make a prompt ensemble (default: %(default)s)")
+    parser.add_argument(
+        "--hypothesis-template",
+        nargs="+",
+        default=["This is a photo of {}."],
+        help="prompt template; several make a prompt ensemble (default: %(default)s)",
+    )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target-agreement", type=float,
-                        help="label-free: share of the full model's answers to keep, e.g. 0.99 (the default)")
+    target.add_argument(
+        "--target-agreement",
+        type=float,
+        help="label-free: share of the full model's answers to keep, e.g. 0.99 (the default)",
+    )
     target.add_argument("--max-accuracy-drop", type=float, help="labelled: fraction, e.g. 0.01 = 1 point (default)")
     target.add_argument("--gflops-budget", type=float, help="mean image-encoder GFLOPs per image")
     parser.add_argument("--split", default="validation", help="labelled: split of --data")
     parser.add_argument("--image-column", default="image", help="labelled: image column of --data")
     parser.add_argument("--label-column", default="label", help="labelled: label column of --data")
     parser.add_argument("--thresholds", type=float, nargs="*", help="labelled: default 41 values in [0, 1] plus 1.01")
-    parser.add_argument("--margin-scaling", choices=["none", "num_labels"], default="none",
-                        help="labelled: threshold units (label-free thresholds are probability margins)")
+    parser.add_argument(
+        "--margin-scaling",
+        choices=["none", "num_labels"],
+        default="none",
+        help="labelled: threshold units (label-free thresholds are probability margins)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward")
     parser.add_argument("--max-images", type=int, help="use at most this many images")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output-dir", default="runs/calibration", help="where gate_calibration.json goes")
-    parser.add_argument("--save-to-model", action="store_true",
-                        help="label-free: also store the calibration in the model folder's config.json")
+    parser.add_argument(
+        "--save-to-model",
+        action="store_true",
+        help="label-free: also store the calibration in the model folder's config.json",
+    )
     return parser
 
 
@@ -69,40 +86,67 @@ def _label_free(parser, args) -> None:
         parser.error("--max-accuracy-drop needs labels (--data); without labels use --target-agreement")
     templates = args.hypothesis_template
     report = calibrate_without_labels(
-        args.model, args.images, _candidate_labels(parser, args), args.output_dir,
+        args.model,
+        args.images,
+        _candidate_labels(parser, args),
+        args.output_dir,
         hypothesis_template=templates[0] if len(templates) == 1 else templates,
-        target_agreement=args.target_agreement, gflops_budget=args.gflops_budget, batch_size=args.batch_size,
-        max_images=args.max_images, device=args.device, save_to_model=args.save_to_model,
+        target_agreement=args.target_agreement,
+        gflops_budget=args.gflops_budget,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        device=args.device,
+        save_to_model=args.save_to_model,
     )
     threshold = "None (every stage)" if report["threshold"] is None else f"{report['threshold']:.6g}"
-    print(f"margin_threshold = {threshold} for {len(report['candidate_labels'])} labels ({report['target']}): "
-          f"{100 * report['agreement']:.1f}% of the full model's answers kept on {report['num_images']} images, "
-          f"{report['mean_gflops']:.4g} GFLOPs per image ({report['mean_gflops'] / report['full_gflops']:.2f}x the "
-          "full model)")
-    print(f"wrote {Path(args.output_dir) / 'gate_calibration.json'}"
-          + (f" and the calibration into {Path(args.model) / 'config.json'}" if args.save_to_model else ""))
+    print(
+        f"margin_threshold = {threshold} for {len(report['candidate_labels'])} labels ({report['target']}): "
+        f"{100 * report['agreement']:.1f}% of the full model's answers kept on {report['num_images']} images, "
+        f"{report['mean_gflops']:.4g} GFLOPs per image ({report['mean_gflops'] / report['full_gflops']:.2f}x the "
+        "full model)"
+    )
+    print(
+        f"wrote {Path(args.output_dir) / 'gate_calibration.json'}"
+        + (f" and the calibration into {Path(args.model) / 'config.json'}" if args.save_to_model else "")
+    )
 
 
 def _labelled(parser, args) -> None:
     if args.save_to_model:
-        parser.error("--save-to-model stores a label-free calibration (--images); a labelled sweep (--data) is a report")
+        parser.error(
+            "--save-to-model stores a label-free calibration (--images); a labelled sweep (--data) is a report"
+        )
     if args.target_agreement is not None or args.labels or args.labels_file:
-        parser.error("--data sweeps on labelled images (class names from the data); --labels and "
-                     "--target-agreement are for unlabelled --images")
+        parser.error(
+            "--data sweeps on labelled images (class names from the data); --labels and "
+            "--target-agreement are for unlabelled --images"
+        )
     drop = args.max_accuracy_drop if args.max_accuracy_drop is not None or args.gflops_budget is not None else 0.01
     report = calibrate(
-        args.model, args.data, args.output_dir, split=args.split, image_column=args.image_column,
-        label_column=args.label_column, hypothesis_template=args.hypothesis_template[0], thresholds=args.thresholds,
-        margin_scaling=args.margin_scaling, max_accuracy_drop=drop, gflops_budget=args.gflops_budget,
-        batch_size=args.batch_size, max_images=args.max_images, device=args.device,
+        args.model,
+        args.data,
+        args.output_dir,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        hypothesis_template=args.hypothesis_template[0],
+        thresholds=args.thresholds,
+        margin_scaling=args.margin_scaling,
+        max_accuracy_drop=drop,
+        gflops_budget=args.gflops_budget,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        device=args.device,
     )
     chosen, full = report["chosen"], report["fixed_stages"][-1]
     print(f"full model: accuracy {100 * full['accuracy']:.2f}% at {full['gflops']:.3f} GFLOPs")
     if chosen is None:
         print(f"no threshold meets the target ({report['target']})")
     else:
-        print(f"chosen θ = {chosen['threshold']:g}: accuracy {100 * chosen['accuracy']:.2f}% at "
-              f"{chosen['mean_gflops']:.3f} mean GFLOPs ({report['target']})")
+        print(
+            f"chosen θ = {chosen['threshold']:g}: accuracy {100 * chosen['accuracy']:.2f}% at "
+            f"{chosen['mean_gflops']:.3f} mean GFLOPs ({report['target']})"
+        )
     print(f"wrote {args.output_dir}/gate_calibration.json and gate_calibration.png")
 
 

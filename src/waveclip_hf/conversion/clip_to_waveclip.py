@@ -26,10 +26,19 @@ from ..models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVis
 from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor, rgb_to_ycbcr
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 
+
 # The teacher's vision-config fields that mean the same in `WaveCLIPVisionConfig`.
 SHARED_VISION_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "hidden_act",
-    "layer_norm_eps", "attention_dropout", "initializer_range", "initializer_factor",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "initializer_factor",
 )
 
 
@@ -63,7 +72,9 @@ def convert_clip_to_waveclip(
     student = WaveCLIPModel(config).to(teacher.logit_scale.dtype)
     vision = config.vision_config
     if image_processor is None:
-        image_processor = WaveCLIPImageProcessor(image_size=vision.image_size, wavelet=vision.wavelet, levels=vision.levels)
+        image_processor = WaveCLIPImageProcessor(
+            image_size=vision.image_size, wavelet=vision.wavelet, levels=vision.levels
+        )
     with torch.no_grad():
         copy_shared_weights(teacher, student)
         resample_position_embeddings(teacher, student)
@@ -99,7 +110,8 @@ def copy_shared_weights(teacher: CLIPModel, student: WaveCLIPModel) -> None:
 
 def resample_position_embeddings(teacher: CLIPModel, student: WaveCLIPModel) -> None:
     """Teacher patch positions (1 + N^2, hidden) -> the student's G x G cell positions; class position folded into
-    every stage's class token; the approximation band embedding zeroed (the approximation tokens add nothing the teacher lacks)."""
+    every stage's class token; the approximation band embedding zeroed (the approximation tokens add nothing the
+    teacher lacks)."""
     embeddings, teacher_embeddings = student.vision_model.embeddings, teacher.vision_model.embeddings
     positions = teacher_embeddings.position_embedding.weight
     class_position, patch_positions = positions[0], positions[1:]
@@ -117,7 +129,10 @@ def resample_position_embeddings(teacher: CLIPModel, student: WaveCLIPModel) -> 
 
 
 def coefficient_to_teacher_input(
-    image_processor: WaveCLIPImageProcessor, vision: WaveCLIPVisionConfig, teacher_image_mean=None, teacher_image_std=None
+    image_processor: WaveCLIPImageProcessor,
+    vision: WaveCLIPVisionConfig,
+    teacher_image_mean=None,
+    teacher_image_std=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact affine map x = A a + b from our approximation coefficients to the teacher's input.
 

@@ -30,6 +30,7 @@ import torch
 from ..models.waveclip.configuration_waveclip import WaveCLIPConfig
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 
+
 PATCH_PREFIX = "vision_model.embeddings.patch_embeddings"
 CLASS_EMBEDDING = "vision_model.embeddings.class_embedding"
 BAND_EMBEDDING = "vision_model.embeddings.band_embedding.weight"
@@ -88,7 +89,9 @@ def grow_level(source: WaveCLIPModel) -> WaveCLIPModel:
         raise TypeError(f"`grow_level` needs a WaveCLIPModel, got {type(source).__name__}.")
     levels = source.config.vision_config.levels
     gain = haar_level_gain(source.config.vision_config.wavelet)
-    grown = WaveCLIPModel(grown_config(source.config)).to(device=source.logit_scale.device, dtype=source.logit_scale.dtype)
+    grown = WaveCLIPModel(grown_config(source.config)).to(
+        device=source.logit_scale.device, dtype=source.logit_scale.dtype
+    )
     source_state = source.state_dict()
     for name, tensor in grown.state_dict().items():
         if name.startswith(f"{PATCH_PREFIX}.{levels + 1}."):

@@ -2,4 +2,5 @@
 
 from .synthetic import AXES, LabelAxis, caption_for, generate_benchmark, label_ids, load_benchmark_split
 
+
 __all__ = ["AXES", "LabelAxis", "caption_for", "generate_benchmark", "label_ids", "load_benchmark_split"]

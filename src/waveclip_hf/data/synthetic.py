@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from ..models.waveclip.folder_io import publish
 
+
 # Bump whenever a change alters the pixels or the metadata: it invalidates caches.
 GENERATOR_VERSION = 5
 # The generator's name in info.json: the module path it had when version 5 was made. It is an identifier, not an
@@ -252,8 +253,12 @@ class ImageParams:
 
 def _sample_labels(rng: np.random.Generator) -> tuple[str, str, str, str]:
     """(color, shape, texture, glyph), each uniform over its axis, independent."""
-    return (str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(list(TEXTURE_TILES))),
-            str(rng.choice(list(GLYPH_BITMAPS))))
+    return (
+        str(rng.choice(list(COLORS))),
+        str(rng.choice(SHAPES)),
+        str(rng.choice(list(TEXTURE_TILES))),
+        str(rng.choice(list(GLYPH_BITMAPS))),
+    )
 
 
 def _sample_placement(rng: np.random.Generator, s: int, object_radius: tuple[float, float]):
@@ -294,8 +299,10 @@ def _sample_tag_origins(rng: np.random.Generator, s: int, glyph_copies: int) -> 
     cell = GLYPH_CELL_SIZE
     cells = rng.choice((s // cell) ** 2, size=glyph_copies, replace=False)
     return tuple(
-        (int(c % (s // cell)) * cell + ((cell - TAG_SIZE[0]) // 2 & ~1),
-         int(c // (s // cell)) * cell + ((cell - TAG_SIZE[1]) // 2 & ~1))
+        (
+            int(c % (s // cell)) * cell + ((cell - TAG_SIZE[0]) // 2 & ~1),
+            int(c // (s // cell)) * cell + ((cell - TAG_SIZE[1]) // 2 & ~1),
+        )
         for c in cells
     )
 
@@ -336,10 +343,23 @@ def sample_image_params(
     tag_shade = (int(rng.integers(110, 151)), int(rng.integers(60, 91)))
     noise_sigma = float(rng.uniform(1.0, 5.0))
     noise_seed = int(rng.integers(0, 2**31 - 1))
-    return ImageParams(color=color, shape=shape, texture=texture, glyph=glyph, center=center, radius=radius,
-                       angle=angle, color_jitter=color_jitter, texture_amplitude=texture_amplitude,
-                       background=background, clutter=clutter, tag_origins=tag_origins, tag_shade=tag_shade,
-                       noise_sigma=noise_sigma, noise_seed=noise_seed)
+    return ImageParams(
+        color=color,
+        shape=shape,
+        texture=texture,
+        glyph=glyph,
+        center=center,
+        radius=radius,
+        angle=angle,
+        color_jitter=color_jitter,
+        texture_amplitude=texture_amplitude,
+        background=background,
+        clutter=clutter,
+        tag_origins=tag_origins,
+        tag_shade=tag_shade,
+        noise_sigma=noise_sigma,
+        noise_seed=noise_seed,
+    )
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -353,7 +373,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
         angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
     elif shape == "cross":
         a, b = r, r * 0.36  # arm half-length, arm half-width
-        corners = [(b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b), (-b, -a)]
+        corners = [
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+            (-b, -a),
+        ]
         radii = [math.hypot(x, y) for x, y in corners]
         angles = [math.atan2(y, x) for x, y in corners]
     else:
@@ -436,7 +469,9 @@ def render_image(params: ImageParams, image_size: int = 224) -> np.ndarray:
     # Main object. The mask is drawn on the half-resolution grid and upsampled 2x, so
     # every aligned 2x2 block is entirely inside or outside it; together with the
     # zero-mean 2x2 texture this makes the 2x2 block means texture-independent.
-    half = shape_mask(params.shape, s // 2, params.center[0] / 2, params.center[1] / 2, params.radius / 2, params.angle)
+    half = shape_mask(
+        params.shape, s // 2, params.center[0] / 2, params.center[1] / 2, params.radius / 2, params.angle
+    )
     mask = half.repeat(2, axis=0).repeat(2, axis=1)
     base = np.asarray(COLORS[params.color], np.float32) + np.asarray(params.color_jitter, np.float32)
     pattern = texture_pattern(params.texture, s, params.texture_amplitude)
@@ -497,9 +532,12 @@ THREE_SCALE_VERSION = 2
 
 # 2x2 tiles of the micro axis: the texture's tiles, in `TEXTURE_TILES` order, under names of their own, so that no
 # word is shared with the texture axis (made zero-mean when drawn).
-GRAIN_TILES = dict(zip(
-    ("plain grain", "row grain", "column grain", "checker grain", "dot grain", "mesh grain"), TEXTURE_TILES.values()
-))
+GRAIN_TILES = dict(
+    zip(
+        ("plain grain", "row grain", "column grain", "checker grain", "dot grain", "mesh grain"),
+        TEXTURE_TILES.values(),
+    )
+)
 # Peak-to-peak amplitudes, multiples of 4: every zero-mean tile value (a multiple of a / 4) is then an integer, so
 # adding the grain commutes with rounding to uint8 and every 2x2 block mean stays exactly what it was.
 GRAIN_AMPLITUDES = (32, 36, 40, 44, 48)
@@ -617,7 +655,9 @@ def benchmark_axes(info: dict | None) -> dict[str, LabelAxis]:
     """The label axes a generated benchmark's `info.json` records (`AXES` when `info` is None)."""
     if info is None:
         return dict(AXES)
-    return {name: LabelAxis(**{**axis, "class_names": tuple(axis["class_names"])}) for name, axis in info["axes"].items()}
+    return {
+        name: LabelAxis(**{**axis, "class_names": tuple(axis["class_names"])}) for name, axis in info["axes"].items()
+    }
 
 
 def _check_layout(layout: str, image_size: int) -> None:
@@ -719,7 +759,9 @@ def generate_benchmark(
     if existing == info:
         return root
     if root.exists() and existing is None and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists, is not empty and holds no benchmark info.json; refusing to overwrite it")
+        raise FileExistsError(
+            f"{root} exists, is not empty and holds no benchmark info.json; refusing to overwrite it"
+        )
 
     _remove_stale_temporaries(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
@@ -748,8 +790,9 @@ def _render_jobs(
     return jobs
 
 
-def _run_render_jobs(jobs: list[tuple], counts: dict[str, int], desc: str, num_workers: int,
-                     progress: bool) -> dict[str, list[dict]]:
+def _run_render_jobs(
+    jobs: list[tuple], counts: dict[str, int], desc: str, num_workers: int, progress: bool
+) -> dict[str, list[dict]]:
     """Run the jobs (in `num_workers` processes if > 1); returns the metadata rows of every split, in order."""
     rows: dict[str, list[dict]] = {split: [] for split in counts}
     with tqdm(total=sum(counts.values()), desc=desc, unit="img", disable=not progress) as bar:
@@ -790,7 +833,8 @@ def load_benchmark_split(root: str | os.PathLike, split: str) -> list[dict]:
 
 
 def label_ids(rows: Sequence[dict], axis: str) -> np.ndarray:
-    """(N,) int64 class ids of `axis` (of either layout) for metadata rows (or dataset rows) with class-name columns."""
+    """(N,) int64 class ids of `axis` (of either layout) for metadata rows (or dataset rows) with class-name
+    columns."""
     index = {name: i for i, name in enumerate(THREE_SCALE_AXES[axis].class_names)}
     return np.asarray([index[row[axis]] for row in rows], dtype=np.int64)
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..figures.accuracy_vs_gflops import plot_tradeoff
+from ..hub.model_card import update_calibration_section
 from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
 from ..models.waveclip.folder_io import written_atomically
 from ..models.waveclip.gating import (
@@ -26,6 +27,7 @@ from ..models.waveclip.gating import (
 )
 from ..models.waveclip.scoring import zero_shot_logits
 from .metrics import early_exit_accuracy
+
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
 
@@ -110,7 +112,9 @@ def sweep_thresholds(
     return points
 
 
-def oracle_exit_point(stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float]) -> OperatingPoint:
+def oracle_exit_point(
+    stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float]
+) -> OperatingPoint:
     """The exit an all-knowing gate would take: each image answers at the earliest stage whose prediction already
     equals the last stage's. Accuracy equals the full model's; the mean GFLOPs is the least any gate can spend
     without changing a single answer of the full model (the bound the margin gate is compared with).
@@ -186,8 +190,9 @@ def default_thresholds(steps: int = 41) -> list[float]:
     return sorted({round(0.5 - 0.5 * math.cos(math.pi * i / (steps - 1)), 4) for i in range(steps)} | {1.01})
 
 
-def load_labelled_images(data: str, split: str = "validation", image_column: str = "image",
-                         label_column: str = "label"):
+def load_labelled_images(
+    data: str, split: str = "validation", image_column: str = "image", label_column: str = "label"
+):
     """A labelled image set as `(dataset, class_names)`.
 
     `data` is a folder in the `datasets` image-folder layout (`<data>/<split>/<class>/*.jpg`, or `<data>/<class>/*`
@@ -270,8 +275,12 @@ def calibrate(
         raise ValueError(f"{data} ({split}) has no images.")
 
     text_embeds = _label_text_embeddings(model, tokenizer, class_names, hypothesis_template, device)
-    stage_embeds = collect_stage_embeddings(model, _pixel_batches(dataset, processor, image_column, batch_size),
-                                            progress, total=math.ceil(len(dataset) / batch_size))
+    stage_embeds = collect_stage_embeddings(
+        model,
+        _pixel_batches(dataset, processor, image_column, batch_size),
+        progress,
+        total=math.ceil(len(dataset) / batch_size),
+    )
     labels = torch.tensor(dataset[label_column])
     probs = stage_probabilities(stage_embeds, text_embeds, model.logit_scale.exp().item())
     gflops = cumulative_stage_gflops(model.config)
@@ -280,12 +289,23 @@ def calibrate(
     chosen = choose_threshold(points, fixed[-1]["accuracy"], max_accuracy_drop, gflops_budget)
     output = Path(output_dir)
     report_path = write_report(
-        output / "gate_calibration.json", points, fixed, chosen,
-        extra={"model": str(model_path), "data": str(data), "split": split, "num_images": len(dataset),
-               "hypothesis_template": hypothesis_template, "margin_scaling": margin_scaling,
-               "target": _target_description(max_accuracy_drop, gflops_budget)},
+        output / "gate_calibration.json",
+        points,
+        fixed,
+        chosen,
+        extra={
+            "model": str(model_path),
+            "data": str(data),
+            "split": split,
+            "num_images": len(dataset),
+            "hypothesis_template": hypothesis_template,
+            "margin_scaling": margin_scaling,
+            "target": _target_description(max_accuracy_drop, gflops_budget),
+        },
     )
-    plot_tradeoff(points, fixed, output / "gate_calibration.png", chosen, title=f"Gate calibration ({len(dataset)} images)")
+    plot_tradeoff(
+        points, fixed, output / "gate_calibration.png", chosen, title=f"Gate calibration ({len(dataset)} images)"
+    )
     return json.loads(report_path.read_text())
 
 
@@ -327,20 +347,35 @@ def calibrate_without_labels(
     paths = [str(path) for path in list_image_files(images)][:max_images]
     if not paths:
         raise ValueError(f"No image files under {images!r}: pass a folder of unlabelled images of your domain.")
-    classifier = pipeline("zero-shot-image-classification", model=model_path, trust_remote_code=True,
-                          pipeline_class=WaveCLIPZeroShotImageClassificationPipeline,
-                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    calibration = classifier.calibrate(paths, candidate_labels=list(candidate_labels),
-                                       hypothesis_template=hypothesis_template, target_agreement=target_agreement,
-                                       gflops_budget=gflops_budget, batch_size=batch_size)
+    classifier = pipeline(
+        "zero-shot-image-classification",
+        model=model_path,
+        trust_remote_code=True,
+        pipeline_class=WaveCLIPZeroShotImageClassificationPipeline,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+    calibration = classifier.calibrate(
+        paths,
+        candidate_labels=list(candidate_labels),
+        hypothesis_template=hypothesis_template,
+        target_agreement=target_agreement,
+        gflops_budget=gflops_budget,
+        batch_size=batch_size,
+    )
     # The calibration's own format (what `config.gate_calibrations` holds), plus where it was made.
-    report = {**calibration.to_dict(), "candidate_labels": list(candidate_labels), "model": str(model_path),
-              "images": str(images), "flops_convention": FLOPS_CONVENTION}
+    report = {
+        **calibration.to_dict(),
+        "candidate_labels": list(candidate_labels),
+        "model": str(model_path),
+        "images": str(images),
+        "flops_convention": FLOPS_CONVENTION,
+    }
     path = Path(output_dir) / "gate_calibration.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if save_to_model:
         save_calibrations_to_folder(classifier.model.config, model_path)
+        update_calibration_section(model_path, classifier.model.config)
     return report
 
 
@@ -362,7 +397,9 @@ def stage_flip_rates(stage_probs: torch.Tensor) -> list[float]:
     """Per stage: the share of images whose top-1 after that stage differs from the last stage's (the full
     model's answer). (N, stages, C) probabilities -> `stages` fractions, the last 0."""
     predictions = stage_probs.argmax(-1)
-    return [float((predictions[:, stage] != predictions[:, -1]).double().mean()) for stage in range(predictions.shape[1])]
+    return [
+        float((predictions[:, stage] != predictions[:, -1]).double().mean()) for stage in range(predictions.shape[1])
+    ]
 
 
 def cheapest_point_within(points: GateOperatingPoints, min_agreement: float) -> int:

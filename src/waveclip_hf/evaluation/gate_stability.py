@@ -23,8 +23,8 @@ so `threshold_curve` gives accuracy, agreement and GFLOPs for every distinct dec
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -99,8 +99,9 @@ def _stagewise_mean(per_stage: torch.Tensor, running_max: torch.Tensor, threshol
     return total / per_stage.shape[0]
 
 
-def threshold_curve(stage_probs: torch.Tensor, cumulative_gflops: Sequence[float], gate: str,
-                    labels: torch.Tensor | None = None) -> ThresholdCurve:
+def threshold_curve(
+    stage_probs: torch.Tensor, cumulative_gflops: Sequence[float], gate: str, labels: torch.Tensor | None = None
+) -> ThresholdCurve:
     """Accuracy, agreement with the full model and mean GFLOPs of `gate` at every distinct threshold.
 
     Args:
@@ -119,8 +120,12 @@ def threshold_curve(stage_probs: torch.Tensor, cumulative_gflops: Sequence[float
     accuracy = None
     if labels is not None:
         accuracy = _stagewise_mean((predictions == labels[:, None]).double(), running_max, thresholds)
-    return ThresholdCurve(thresholds, _stagewise_mean(gflops, running_max, thresholds),
-                          _stagewise_mean(agree, running_max, thresholds), accuracy)
+    return ThresholdCurve(
+        thresholds,
+        _stagewise_mean(gflops, running_max, thresholds),
+        _stagewise_mean(agree, running_max, thresholds),
+        accuracy,
+    )
 
 
 def choose_labelled(curve: ThresholdCurve, max_accuracy_drop: float) -> float:
@@ -146,8 +151,9 @@ class GatedResult:
     mean_gflops: float
 
 
-def replay(stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float], gate: str,
-           threshold: float) -> GatedResult:
+def replay(
+    stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float], gate: str, threshold: float
+) -> GatedResult:
     """`gate` at `threshold` on (N, stages, C) probabilities with (N,) labels."""
     stages = gate_exit_stages(gate_scores(stage_probs, gate), threshold)
     predictions = stage_probs.argmax(-1)
@@ -197,8 +203,14 @@ def subset_setting(logits: torch.Tensor, labels: torch.Tensor, subsets: Sequence
     return torch.cat(probs), torch.cat(subset_labels)
 
 
-def axis_settings(stage_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float, labels: torch.Tensor,
-                  max_subsets: int, seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def axis_settings(
+    stage_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: float,
+    labels: torch.Tensor,
+    max_subsets: int,
+    seed: int = 0,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """One axis's settings by label-set size: n -> pooled (probabilities, labels) of `subset_setting` over
     `label_subsets(C, n, max_subsets)`, for n = 2..C (n = C is the whole label set).
 
@@ -207,8 +219,10 @@ def axis_settings(stage_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_s
     """
     logits = zero_shot_logits(stage_embeds, text_embeds.float(), logit_scale).double()
     num_classes = text_embeds.shape[0]
-    return {size: subset_setting(logits, labels, label_subsets(num_classes, size, max_subsets, seed + size))
-            for size in range(2, num_classes + 1)}
+    return {
+        size: subset_setting(logits, labels, label_subsets(num_classes, size, max_subsets, seed + size))
+        for size in range(2, num_classes + 1)
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,8 +243,9 @@ def choose_threshold_for(curve: ThresholdCurve, calibration: str, max_accuracy_d
     raise ValueError(f"Unknown calibration {calibration!r}; choose one of {CALIBRATIONS}.")
 
 
-def setting_threshold(setting: tuple, cumulative_gflops, gate: str, calibration: str,
-                      max_accuracy_drop: float) -> float:
+def setting_threshold(
+    setting: tuple, cumulative_gflops, gate: str, calibration: str, max_accuracy_drop: float
+) -> float:
     """The threshold `calibration` chooses for `gate` on one setting, a (probabilities, labels) pair; the label-free
     calibration does not look at the labels."""
     probs, labels = setting
@@ -238,8 +253,9 @@ def setting_threshold(setting: tuple, cumulative_gflops, gate: str, calibration:
     return choose_threshold_for(curve, calibration, max_accuracy_drop)
 
 
-def transfers(settings: dict, pairs: Sequence[tuple], cumulative_gflops, gate: str, calibration: str,
-              max_accuracy_drop: float) -> list[dict]:
+def transfers(
+    settings: dict, pairs: Sequence[tuple], cumulative_gflops, gate: str, calibration: str, max_accuracy_drop: float
+) -> list[dict]:
     """For each (source, target) pair of keys of `settings`: choose a threshold on the source, apply it to the
     target.
 
@@ -254,20 +270,23 @@ def transfers(settings: dict, pairs: Sequence[tuple], cumulative_gflops, gate: s
         "accuracy", "full_accuracy", "agreement", "mean_gflops".
     """
     keys = {key for pair in pairs for key in pair}
-    chosen = {key: setting_threshold(settings[key], cumulative_gflops, gate, calibration, max_accuracy_drop)
-              for key in keys}
+    chosen = {
+        key: setting_threshold(settings[key], cumulative_gflops, gate, calibration, max_accuracy_drop) for key in keys
+    }
     own_gflops = {key: replay(*settings[key], cumulative_gflops, gate, chosen[key]).mean_gflops for key in keys}
     rows = []
     for source, target in pairs:
         result = replay(*settings[target], cumulative_gflops, gate, chosen[source])
-        rows.append({
-            "source": source,
-            "target": target,
-            "threshold": chosen[source],
-            "shortfall_points": 100 * (result.full_accuracy - max_accuracy_drop - result.accuracy),
-            "cost_ratio": result.mean_gflops / own_gflops[target],
-            **dataclasses.asdict(result),
-        })
+        rows.append(
+            {
+                "source": source,
+                "target": target,
+                "threshold": chosen[source],
+                "shortfall_points": 100 * (result.full_accuracy - max_accuracy_drop - result.accuracy),
+                "cost_ratio": result.mean_gflops / own_gflops[target],
+                **dataclasses.asdict(result),
+            }
+        )
     return rows
 
 

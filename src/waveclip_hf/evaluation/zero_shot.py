@@ -164,26 +164,41 @@ def labelled_image_folder(folder: str | os.PathLike) -> tuple[list[str], list[tu
 
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise ValueError(f"Labelled evaluation data {str(folder)!r} is not a folder. Pass a folder with one "
-                         "subfolder of images per class (the label is the subfolder's name).")
+        raise ValueError(
+            f"Labelled evaluation data {str(folder)!r} is not a folder. Pass a folder with one "
+            "subfolder of images per class (the label is the subfolder's name)."
+        )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        raise ValueError(f"Labelled evaluation data {str(folder)!r} has {len(classes)} class subfolder(s); zero-shot "
-                         "accuracy needs at least two (one subfolder of images per class, named by its label).")
+        raise ValueError(
+            f"Labelled evaluation data {str(folder)!r} has {len(classes)} class subfolder(s); zero-shot "
+            "accuracy needs at least two (one subfolder of images per class, named by its label)."
+        )
     items = []
     for class_id, name in enumerate(classes):
         images = list_image_files(root / name)
         if not images:
-            raise ValueError(f"Class folder {name!r} of {root.name!r} holds no image "
-                             f"(looked recursively for {sorted(IMAGE_EXTENSIONS)}).")
+            raise ValueError(
+                f"Class folder {name!r} of {root.name!r} holds no image "
+                f"(looked recursively for {sorted(IMAGE_EXTENSIONS)})."
+            )
         items += [(path, class_id) for path in images]
     return classes, items
 
 
 @torch.no_grad()
-def evaluate_labelled_folder(model, processor, tokenizer, folder: str | os.PathLike, prompt_template: str,
-                             batch_size: int = 32, teacher=None, teacher_processor=None, num_workers: int = 0,
-                             progress: bool = False) -> ZeroShotResult:
+def evaluate_labelled_folder(
+    model,
+    processor,
+    tokenizer,
+    folder: str | os.PathLike,
+    prompt_template: str,
+    batch_size: int = 32,
+    teacher=None,
+    teacher_processor=None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> ZeroShotResult:
     """Zero-shot accuracy of a `WaveCLIPModel` after each stage (and of its CLIP teacher, if given) on a labelled
     folder; accuracies through the `early_exit_accuracy` metric. Unreadable images are left out and counted.
 
@@ -199,30 +214,41 @@ def evaluate_labelled_folder(model, processor, tokenizer, folder: str | os.PathL
 
     class_names, items = labelled_image_folder(folder)
     text = text_embeddings_per_axis(model, tokenizer, {"labels": [prompt_template.format(c) for c in class_names]})
-    embeds = _labelled_embeddings(model, processor, teacher, teacher_processor, folder, items, batch_size,
-                                  num_workers, progress)
+    embeds = _labelled_embeddings(
+        model, processor, teacher, teacher_processor, folder, items, batch_size, num_workers, progress
+    )
     gflops = cumulative_stage_gflops(model.config)
     stage_accuracy = [
-        early_exit_accuracy(zero_shot_predictions(embeds["stages"][:, s], text["labels"]), embeds["labels"],
-                            gflops[s])["accuracy"] for s in range(len(gflops))
+        early_exit_accuracy(
+            zero_shot_predictions(embeds["stages"][:, s], text["labels"]), embeds["labels"], gflops[s]
+        )["accuracy"]
+        for s in range(len(gflops))
     ]
     teacher_accuracy = None
     if teacher is not None:
         teacher_gflops = clip_vit_flops(teacher.config.vision_config, teacher.config.projection_dim) / 1e9
-        teacher_accuracy = early_exit_accuracy(zero_shot_predictions(embeds["teacher"], text["labels"]),
-                                               embeds["labels"], teacher_gflops)["accuracy"]
+        teacher_accuracy = early_exit_accuracy(
+            zero_shot_predictions(embeds["teacher"], text["labels"]), embeds["labels"], teacher_gflops
+        )["accuracy"]
     name = Path(folder).expanduser().resolve().name
     return ZeroShotResult(
-        task=name, dataset_name=f"image folder `{name}`", dataset_type="imagefolder",
-        num_images=len(embeds["labels"]), class_names=class_names, prompt_template=prompt_template,
-        stage_accuracy=stage_accuracy, stage_gflops=gflops,
+        task=name,
+        dataset_name=f"image folder `{name}`",
+        dataset_type="imagefolder",
+        num_images=len(embeds["labels"]),
+        class_names=class_names,
+        prompt_template=prompt_template,
+        stage_accuracy=stage_accuracy,
+        stage_gflops=gflops,
         measured_by="`--eval-labelled-data` of the distillation run, on the final weights",
-        teacher_accuracy=teacher_accuracy, num_skipped=embeds["skipped"],
+        teacher_accuracy=teacher_accuracy,
+        num_skipped=embeds["skipped"],
     )
 
 
-def _labelled_embeddings(model, processor, teacher, teacher_processor, folder, items, batch_size: int,
-                         num_workers: int, progress: bool) -> dict:
+def _labelled_embeddings(
+    model, processor, teacher, teacher_processor, folder, items, batch_size: int, num_workers: int, progress: bool
+) -> dict:
     """{"stages": (N, S, P) student embeddings after every stage, "teacher": (N, P) or None, "labels": (N,),
     "skipped": unreadable images left out} of the readable images of `items`, decoded in `num_workers` workers."""
     from ..training.data import ImageFolderDataset
@@ -245,8 +271,12 @@ def _labelled_embeddings(model, processor, teacher, teacher_processor, folder, i
         labels += [items[item["index"]][1] for item in readable]
     if not labels:
         raise ValueError(f"No readable image in the labelled evaluation data {Path(folder).name!r}.")
-    return {"stages": torch.cat(stages), "teacher": torch.cat(teacher_embeds) if teacher_embeds else None,
-            "labels": torch.tensor(labels), "skipped": skipped}
+    return {
+        "stages": torch.cat(stages),
+        "teacher": torch.cat(teacher_embeds) if teacher_embeds else None,
+        "labels": torch.tensor(labels),
+        "skipped": skipped,
+    }
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 HAND_WRITTEN_MARKER = "<!-- Hand-written below this line: the job keeps it when it rewrites the page. -->"
 # A stage "answers" an axis when it is within this many points of the best stage on that axis.
 ANSWERED_WITHIN_POINTS = 2.0
@@ -66,23 +67,31 @@ def _accuracy_table(report: dict) -> list[str]:
         "## Zero-shot accuracy on the test split (%)",
         "",
         f"Gate: margin threshold θ = {gated['margin_threshold']:.4g} (the cheapest θ within 1 point of the full "
-        "model's mean accuracy)." if gated["rule"] == "cheapest" else
-        f"Gate: margin threshold θ = {gated['margin_threshold']:.4g} (no θ came within 1 point of the full model; "
-        "this is the best θ within 0.6x its GFLOPs).",
+        "model's mean accuracy)."
+        if gated["rule"] == "cheapest"
+        else f"Gate: margin threshold θ = {gated['margin_threshold']:.4g} (no θ came within 1 point of the full "
+        "model; this is the best θ within 0.6x its GFLOPs).",
         "",
         "| axis | scale | chance | teacher | stage 0 | stage 1 | stage 2 | gated | gated GFLOPs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in report["per_axis"].items():
         point = gated["per_axis"][name]
-        lines.append(f"| {name} | {row['scale']} | {_pct(row['chance'])} | {_pct(row['teacher_accuracy'])} | "
-                     + " | ".join(_pct(a) for a in row["stage_accuracy"])
-                     + f" | {_pct(point['accuracy'])} | {point['mean_gflops']:.3f} |")
-    means = [np.mean([row["stage_accuracy"][s] for row in report["per_axis"].values()])
-             for s in range(len(report["stage_gflops"]))]
+        lines.append(
+            f"| {name} | {row['scale']} | {_pct(row['chance'])} | {_pct(row['teacher_accuracy'])} | "
+            + " | ".join(_pct(a) for a in row["stage_accuracy"])
+            + f" | {_pct(point['accuracy'])} | {point['mean_gflops']:.3f} |"
+        )
+    means = [
+        np.mean([row["stage_accuracy"][s] for row in report["per_axis"].values()])
+        for s in range(len(report["stage_gflops"]))
+    ]
     teacher = np.mean([row["teacher_accuracy"] for row in report["per_axis"].values()])
-    lines.append(f"| **mean** | | | **{_pct(teacher)}** | " + " | ".join(f"**{_pct(m)}**" for m in means)
-                 + f" | **{_pct(gated['accuracy'])}** | **{gated['mean_gflops']:.3f}** |")
+    lines.append(
+        f"| **mean** | | | **{_pct(teacher)}** | "
+        + " | ".join(f"**{_pct(m)}**" for m in means)
+        + f" | **{_pct(gated['accuracy'])}** | **{gated['mean_gflops']:.3f}** |"
+    )
     lines.append("| cumulative GFLOPs | | | | " + " | ".join(f"{g:.3f}" for g in report["stage_gflops"]) + " | | |")
     return lines + [""]
 
@@ -98,8 +107,10 @@ def _cost_table(report: dict) -> list[str]:
     ]
     for s, (ours, big) in enumerate(zip(report["stage_gflops"], b16["stage_gflops"])):
         lines.append(f"| WaveCLIP 448 px, answer after stage {s} | {tokens[s]} | {ours:.3f} | {big:.2f} |")
-    lines.append(f"| WaveCLIP 448 px, gated (θ = {report['gated']['margin_threshold']:.4g}) | | "
-                 f"{report['gated']['mean_gflops']:.3f} | |")
+    lines.append(
+        f"| WaveCLIP 448 px, gated (θ = {report['gated']['margin_threshold']:.4g}) | | "
+        f"{report['gated']['mean_gflops']:.3f} | |"
+    )
     lines.append(f"| CLIP ViT /16 at 224 px | 197 | {report['clip_224_gflops']:.3f} | {b16['clip_224_gflops']:.2f} |")
     lines.append(f"| CLIP ViT /16 at 448 px | 785 | {report['clip_448_gflops']:.3f} | {b16['clip_448_gflops']:.2f} |")
     return lines + [""]
@@ -115,7 +126,8 @@ def _readings(report: dict) -> list[str]:
             continue
         spend = np.mean([gated["per_axis"][n]["mean_gflops"] for n in names])
         lines.append(
-            f"- {scale} axes: answered " + ", ".join(_answered_at(n, per_axis[n]) for n in names)
+            f"- {scale} axes: answered "
+            + ", ".join(_answered_at(n, per_axis[n]) for n in names)
             + f"; the gate spends {spend:.3f} GFLOPs per image on them ({spend / gflops[-1]:.2f}x the full model, "
             f"{spend / report['clip_224_gflops']:.2f}x CLIP /16 at 224 px, {spend / report['clip_448_gflops']:.2f}x "
             "at 448 px)."
@@ -134,17 +146,24 @@ def _criteria(report: dict) -> list[str]:
         gaps = [100 * (a - row["chance"]) for a in row["stage_accuracy"]]
         near = all(g <= NEAR_CHANCE_POINTS for g in gaps[:-1])
         learned = gaps[-1] > NEAR_CHANCE_POINTS
-        lines.append(f"- Micro axis {name}: {', '.join(f'stage {s} {g:+.1f}' for s, g in enumerate(gaps))} points "
-                     f"over chance: {'near chance before stage 2' if near else 'NOT near chance before stage 2'}; "
-                     f"stage 2 reaches {_pct(row['stage_accuracy'][-1])}% (teacher {_pct(row['teacher_accuracy'])}%): "
-                     + ("learned at stage 2." if learned else "NOT learned at stage 2."))
-    coarse_at_0 = [n for n, row in per_axis.items() if row["scale"] == "coarse"
-                   and first_answering_stage(row["stage_accuracy"], row["chance"]) == 0]
+        lines.append(
+            f"- Micro axis {name}: {', '.join(f'stage {s} {g:+.1f}' for s, g in enumerate(gaps))} points "
+            f"over chance: {'near chance before stage 2' if near else 'NOT near chance before stage 2'}; "
+            f"stage 2 reaches {_pct(row['stage_accuracy'][-1])}% (teacher {_pct(row['teacher_accuracy'])}%): "
+            + ("learned at stage 2." if learned else "NOT learned at stage 2.")
+        )
+    coarse_at_0 = [
+        n
+        for n, row in per_axis.items()
+        if row["scale"] == "coarse" and first_answering_stage(row["stage_accuracy"], row["chance"]) == 0
+    ]
     lines.append(f"- Coarse axes answered at stage 0: {', '.join(coarse_at_0) or 'none'}.")
-    lines.append(f"- Gate: {_pct(gated['accuracy'])}% mean accuracy against {_pct(full)}% for the full model "
-                 f"({100 * (gated['accuracy'] - full):+.1f} points) at {gated['mean_gflops']:.3f} GFLOPs "
-                 f"({gated['mean_gflops'] / gflops[-1]:.2f}x the full model's {gflops[-1]:.3f}); images answered per "
-                 "stage: " + ", ".join(f"{100 * share:.0f}%" for share in gated["stage_share"]) + ".")
+    lines.append(
+        f"- Gate: {_pct(gated['accuracy'])}% mean accuracy against {_pct(full)}% for the full model "
+        f"({100 * (gated['accuracy'] - full):+.1f} points) at {gated['mean_gflops']:.3f} GFLOPs "
+        f"({gated['mean_gflops'] / gflops[-1]:.2f}x the full model's {gflops[-1]:.3f}); images answered per "
+        "stage: " + ", ".join(f"{100 * share:.0f}%" for share in gated["stage_share"]) + "."
+    )
     weak = [f"{n} {_pct(row['teacher_accuracy'])}%" for n, row in per_axis.items() if row["teacher_accuracy"] < 0.9]
     lines.append(f"- Teacher axes under 90%: {', '.join(weak) or 'none'} (see below).")
     return lines
@@ -152,8 +171,14 @@ def _criteria(report: dict) -> list[str]:
 
 def _figures(report: dict) -> list[str]:
     figures = report["context"]["figures"]
-    return ["## Accuracy vs GFLOPs", "", f"![accuracy vs GFLOPs]({figures['curve']})", "",
-            f"![share of images answered per stage]({figures['shares']})", ""]
+    return [
+        "## Accuracy vs GFLOPs",
+        "",
+        f"![accuracy vs GFLOPs]({figures['curve']})",
+        "",
+        f"![share of images answered per stage]({figures['shares']})",
+        "",
+    ]
 
 
 def write_adaptive_markdown(path: Path, report: dict) -> Path:

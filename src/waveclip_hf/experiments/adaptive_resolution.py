@@ -39,15 +39,25 @@ from .cached_steps import build_benchmark, build_teacher, distil_or_reuse_studen
 from .report import first_run_record, machine_description, portable_paths, utc_now
 from .run_evaluation import evaluate_student
 
+
 LEVELS = 2
 PRESETS = {
     # 28.8 min on an idle 2-core CPU (docs/adaptive_resolution.md says what this cuts). A first setting with half
     # the images, 8 teacher epochs at 3e-4 and 400 steps took 12.6 min and left the teacher at 65% on the grain.
     "adaptive-448": dict(
-        layout="three-scale", num_train=6_000, num_validation=200, num_test=1_000,
+        layout="three-scale",
+        num_train=6_000,
+        num_validation=200,
+        num_test=1_000,
         teacher=dict(image_size=448, patch_size=64, num_epochs=12.0, learning_rate=5e-4),
-        distillation=dict(cell_size=64, max_steps=800, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0,
-                          mixed_precision="bf16"),
+        distillation=dict(
+            cell_size=64,
+            max_steps=800,
+            batch_size=32,
+            learning_rate=5e-4,
+            fresh_lr_multiplier=10.0,
+            mixed_precision="bf16",
+        ),
     ),
 }
 # The figures of docs/adaptive_resolution.md, relative to the docs folder.
@@ -79,14 +89,20 @@ def main_job_teacher(main_cache_dir: str | Path, seed: int = 0) -> Path:
     from .end_to_end import SIZES
 
     small = SIZES["small"]
-    counts = {"num_train": small["num_train"], "num_validation": small["num_validation"], "num_test": small["num_test"]}
+    counts = {
+        "num_train": small["num_train"],
+        "num_validation": small["num_validation"],
+        "num_test": small["num_test"],
+    }
     data_key = settings_hash({"seed": seed, "generator_version": GENERATOR_VERSION, **counts})  # as `build_benchmark`
     data_name = f"benchmark-v{GENERATOR_VERSION}-{data_key}"
     config = TeacherTrainingConfig(seed=seed, **small["teacher"])
     folder = Path(main_cache_dir).expanduser().resolve() / f"teacher-{config.config_hash({'data': data_name})}"
     if read_training_info(folder) is None:
-        raise FileNotFoundError(f"No finished main-job teacher at {folder}: run `bash scripts/run_main.sh` first (it "
-                                "trains it), or pass the folder of a 224-px teacher with --source-teacher.")
+        raise FileNotFoundError(
+            f"No finished main-job teacher at {folder}: run `bash scripts/run_main.sh` first (it "
+            "trains it), or pass the folder of a 224-px teacher with --source-teacher."
+        )
     return folder
 
 
@@ -94,9 +110,14 @@ def plain_clip_gflops(student_config, image_size: int) -> float:
     """GFLOPs per image of a plain CLIP ViT with 16-px patches (the ViT-B/16 token layout) at `image_size`, with
     the student's width, depth and projection."""
     vision = student_config.vision_config
-    clip = CLIPVisionConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-                            num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
-                            image_size=image_size, patch_size=16)
+    clip = CLIPVisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        image_size=image_size,
+        patch_size=16,
+    )
     return clip_vit_flops(clip, student_config.projection_dim) / 1e9
 
 
@@ -119,18 +140,32 @@ def gated_point(results: dict) -> dict:
     summary = results["summary"]
     point = summary["cheapest_within_one_point"] or summary["best_within_budget"]
     index = [p["threshold"] for p in results["sweep_mean"]].index(point["threshold"])
-    per_axis = {name: {key: sweep[index][key] for key in ("accuracy", "mean_gflops", "stage_share")}
-                for name, sweep in results["sweep_per_axis"].items()}
-    return {"margin_threshold": point["threshold"], "accuracy": point["accuracy"], "mean_gflops": point["mean_gflops"],
-            "stage_share": point["stage_share"], "per_axis": per_axis,
-            "rule": "cheapest" if summary["cheapest_within_one_point"] else "best_within_budget"}
+    per_axis = {
+        name: {key: sweep[index][key] for key in ("accuracy", "mean_gflops", "stage_share")}
+        for name, sweep in results["sweep_per_axis"].items()
+    }
+    return {
+        "margin_threshold": point["threshold"],
+        "accuracy": point["accuracy"],
+        "mean_gflops": point["mean_gflops"],
+        "stage_share": point["stage_share"],
+        "per_axis": per_axis,
+        "rule": "cheapest" if summary["cheapest_within_one_point"] else "best_within_budget",
+    }
 
 
 def adaptive_report(results: dict, student_config, context: dict) -> dict:
     """docs/adaptive_resolution.json: the issue's keys (stage_gflops, clip_224_gflops, clip_448_gflops, per_axis,
     gated) first, then the full evaluation (`run_evaluation.evaluate`) and the run's context."""
-    per_axis = {name: {"scale": row["scale"], "teacher_accuracy": row["teacher"], "stage_accuracy": row["stages"],
-                       "chance": row["chance"]} for name, row in results["per_axis"].items()}
+    per_axis = {
+        name: {
+            "scale": row["scale"],
+            "teacher_accuracy": row["teacher"],
+            "stage_accuracy": row["stages"],
+            "chance": row["chance"],
+        }
+        for name, row in results["per_axis"].items()
+    }
     return {
         "stage_gflops": results["student_cumulative_gflops"],
         "clip_224_gflops": plain_clip_gflops(student_config, 224),
@@ -145,8 +180,16 @@ def adaptive_report(results: dict, student_config, context: dict) -> dict:
     }
 
 
-def run(preset: str, cache_dir: str, docs_dir: str, source_teacher: str | Path, seed: int = 0, num_workers: int = 2,
-        progress: bool = True, overrides: dict | None = None) -> dict:
+def run(
+    preset: str,
+    cache_dir: str,
+    docs_dir: str,
+    source_teacher: str | Path,
+    seed: int = 0,
+    num_workers: int = 2,
+    progress: bool = True,
+    overrides: dict | None = None,
+) -> dict:
     """Run (or reuse) every step, the teacher started from `source_teacher` (a 224-px teacher folder, or None: a
     fresh one); write docs/adaptive_resolution.{md,json} and the figures; return the report."""
     started = time.time()
@@ -171,22 +214,47 @@ def run(preset: str, cache_dir: str, docs_dir: str, source_teacher: str | Path, 
     axes = benchmark_axes(read_benchmark_info(data_root))
     rows = load_benchmark_split(data_root, "test")
     teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
-    results, student_config = timed("evaluation", lambda: evaluate_student(
-        cache_dir, data_root, rows, teacher.output_dir, teacher_config, student_dir, default_thresholds(), 0.6, 64,
-        progress, axes))
+    results, student_config = timed(
+        "evaluation",
+        lambda: evaluate_student(
+            cache_dir,
+            data_root,
+            rows,
+            teacher.output_dir,
+            teacher_config,
+            student_dir,
+            default_thresholds(),
+            0.6,
+            64,
+            progress,
+            axes,
+        ),
+    )
     minutes = (time.time() - started) / 60
-    first_run_key = {"preset": preset, "settings": settings, "seed": seed, "levels": LEVELS,
-                     "generator_version": GENERATOR_VERSION, "student": student_dir.parent.name}
+    first_run_key = {
+        "preset": preset,
+        "settings": settings,
+        "seed": seed,
+        "levels": LEVELS,
+        "generator_version": GENERATOR_VERSION,
+        "student": student_dir.parent.name,
+    }
     # A first run generated the benchmark, trained the teacher and distilled the student itself.
     made_now = [data_root / "info.json", student_dir.parent / "summary.json"]
     built_every_step = not teacher.skipped and all(path.stat().st_mtime >= started for path in made_now)
     context = {
         "command": "python -m waveclip_hf.experiments.adaptive_resolution " + " ".join(sys.argv[1:]),
-        "preset": preset, "settings": settings, "date": utc_now(), "machine": machine_description(),
-        "wall_minutes": round(minutes, 2), "step_seconds": step_seconds,
+        "preset": preset,
+        "settings": settings,
+        "date": utc_now(),
+        "machine": machine_description(),
+        "wall_minutes": round(minutes, 2),
+        "step_seconds": step_seconds,
         "first_run": first_run_record(cache_dir, first_run_key, minutes, built_every_step),
-        "teacher_training": {k: teacher.info.get(k) for k in ("steps", "images_seen", "train_seconds",
-                                                               "images_per_second", "zero_shot_validation")},
+        "teacher_training": {
+            k: teacher.info.get(k)
+            for k in ("steps", "images_seen", "train_seconds", "images_per_second", "zero_shot_validation")
+        },
         "student_summary": json.loads((student_dir.parent / "summary.json").read_text()),
         "figures": FIGURES,
     }
@@ -212,18 +280,31 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m waveclip_hf.experiments.adaptive_resolution`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="adaptive-448")
-    parser.add_argument("--cache-dir", default=".cache/adaptive_resolution",
-                        help="cached steps (default: %(default)s under the current directory)")
+    parser.add_argument(
+        "--cache-dir",
+        default=".cache/adaptive_resolution",
+        help="cached steps (default: %(default)s under the current directory)",
+    )
     parser.add_argument("--docs-dir", default="docs", help="where adaptive_resolution.{md,json} and figures/ go")
-    parser.add_argument("--main-cache-dir", default=".cache/end_to_end",
-                        help="the main job's cache, where the source teacher is looked up (default: %(default)s)")
-    parser.add_argument("--source-teacher", default=None,
-                        help="a 224-px teacher folder to start the 448-px teacher from (default: the main job's)")
+    parser.add_argument(
+        "--main-cache-dir",
+        default=".cache/end_to_end",
+        help="the main job's cache, where the source teacher is looked up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source-teacher",
+        default=None,
+        help="a 224-px teacher folder to start the 448-px teacher from (default: the main job's)",
+    )
     parser.add_argument("--fresh-teacher", action="store_true", help="train the 448-px teacher from scratch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--override", type=json.loads, default={},
-                        help='JSON merged into the preset, e.g. \'{"distillation": {"max_steps": 50}}\'')
+    parser.add_argument(
+        "--override",
+        type=json.loads,
+        default={},
+        help='JSON merged into the preset, e.g. \'{"distillation": {"max_steps": 50}}\'',
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -231,16 +312,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     source = None if args.fresh_teacher else (args.source_teacher or main_job_teacher(args.main_cache_dir, args.seed))
-    report = run(args.preset, args.cache_dir, args.docs_dir, source, args.seed, args.num_workers,
-                 not args.no_progress, args.override)
-    print(json.dumps({k: report[k] for k in ("stage_gflops", "clip_224_gflops", "clip_448_gflops", "gated")},
-                     indent=2, default=str))
+    report = run(
+        args.preset,
+        args.cache_dir,
+        args.docs_dir,
+        source,
+        args.seed,
+        args.num_workers,
+        not args.no_progress,
+        args.override,
+    )
+    print(
+        json.dumps(
+            {k: report[k] for k in ("stage_gflops", "clip_224_gflops", "clip_448_gflops", "gated")},
+            indent=2,
+            default=str,
+        )
+    )
     return report
 
 
-__all__ = ["LEVELS", "PRESETS", "adaptive_report", "build_parser", "gated_point", "main", "main_job_teacher",
-           "plain_clip_gflops",
-           "preset_settings", "run", "vit_b16_reference", "write_adaptive_docs"]
+__all__ = [
+    "LEVELS",
+    "PRESETS",
+    "adaptive_report",
+    "build_parser",
+    "gated_point",
+    "main",
+    "main_job_teacher",
+    "plain_clip_gflops",
+    "preset_settings",
+    "run",
+    "vit_b16_reference",
+    "write_adaptive_docs",
+]
 
 
 if __name__ == "__main__":

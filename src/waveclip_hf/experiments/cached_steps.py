@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, THREE_SCALE_VERSION, generate_benchmark
 from ..training.distillation import DistillationConfig, distill
-from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
 from ..training.optimization import OPTIMIZATION_RULES_VERSION
+from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
+
 
 # Distillation fields that change how a run looks or resumes, not what it computes: left out of the cache key.
 _UNKEYED_DISTILLATION_FIELDS = ("progress_bar", "num_workers", "resume")
@@ -47,8 +48,9 @@ def fresh_accelerator_state() -> None:
 def build_benchmark(cache_dir: Path, settings: dict, seed: int, num_workers: int, progress: bool) -> Path:
     """Generate (or reuse) the benchmark with the split sizes (and `layout`, default "two-scale") of `settings`;
     returns its root folder."""
-    counts = dict(num_train=settings["num_train"], num_validation=settings["num_validation"],
-                  num_test=settings["num_test"])
+    counts = dict(
+        num_train=settings["num_train"], num_validation=settings["num_validation"], num_test=settings["num_test"]
+    )
     layout = settings.get("layout", "two-scale")
     keyed = {"seed": seed, "generator_version": GENERATOR_VERSION, **counts}
     if layout != "two-scale":  # the two-scale key stays what it was, so the main job's cache stays valid
@@ -66,8 +68,9 @@ def build_teacher(cache_dir: Path, settings: dict, data_root: Path, seed: int, n
     return train_clip_teacher(data_root, output, teacher_config, num_workers=num_workers, progress=progress)
 
 
-def student_distillation_fields(settings: dict, data_root: Path, teacher_dir: Path, levels: int, seed: int,
-                                num_workers: int, progress: bool) -> dict:
+def student_distillation_fields(
+    settings: dict, data_root: Path, teacher_dir: Path, levels: int, seed: int, num_workers: int, progress: bool
+) -> dict:
     """The `DistillationConfig` fields (less `output_dir`) of the main job's student for these settings.
 
     `kl_on_benchmark_prompts` in the distillation settings expands to a label vocabulary of every axis's

@@ -15,6 +15,7 @@ from .end_to_end import EndToEndConfig, main_job_inputs, main_job_student
 from .report import machine_description, utc_now
 from .run_evaluation import evaluate_student
 
+
 # Each variant is merged into the size's distillation settings; "main job" is the size's own recipe.
 DISTILLATION_VARIANTS = {
     "main job (cosine, fresh parameters at 10x lr)": {},
@@ -45,19 +46,37 @@ def run_distillation_ablation(config: EndToEndConfig, variants: dict | None = No
         settings["distillation"].update(overrides)
         log(f"variant {name!r}: {settings['distillation']}")
         student_dir = main_job_student(config, settings, inputs)
-        results, _ = evaluate_student(config.cache_dir, inputs.data_root, inputs.rows, inputs.teacher_dir,
-                                      inputs.teacher_config, student_dir, config.thresholds, config.gflops_target,
-                                      config.eval_batch_size, config.progress)
-        report[name] = {"distillation": settings["distillation"], "per_axis": results["per_axis"],
-                        "summary": results["summary"], "student_dir": str(student_dir)}
-    context = {"command": "python scripts/distillation_ablation.py " + " ".join(sys.argv[1:]),
-               "date": utc_now(), "machine": machine_description(),
-               "wall_minutes": (time.time() - started) / 60, "teacher": str(inputs.teacher_dir),
-               "data": str(inputs.data_root)}
+        results, _ = evaluate_student(
+            config.cache_dir,
+            inputs.data_root,
+            inputs.rows,
+            inputs.teacher_dir,
+            inputs.teacher_config,
+            student_dir,
+            config.thresholds,
+            config.gflops_target,
+            config.eval_batch_size,
+            config.progress,
+        )
+        report[name] = {
+            "distillation": settings["distillation"],
+            "per_axis": results["per_axis"],
+            "summary": results["summary"],
+            "student_dir": str(student_dir),
+        }
+    context = {
+        "command": "python scripts/distillation_ablation.py " + " ".join(sys.argv[1:]),
+        "date": utc_now(),
+        "machine": machine_description(),
+        "wall_minutes": (time.time() - started) / 60,
+        "teacher": str(inputs.teacher_dir),
+        "data": str(inputs.data_root),
+    }
     docs = Path(config.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "distillation_ablation.json").write_text(json.dumps({"context": context, "variants": report}, indent=2,
-                                                                default=str) + "\n")
+    (docs / "distillation_ablation.json").write_text(
+        json.dumps({"context": context, "variants": report}, indent=2, default=str) + "\n"
+    )
     (docs / "distillation_ablation.md").write_text(ablation_markdown(report, context))
     return report
 
@@ -66,12 +85,16 @@ def _variant_row(name: str, entry: dict, axes: list[str]) -> str:
     per_axis, summary = entry["per_axis"], entry["summary"]
     cells = [f"{100 * per_axis[a]['stages'][0]:.1f} / {100 * per_axis[a]['stages'][-1]:.1f}" for a in axes]
     full = summary["full_gflops"]
-    gated_cells = [f"{100 * p['accuracy']:.1f}% at {p['mean_gflops'] / full:.2f}x" if p else "none"
-                   for p in (summary["best_within_budget"], summary["cheapest_within_one_point"])]
+    gated_cells = [
+        f"{100 * p['accuracy']:.1f}% at {p['mean_gflops'] / full:.2f}x" if p else "none"
+        for p in (summary["best_within_budget"], summary["cheapest_within_one_point"])
+    ]
     oracle = summary.get("oracle_exit_gflops")
     gated_cells.append(f"{oracle / full:.2f}x" if oracle is not None else "—")
-    return (f"| {name} | " + " | ".join(cells) + f" | {100 * summary['student_stage_mean'][-1]:.1f} | "
-            f"{100 * summary['teacher_mean']:.1f} | " + " | ".join(gated_cells) + " |")
+    return (
+        f"| {name} | " + " | ".join(cells) + f" | {100 * summary['student_stage_mean'][-1]:.1f} | "
+        f"{100 * summary['teacher_mean']:.1f} | " + " | ".join(gated_cells) + " |"
+    )
 
 
 def ablation_markdown(report: dict, context: dict) -> str:
@@ -81,8 +104,9 @@ def ablation_markdown(report: dict, context: dict) -> str:
     lines = [
         "# Distillation ablation on the generated offline benchmark",
         "",
-        f"Written by `{context['command']}` on {context['date']} ({context['machine']}; {context['wall_minutes']:.1f} min"
-        " including any distillation not already cached); do not edit by hand. Same data and teacher as the main job"
+        f"Written by `{context['command']}` on {context['date']} ({context['machine']}; "
+        f"{context['wall_minutes']:.1f} min including any distillation not already cached); do not edit by hand. "
+        "Same data and teacher as the main job"
         " (docs/results.md); only the distillation settings differ. Zero-shot accuracy on the 5,000-image test split"
         " (%), full student = last stage. Gated: one margin threshold for all axes, GFLOPs as a fraction of the full"
         " student's; the oracle gate keeps every full-student answer at the least cost (`oracle_exit_point`).",

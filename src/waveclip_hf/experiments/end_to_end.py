@@ -40,6 +40,7 @@ from .cached_steps import (
 from .report import first_run_record, machine_description, utc_now, write_reports
 from .run_evaluation import card_results, evaluate_student, label_free_pipeline_demo, pipeline_demo
 
+
 SIZES = {
     # "small" is sized for a first run of about a quarter of an hour on a 2-core CPU (measured: docs/results.md).
     # Teacher: the `TeacherTrainingConfig` defaults (width 128, batch 64, lr 7e-4) for 100k images seen.
@@ -47,18 +48,30 @@ SIZES = {
     # default). docs/distillation_ablation.md compares this with 1x and with the zero-shot KL over the benchmark's
     # prompts added (`kl_on_benchmark_prompts`).
     "small": dict(
-        num_train=20_000, num_validation=1_000, num_test=5_000,
+        num_train=20_000,
+        num_validation=1_000,
+        num_test=5_000,
         teacher=dict(num_epochs=5.0),
-        distillation=dict(max_steps=800, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0,
-                          mixed_precision="bf16"),
+        distillation=dict(
+            max_steps=800, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0, mixed_precision="bf16"
+        ),
     ),
     # For a GPU: more data, a wider teacher and a longer distillation.
     "large": dict(
-        num_train=100_000, num_validation=2_000, num_test=10_000,
-        teacher=dict(num_epochs=8.0, vision_hidden_size=384, vision_intermediate_size=1536, vision_num_layers=6,
-                     vision_num_heads=6, batch_size=256),
-        distillation=dict(max_steps=6_000, batch_size=128, learning_rate=3e-4, fresh_lr_multiplier=10.0,
-                          mixed_precision="bf16"),
+        num_train=100_000,
+        num_validation=2_000,
+        num_test=10_000,
+        teacher=dict(
+            num_epochs=8.0,
+            vision_hidden_size=384,
+            vision_intermediate_size=1536,
+            vision_num_layers=6,
+            vision_num_heads=6,
+            batch_size=256,
+        ),
+        distillation=dict(
+            max_steps=6_000, batch_size=128, learning_rate=3e-4, fresh_lr_multiplier=10.0, mixed_precision="bf16"
+        ),
     ),
 }
 
@@ -119,14 +132,20 @@ def main_job_inputs(config: EndToEndConfig, settings: dict) -> MainJobInputs:
     log(f"benchmark: {data_root}")
     teacher = build_teacher(config.cache_dir, settings, data_root, config.seed, config.num_workers, config.progress)
     log(f"teacher: {teacher.output_dir} ({'reused' if teacher.skipped else 'trained'})")
-    return MainJobInputs(data_root, teacher.output_dir, teacher.skipped, CLIPConfig.from_pretrained(teacher.output_dir),
-                         load_benchmark_split(data_root, "test"))
+    return MainJobInputs(
+        data_root,
+        teacher.output_dir,
+        teacher.skipped,
+        CLIPConfig.from_pretrained(teacher.output_dir),
+        load_benchmark_split(data_root, "test"),
+    )
 
 
 def main_job_student(config: EndToEndConfig, settings: dict, inputs: MainJobInputs) -> Path:
     """Step 3: distil (or reuse) the student of `settings["distillation"]`; returns its Hub-ready folder."""
-    fields = student_distillation_fields(settings, inputs.data_root, inputs.teacher_dir, config.levels, config.seed,
-                                         config.num_workers, config.progress)
+    fields = student_distillation_fields(
+        settings, inputs.data_root, inputs.teacher_dir, config.levels, config.seed, config.num_workers, config.progress
+    )
     return distil_or_reuse_student(config.cache_dir, fields)
 
 
@@ -137,30 +156,40 @@ def _built_every_step(inputs: MainJobInputs, student_dir: Path, started: float) 
     return not inputs.teacher_reused and all(path.stat().st_mtime >= started for path in made_now)
 
 
-def _run_context(config: EndToEndConfig, settings: dict, inputs: MainJobInputs, student_dir: Path, student_config,
-                 started: float) -> dict:
+def _run_context(
+    config: EndToEndConfig, settings: dict, inputs: MainJobInputs, student_dir: Path, student_config, started: float
+) -> dict:
     """Provenance of this run for the report: command, date, machine, wall times, data, teacher and student."""
     summary = json.loads((student_dir.parent / "summary.json").read_text())
     teacher_vision = inputs.teacher_config.vision_config
     # The student folder's name tells which run made it: a new student is a new first run.
-    first_run_key = {"settings": settings, "seed": config.seed, "levels": config.levels,
-                     "generator_version": GENERATOR_VERSION, "student": student_dir.parent.name}
+    first_run_key = {
+        "settings": settings,
+        "seed": config.seed,
+        "levels": config.levels,
+        "generator_version": GENERATOR_VERSION,
+        "student": student_dir.parent.name,
+    }
     return {
         "command": "python -m waveclip_hf.experiments.end_to_end " + " ".join(sys.argv[1:]),
         "date": utc_now(),
         "machine": machine_description(),
         "wall_minutes": (time.time() - started) / 60,
-        "first_run": first_run_record(config.cache_dir, first_run_key, (time.time() - started) / 60,
-                                      _built_every_step(inputs, student_dir, started)),
+        "first_run": first_run_record(
+            config.cache_dir,
+            first_run_key,
+            (time.time() - started) / 60,
+            _built_every_step(inputs, student_dir, started),
+        ),
         "data": f"generated benchmark (generator version {GENERATOR_VERSION}), seed {config.seed}, "
-                f"{settings['num_train']} train / "
-                f"{settings['num_validation']} validation / {settings['num_test']} test images at 224 px; axes "
-                + ", ".join(f"{n} ({a.scale}, {len(a.class_names)} classes)" for n, a in AXES.items()),
+        f"{settings['num_train']} train / "
+        f"{settings['num_validation']} validation / {settings['num_test']} test images at 224 px; axes "
+        + ", ".join(f"{n} ({a.scale}, {len(a.class_names)} classes)" for n, a in AXES.items()),
         "teacher": f"CLIP ViT, patch {teacher_vision.patch_size}, width {teacher_vision.hidden_size}, "
-                   f"{teacher_vision.num_hidden_layers} layers, trained contrastively on the captions "
-                   f"({settings['teacher']})",
+        f"{teacher_vision.num_hidden_layers} layers, trained contrastively on the captions "
+        f"({settings['teacher']})",
         "student": f"WaveCLIP L={config.levels}, cell {student_config.vision_config.cell_size}, distilled with "
-                   f"{summary.get('step')} steps ({settings['distillation']})",
+        f"{summary.get('step')} steps ({settings['distillation']})",
     }
 
 
@@ -172,8 +201,13 @@ def _demo(config: EndToEndConfig, results: dict, inputs: MainJobInputs, student_
     label_free = label_free_pipeline_demo(student_dir, inputs.data_root, inputs.rows, config.demo_images)
     for prefix, items in (("pipeline", demo), ("pipeline, label-free", label_free["demo"])):
         for item in items:
-            log(f"{prefix}: {item['file_name']}: " + ", ".join(
-                f"{axis}={a['predicted']} (true {a['true']}, stage {a['stage']})" for axis, a in item["answers"].items()))
+            log(
+                f"{prefix}: {item['file_name']}: "
+                + ", ".join(
+                    f"{axis}={a['predicted']} (true {a['true']}, stage {a['stage']})"
+                    for axis, a in item["answers"].items()
+                )
+            )
     return {"demo_threshold": threshold, "demo": demo, "label_free_demo": label_free}
 
 
@@ -200,9 +234,18 @@ def run(config: EndToEndConfig) -> dict:
     inputs = main_job_inputs(config, settings)
     student_dir = main_job_student(config, settings, inputs)
     log(f"student: {student_dir}")
-    results, student_config = evaluate_student(config.cache_dir, inputs.data_root, inputs.rows, inputs.teacher_dir,
-                                               inputs.teacher_config, student_dir, config.thresholds,
-                                               config.gflops_target, config.eval_batch_size, config.progress)
+    results, student_config = evaluate_student(
+        config.cache_dir,
+        inputs.data_root,
+        inputs.rows,
+        inputs.teacher_dir,
+        inputs.teacher_config,
+        student_dir,
+        config.thresholds,
+        config.gflops_target,
+        config.eval_batch_size,
+        config.progress,
+    )
     demo = _demo(config, results, inputs, student_dir)
     context = {**_run_context(config, settings, inputs, student_dir, student_config, started), **demo}
     report = {"settings": settings, "context": context, **results}
@@ -216,33 +259,71 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m waveclip_hf.experiments.end_to_end`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--cache-dir", default=EndToEndConfig.cache_dir,
-                        help="cached steps (default: %(default)s under the current directory)")
-    parser.add_argument("--docs-dir", default=EndToEndConfig.docs_dir,
-                        help="where results.{md,json} and figures/ go (default: %(default)s under the current directory)")
+    parser.add_argument(
+        "--cache-dir",
+        default=EndToEndConfig.cache_dir,
+        help="cached steps (default: %(default)s under the current directory)",
+    )
+    parser.add_argument(
+        "--docs-dir",
+        default=EndToEndConfig.docs_dir,
+        help="where results.{md,json} and figures/ go (default: %(default)s under the current directory)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--levels", type=int, default=1)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--override", type=json.loads, default={},
-                        help='JSON merged into the size settings, e.g. \'{"distillation": {"max_steps": 50}}\'')
+    parser.add_argument(
+        "--override",
+        type=json.loads,
+        default={},
+        help='JSON merged into the size settings, e.g. \'{"distillation": {"max_steps": 50}}\'',
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    config = EndToEndConfig(size=args.size, cache_dir=args.cache_dir, docs_dir=args.docs_dir, seed=args.seed,
-                            levels=args.levels, num_workers=args.num_workers, overrides=args.override,
-                            progress=not args.no_progress)
+    config = EndToEndConfig(
+        size=args.size,
+        cache_dir=args.cache_dir,
+        docs_dir=args.docs_dir,
+        seed=args.seed,
+        levels=args.levels,
+        num_workers=args.num_workers,
+        overrides=args.override,
+        progress=not args.no_progress,
+    )
     report = run(config)
     summary = report["summary"]
-    print(json.dumps({k: summary[k] for k in ("teacher_mean", "student_stage_mean", "stage0_coarse_mean",
-                                               "stage0_fine_mean", "best_within_budget")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "teacher_mean",
+                    "student_stage_mean",
+                    "stage0_coarse_mean",
+                    "stage0_fine_mean",
+                    "best_within_budget",
+                )
+            },
+            indent=2,
+        )
+    )
     return report
 
 
-__all__ = ["SIZES", "EndToEndConfig", "MainJobInputs", "build_parser", "main", "main_job_inputs", "main_job_student",
-           "run"]
+__all__ = [
+    "SIZES",
+    "EndToEndConfig",
+    "MainJobInputs",
+    "build_parser",
+    "main",
+    "main_job_inputs",
+    "main_job_student",
+    "run",
+]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import skimage.data
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel
 
@@ -41,8 +40,12 @@ def load_source(student: Path, teacher: Path) -> WaveCLIPModel:
 @torch.no_grad()
 def _stages(model: WaveCLIPModel, processor, images, batch_size: int = 50) -> torch.Tensor:
     """(N, stages, P) L2-normalised embeddings after every stage."""
-    out = [model.get_image_features(processor(images[a : a + batch_size], return_tensors="pt")["pixel_values"])
-           .stage_pooler_outputs for a in range(0, len(images), batch_size)]
+    out = [
+        model.get_image_features(
+            processor(images[a : a + batch_size], return_tensors="pt")["pixel_values"]
+        ).stage_pooler_outputs
+        for a in range(0, len(images), batch_size)
+    ]
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
@@ -53,9 +56,11 @@ def compare(source: torch.Tensor, grown: torch.Tensor, text: dict) -> dict:
     for stage in range(source.shape[1]):
         a, b = source[:, stage], grown[:, stage]
         result[f"stage{stage}"] = {
-            "max_abs_diff": float((a - b).abs().max()), "min_cosine": float((a * b).sum(-1).min()),
-            "answer_agreement": {n: float(((a @ t.T).argmax(-1) == (b @ t.T).argmax(-1)).double().mean())
-                                 for n, t in text.items()},
+            "max_abs_diff": float((a - b).abs().max()),
+            "min_cosine": float((a * b).sum(-1).min()),
+            "answer_agreement": {
+                n: float(((a @ t.T).argmax(-1) == (b @ t.T).argmax(-1)).double().mean()) for n, t in text.items()
+            },
         }
     return result
 
@@ -63,8 +68,16 @@ def compare(source: torch.Tensor, grown: torch.Tensor, text: dict) -> dict:
 def _photos() -> list[np.ndarray]:
     """Eight scikit-image photos, centre-cropped square, RGB uint8."""
     photos = []
-    for photo in (skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
-                  skimage.data.cat(), skimage.data.colorwheel(), skimage.data.camera(), skimage.data.brick()):
+    for photo in (
+        skimage.data.astronaut(),
+        skimage.data.chelsea(),
+        skimage.data.coffee(),
+        skimage.data.rocket(),
+        skimage.data.cat(),
+        skimage.data.colorwheel(),
+        skimage.data.camera(),
+        skimage.data.brick(),
+    ):
         photo = photo if photo.ndim == 3 else np.stack([photo] * 3, -1)
         side = min(photo.shape[:2])
         top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
@@ -146,12 +159,21 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     source = load_source(Path(args.student), Path(args.teacher))
     grown = grow_level(source).eval()
-    result = {"student": args.student, "teacher": args.teacher,
-              "agreement": agreement(source, grown, AutoTokenizer.from_pretrained(args.teacher), args.num_images)}
-    seconds = {mode: step_seconds(grow_level(source), mode, args.timing_steps, args.timing_batch)
-               for mode in ("all_stages", "new_stage_only", "new_stage_only_cached")}
-    result["step_seconds"] = {**seconds, "batch_size": args.timing_batch, "threads": torch.get_num_threads(),
-                              "ratio_to_all_stages": {m: seconds[m] / seconds["all_stages"] for m in seconds}}
+    result = {
+        "student": args.student,
+        "teacher": args.teacher,
+        "agreement": agreement(source, grown, AutoTokenizer.from_pretrained(args.teacher), args.num_images),
+    }
+    seconds = {
+        mode: step_seconds(grow_level(source), mode, args.timing_steps, args.timing_batch)
+        for mode in ("all_stages", "new_stage_only", "new_stage_only_cached")
+    }
+    result["step_seconds"] = {
+        **seconds,
+        "batch_size": args.timing_batch,
+        "threads": torch.get_num_threads(),
+        "ratio_to_all_stages": {m: seconds[m] / seconds["all_stages"] for m in seconds},
+    }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result

@@ -52,8 +52,9 @@ def _pixels(paths, processor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(teacher_dir: Path, data_root: Path, split: str = "test", num_images: int = 1000,
-            batch_size: int = 100) -> dict:
+def measure(
+    teacher_dir: Path, data_root: Path, split: str = "test", num_images: int = 1000, batch_size: int = 100
+) -> dict:
     """Per-axis zero-shot accuracy of the teacher in the three readings of the module docstring."""
     teacher = CLIPModel.from_pretrained(teacher_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -65,8 +66,10 @@ def measure(teacher_dir: Path, data_root: Path, split: str = "test", num_images:
     scaled = patch_scaled_copy(teacher)
     readings = {
         "native_224": (size, lambda x: teacher.get_image_features(pixel_values=x)),
-        "interpolated_448": (2 * size, lambda x: teacher.get_image_features(pixel_values=x,
-                                                                             interpolate_pos_encoding=True)),
+        "interpolated_448": (
+            2 * size,
+            lambda x: teacher.get_image_features(pixel_values=x, interpolate_pos_encoding=True),
+        ),
         "patch_scaled_448": (2 * size, lambda x: scaled.get_image_features(pixel_values=x)),
     }
     results = {}
@@ -75,8 +78,15 @@ def measure(teacher_dir: Path, data_root: Path, split: str = "test", num_images:
         batches = (_pixels(paths[a : a + batch_size], processor, image_size) for a in range(0, len(paths), batch_size))
         embeds = image_embeddings(embed, batches, total=len(paths), progress=False, desc=name)
         results[name] = zero_shot_accuracy_per_axis(embeds, labels, text)
-    return {"teacher": str(teacher_dir), "data": str(data_root), "split": split, "num_images": len(rows),
-            "patch_size": teacher.config.vision_config.patch_size, "image_size": size, "accuracy": results}
+    return {
+        "teacher": str(teacher_dir),
+        "data": str(data_root),
+        "split": split,
+        "num_images": len(rows),
+        "patch_size": teacher.config.vision_config.patch_size,
+        "image_size": size,
+        "accuracy": results,
+    }
 
 
 def main(argv=None) -> dict:

@@ -56,6 +56,7 @@ from .end_to_end import SIZES, EndToEndConfig, MainJobInputs, main_job_inputs
 from .report import first_run_record, machine_description, portable_paths, utc_now
 from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate, evaluate_student
 
+
 # Each variant is merged into the main job's distillation settings (so it enters the student's cache key, and the
 # main job's key is unchanged). The bidirectional student's stage weights default to the last stage only
 # (`DistillationConfig.resolved_stage_weights`): its only answer.
@@ -90,17 +91,20 @@ def resource_snapshot() -> dict:
 def elapsed(start: dict) -> dict:
     """Wall and CPU minutes since `start` (a `resource_snapshot`), with the load average at both ends."""
     end = resource_snapshot()
-    return {"wall_minutes": round((end["wall"] - start["wall"]) / 60, 2),
-            "cpu_minutes": round((end["cpu"] - start["cpu"]) / 60, 2),
-            "load_average_1_5_15": [list(np.round(start["load"], 2)), list(np.round(end["load"], 2))]}
+    return {
+        "wall_minutes": round((end["wall"] - start["wall"]) / 60, 2),
+        "cpu_minutes": round((end["cpu"] - start["cpu"]) / 60, 2),
+        "load_average_1_5_15": [list(np.round(start["load"], 2)), list(np.round(end["load"], 2))],
+    }
 
 
 def timed_student(config: EndToEndConfig, settings: dict, inputs: MainJobInputs) -> tuple[Path, dict | None]:
     """`main_job_student`, and the wall / CPU time and load of the run that distilled it: recorded beside the
     cache folder by the run that builds it, so that a rerun that reuses the student still reports what it cost
     (None for a student built by another command, e.g. the main job)."""
-    fields = student_distillation_fields(settings, inputs.data_root, inputs.teacher_dir, config.levels, config.seed,
-                                         config.num_workers, config.progress)
+    fields = student_distillation_fields(
+        settings, inputs.data_root, inputs.teacher_dir, config.levels, config.seed, config.num_workers, config.progress
+    )
     output_dir = student_output_dir(config.cache_dir, fields)
     record = Path(config.cache_dir) / f"timing-{output_dir.name}.json"
     built_here = not (output_dir / "summary.json").is_file()
@@ -118,29 +122,47 @@ def seed_run(config: EndToEndConfig, seed: int) -> SeedRun:
     settings = seed_config.settings()
     inputs = main_job_inputs(seed_config, settings)
     student_dir, distillation = timed_student(seed_config, settings, inputs)
-    results, _ = evaluate_student(seed_config.cache_dir, inputs.data_root, inputs.rows, inputs.teacher_dir,
-                                  inputs.teacher_config, student_dir, seed_config.thresholds,
-                                  seed_config.gflops_target, seed_config.eval_batch_size, seed_config.progress)
+    results, _ = evaluate_student(
+        seed_config.cache_dir,
+        inputs.data_root,
+        inputs.rows,
+        inputs.teacher_dir,
+        inputs.teacher_config,
+        student_dir,
+        seed_config.thresholds,
+        seed_config.gflops_target,
+        seed_config.eval_batch_size,
+        seed_config.progress,
+    )
     embeddings = _test_embeddings(seed_config, inputs, student_dir)
     teacher_info = read_training_info(inputs.teacher_dir) or {}
-    timing = {"this_run": elapsed(start), "student_distillation": distillation,
-              "teacher_training_minutes": teacher_info["train_seconds"] / 60 if "train_seconds" in teacher_info else None,
-              "main_job_first_run": _main_job_first_run(seed_config, settings, student_dir)}
+    timing = {
+        "this_run": elapsed(start),
+        "student_distillation": distillation,
+        "teacher_training_minutes": teacher_info["train_seconds"] / 60 if "train_seconds" in teacher_info else None,
+        "main_job_first_run": _main_job_first_run(seed_config, settings, student_dir),
+    }
     return SeedRun(seed, seed_config, inputs, student_dir, results, embeddings, timing)
 
 
 def _main_job_first_run(config: EndToEndConfig, settings: dict, student_dir: Path) -> dict | None:
     """The wall time `end_to_end` recorded for its first run of this seed (None if it never ran it)."""
-    key = {"settings": settings, "seed": config.seed, "levels": config.levels, "generator_version": GENERATOR_VERSION,
-           "student": student_dir.parent.name}
+    key = {
+        "settings": settings,
+        "seed": config.seed,
+        "levels": config.levels,
+        "generator_version": GENERATOR_VERSION,
+        "student": student_dir.parent.name,
+    }
     path = Path(config.cache_dir) / f"first-run-{settings_hash(key)}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _test_embeddings(config: EndToEndConfig, inputs: MainJobInputs, student_dir: Path) -> dict:
     cache = embeddings_cache_path(config.cache_dir, inputs.teacher_dir, student_dir)
-    return embed_test_split(inputs.data_root, inputs.rows, inputs.teacher_dir, student_dir, cache,
-                            config.eval_batch_size, config.progress)
+    return embed_test_split(
+        inputs.data_root, inputs.rows, inputs.teacher_dir, student_dir, cache, config.eval_batch_size, config.progress
+    )
 
 
 @dataclass
@@ -167,13 +189,15 @@ def sample_run(run: SeedRun, data_seed: int) -> SampleRun:
     cache = Path(config.cache_dir) / f"test-embeddings-{key}.safetensors"
     record = Path(config.cache_dir) / f"timing-sample-{key}.json"
     built_here = not cache.is_file()
-    embeddings = embed_test_split(data_root, rows, run.inputs.teacher_dir, run.student_dir, cache,
-                                  config.eval_batch_size, config.progress)
+    embeddings = embed_test_split(
+        data_root, rows, run.inputs.teacher_dir, run.student_dir, cache, config.eval_batch_size, config.progress
+    )
     if built_here and not record.is_file():  # what generating the benchmark and embedding its test split cost
         record.write_text(json.dumps({**elapsed(start), "date": utc_now(), "machine": machine_description()}) + "\n")
     student_config = AutoConfig.from_pretrained(run.student_dir, trust_remote_code=True)
-    results = evaluate(embeddings, rows, student_config, run.inputs.teacher_config, list(config.thresholds),
-                       config.gflops_target)
+    results = evaluate(
+        embeddings, rows, student_config, run.inputs.teacher_config, list(config.thresholds), config.gflops_target
+    )
     timing = {"this_run": elapsed(start), "first_run": json.loads(record.read_text()) if record.is_file() else None}
     return SampleRun(run.seed, data_seed, rows, results, embeddings, {**timing, "data": str(data_root)})
 
@@ -194,8 +218,17 @@ def variant_student(run: SeedRun, overrides: dict) -> tuple[Path, dict]:
 
 def full_resolution_accuracy(embeddings: dict, rows) -> dict[str, float]:
     """Per-axis zero-shot accuracy of the student's last stage (its answer after every band)."""
-    return {name: float((zero_shot_predictions(embeddings["student"][:, -1], embeddings[f"text.{name}"])
-                         == torch.from_numpy(label_ids(rows, name))).double().mean()) for name in AXES}
+    return {
+        name: float(
+            (
+                zero_shot_predictions(embeddings["student"][:, -1], embeddings[f"text.{name}"])
+                == torch.from_numpy(label_ids(rows, name))
+            )
+            .double()
+            .mean()
+        )
+        for name in AXES
+    }
 
 
 def causality(runs: list[SeedRun]) -> dict:
@@ -211,8 +244,10 @@ def causality(runs: list[SeedRun]) -> dict:
             "student_dir": str(student_dir),
             "distillation_timing": timing,
         }
-    means = {kind: [float(np.mean(list(entry[kind].values()))) for entry in per_seed.values()]
-             for kind in ("block_causal", "bidirectional", "teacher")}
+    means = {
+        kind: [float(np.mean(list(entry[kind].values()))) for entry in per_seed.values()]
+        for kind in ("block_causal", "bidirectional", "teacher")
+    }
     bidirectional_config = AutoConfig.from_pretrained(per_seed[runs[0].seed]["student_dir"], trust_remote_code=True)
     return {
         "seeds": [run.seed for run in runs],
@@ -221,11 +256,15 @@ def causality(runs: list[SeedRun]) -> dict:
         "block_causal_mean_accuracy_per_seed": means["block_causal"],
         "bidirectional_mean_accuracy_per_seed": means["bidirectional"],
         "difference_points_per_seed": [100 * (b - c) for b, c in zip(means["bidirectional"], means["block_causal"])],
-        "per_axis_mean": {kind: {name: float(np.mean([entry[kind][name] for entry in per_seed.values()]))
-                                 for name in AXES} for kind in ("block_causal", "bidirectional", "teacher")},
+        "per_axis_mean": {
+            kind: {name: float(np.mean([entry[kind][name] for entry in per_seed.values()])) for name in AXES}
+            for kind in ("block_causal", "bidirectional", "teacher")
+        },
         # Per image: the block-causal student's full answer through the cache, the bidirectional one's forward.
-        "gflops": {"block_causal": runs[0].results["student_cumulative_gflops"][-1],
-                   "bidirectional": answer_flops(bidirectional_config)[-1] / 1e9},
+        "gflops": {
+            "block_causal": runs[0].results["student_cumulative_gflops"][-1],
+            "bidirectional": answer_flops(bidirectional_config)[-1] / 1e9,
+        },
         "per_seed": per_seed,
     }
 
@@ -257,16 +296,28 @@ def band_order(runs: list[SeedRun]) -> dict:
     per_seed = {}
     for run in runs:
         student_dir, timing = variant_student(run, VARIANTS["fine_to_coarse"])
-        results, _ = evaluate_student(run.config.cache_dir, run.inputs.data_root, run.inputs.rows,
-                                      run.inputs.teacher_dir, run.inputs.teacher_config, student_dir,
-                                      run.config.thresholds, run.config.gflops_target, run.config.eval_batch_size,
-                                      run.config.progress)
-        per_seed[run.seed] = {order: _order_entry(result) for order, result in
-                              (("coarse_to_fine", run.results), ("fine_to_coarse", results))}
+        results, _ = evaluate_student(
+            run.config.cache_dir,
+            run.inputs.data_root,
+            run.inputs.rows,
+            run.inputs.teacher_dir,
+            run.inputs.teacher_config,
+            student_dir,
+            run.config.thresholds,
+            run.config.gflops_target,
+            run.config.eval_batch_size,
+            run.config.progress,
+        )
+        per_seed[run.seed] = {
+            order: _order_entry(result)
+            for order, result in (("coarse_to_fine", run.results), ("fine_to_coarse", results))
+        }
         per_seed[run.seed]["student_dir"] = str(student_dir)
         per_seed[run.seed]["distillation_timing"] = timing
-    stage_means = {order: np.mean([entry[order]["stage_mean_accuracy"] for entry in per_seed.values()], axis=0)
-                   for order in ("coarse_to_fine", "fine_to_coarse")}
+    stage_means = {
+        order: np.mean([entry[order]["stage_mean_accuracy"] for entry in per_seed.values()], axis=0)
+        for order in ("coarse_to_fine", "fine_to_coarse")
+    }
     return {
         "seeds": [run.seed for run in runs],
         "coarse_to_fine_stage_mean_accuracy": [float(a) for a in stage_means["coarse_to_fine"]],
@@ -301,8 +352,14 @@ def stability_settings(runs: list[SeedRun], samples: list[SampleRun], max_subset
     for student_seed, data_seed, rows, embeddings in sources:
         for name in AXES:
             labels = torch.from_numpy(label_ids(rows, name))
-            by_size = axis_settings(embeddings["student"], embeddings[f"text.{name}"],
-                                    float(embeddings["logit_scale"]), labels, max_subsets, seed=data_seed)
+            by_size = axis_settings(
+                embeddings["student"],
+                embeddings[f"text.{name}"],
+                float(embeddings["logit_scale"]),
+                labels,
+                max_subsets,
+                seed=data_seed,
+            )
             settings.update({(student_seed, data_seed, name, size): setting for size, setting in by_size.items()})
     return settings
 
@@ -320,11 +377,13 @@ def transfer_pairs(settings: dict) -> dict[str, list[tuple]]:
         # Same student, data and axis; another number of labels.
         "across_label_set_sizes": [(a, b) for a in keys for b in keys if a[:3] == b[:3] and a[3] != b[3]],
         # Same student and axis with all its labels; the test split of another benchmark seed.
-        "across_benchmark_samples": [(a, b) for a in whole for b in whole
-                                     if a[0] == b[0] and a[2] == b[2] and a[1] != b[1]],
+        "across_benchmark_samples": [
+            (a, b) for a in whole for b in whole if a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
+        ],
         # Same axis with all its labels; another seed's teacher and student, each on its own benchmark.
-        "across_retrained_models": [(a, b) for a in whole for b in whole
-                                    if a[0] == a[1] and b[0] == b[1] and a[0] != b[0] and a[2] == b[2]],
+        "across_retrained_models": [
+            (a, b) for a in whole for b in whole if a[0] == a[1] and b[0] == b[1] and a[0] != b[0] and a[2] == b[2]
+        ],
         # From the whole label set to each smaller one (the figure).
         "from_all_labels": [(a, b) for a in whole for b in keys if a[:3] == b[:3]],
         # Each setting calibrated on itself (for the label-free calibration's own guarantee and cost).
@@ -343,24 +402,37 @@ def gate_stability(runs: list[SeedRun], samples: list[SampleRun], max_subsets: i
     for gate in GATE_SCORES:
         for calibration in CALIBRATIONS:
             for drop in ACCURACY_DROPS:
-                rows = {kind: transfers(settings, kind_pairs, gflops, gate, calibration, drop)
-                        for kind, kind_pairs in pairs.items()}
-                entry = {kind: summarise_transfers(kind_rows) for kind, kind_rows in rows.items()
-                         if kind != "from_all_labels"}
+                rows = {
+                    kind: transfers(settings, kind_pairs, gflops, gate, calibration, drop)
+                    for kind, kind_pairs in pairs.items()
+                }
+                entry = {
+                    kind: summarise_transfers(kind_rows)
+                    for kind, kind_rows in rows.items()
+                    if kind != "from_all_labels"
+                }
                 entry["from_all_labels_by_size"] = _shortfall_by_size(rows["from_all_labels"])
                 report[f"{gate}/{calibration}/{drop:g}"] = entry
-    return {"gates": list(GATE_SCORES), "calibrations": list(CALIBRATIONS), "accuracy_drops": list(ACCURACY_DROPS),
-            "max_subsets_per_size": max_subsets, "seeds": [run.seed for run in runs],
-            "sample_seeds": [sample.data_seed for sample in samples], "transfer_kinds": sorted(pairs),
-            "transfer_counts": {kind: len(kind_pairs) for kind, kind_pairs in pairs.items()},
-            "settings": len(settings), "results": report}
+    return {
+        "gates": list(GATE_SCORES),
+        "calibrations": list(CALIBRATIONS),
+        "accuracy_drops": list(ACCURACY_DROPS),
+        "max_subsets_per_size": max_subsets,
+        "seeds": [run.seed for run in runs],
+        "sample_seeds": [sample.data_seed for sample in samples],
+        "transfer_kinds": sorted(pairs),
+        "transfer_counts": {kind: len(kind_pairs) for kind, kind_pairs in pairs.items()},
+        "settings": len(settings),
+        "results": report,
+    }
 
 
 def _shortfall_by_size(rows: list[dict]) -> dict[int, float]:
     """Mean shortfall (points, negative = margin to spare) per target label-set size, over seeds and axes."""
     sizes = sorted({row["target"][3] for row in rows})
-    return {size: float(np.mean([row["shortfall_points"] for row in rows if row["target"][3] == size]))
-            for size in sizes}
+    return {
+        size: float(np.mean([row["shortfall_points"] for row in rows if row["target"][3] == size])) for size in sizes
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,9 +458,13 @@ def _seed_figures(results: dict) -> dict:
 
 def _spread(values: list[float]) -> dict:
     """Mean, sample standard deviation, min and max of one figure over seeds."""
-    return {"values": values, "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "min": float(np.min(values)), "max": float(np.max(values))}
+    return {
+        "values": values,
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+    }
 
 
 def _sample_spread(runs: list[SeedRun], samples: list[SampleRun]) -> dict | None:
@@ -402,8 +478,10 @@ def _sample_spread(runs: list[SeedRun], samples: list[SampleRun]) -> dict | None
     return {
         "student_seed": runs[0].seed,
         "data_seeds": list(per_sample),
-        "spread": {name: _spread([figures[name] for figures in per_sample.values() if figures[name] is not None])
-                   for name in names},
+        "spread": {
+            name: _spread([figures[name] for figures in per_sample.values() if figures[name] is not None])
+            for name in names
+        },
         "per_sample": per_sample,
         "timing": {sample.data_seed: sample.timing for sample in samples},
     }
@@ -421,11 +499,19 @@ def seed_spread(runs: list[SeedRun], samples: list[SampleRun] = ()) -> dict:
         "last_stage": last,
         "teacher_mean_accuracy": [figures["teacher_mean_accuracy"] for figures in per_seed.values()],
         "student_full_mean_accuracy": [figures[f"student_stage{last}_mean_accuracy"] for figures in per_seed.values()],
-        "spread": {name: _spread([figures[name] for figures in per_seed.values() if figures[name] is not None])
-                   for name in names},
+        "spread": {
+            name: _spread([figures[name] for figures in per_seed.values() if figures[name] is not None])
+            for name in names
+        },
         "per_seed": per_seed,
-        "folders": {run.seed: {"data": str(run.inputs.data_root), "teacher": str(run.inputs.teacher_dir),
-                               "student": str(run.student_dir)} for run in runs},
+        "folders": {
+            run.seed: {
+                "data": str(run.inputs.data_root),
+                "teacher": str(run.inputs.teacher_dir),
+                "student": str(run.student_dir),
+            }
+            for run in runs
+        },
         "main_job_timing": {run.seed: run.timing for run in runs},
     }
 
@@ -435,8 +521,13 @@ def seed_spread(runs: list[SeedRun], samples: list[SampleRun] = ()) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_seeds=None,
-                         sample_seeds=DEFAULT_SAMPLE_SEEDS, max_subsets: int = 10) -> dict:
+def run_method_ablations(
+    config: EndToEndConfig,
+    seeds=DEFAULT_SEEDS,
+    variant_seeds=None,
+    sample_seeds=DEFAULT_SAMPLE_SEEDS,
+    max_subsets: int = 10,
+) -> dict:
     """Build (or reuse) every seed's main job and the ablation students, answer the four questions and write
     docs/ablations.{json,md} and the figures into `config.docs_dir`.
 
@@ -476,17 +567,23 @@ def run_method_ablations(config: EndToEndConfig, seeds=DEFAULT_SEEDS, variant_se
     section("gate_stability", lambda: gate_stability(runs, samples, max_subsets))
     section("seed_spread", lambda: seed_spread(runs, samples))
     total = elapsed(start)
-    key = {"settings": config.settings(), "seeds": list(seeds), "variant_seeds": [run.seed for run in variant_runs],
-           "sample_seeds": [sample.data_seed for sample in samples],
-           "max_subsets": max_subsets, "generator_version": GENERATOR_VERSION,
-           "students": sorted(str(run.student_dir) for run in runs)}
+    key = {
+        "settings": config.settings(),
+        "seeds": list(seeds),
+        "variant_seeds": [run.seed for run in variant_runs],
+        "sample_seeds": [sample.data_seed for sample in samples],
+        "max_subsets": max_subsets,
+        "generator_version": GENERATOR_VERSION,
+        "students": sorted(str(run.student_dir) for run in runs),
+    }
     report["context"] = {
         "command": "python scripts/method_ablations.py " + " ".join(sys.argv[1:]),
         "date": utc_now(),
         "machine": machine_description(),
         "this_run": total,
-        "first_run": first_run_record(config.cache_dir, {"method_ablations": key}, total["wall_minutes"],
-                                      built_every_step=True),
+        "first_run": first_run_record(
+            config.cache_dir, {"method_ablations": key}, total["wall_minutes"], built_every_step=True
+        ),
         "settings": config.settings(),
     }
     # docs/ names no folder of this machine; the returned report keeps the real paths, for code that reads them.
@@ -501,45 +598,90 @@ def not_run(run: SeedRun, config: EndToEndConfig, seeds, sample_seeds) -> tuple[
     rate = summary["train_metrics"].get("images_per_second")
     settings = config.settings()["distillation"]
     minutes = settings["max_steps"] * settings["batch_size"] / rate / 60 if rate else None
-    command = " ".join(["python scripts/method_ablations.py --cache-dir <the main job's cache> --seeds",
-                        *map(str, seeds), "--variant-seeds", str(run.seed), "--sample-seeds",
-                        *map(str, sample_seeds or DEFAULT_SAMPLE_SEEDS)])
-    status = {"status": "not run", "command": command, "minutes_per_student_at_main_rate": minutes,
-              "main_student_images_per_second": rate}
+    command = " ".join(
+        [
+            "python scripts/method_ablations.py --cache-dir <the main job's cache> --seeds",
+            *map(str, seeds),
+            "--variant-seeds",
+            str(run.seed),
+            "--sample-seeds",
+            *map(str, sample_seeds or DEFAULT_SAMPLE_SEEDS),
+        ]
+    )
+    status = {
+        "status": "not run",
+        "command": command,
+        "minutes_per_student_at_main_rate": minutes,
+        "main_student_images_per_second": rate,
+    }
     full = run.results["summary"]["student_stage_mean"]
-    return ({"block_causal_mean_accuracy": full[-1], "bidirectional_mean_accuracy": None, **status},
-            {"coarse_to_fine_stage_mean_accuracy": full, "fine_to_coarse_stage_mean_accuracy": None, **status})
+    return (
+        {"block_causal_mean_accuracy": full[-1], "bidirectional_mean_accuracy": None, **status},
+        {"coarse_to_fine_stage_mean_accuracy": full, "fine_to_coarse_stage_mean_accuracy": None, **status},
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python scripts/method_ablations.py`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="the main job's size")
-    parser.add_argument("--cache-dir", default=EndToEndConfig.cache_dir,
-                        help="the main job's cache (default: %(default)s under the current directory)")
-    parser.add_argument("--docs-dir", default=EndToEndConfig.docs_dir,
-                        help="where ablations.{md,json} and figures/ go (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="benchmark seeds of the main job (default: %(default)s)")
-    parser.add_argument("--variant-seeds", type=int, nargs="*", default=None,
-                        help="seeds with bidirectional and fine-to-coarse students (default: every seed; none: "
-                             "the causality and band-order sections are not measured)")
-    parser.add_argument("--sample-seeds", type=int, nargs="*", default=list(DEFAULT_SAMPLE_SEEDS),
-                        help="benchmark seeds whose test split the first seed's student reads, with no new teacher "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-subsets", type=int, default=10,
-                        help="label subsets per label-set size in the gate-stability analysis (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        default=EndToEndConfig.cache_dir,
+        help="the main job's cache (default: %(default)s under the current directory)",
+    )
+    parser.add_argument(
+        "--docs-dir",
+        default=EndToEndConfig.docs_dir,
+        help="where ablations.{md,json} and figures/ go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        help="benchmark seeds of the main job (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--variant-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds with bidirectional and fine-to-coarse students (default: every seed; none: "
+        "the causality and band-order sections are not measured)",
+    )
+    parser.add_argument(
+        "--sample-seeds",
+        type=int,
+        nargs="*",
+        default=list(DEFAULT_SAMPLE_SEEDS),
+        help="benchmark seeds whose test split the first seed's student reads, with no new teacher "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-subsets",
+        type=int,
+        default=10,
+        help="label subsets per label-set size in the gate-stability analysis (default: %(default)s)",
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
-    parser.add_argument("--override", type=json.loads, default={},
-                        help="JSON merged into the size settings, as for the main job")
+    parser.add_argument(
+        "--override", type=json.loads, default={}, help="JSON merged into the size settings, as for the main job"
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    config = EndToEndConfig(size=args.size, cache_dir=args.cache_dir, docs_dir=args.docs_dir,
-                            num_workers=args.num_workers, overrides=args.override, progress=not args.no_progress)
+    config = EndToEndConfig(
+        size=args.size,
+        cache_dir=args.cache_dir,
+        docs_dir=args.docs_dir,
+        num_workers=args.num_workers,
+        overrides=args.override,
+        progress=not args.no_progress,
+    )
     return run_method_ablations(config, args.seeds, args.variant_seeds, args.sample_seeds, args.max_subsets)
 
 

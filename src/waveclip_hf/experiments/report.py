@@ -6,7 +6,7 @@ Every figure in results.md comes from the results dict; the page says which comm
 
 import json
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from .run_evaluation import COARSE_AXES, FINE_AXES
 
 def utc_now() -> str:
     """The current UTC time as the reports print it, e.g. "2026-11-23 18:20 UTC"."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine_description() -> str:
@@ -66,7 +66,7 @@ def portable_paths(value, roots: dict[str, Path]):
             text = str(item)
             for prefix, label in prefixes:
                 if text == prefix or text.startswith(prefix + "/"):
-                    return label + text[len(prefix):]
+                    return label + text[len(prefix) :]
             return item if isinstance(item, str) else text
         return item
 
@@ -93,9 +93,12 @@ def _pct(fraction: float) -> str:
 
 def _header(results: dict, context: dict) -> list[str]:
     first = context.get("first_run")
-    first_run = (f"; the first run with these settings (nothing cached) took {first['minutes']:.1f} min on "
-                 f"{first['date']} ({first['machine']})." if first else
-                 "; no first run with these settings (nothing cached) is recorded in this cache.")
+    first_run = (
+        f"; the first run with these settings (nothing cached) took {first['minutes']:.1f} min on "
+        f"{first['date']} ({first['machine']})."
+        if first
+        else "; no first run with these settings (nothing cached) is recorded in this cache."
+    )
     return [
         "# Results on the generated offline benchmark",
         "",
@@ -118,16 +121,28 @@ def _accuracy_table(results: dict) -> list[str]:
     lines = [
         "## Zero-shot accuracy on the test split (%)",
         "",
-        "| axis | scale | classes | chance | teacher | " + " | ".join(f"student stage {s}" for s in range(stages)) + " |",
+        "| axis | scale | classes | chance | teacher | "
+        + " | ".join(f"student stage {s}" for s in range(stages))
+        + " |",
         "|---|---|---:|---:|---:|" + "---:|" * stages,
     ]
     for name, row in per_axis.items():
-        lines.append(f"| {name} | {row['scale']} | {row['num_classes']} | {_pct(row['chance'])} | "
-                     f"{_pct(row['teacher'])} | " + " | ".join(_pct(a) for a in row["stages"]) + " |")
-    lines.append("| **mean** | | | | " + f"**{_pct(summary['teacher_mean'])}** | "
-                 + " | ".join(f"**{_pct(a)}**" for a in summary["student_stage_mean"]) + " |")
-    lines.append("| GFLOPs | | | | " + f"{results['teacher_gflops']:.3f} | "
-                 + " | ".join(f"{g:.3f}" for g in results["student_cumulative_gflops"]) + " |")
+        lines.append(
+            f"| {name} | {row['scale']} | {row['num_classes']} | {_pct(row['chance'])} | "
+            f"{_pct(row['teacher'])} | " + " | ".join(_pct(a) for a in row["stages"]) + " |"
+        )
+    lines.append(
+        "| **mean** | | | | "
+        + f"**{_pct(summary['teacher_mean'])}** | "
+        + " | ".join(f"**{_pct(a)}**" for a in summary["student_stage_mean"])
+        + " |"
+    )
+    lines.append(
+        "| GFLOPs | | | | "
+        + f"{results['teacher_gflops']:.3f} | "
+        + " | ".join(f"{g:.3f}" for g in results["student_cumulative_gflops"])
+        + " |"
+    )
     return lines
 
 
@@ -136,11 +151,19 @@ def _axis_readings(per_axis: dict) -> list[str]:
     lines = []
     for name, row in per_axis.items():
         gain = round(100 * (row["stages"][-1] - row["stages"][0]), 1) + 0.0  # + 0.0: no "-0.0"
-        reading = ("the detail band carries it" if gain > 10 else
-                   "the approximation band alone answers it" if abs(gain) < 1 else
-                   "the detail band helps" if gain > 0 else "the later stage answers it less well than stage 0")
-        lines.append(f"- {name} ({row['scale']} by construction): stage 0 {_pct(row['stages'][0])}% → full "
-                     f"{_pct(row['stages'][-1])}% ({gain:+.1f} points): {reading}.")
+        reading = (
+            "the detail band carries it"
+            if gain > 10
+            else "the approximation band alone answers it"
+            if abs(gain) < 1
+            else "the detail band helps"
+            if gain > 0
+            else "the later stage answers it less well than stage 0"
+        )
+        lines.append(
+            f"- {name} ({row['scale']} by construction): stage 0 {_pct(row['stages'][0])}% → full "
+            f"{_pct(row['stages'][-1])}% ({gain:+.1f} points): {reading}."
+        )
     return lines
 
 
@@ -152,14 +175,18 @@ def _gate_readings(results: dict) -> list[str]:
     best, cheapest = summary["best_within_budget"], summary["cheapest_within_one_point"]
     lines = []
     if best:
-        lines.append(f"- Best gated point at ≤ {summary['gflops_budget'] / full_gflops:.1f}× the full model's GFLOPs "
-                     f"({summary['gflops_budget']:.3f}): θ = {best['threshold']:g}, {_pct(best['accuracy'])}% "
-                     f"at {best['mean_gflops']:.3f} GFLOPs ({100 * (best['accuracy'] - full):+.1f} points vs the full "
-                     "model).")
+        lines.append(
+            f"- Best gated point at ≤ {summary['gflops_budget'] / full_gflops:.1f}× the full model's GFLOPs "
+            f"({summary['gflops_budget']:.3f}): θ = {best['threshold']:g}, {_pct(best['accuracy'])}% "
+            f"at {best['mean_gflops']:.3f} GFLOPs ({100 * (best['accuracy'] - full):+.1f} points vs the full "
+            "model)."
+        )
     if cheapest:
-        lines.append(f"- Cheapest gated point within 1 point of the full model: θ = {cheapest['threshold']:g}, "
-                     f"{_pct(cheapest['accuracy'])}% at {cheapest['mean_gflops']:.3f} GFLOPs "
-                     f"({cheapest['mean_gflops'] / full_gflops:.2f}× the full model).")
+        lines.append(
+            f"- Cheapest gated point within 1 point of the full model: θ = {cheapest['threshold']:g}, "
+            f"{_pct(cheapest['accuracy'])}% at {cheapest['mean_gflops']:.3f} GFLOPs "
+            f"({cheapest['mean_gflops'] / full_gflops:.2f}× the full model)."
+        )
     if "oracle_exit_gflops" in summary:
         oracle = summary["oracle_exit_gflops"]
         lines.append(
@@ -167,7 +194,8 @@ def _gate_readings(results: dict) -> list[str]:
             f"{oracle:.3f} GFLOPs ({oracle / full_gflops:.2f}× the full model; per axis "
             + ", ".join(f"{n} {row['oracle_exit']['mean_gflops'] / full_gflops:.2f}×" for n, row in per_axis.items())
             + "). No margin gate can keep every full-model answer for less; an axis that stage 0 cannot see "
-            "costs ~1× whatever the gate does.")
+            "costs ~1× whatever the gate does."
+        )
     return lines
 
 
@@ -216,9 +244,10 @@ def _sweep_table(results: dict) -> list[str]:
         "|---:|---:|---:|---:|" + "---:|" * stages,
     ]
     for p in results["sweep_mean"]:
-        lines.append(f"| {p['threshold']:g} | {_pct(p['accuracy'])} | {p['mean_gflops']:.3f} | "
-                     f"{p['mean_gflops'] / full_gflops:.2f} | " + " | ".join(f"{100 * s:.0f}" for s in p["stage_share"])
-                     + " |")
+        lines.append(
+            f"| {p['threshold']:g} | {_pct(p['accuracy'])} | {p['mean_gflops']:.3f} | "
+            f"{p['mean_gflops'] / full_gflops:.2f} | " + " | ".join(f"{100 * s:.0f}" for s in p["stage_share"]) + " |"
+        )
     return lines
 
 
@@ -235,12 +264,14 @@ def _label_free_table(results: dict) -> list[str]:
         return f"{figures['drop_points']:+.1f} / {figures['gflops_ratio']:.2f}×"
 
     lines = [
-        "", "## The gate without labels: one threshold per label set", "",
+        "",
+        "## The gate without labels: one threshold per label set",
+        "",
         f"Each axis (label set and template) gets its own threshold, chosen without labels on the "
         f"{summary['calibration_images']} {summary['calibration_split']} images (none of them a test image): the "
         f"cheapest whose answers agree with the full student's on at least {100 * summary['target_agreement']:g}% "
         "of them (`classifier.calibrate(images, candidate_labels=..., target_agreement=0.99)`, then "
-        "`margin_threshold=\"auto\"`). Measured on the test split against two choices made with the test labels: "
+        '`margin_threshold="auto"`). Measured on the test split against two choices made with the test labels: '
         f"the best single threshold for all axes (the cheapest within {drop:g} points of the full student's mean "
         f"accuracy) and the labelled oracle (per axis, the cheapest within {drop:g} points of that axis's full "
         "accuracy). Cells: accuracy drop vs the full student (points) / GFLOPs as a fraction of the full student's.",
@@ -253,11 +284,13 @@ def _label_free_table(results: dict) -> list[str]:
         lines.append(
             f"| {name} | {_threshold(row['threshold'])} | {_pct(row['calibration_agreement'])} / "
             f"{_pct(row['test_agreement'])} | {cost(row)} | {cost(row['single_threshold'])} | "
-            f"{cost(row['labelled_oracle'])} ({_threshold(row['labelled_oracle']['threshold'])}) |")
+            f"{cost(row['labelled_oracle'])} ({_threshold(row['labelled_oracle']['threshold'])}) |"
+        )
     lines.append(
         f"| **mean** | | | **{summary['mean_drop_points']:+.1f} / {summary['mean_gflops_ratio']:.2f}×** | "
         f"{single['mean_drop_points']:+.1f} / {single['mean_gflops_ratio']:.2f}× | "
-        f"{oracle['mean_drop_points']:+.1f} / {oracle['mean_gflops_ratio']:.2f}× |")
+        f"{oracle['mean_drop_points']:+.1f} / {oracle['mean_gflops_ratio']:.2f}× |"
+    )
     lines += [
         "",
         f"- Label-free, per label set: {summary['mean_gflops_ratio']:.2f}× the full student's GFLOPs, largest axis "
@@ -281,9 +314,12 @@ def _flip_rates(results: dict) -> list[str]:
     stages = len(results["student_cumulative_gflops"]) - 1
     mean = results["summary"]["stage_flip_rate_mean"]
     lines = [
-        "", "## How often an earlier stage's answer changes by the last", "",
+        "",
+        "## How often an earlier stage's answer changes by the last",
+        "",
         "Share of test images whose top-1 after the stage differs from the full student's (the flip rate); an "
-        "image that the gate answers at that stage keeps the earlier answer.", "",
+        "image that the gate answers at that stage keeps the earlier answer.",
+        "",
         "| axis | " + " | ".join(f"stage {s} (%)" for s in range(stages)) + " |",
         "|---|" + "---:|" * stages,
     ]
@@ -294,12 +330,20 @@ def _flip_rates(results: dict) -> list[str]:
 
 
 def _pipeline_demo(context: dict) -> list[str]:
-    lines = ["", "## Pipeline on the saved folder", "",
-             f"`pipeline(\"zero-shot-image-classification\", model=<student>, trust_remote_code=True)` with "
-             f"`margin_threshold={context['demo_threshold']:g}`, one call per axis:", ""]
+    lines = [
+        "",
+        "## Pipeline on the saved folder",
+        "",
+        f'`pipeline("zero-shot-image-classification", model=<student>, trust_remote_code=True)` with '
+        f"`margin_threshold={context['demo_threshold']:g}`, one call per axis:",
+        "",
+    ]
     for item in context["demo"]:
-        answers = "; ".join(f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
-                            f"stage {a['stage']})" for axis, a in item["answers"].items())
+        answers = "; ".join(
+            f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
+            f"stage {a['stage']})"
+            for axis, a in item["answers"].items()
+        )
         lines.append(f"- `{item['file_name']}` — {answers}")
     return lines + _label_free_demo(context)
 
@@ -311,12 +355,19 @@ def _label_free_demo(context: dict) -> list[str]:
         return []
     label_free = context["label_free_demo"]
     thresholds = ", ".join(f"{axis} {_threshold(t)}" for axis, t in label_free["thresholds"].items())
-    lines = ["", "The same images with one threshold per axis chosen without labels (`classifier.calibrate(<validation "
-             f"images>, candidate_labels=..., hypothesis_template=..., target_agreement=0.99)`: {thresholds}), then "
-             "`margin_threshold=\"auto\"`:", ""]
+    lines = [
+        "",
+        "The same images with one threshold per axis chosen without labels (`classifier.calibrate(<validation "
+        f"images>, candidate_labels=..., hypothesis_template=..., target_agreement=0.99)`: {thresholds}), then "
+        '`margin_threshold="auto"`:',
+        "",
+    ]
     for item in label_free["demo"]:
-        answers = "; ".join(f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
-                            f"stage {a['stage']})" for axis, a in item["answers"].items())
+        answers = "; ".join(
+            f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
+            f"stage {a['stage']})"
+            for axis, a in item["answers"].items()
+        )
         lines.append(f"- `{item['file_name']}` — {answers}")
     return lines
 
@@ -325,11 +376,26 @@ def write_results_markdown(path: Path, results: dict, context: dict) -> Path:
     """docs/results.md: provenance, the accuracy table, what the numbers say, the figures, the gate sweep, the
     label-free gate, the flip rates and the pipeline demo. `results` as from `evaluate`; `context` as built by
     `end_to_end.run`."""
-    lines = [*_header(results, context), *_accuracy_table(results), "", *_findings(results), *_sweep_table(results),
-             *_label_free_table(results), *_flip_rates(results), *_pipeline_demo(context), ""]
+    lines = [
+        *_header(results, context),
+        *_accuracy_table(results),
+        "",
+        *_findings(results),
+        *_sweep_table(results),
+        *_label_free_table(results),
+        *_flip_rates(results),
+        *_pipeline_demo(context),
+        "",
+    ]
     Path(path).write_text("\n".join(lines))
     return Path(path)
 
 
-__all__ = ["first_run_record", "machine_description", "portable_paths", "utc_now", "write_reports",
-           "write_results_markdown"]
+__all__ = [
+    "first_run_record",
+    "machine_description",
+    "portable_paths",
+    "utc_now",
+    "write_reports",
+    "write_results_markdown",
+]

@@ -36,6 +36,7 @@ from ..models.waveclip.gate_calibration import calibrate_threshold
 from ..models.waveclip.gating import gate_operating_points
 from .cached_steps import settings_hash
 
+
 FINE_AXES = tuple(name for name, axis in AXES.items() if axis.scale == "fine")
 COARSE_AXES = tuple(name for name, axis in AXES.items() if axis.scale == "coarse")
 # The label-free gate keeps this share of the full model's answers on the unlabelled calibration images.
@@ -57,7 +58,10 @@ def embeddings_cache_path(cache_dir: Path, teacher_dir: Path, student_dir: Path)
 
 def _test_batches(data_root: Path, rows: list[dict], batch_size: int):
     for start in range(0, len(rows), batch_size):
-        yield [Image.open(data_root / "test" / row["file_name"]).convert("RGB") for row in rows[start : start + batch_size]]
+        yield [
+            Image.open(data_root / "test" / row["file_name"]).convert("RGB")
+            for row in rows[start : start + batch_size]
+        ]
 
 
 def _load_encoders(teacher_dir: Path, student_dir: Path, device: str) -> dict:
@@ -78,8 +82,9 @@ def _image_embeddings(encoders: dict, data_root: Path, rows, batch_size: int, de
     """Teacher (N, P) and raw student per-stage (N, S, P) image embeddings of the test images, float32 on the CPU."""
     teacher_embeds, student_embeds = [], []
     batches = _test_batches(data_root, rows, batch_size)
-    for images in tqdm(batches, total=-(-len(rows) // batch_size), desc="embedding the test split", unit="batch",
-                       disable=not progress):
+    for images in tqdm(
+        batches, total=-(-len(rows) // batch_size), desc="embedding the test split", unit="batch", disable=not progress
+    ):
         pixels = encoders["teacher_processor"](images=images, return_tensors="pt")["pixel_values"].to(device)
         teacher_embeds.append(encoders["teacher"].get_image_features(pixel_values=pixels).pooler_output.float().cpu())
         coefficients = encoders["student_processor"](images=images, return_tensors="pt")["pixel_values"].to(device)
@@ -88,8 +93,16 @@ def _image_embeddings(encoders: dict, data_root: Path, rows, batch_size: int, de
 
 
 @torch.no_grad()
-def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path, cache: Path, batch_size: int,
-                     progress: bool, axes: dict | None = None) -> dict:
+def embed_test_split(
+    data_root: Path,
+    rows,
+    teacher_dir: Path,
+    student_dir: Path,
+    cache: Path,
+    batch_size: int,
+    progress: bool,
+    axes: dict | None = None,
+) -> dict:
     """The embeddings every metric of `evaluate` is computed from, cached in one safetensors file at `cache`.
 
     Returns:
@@ -122,12 +135,16 @@ def embed_test_split(data_root: Path, rows, teacher_dir: Path, student_dir: Path
 
 def calibration_embeddings_cache_path(cache_dir: Path, student_dir: Path) -> Path:
     """Where `embed_calibration_split` caches the student's embeddings of the calibration images."""
-    return Path(cache_dir) / f"{CALIBRATION_SPLIT}-embeddings-{settings_hash([str(student_dir), CALIBRATION_SPLIT])}.safetensors"
+    return (
+        Path(cache_dir)
+        / f"{CALIBRATION_SPLIT}-embeddings-{settings_hash([str(student_dir), CALIBRATION_SPLIT])}.safetensors"
+    )
 
 
 @torch.no_grad()
-def embed_calibration_split(data_root: Path, student_dir: Path, cache: Path, batch_size: int,
-                            progress: bool) -> torch.Tensor:
+def embed_calibration_split(
+    data_root: Path, student_dir: Path, cache: Path, batch_size: int, progress: bool
+) -> torch.Tensor:
     """(N, S, P) L2-normalised student embeddings after every stage of the validation images, cached at `cache`.
 
     These are the label-free gate's calibration images: only the pixels are read, never a label, and none of them
@@ -145,10 +162,16 @@ def embed_calibration_split(data_root: Path, student_dir: Path, cache: Path, bat
     processor = AutoImageProcessor.from_pretrained(student_dir, trust_remote_code=True)
     rows = load_benchmark_split(data_root, CALIBRATION_SPLIT)
     embeds = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"embedding the {CALIBRATION_SPLIT} split", unit="batch",
-                      disable=not progress):
-        images = [Image.open(data_root / CALIBRATION_SPLIT / row["file_name"]).convert("RGB")
-                  for row in rows[start : start + batch_size]]
+    for start in tqdm(
+        range(0, len(rows), batch_size),
+        desc=f"embedding the {CALIBRATION_SPLIT} split",
+        unit="batch",
+        disable=not progress,
+    ):
+        images = [
+            Image.open(data_root / CALIBRATION_SPLIT / row["file_name"]).convert("RGB")
+            for row in rows[start : start + batch_size]
+        ]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         embeds.append(student.get_image_features(pixel_values).stage_pooler_outputs.float().cpu())
     embeds = torch.nn.functional.normalize(torch.cat(embeds), dim=-1)
@@ -162,8 +185,7 @@ def embed_calibration_split(data_root: Path, student_dir: Path, cache: Path, bat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teacher_gflops: float, thresholds,
-                   axis):
+def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teacher_gflops: float, thresholds, axis):
     """One axis (`axis`, its `LabelAxis`): its table row (accuracies, chance, oracle exit) and its threshold sweep.
     Accuracies come from the `early_exit_accuracy` metric (`evaluation.metrics`), with each answer's cumulative
     GFLOPs."""
@@ -171,8 +193,7 @@ def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teach
     text = embeddings[f"text.{name}"]
     teacher = early_exit_accuracy(zero_shot_predictions(embeddings["teacher"], text), labels, teacher_gflops)
     probs = stage_probabilities(embeddings["student"], text, float(embeddings["logit_scale"]))
-    fixed = [early_exit_accuracy(probs[:, s].argmax(-1), labels, gflops[s])
-              for s in range(len(gflops))]
+    fixed = [early_exit_accuracy(probs[:, s].argmax(-1), labels, gflops[s]) for s in range(len(gflops))]
     sweep = sweep_thresholds(probs, labels, gflops, thresholds)
     oracle = oracle_exit_point(probs, labels, gflops)
     row = {
@@ -181,8 +202,9 @@ def _evaluate_axis(name: str, embeddings: dict, rows, gflops: list[float], teach
         "chance": 1 / len(axis.class_names),
         "teacher": teacher["accuracy"],
         "stages": [stage["accuracy"] for stage in fixed],
-        "student_text_equals_teacher": bool(torch.equal(embeddings[f"student_text.{name}"],
-                                                        embeddings[f"text.{name}"])),
+        "student_text_equals_teacher": bool(
+            torch.equal(embeddings[f"student_text.{name}"], embeddings[f"text.{name}"])
+        ),
         "oracle_exit": {"mean_gflops": oracle.mean_gflops, "stage_share": oracle.stage_share},
         # How often each stage's top-1 differs from the last stage's (the full model's).
         "stage_flip_rate": stage_flip_rates(probs),
@@ -195,12 +217,14 @@ def _mean_curve(sweeps: dict[str, list[OperatingPoint]], thresholds, num_stages:
     mean_curve = []
     for i, threshold in enumerate(thresholds):
         points = [sweeps[name][i] for name in sweeps]
-        mean_curve.append(OperatingPoint(
-            threshold=float(threshold),
-            accuracy=float(np.mean([p.accuracy for p in points])),
-            mean_gflops=float(np.mean([p.mean_gflops for p in points])),
-            stage_share=[float(np.mean([p.stage_share[s] for p in points])) for s in range(num_stages)],
-        ))
+        mean_curve.append(
+            OperatingPoint(
+                threshold=float(threshold),
+                accuracy=float(np.mean([p.accuracy for p in points])),
+                mean_gflops=float(np.mean([p.mean_gflops for p in points])),
+                stage_share=[float(np.mean([p.stage_share[s] for p in points])) for s in range(num_stages)],
+            )
+        )
     return mean_curve
 
 
@@ -228,7 +252,9 @@ def _summary(per_axis: dict, mean_curve: list[OperatingPoint], gflops: list[floa
         "full_gflops": gflops[-1],
         "gflops_budget": budget,
         "best_within_budget": dataclasses.asdict(best_within_budget) if best_within_budget else None,
-        "cheapest_within_one_point": dataclasses.asdict(cheapest_within_one_point) if cheapest_within_one_point else None,
+        "cheapest_within_one_point": dataclasses.asdict(cheapest_within_one_point)
+        if cheapest_within_one_point
+        else None,
     }
 
 
@@ -248,8 +274,11 @@ def _label_free_axis(name: str, embeddings: dict, calibration_embeds: torch.Tens
     the test split. Returns the axis's row and its test operating points against the labels."""
     text, logit_scale = embeddings[f"text.{name}"], float(embeddings["logit_scale"])
     test_probs = stage_probabilities(embeddings["student"], text, logit_scale)
-    chosen = calibrate_threshold(stage_probabilities(calibration_embeds, text, logit_scale), gflops,
-                                 target_agreement=LABEL_FREE_TARGET_AGREEMENT)
+    chosen = calibrate_threshold(
+        stage_probabilities(calibration_embeds, text, logit_scale),
+        gflops,
+        target_agreement=LABEL_FREE_TARGET_AGREEMENT,
+    )
     labels = torch.from_numpy(label_ids(rows, name))
     against_labels = gate_operating_points(test_probs, gflops, reference=labels)
     against_full = gate_operating_points(test_probs, gflops)
@@ -262,8 +291,10 @@ def _label_free_axis(name: str, embeddings: dict, calibration_embeds: torch.Tens
         "test_agreement": float(against_full.agreement[int(against_full.index_at([threshold]))]),
         "full_accuracy": full_accuracy,
         **_gated_figures(against_labels, index, full_accuracy, gflops[-1]),
-        "labelled_oracle": {"threshold": _finite(against_labels.thresholds[oracle]),
-                            **_gated_figures(against_labels, oracle, full_accuracy, gflops[-1])},
+        "labelled_oracle": {
+            "threshold": _finite(against_labels.thresholds[oracle]),
+            **_gated_figures(against_labels, oracle, full_accuracy, gflops[-1]),
+        },
     }
     return row, against_labels
 
@@ -273,8 +304,9 @@ def _finite(threshold) -> float | None:
     return None if math.isinf(float(threshold)) else float(threshold)
 
 
-def _label_free(embeddings: dict, calibration_embeds: torch.Tensor, rows, gflops: list[float],
-                names: list[str]) -> dict:
+def _label_free(
+    embeddings: dict, calibration_embeds: torch.Tensor, rows, gflops: list[float], names: list[str]
+) -> dict:
     """The label-free gate per axis, the best single threshold and the labelled oracle, with a summary of each."""
     per_axis, points = {}, {}
     for name in names:
@@ -297,15 +329,25 @@ def _label_free(embeddings: dict, calibration_embeds: torch.Tensor, rows, gflops
         "calibration_images": int(calibration_embeds.shape[0]),
         "comparison_max_drop_points": 100 * COMPARISON_MAX_DROP,
         **summarise(list(per_axis.values())),
-        "best_single_threshold": {"threshold": threshold,
-                                  **summarise([row["single_threshold"] for row in per_axis.values()])},
+        "best_single_threshold": {
+            "threshold": threshold,
+            **summarise([row["single_threshold"] for row in per_axis.values()]),
+        },
         "labelled_oracle": summarise([row["labelled_oracle"] for row in per_axis.values()]),
     }
     return {"per_axis": per_axis, "summary": summary}
 
 
-def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds, gflops_target: float,
-             calibration_embeddings: torch.Tensor | None = None, axes: dict | None = None) -> dict:
+def evaluate(
+    embeddings: dict,
+    rows,
+    student_config,
+    teacher_config,
+    thresholds,
+    gflops_target: float,
+    calibration_embeddings: torch.Tensor | None = None,
+    axes: dict | None = None,
+) -> dict:
     """Per-axis zero-shot accuracy of teacher, fixed stages and the gate sweep; GFLOPs; exit-stage shares.
 
     Args:
@@ -326,12 +368,12 @@ def evaluate(embeddings: dict, rows, student_config, teacher_config, thresholds,
     teacher_gflops = clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
     per_axis, sweeps = {}, {}
     for name, axis in (axes or AXES).items():
-        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, teacher_gflops, thresholds,
-                                                      axis)
+        per_axis[name], sweeps[name] = _evaluate_axis(name, embeddings, rows, gflops, teacher_gflops, thresholds, axis)
     mean_curve = _mean_curve(sweeps, thresholds, len(gflops))
     summary = _summary(per_axis, mean_curve, gflops, gflops_target)
-    summary["stage_flip_rate_mean"] = [float(np.mean([per_axis[n]["stage_flip_rate"][s] for n in per_axis]))
-                                       for s in range(len(gflops))]
+    summary["stage_flip_rate_mean"] = [
+        float(np.mean([per_axis[n]["stage_flip_rate"][s] for n in per_axis])) for s in range(len(gflops))
+    ]
     results = {
         "flops_convention": FLOPS_CONVENTION,
         "student_cumulative_gflops": gflops,
@@ -356,20 +398,40 @@ def card_results(results: dict, num_images: int, threshold: float, split: str = 
     tasks = []
     for name, row in results["per_axis"].items():
         gate = next((p for p in results["sweep_per_axis"][name] if p["threshold"] == threshold), None)
-        tasks.append(ZeroShotResult(
-            task=name, dataset_name=f"waveclip_hf generated benchmark, {name} axis ({row['scale']} scale)",
-            dataset_type="waveclip-hf-generated-benchmark", dataset_config=name, dataset_split=split,
-            num_images=num_images, class_names=list(AXES[name].class_names), prompt_template=AXES[name].template,
-            stage_accuracy=list(row["stages"]), stage_gflops=list(results["student_cumulative_gflops"]),
-            measured_by="the main job of waveclip_hf (`bash scripts/run_main.sh`) on the test split",
-            teacher_accuracy=row["teacher"],
-            gate=gate and {"threshold": threshold, "accuracy": gate["accuracy"], "mean_gflops": gate["mean_gflops"]},
-        ))
+        tasks.append(
+            ZeroShotResult(
+                task=name,
+                dataset_name=f"waveclip_hf generated benchmark, {name} axis ({row['scale']} scale)",
+                dataset_type="waveclip-hf-generated-benchmark",
+                dataset_config=name,
+                dataset_split=split,
+                num_images=num_images,
+                class_names=list(AXES[name].class_names),
+                prompt_template=AXES[name].template,
+                stage_accuracy=list(row["stages"]),
+                stage_gflops=list(results["student_cumulative_gflops"]),
+                measured_by="the main job of waveclip_hf (`bash scripts/run_main.sh`) on the test split",
+                teacher_accuracy=row["teacher"],
+                gate=gate
+                and {"threshold": threshold, "accuracy": gate["accuracy"], "mean_gflops": gate["mean_gflops"]},
+            )
+        )
     return tasks
 
 
-def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, teacher_config, student_dir: Path,
-                     thresholds, gflops_target: float, batch_size: int, progress: bool, axes: dict | None = None):
+def evaluate_student(
+    cache_dir: Path,
+    data_root: Path,
+    rows,
+    teacher_dir: Path,
+    teacher_config,
+    student_dir: Path,
+    thresholds,
+    gflops_target: float,
+    batch_size: int,
+    progress: bool,
+    axes: dict | None = None,
+):
     """Embed the test split with teacher and student (cached per teacher and student folder), and the validation
     split with the student (the label-free gate's unlabelled calibration images, cached per student), and `evaluate`
     on `axes` (default `AXES`).
@@ -381,11 +443,20 @@ def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, 
 
     cache = embeddings_cache_path(cache_dir, teacher_dir, student_dir)
     embeddings = embed_test_split(data_root, rows, teacher_dir, student_dir, cache, batch_size, progress, axes)
-    calibration = embed_calibration_split(data_root, student_dir, calibration_embeddings_cache_path(
-        cache_dir, student_dir), batch_size, progress)
+    calibration = embed_calibration_split(
+        data_root, student_dir, calibration_embeddings_cache_path(cache_dir, student_dir), batch_size, progress
+    )
     student_config = AutoConfig.from_pretrained(student_dir, trust_remote_code=True)
-    results = evaluate(embeddings, rows, student_config, teacher_config, list(thresholds), gflops_target,
-                       calibration_embeddings=calibration, axes=axes)
+    results = evaluate(
+        embeddings,
+        rows,
+        student_config,
+        teacher_config,
+        list(thresholds),
+        gflops_target,
+        calibration_embeddings=calibration,
+        axes=axes,
+    )
     return results, student_config
 
 
@@ -394,8 +465,9 @@ def evaluate_student(cache_dir: Path, data_root: Path, rows, teacher_dir: Path, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, count: int,
-                  axes: dict | None = None) -> list[dict]:
+def pipeline_demo(
+    student_dir: Path, data_root: Path, rows, threshold: float, count: int, axes: dict | None = None
+) -> list[dict]:
     """Classify the first `count` test images on every axis with the saved folder through the stock
     `pipeline("zero-shot-image-classification", trust_remote_code=True)` entry point, gated at `threshold`."""
     from transformers import pipeline
@@ -406,10 +478,19 @@ def pipeline_demo(student_dir: Path, data_root: Path, rows, threshold: float, co
         image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
         answers = {}
         for name, axis in (axes or AXES).items():
-            result = classifier(image, candidate_labels=list(axis.class_names), hypothesis_template=axis.template,
-                                margin_threshold=threshold)
-            answers[name] = {"predicted": result[0]["label"], "score": round(result[0]["score"], 3),
-                             "true": row[name], "stage": result[0]["stage"], "gflops": round(result[0]["gflops"], 4)}
+            result = classifier(
+                image,
+                candidate_labels=list(axis.class_names),
+                hypothesis_template=axis.template,
+                margin_threshold=threshold,
+            )
+            answers[name] = {
+                "predicted": result[0]["label"],
+                "score": round(result[0]["score"], 3),
+                "true": row[name],
+                "stage": result[0]["stage"],
+                "gflops": round(result[0]["gflops"], 4),
+            }
         demo.append({"file_name": row["file_name"], "caption": row["caption"], "answers": answers})
     return demo
 
@@ -429,27 +510,44 @@ def label_free_pipeline_demo(student_dir: Path, data_root: Path, rows, count: in
     from ..data.synthetic import load_benchmark_split
     from ..models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
 
-    classifier = pipeline("zero-shot-image-classification", model=str(student_dir), trust_remote_code=True,
-                          pipeline_class=WaveCLIPZeroShotImageClassificationPipeline)
-    unlabelled = [str(data_root / CALIBRATION_SPLIT / row["file_name"])
-                  for row in load_benchmark_split(data_root, CALIBRATION_SPLIT)]
+    classifier = pipeline(
+        "zero-shot-image-classification",
+        model=str(student_dir),
+        trust_remote_code=True,
+        pipeline_class=WaveCLIPZeroShotImageClassificationPipeline,
+    )
+    unlabelled = [
+        str(data_root / CALIBRATION_SPLIT / row["file_name"])
+        for row in load_benchmark_split(data_root, CALIBRATION_SPLIT)
+    ]
     # The image encoder runs once on the unlabelled images; each axis is calibrated from those embeddings.
     image_embeddings = classifier.image_stage_embeddings(unlabelled, batch_size=batch_size)
     thresholds = {}
     for name, axis in AXES.items():
-        thresholds[name] = classifier.calibrate(image_embeddings=image_embeddings,
-                                                candidate_labels=list(axis.class_names),
-                                                hypothesis_template=axis.template,
-                                                target_agreement=LABEL_FREE_TARGET_AGREEMENT).threshold
+        thresholds[name] = classifier.calibrate(
+            image_embeddings=image_embeddings,
+            candidate_labels=list(axis.class_names),
+            hypothesis_template=axis.template,
+            target_agreement=LABEL_FREE_TARGET_AGREEMENT,
+        ).threshold
     demo = []
     for row in rows[:count]:
         image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
         answers = {}
         for name, axis in AXES.items():
-            result = classifier(image, candidate_labels=list(axis.class_names), hypothesis_template=axis.template,
-                                margin_threshold="auto")
-            answers[name] = {"predicted": result[0]["label"], "score": round(result[0]["score"], 3),
-                             "true": row[name], "stage": result[0]["stage"], "gflops": round(result[0]["gflops"], 4)}
+            result = classifier(
+                image,
+                candidate_labels=list(axis.class_names),
+                hypothesis_template=axis.template,
+                margin_threshold="auto",
+            )
+            answers[name] = {
+                "predicted": result[0]["label"],
+                "score": round(result[0]["score"], 3),
+                "true": row[name],
+                "stage": result[0]["stage"],
+                "gflops": round(result[0]["gflops"], 4),
+            }
         demo.append({"file_name": row["file_name"], "caption": row["caption"], "answers": answers})
     return {"thresholds": thresholds, "demo": demo}
 

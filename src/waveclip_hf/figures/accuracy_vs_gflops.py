@@ -30,10 +30,25 @@ def _save(figure, path) -> Path:
 def _result_panels(results: dict) -> list[tuple]:
     """(title, sweep, teacher accuracy, stage accuracies, oracle GFLOPs) for the mean over axes, then each axis."""
     per_axis, summary = results["per_axis"], results["summary"]
-    panels = [("mean over axes", results["sweep_mean"], summary["teacher_mean"], summary["student_stage_mean"],
-               summary.get("oracle_exit_gflops"))]
-    panels += [(name, results["sweep_per_axis"][name], row["teacher"], row["stages"],
-                row.get("oracle_exit", {}).get("mean_gflops")) for name, row in per_axis.items()]
+    panels = [
+        (
+            "mean over axes",
+            results["sweep_mean"],
+            summary["teacher_mean"],
+            summary["student_stage_mean"],
+            summary.get("oracle_exit_gflops"),
+        )
+    ]
+    panels += [
+        (
+            name,
+            results["sweep_per_axis"][name],
+            row["teacher"],
+            row["stages"],
+            row.get("oracle_exit", {}).get("mean_gflops"),
+        )
+        for name, row in per_axis.items()
+    ]
     return panels
 
 
@@ -50,13 +65,26 @@ def plot_accuracy_vs_gflops(results: dict, path) -> Path:
     panels = _result_panels(results)
     figure, axes = _figure((4.2 * len(panels), 3.8), 110, ncols=len(panels))
     for ax, (title, sweep, teacher, stages, oracle) in zip(axes, panels):
-        ax.plot([p["mean_gflops"] for p in sweep], [100 * p["accuracy"] for p in sweep], "-o", ms=2.5,
-                label="gated student (θ sweep)")
+        ax.plot(
+            [p["mean_gflops"] for p in sweep],
+            [100 * p["accuracy"] for p in sweep],
+            "-o",
+            ms=2.5,
+            label="gated student (θ sweep)",
+        )
         for s, accuracy in enumerate(stages):
             ax.scatter(gflops[s], 100 * accuracy, marker="s", s=36, zorder=3, label=f"stage {s} (fixed)")
         if oracle is not None:  # the oracle keeps every full-model answer: the full model's accuracy
-            ax.scatter(oracle, 100 * stages[-1], marker="D", s=30, facecolors="none", edgecolors="red", zorder=3,
-                       label="oracle gate (bound)")
+            ax.scatter(
+                oracle,
+                100 * stages[-1],
+                marker="D",
+                s=30,
+                facecolors="none",
+                edgecolors="red",
+                zorder=3,
+                label="oracle gate (bound)",
+            )
         ax.scatter(results["teacher_gflops"], 100 * teacher, marker="*", s=110, c="black", zorder=3, label="teacher")
         if title in per_axis:
             ax.axhline(100 * per_axis[title]["chance"], color="gray", ls=":", lw=1, label="chance")
@@ -87,8 +115,10 @@ def plot_results(results: dict, figures: Path) -> dict:
     """The main job's two pictures in the folder `figures`: e2e_accuracy_vs_gflops.png and
     e2e_exit_stage_share.png. Returns {"curve": path, "shares": path}."""
     figures = Path(figures)
-    return {"curve": plot_accuracy_vs_gflops(results, figures / "e2e_accuracy_vs_gflops.png"),
-            "shares": plot_exit_stage_share(results, figures / "e2e_exit_stage_share.png")}
+    return {
+        "curve": plot_accuracy_vs_gflops(results, figures / "e2e_accuracy_vs_gflops.png"),
+        "shares": plot_exit_stage_share(results, figures / "e2e_exit_stage_share.png"),
+    }
 
 
 def plot_tradeoff(points, fixed_points, path, chosen=None, reference_points=None, title="Gate calibration") -> Path:
@@ -103,14 +133,26 @@ def plot_tradeoff(points, fixed_points, path, chosen=None, reference_points=None
     ax.plot([p.mean_gflops for p in points], [100 * p.accuracy for p in points], "-o", ms=3, label="gated (θ sweep)")
     for point in fixed_points:
         ax.scatter(point["gflops"], 100 * point["accuracy"], marker="s", s=40, zorder=3)
-        ax.annotate(f"stage {point['stage']}", (point["gflops"], 100 * point["accuracy"]), textcoords="offset points",
-                    xytext=(5, -10), fontsize=8)
+        ax.annotate(
+            f"stage {point['stage']}",
+            (point["gflops"], 100 * point["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, -10),
+            fontsize=8,
+        )
     for name, (gflops, accuracy) in (reference_points or {}).items():
         ax.scatter(gflops, 100 * accuracy, marker="*", s=90, zorder=3)
         ax.annotate(name, (gflops, 100 * accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if chosen is not None:
-        ax.scatter(chosen.mean_gflops, 100 * chosen.accuracy, s=160, facecolors="none", edgecolors="red", zorder=4,
-                   label=f"chosen θ = {chosen.threshold:g}")
+        ax.scatter(
+            chosen.mean_gflops,
+            100 * chosen.accuracy,
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            zorder=4,
+            label=f"chosen θ = {chosen.threshold:g}",
+        )
     ax.set_xlabel(f"mean image-encoder GFLOPs per image ({FLOPS_CONVENTION.split(';')[0]})")
     ax.set_ylabel("zero-shot accuracy (%)")
     ax.set_title(title)

@@ -44,8 +44,12 @@ def plot_attention_mask(config: WaveCLIPVisionConfig, path, title: str | None = 
     ax.set_xlabel("key tokens (cached stages first)")
     ax.set_ylabel("query tokens")
     counts = " + ".join(str(n) for n in lengths)
-    ax.set_title(title or f"Block-causal attention, {config.image_size}px, cell {config.cell_size}, L={config.levels}\n"
-                 f"tokens per stage: {counts} = {sum(lengths)}", fontsize=9)
+    ax.set_title(
+        title
+        or f"Block-causal attention, {config.image_size}px, cell {config.cell_size}, L={config.levels}\n"
+        f"tokens per stage: {counts} = {sum(lengths)}",
+        fontsize=9,
+    )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -69,9 +73,11 @@ def plot_stage_tokens(pixel_values: torch.Tensor, config: WaveCLIPVisionConfig, 
     ax = fig.add_subplot(1, 1, 1)
     shown = luma.abs().log1p()
     approx = size >> levels
-    shown[:approx, :approx] = (luma[:approx, :approx] - luma[:approx, :approx].min()) / (
-        luma[:approx, :approx].max() - luma[:approx, :approx].min() + 1e-8
-    ) * shown.max()
+    shown[:approx, :approx] = (
+        (luma[:approx, :approx] - luma[:approx, :approx].min())
+        / (luma[:approx, :approx].max() - luma[:approx, :approx].min() + 1e-8)
+        * shown.max()
+    )
     ax.imshow(shown.numpy(), cmap="gray", interpolation="nearest")
     colours = ["tab:orange", "tab:cyan", "tab:green", "tab:purple", "tab:pink"]
 
@@ -177,8 +183,16 @@ def plot_subband_pyramid(pixel_values, levels: int, path: str | os.PathLike | No
         n *= 2
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]
     for text, row, col, side in labels:
-        axes.text(col, row, text, color="yellow", ha="center", va="center",
-                  fontsize=max(6.0, min(16.0, 40.0 * side / size)), path_effects=outline)
+        axes.text(
+            col,
+            row,
+            text,
+            color="yellow",
+            ha="center",
+            va="center",
+            fontsize=max(6.0, min(16.0, 40.0 * side / size)),
+            path_effects=outline,
+        )
     figure.suptitle(f"{CHANNEL_NAMES[channel]} subbands, {levels}-level DWT", y=0.985)
     if path is not None:
         figure.savefig(os.fspath(path), dpi=100)

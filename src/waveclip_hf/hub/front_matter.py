@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 TAGS = ["waveclip", "clip", "wavelet", "zero-shot-image-classification", "distillation"]
@@ -58,14 +59,25 @@ def resolve_license(given: str | None, teacher: str) -> CardLicense:
         return CardLicense(given, origin=f"`{given}`, as given when distilling (`--license`).")
     inherited = _teacher_card_license(teacher)
     if inherited.get("license"):
-        return CardLicense(inherited["license"], inherited.get("license_name"), inherited.get("license_link"),
-                           origin=f"`{inherited['license']}`, inherited from the teacher's model card.")
-    logger.warning("The teacher %r states no licence in a model card this machine can read; the card says 'other' "
-                   "(the teacher's terms). Pass --license to state it.", public_name(teacher))
+        return CardLicense(
+            inherited["license"],
+            inherited.get("license_name"),
+            inherited.get("license_link"),
+            origin=f"`{inherited['license']}`, inherited from the teacher's model card.",
+        )
+    logger.warning(
+        "The teacher %r states no licence in a model card this machine can read; the card says 'other' "
+        "(the teacher's terms). Pass --license to state it.",
+        public_name(teacher),
+    )
     link = None if is_local(teacher) else f"https://huggingface.co/{teacher}"
-    return CardLicense("other", "teacher-license", link,
-                       origin="`other`: the teacher's terms apply, but its model card states no licence that this "
-                              "run could read (distil with `--license` to state one).")
+    return CardLicense(
+        "other",
+        "teacher-license",
+        link,
+        origin="`other`: the teacher's terms apply, but its model card states no licence that this "
+        "run could read (distil with `--license` to state one).",
+    )
 
 
 def _teacher_card_license(teacher: str) -> dict:
@@ -121,8 +133,14 @@ def example_labels(tokenizer, class_names: Sequence[str] = (), prompts: Sequence
 # ---------------------------------------------------------------------------------------------- front matter
 
 
-def front_matter(model_name: str, card_license: CardLicense, base_model: str | None, datasets: list[str],
-                 labels: Sequence[str], eval_results: list | None) -> str:
+def front_matter(
+    model_name: str,
+    card_license: CardLicense,
+    base_model: str | None,
+    datasets: list[str],
+    labels: Sequence[str],
+    eval_results: list | None,
+) -> str:
     """The YAML between the card's `---` lines (without them).
 
     Args:

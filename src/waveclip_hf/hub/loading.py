@@ -51,8 +51,9 @@ def check_model_folder(folder: Path, model_type: str, class_name: str) -> None:
         return
     hint = (
         " It is a full WaveCLIP checkpoint: load it with `WaveCLIPModel.from_pretrained(...)` and use its "
-        "`.vision_model`." if found == "waveclip" else
-        " Put back the config.json that was saved with these weights (`save_pretrained` writes both), or pass "
+        "`.vision_model`."
+        if found == "waveclip"
+        else " Put back the config.json that was saved with these weights (`save_pretrained` writes both), or pass "
         "`config=`."
     )
     raise ValueError(
@@ -69,7 +70,9 @@ def _local_folder(source) -> Path | None:
     if os.path.isdir(text):
         return Path(text)
     if os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text):
-        raise FileNotFoundError(f"{text} is not a folder: pass the folder written by `model.save_pretrained(...)` or a Hub id.")
+        raise FileNotFoundError(
+            f"{text} is not a folder: pass the folder written by `model.save_pretrained(...)` or a Hub id."
+        )
     return None
 
 

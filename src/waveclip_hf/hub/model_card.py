@@ -108,13 +108,17 @@ def _cosine_table(config, result) -> str:
     agreement = [(k, v) for k, v in result.metrics.items() if k.startswith("eval/top1_agreement_stage")]
     if agreement:
         lines = ["| stage | cosine to teacher | top-1 agreement with teacher |", "|---:|---:|---:|"]
-        lines += [f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} | {a:.4f} |"
-                  for (k, v), (_, a) in zip(cosine_rows, agreement)]
+        lines += [
+            f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} | {a:.4f} |"
+            for (k, v), (_, a) in zip(cosine_rows, agreement)
+        ]
     else:
         lines = ["| stage | cosine to teacher |", "|---:|---:|"]
         lines += [f"| {k.removeprefix('eval/cosine_stage')} | {v:.4f} |" for k, v in cosine_rows]
-    return "\n".join(lines) + (f"\n\nMean over {result.num_eval_images} evaluation images "
-                               f"({_evaluation_source(config)}) after step {result.step}.")
+    return "\n".join(lines) + (
+        f"\n\nMean over {result.num_eval_images} evaluation images "
+        f"({_evaluation_source(config)}) after step {result.step}."
+    )
 
 
 def _throughput(result) -> str:
@@ -134,14 +138,21 @@ def _throughput(result) -> str:
 def _loss_fields(config, num_stages: int) -> dict:
     """Stage weights and the optional zero-shot KL term of the distillation loss."""
     weights = config.resolved_stage_weights(num_stages).tolist()
-    fields = {"stage_weights": ", ".join(f"{w:.3g}" for w in weights)
-              + (" (equal, the default)" if config.stage_weights is None else ""),
-              "kl_description": "off", "kl_formula": ""}
+    fields = {
+        "stage_weights": ", ".join(f"{w:.3g}" for w in weights)
+        + (" (equal, the default)" if config.stage_weights is None else ""),
+        "kl_description": "off",
+        "kl_formula": "",
+    }
     if config.label_vocabulary and config.kl_weight > 0:
-        fields["kl_description"] = (f"on: {len(config.label_vocabulary)} prompts, weight {_fmt(config.kl_weight)}, "
-                                    f"temperature {_fmt(config.kl_temperature)}")
-        fields["kl_formula"] = (", plus the weighted KL between the teacher's and the student's zero-shot "
-                                "distributions over the label vocabulary (scaled by T^2)")
+        fields["kl_description"] = (
+            f"on: {len(config.label_vocabulary)} prompts, weight {_fmt(config.kl_weight)}, "
+            f"temperature {_fmt(config.kl_temperature)}"
+        )
+        fields["kl_formula"] = (
+            ", plus the weighted KL between the teacher's and the student's zero-shot "
+            "distributions over the label vocabulary (scaled by T^2)"
+        )
     return fields
 
 
@@ -155,8 +166,10 @@ def _optimisation_fields(config, result) -> dict:
         "learning_rate": _fmt(config.learning_rate),
         "weight_decay": _fmt(config.weight_decay),
         "adam_betas": ", ".join(_fmt(b) for b in config.adam_betas),
-        "schedule": (f"linear warmup for {warmup} steps, then cosine decay to {_fmt(config.min_lr_ratio)} x lr at "
-                     f"step {result.total_steps}"),
+        "schedule": (
+            f"linear warmup for {warmup} steps, then cosine decay to {_fmt(config.min_lr_ratio)} x lr at "
+            f"step {result.total_steps}"
+        ),
         "grad_clip": f"global norm {_fmt(config.max_grad_norm)}" if config.max_grad_norm else "none",
         "mixed_precision": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[config.mixed_precision],
         "num_processes": result.num_processes,
@@ -187,15 +200,21 @@ def _teacher_fields(config) -> dict:
     folder. Without a Hub repository to push to, the snippet's model id stands for wherever the folder goes."""
     teacher = public_name(config.teacher)
     model_id = config.push_to_hub or f"your-username/{Path(config.output_dir).expanduser().resolve().name}"
-    note = "" if config.push_to_hub else (
-        f"\n`{model_id}` stands for the Hub repository you upload this folder to (or the folder's path).\n")
+    note = (
+        ""
+        if config.push_to_hub
+        else (f"\n`{model_id}` stands for the Hub repository you upload this folder to (or the folder's path).\n")
+    )
     return {
         "model_name": _model_name(config),
         "model_id": model_id,
         "model_id_note": note,
         "teacher": teacher,  # for custom templates (`--model-card-template`); the default one uses the link
-        "teacher_link": (f"`{teacher}` (a local folder)" if is_local(config.teacher)
-                         else f"[{teacher}](https://huggingface.co/{teacher})"),
+        "teacher_link": (
+            f"`{teacher}` (a local folder)"
+            if is_local(config.teacher)
+            else f"[{teacher}](https://huggingface.co/{teacher})"
+        ),
     }
 
 
@@ -204,8 +223,12 @@ def _example_fields(tokenizer, config, zero_shot: Sequence) -> dict:
     task = zero_shot[0] if zero_shot else None
     labels = example_labels(tokenizer, task.class_names if task else (), config.label_vocabulary or ())
     template = f" hypothesis_template={json.dumps(task.prompt_template)}," if task else ""
-    return {"example_labels": json.dumps(labels), "first_example_label": json.dumps(labels[0]),
-            "hypothesis_template_argument": template, "labels": labels}
+    return {
+        "example_labels": json.dumps(labels),
+        "first_example_label": json.dumps(labels[0]),
+        "hypothesis_template_argument": template,
+        "labels": labels,
+    }
 
 
 def _eval_results(zero_shot: Sequence) -> list:
@@ -214,24 +237,41 @@ def _eval_results(zero_shot: Sequence) -> list:
 
     results = []
     for task in zero_shot:
-        common = dict(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
-                      dataset_type=task.dataset_type, dataset_name=task.dataset_name,
-                      dataset_config=task.dataset_config, dataset_split=task.dataset_split, metric_type="accuracy")
+        common = dict(
+            task_type="zero-shot-image-classification",
+            task_name="Zero-shot image classification",
+            dataset_type=task.dataset_type,
+            dataset_name=task.dataset_name,
+            dataset_config=task.dataset_config,
+            dataset_split=task.dataset_split,
+            metric_type="accuracy",
+        )
         last = len(task.stage_accuracy) - 1
-        results.append(EvalResult(**common, metric_value=round(task.stage_accuracy[-1], 4),
-                                  metric_name=f"Top-1 accuracy, all {last + 1} stages "
-                                              f"({task.stage_gflops[-1]:.3g} GFLOPs)"))
-        results.append(EvalResult(**common, metric_value=round(task.stage_accuracy[0], 4),
-                                  metric_name=f"Top-1 accuracy, stage 0 only ({task.stage_gflops[0]:.3g} GFLOPs)"))
+        results.append(
+            EvalResult(
+                **common,
+                metric_value=round(task.stage_accuracy[-1], 4),
+                metric_name=f"Top-1 accuracy, all {last + 1} stages ({task.stage_gflops[-1]:.3g} GFLOPs)",
+            )
+        )
+        results.append(
+            EvalResult(
+                **common,
+                metric_value=round(task.stage_accuracy[0], 4),
+                metric_name=f"Top-1 accuracy, stage 0 only ({task.stage_gflops[0]:.3g} GFLOPs)",
+            )
+        )
     return results
 
 
 def _accuracy_section(zero_shot: Sequence) -> str:
     """A table of the measured zero-shot accuracy per task and stage (teacher and gate when measured)."""
     if not zero_shot:
-        return ("Not measured: no labelled evaluation ran. Distil with `--eval-labelled-data <folder>` (one "
-                "subfolder of images per class) to publish zero-shot accuracy here, and calibrate the gate with "
-                "`scripts/calibrate_gate.py` of the waveclip_hf repository.")
+        return (
+            "Not measured: no labelled evaluation ran. Distil with `--eval-labelled-data <folder>` (one "
+            "subfolder of images per class) to publish zero-shot accuracy here, and calibrate the gate with "
+            "`scripts/calibrate_gate.py` of the waveclip_hf repository."
+        )
     stages = len(zero_shot[0].stage_accuracy)
     teacher = any(t.teacher_accuracy is not None for t in zero_shot)
     gate = any(t.gate for t in zero_shot)
@@ -239,25 +279,85 @@ def _accuracy_section(zero_shot: Sequence) -> str:
     header += [f"stage {s}" for s in range(stages)] + (["gate"] if gate else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for t in zero_shot:
-        cells = [t.task, t.dataset_name + (f" ({t.dataset_split})" if t.dataset_split else ""), str(t.num_images),
-                 str(len(t.class_names))] + ([_pct(t.teacher_accuracy) if t.teacher_accuracy is not None else "-"]
-                                             if teacher else [])
+        cells = [
+            t.task,
+            t.dataset_name + (f" ({t.dataset_split})" if t.dataset_split else ""),
+            str(t.num_images),
+            str(len(t.class_names)),
+        ] + ([_pct(t.teacher_accuracy) if t.teacher_accuracy is not None else "-"] if teacher else [])
         cells += [_pct(a) for a in t.stage_accuracy]
         if gate:
-            cells.append(f"{_pct(t.gate['accuracy'])} at {t.gate['mean_gflops']:.3g} GFLOPs (θ = "
-                         f"{t.gate['threshold']:g})" if t.gate else "-")
+            cells.append(
+                f"{_pct(t.gate['accuracy'])} at {t.gate['mean_gflops']:.3g} GFLOPs (θ = {t.gate['threshold']:g})"
+                if t.gate
+                else "-"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     gflops = " / ".join(f"{g:.3g}" for g in zero_shot[0].stage_gflops)
     prompts = "; ".join(dict.fromkeys(f"`{t.prompt_template}`" for t in zero_shot))
     skipped = sum(t.num_skipped for t in zero_shot)
-    notes = (f"\n\nTop-1 zero-shot accuracy answering every image after each stage; stages 0..{stages - 1} cost "
-             f"{gflops} GFLOPs per image (cumulative, cached path; 1 multiply-add = 2 FLOPs). Prompts: {prompts}. "
-             f"Measured by {zero_shot[0].measured_by}, with the `early_exit_accuracy` metric of `evaluate`.")
+    notes = (
+        f"\n\nTop-1 zero-shot accuracy answering every image after each stage; stages 0..{stages - 1} cost "
+        f"{gflops} GFLOPs per image (cumulative, cached path; 1 multiply-add = 2 FLOPs). Prompts: {prompts}. "
+        f"Measured by {zero_shot[0].measured_by}, with the `early_exit_accuracy` metric of `evaluate`."
+    )
     if gate:
         notes += " The gate column is the margin gate at the threshold θ shown, mean GFLOPs per image."
     if skipped:
         notes += f" {skipped} unreadable image(s) left out."
     return "\n".join(lines) + notes
+
+
+CALIBRATIONS_BEGIN, CALIBRATIONS_END = "<!-- gate-calibrations -->", "<!-- /gate-calibrations -->"
+
+
+def calibration_section(student_config) -> str:
+    """The card's block on the gate calibrations the model holds (`config.gate_calibrations`): one row per label
+    set, between HTML comments that `update_calibration_section` finds again. Empty when there are none."""
+    from ..models.waveclip.gate_calibration import stored_calibrations
+
+    calibrations = stored_calibrations(student_config)
+    if not calibrations:
+        return ""
+    rows = [
+        f"| {len(c.labels)} ({', '.join(c.labels[:4])}{', ...' if len(c.labels) > 4 else ''}) | {c.target} | "
+        f"{'none (every stage)' if c.threshold is None else f'{c.threshold:.4g}'} | {_pct(c.agreement)} of "
+        f"{c.num_images} | {c.gflops_ratio:.2f}x |"
+        for c in calibrations
+    ]
+    return "\n".join(
+        [
+            CALIBRATIONS_BEGIN,
+            "## Gate calibrations",
+            "",
+            "Thresholds chosen without labels on unlabelled images, kept in `config.json`: "
+            '`margin_threshold="auto"` uses them for these label sets (in any order).',
+            "",
+            "| labels | target | threshold | agreement with the full model | GFLOPs vs full model |",
+            "|---|---|---:|---:|---:|",
+            *rows,
+            CALIBRATIONS_END,
+            "",
+        ]
+    )
+
+
+def update_calibration_section(folder: str | os.PathLike, student_config) -> Path | None:
+    """Rewrite the calibration block of `folder/README.md` from `student_config` (before "## Limitations", or at
+    the end, when the card has none yet). Returns the card's path, or `None` when the folder has no card."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return None
+    text, block = path.read_text(), calibration_section(student_config)
+    if CALIBRATIONS_BEGIN in text and CALIBRATIONS_END in text:
+        start, end = text.index(CALIBRATIONS_BEGIN), text.index(CALIBRATIONS_END) + len(CALIBRATIONS_END)
+        text = text[:start] + block.rstrip("\n") + text[end:]
+    elif "## Limitations" in text:
+        text = text.replace("## Limitations", block + "\n## Limitations", 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+    return path
 
 
 def _package_version() -> str:
@@ -267,8 +367,15 @@ def _package_version() -> str:
         return "(source)"
 
 
-def card_fields(config, result, student_config, tokenizer, teacher_config=None, zero_shot: Sequence | None = None,
-                date: datetime.date | None = None) -> dict:
+def card_fields(
+    config,
+    result,
+    student_config,
+    tokenizer,
+    teacher_config=None,
+    zero_shot: Sequence | None = None,
+    date: datetime.date | None = None,
+) -> dict:
     """Every placeholder of the default template, from a `DistillationConfig` and a `DistillationResult`.
 
     Args:
@@ -288,10 +395,14 @@ def card_fields(config, result, student_config, tokenizer, teacher_config=None, 
     examples = _example_fields(tokenizer, config, zero_shot)
     clip_vision_config = getattr(teacher_config, "vision_config", None)
     return {
-        "front_matter": front_matter(_model_name(config), card_license,
-                                     None if is_local(config.teacher) else config.teacher,
-                                     hub_dataset_ids([config.train_data, config.eval_data]),
-                                     examples.pop("labels"), _eval_results(zero_shot)),
+        "front_matter": front_matter(
+            _model_name(config),
+            card_license,
+            None if is_local(config.teacher) else config.teacher,
+            hub_dataset_ids([config.train_data, config.eval_data]),
+            examples.pop("labels"),
+            _eval_results(zero_shot),
+        ),
         **_teacher_fields(config),
         **examples,
         **_architecture_fields(student_config),
@@ -301,6 +412,7 @@ def card_fields(config, result, student_config, tokenizer, teacher_config=None, 
         "cosine_table": _cosine_table(config, result),
         "flops_table": format_flops_table(student_config, clip_vision_config=clip_vision_config),
         "accuracy_section": _accuracy_section(zero_shot),
+        "calibration_section": calibration_section(student_config),
         "throughput": _throughput(result),
         "license_origin": f"Licence: {card_license.origin}",
         "date": (date or datetime.date.today()).isoformat(),
@@ -308,4 +420,10 @@ def card_fields(config, result, student_config, tokenizer, teacher_config=None, 
     }
 
 
-__all__ = ["DEFAULT_TEMPLATE", "card_fields", "render_model_card"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "calibration_section",
+    "card_fields",
+    "render_model_card",
+    "update_calibration_section",
+]

@@ -30,6 +30,7 @@ from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 from ..models.waveclip.processing_waveclip import WaveCLIPProcessor
 
+
 STEPS_SCRIPT = Path(__file__).with_name("round_trip_steps.py")
 STEP_ORDER = ("load_and_save", "reload", "calibrated", "threads", "model_object")
 LABELS = ["red square", "green circle", "blue stripes", "white noise"]
@@ -38,12 +39,27 @@ LABELS = ["red square", "green circle", "blue stripes", "white noise"]
 def build_tiny_folder(folder: Path, levels: int = 1, seed: int = 0) -> WaveCLIPModel:
     """A complete tiny checkpoint written with the package's API: weights, config, remote code, processor (image
     processor and an offline word-level tokenizer)."""
-    tokenizer = build_word_level_tokenizer([f"a photo of a {label}." for label in LABELS]
-                                           + [f"This is a photo of {label}." for label in LABELS])
-    text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       projection_dim=16, **clip_text_config_kwargs(tokenizer))
-    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=64, cell_size=16, levels=levels, projection_dim=16)
+    tokenizer = build_word_level_tokenizer(
+        [f"a photo of a {label}." for label in LABELS] + [f"This is a photo of {label}." for label in LABELS]
+    )
+    text_config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=16,
+        **clip_text_config_kwargs(tokenizer),
+    )
+    vision_config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=64,
+        cell_size=16,
+        levels=levels,
+        projection_dim=16,
+    )
     torch.manual_seed(seed)
     model = WaveCLIPModel(WaveCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
     model.eval().save_pretrained(folder)
@@ -54,10 +70,20 @@ def build_tiny_folder(folder: Path, levels: int = 1, seed: int = 0) -> WaveCLIPM
 def run_step(step: str, work: Path, timeout: float = 300) -> dict:
     """Run one step in a fresh, offline Python with its own module cache; its JSON report."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(work / f"modules-{step}"),
-               TOKENIZERS_PARALLELISM="false")
-    run = subprocess.run([sys.executable, str(STEPS_SCRIPT), step, str(work)], cwd=work, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_MODULES_CACHE=str(work / f"modules-{step}"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    run = subprocess.run(
+        [sys.executable, str(STEPS_SCRIPT), step, str(work)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if run.returncode != 0:
         raise RuntimeError(f"round-trip step {step!r} failed:\n{run.stderr[-4000:]}")
     return json.loads((work / f"{step}.json").read_text())
@@ -65,8 +91,12 @@ def run_step(step: str, work: Path, timeout: float = 300) -> dict:
 
 def compare_saved_outputs(work: Path, saves) -> dict:
     """For each save, whether every output tensor after reloading equals the reference bit for bit."""
-    references = {"bfloat16": "reference_bfloat16", "fine_tuned": "reference_fine_tuned",
-                  "calibrated": "reference_fine_tuned", "pushed": "reference_fine_tuned"}
+    references = {
+        "bfloat16": "reference_bfloat16",
+        "fine_tuned": "reference_fine_tuned",
+        "calibrated": "reference_fine_tuned",
+        "pushed": "reference_fine_tuned",
+    }
     result = {}
     for name in saves:
         expected = load_file(work / f"{references.get(name, 'reference')}.safetensors")
@@ -81,8 +111,9 @@ def run_round_trip(work: Path, shipped_files: list[str]) -> dict:
     build_tiny_folder(work / "source")
     report = {step: run_step(step, work) for step in STEP_ORDER}
     report["identical_outputs"] = compare_saved_outputs(work, report["reload"])
-    report["missing_files"] = {name: sorted(set(shipped_files) - set(entry["files"]))
-                               for name, entry in report["reload"].items()}
+    report["missing_files"] = {
+        name: sorted(set(shipped_files) - set(entry["files"])) for name, entry in report["reload"].items()
+    }
     return report
 
 

@@ -34,8 +34,9 @@ del sys.path[0]  # this file's folder is inside the package: nothing may be impo
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, pipeline  # noqa: E402
+
 
 TASK = "zero-shot-image-classification"
 LABELS = ["red square", "green circle", "blue stripes", "white noise"]
@@ -59,11 +60,14 @@ def load(folder, **kwargs):
 @torch.no_grad()
 def outputs(model, processor, classifier) -> dict[str, torch.Tensor]:
     """Every stage's image embedding, the text embeddings and the pipeline's gated scores, as tensors."""
-    inputs = processor(text=[f"a photo of a {label}." for label in LABELS], images=images(), return_tensors="pt",
-                       padding=True)
+    inputs = processor(
+        text=[f"a photo of a {label}." for label in LABELS], images=images(), return_tensors="pt", padding=True
+    )
     result = {
         "stages": model.get_image_features(inputs["pixel_values"].to(model.dtype)).stage_pooler_outputs.float(),
-        "text": model.get_text_features(inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output.float(),
+        "text": model.get_text_features(
+            inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).pooler_output.float(),
     }
     answers = classifier(images(), candidate_labels=LABELS, margin_threshold=0.05)
     result["pipeline_scores"] = torch.tensor([[entry["score"] for entry in answer] for answer in answers])
@@ -79,8 +83,12 @@ def fine_tune(model, processor, steps: int = 3) -> None:
     """A few optimizer steps on the vision tower: the CLIP contrastive loss on the fixed images and labels."""
     model.train()
     optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if n.startswith("vision_model.")], lr=1e-3)
-    inputs = processor(text=[f"a photo of a {label}." for label in LABELS] * 2, images=images(8)[:8],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        text=[f"a photo of a {label}." for label in LABELS] * 2,
+        images=images(8)[:8],
+        return_tensors="pt",
+        padding=True,
+    )
     for _ in range(steps):
         loss = model(**inputs, return_loss=True).loss
         loss.backward()
@@ -115,7 +123,9 @@ def push(objects, repo_id: str, hub_root: Path) -> None:
     stand_in = HubStandIn(hub_root)
     original_api, original_card = hub.hf_api, hub.create_and_tag_model_card
     hub.hf_api = lambda: stand_in
-    hub.create_and_tag_model_card = lambda *args, **kwargs: huggingface_hub.ModelCard("---\nlicense: apache-2.0\n---\n")
+    hub.create_and_tag_model_card = lambda *args, **kwargs: huggingface_hub.ModelCard(
+        "---\nlicense: apache-2.0\n---\n"
+    )
     try:
         for obj in objects:
             obj.push_to_hub(repo_id)
@@ -172,8 +182,11 @@ def step_reload(work: Path) -> dict:
         kwargs = {"dtype": torch.bfloat16} if name == "bfloat16" else {}
         model, processor, classifier = load(folder, **kwargs)
         save_file(outputs(model, processor, classifier), work / f"reloaded_{name}.safetensors")
-        report[name] = {"files": shipped_files(folder), "dtype": str(model.dtype),
-                        "calibrations": len(model.config.gate_calibrations or [])}
+        report[name] = {
+            "files": shipped_files(folder),
+            "dtype": str(model.dtype),
+            "calibrations": len(model.config.gate_calibrations or []),
+        }
     return report
 
 
@@ -188,9 +201,12 @@ def step_calibrated(work: Path) -> dict:
         uncalibrated = None
     except ValueError as error:
         uncalibrated = str(error)
-    return {"threshold": threshold, "auto_equals_explicit": auto == explicit,
-            "labels_back_in_caller_order": sorted({e["label"] for e in auto[0]}) == sorted(shuffled),
-            "uncalibrated_error": uncalibrated}
+    return {
+        "threshold": threshold,
+        "auto_equals_explicit": auto == explicit,
+        "labels_back_in_caller_order": sorted({e["label"] for e in auto[0]}) == sorted(shuffled),
+        "uncalibrated_error": uncalibrated,
+    }
 
 
 def thread_calls(seed: int = 0) -> list[dict]:
@@ -200,8 +216,15 @@ def thread_calls(seed: int = 0) -> list[dict]:
     calls = []
     for index in range(24):
         count = rng.choice([1, 4])
-        calls.append({"labels": label_sets[index % 3], "threshold": [None, 0.1, 0.3][(index // 3) % 3],
-                      "images": count, "seed": 100 + index, "batch_size": rng.choice([1, count])})
+        calls.append(
+            {
+                "labels": label_sets[index % 3],
+                "threshold": [None, 0.1, 0.3][(index // 3) % 3],
+                "images": count,
+                "seed": 100 + index,
+                "batch_size": rng.choice([1, count]),
+            }
+        )
     return calls
 
 
@@ -234,12 +257,18 @@ def step_threads(work: Path) -> dict:
     folder = work / "saved" / "model_and_processor"
     classifier = pipeline(TASK, model=str(folder), trust_remote_code=True)
     model, processor = classifier.model, AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    embeds = {tuple(labels): classifier.label_embeddings(labels, "This is a photo of {}.")
-              for labels in {tuple(call["labels"]) for call in thread_calls()}}
+    embeds = {
+        tuple(labels): classifier.label_embeddings(labels, "This is a photo of {}.")
+        for labels in {tuple(call["labels"]) for call in thread_calls()}
+    }
 
     def through_pipeline(call):
-        return classifier(images(call["images"], seed=call["seed"]), candidate_labels=call["labels"],
-                          margin_threshold=call["threshold"], batch_size=call["batch_size"])
+        return classifier(
+            images(call["images"], seed=call["seed"]),
+            candidate_labels=call["labels"],
+            margin_threshold=call["threshold"],
+            batch_size=call["batch_size"],
+        )
 
     def through_refine(call):
         pixel_values = processor(images=images(call["images"], seed=call["seed"]), return_tensors="pt")["pixel_values"]
@@ -251,8 +280,12 @@ def step_threads(work: Path) -> dict:
         calls = thread_calls()
         sequential = [function(call) for call in calls]
         concurrent, errors = run_in_threads(function, calls)
-        report[name] = {"calls": len(calls), "threads": 8, "errors": errors,
-                        "differ": sum(a != b for a, b in zip(sequential, concurrent))}
+        report[name] = {
+            "calls": len(calls),
+            "threads": 8,
+            "errors": errors,
+            "differ": sum(a != b for a, b in zip(sequential, concurrent)),
+        }
     return report
 
 
@@ -265,18 +298,38 @@ def step_model_object(work: Path) -> dict:
     answer = classifier(images(1)[0], candidate_labels=LABELS, margin_threshold=0.0)
     from transformers import CLIPConfig, CLIPModel
 
-    clip = CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=2, vocab_size=99),
-                                vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=16),
-                                projection_dim=8))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=16,
+            ),
+            projection_dim=8,
+        )
+    )
     stock = pipeline(TASK, model=clip, tokenizer=tokenizer, image_processor=image_processor)
-    return {"class": type(classifier).__name__, "stage": answer[0]["stage"], "keys": sorted(answer[0]),
-            "clip_class": f"{type(stock).__module__}.{type(stock).__name__}"}
+    return {
+        "class": type(classifier).__name__,
+        "stage": answer[0]["stage"],
+        "keys": sorted(answer[0]),
+        "clip_class": f"{type(stock).__module__}.{type(stock).__name__}",
+    }
 
 
-STEPS = {"load_and_save": step_load_and_save, "reload": step_reload, "calibrated": step_calibrated,
-         "threads": step_threads, "model_object": step_model_object}
+STEPS = {
+    "load_and_save": step_load_and_save,
+    "reload": step_reload,
+    "calibrated": step_calibrated,
+    "threads": step_threads,
+    "model_object": step_model_object,
+}
 
 if __name__ == "__main__":
     step, work = sys.argv[1], Path(sys.argv[2])

@@ -26,9 +26,24 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"
 
 # Settings that change the run's trajectory: resuming with another value gives a different model.
-RESUME_SENSITIVE_FIELDS = ("train_data", "batch_size", "gradient_accumulation_steps", "seed", "levels", "wavelet",
-                           "cell_size", "attention", "band_order", "teacher", "max_steps", "num_epochs",
-                           "learning_rate", "fresh_lr_multiplier", "streaming", "shuffle_buffer")
+RESUME_SENSITIVE_FIELDS = (
+    "train_data",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "levels",
+    "wavelet",
+    "cell_size",
+    "attention",
+    "band_order",
+    "teacher",
+    "max_steps",
+    "num_epochs",
+    "learning_rate",
+    "fresh_lr_multiplier",
+    "streaming",
+    "shuffle_buffer",
+)
 
 
 @dataclass
@@ -46,8 +61,11 @@ class TrainerState:
 
     def to_json(self, config, streams: list | None = None) -> dict:
         state = {k: v for k, v in dataclasses.asdict(self).items() if k != "stream"}
-        return {**state, "streams": streams if streams is not None else [self.stream],
-                "config": dataclasses.asdict(config)}
+        return {
+            **state,
+            "streams": streams if streams is not None else [self.stream],
+            "config": dataclasses.asdict(config),
+        }
 
 
 def _step_of(path: Path) -> int | None:
@@ -75,8 +93,9 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict, keep: int
+) -> Path:
     """Write `checkpoints/step-<step>` atomically and keep the last `keep` complete checkpoints.
 
     `accelerator.save_state` (model, optimizer, grad scaler, RNG states) and `trainer_state.json` go to
@@ -137,8 +156,9 @@ class Checkpointer:
     def save(self, state: TrainerState, config) -> Path:
         # Each process streams its own part: keep every process's position (the other fields agree everywhere).
         streams = gather_object([state.stream]) if self.accelerator.num_processes > 1 else [state.stream]
-        self.last = save_checkpoint(self.accelerator, self.output_dir, state.step, state.to_json(config, streams),
-                                    self.keep)
+        self.last = save_checkpoint(
+            self.accelerator, self.output_dir, state.step, state.to_json(config, streams), self.keep
+        )
         self.last_saved_step = state.step
         return self.last
 
@@ -147,14 +167,17 @@ class Checkpointer:
         return self.last if self.last_saved_step == state.step else self.save(state, config)
 
 
-def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike, config) -> tuple[TrainerState, Path | None]:
+def resume_from_latest(
+    accelerator: Accelerator, output_dir: str | os.PathLike, config
+) -> tuple[TrainerState, Path | None]:
     """Load the last complete checkpoint under `output_dir` into the prepared objects (`accelerator.load_state`:
     model, optimizer, RNG states) and return its `TrainerState` and path; `(TrainerState(), None)` when there is none.
     Warns when a setting in `RESUME_SENSITIVE_FIELDS` differs from the checkpoint's."""
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
-        log_main_process(accelerator, f"--resume: no complete checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}; "
-                                      "starting fresh.")
+        log_main_process(
+            accelerator, f"--resume: no complete checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}; starting fresh."
+        )
         return TrainerState(), None
     accelerator.load_state(str(checkpoint))
     saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
@@ -162,17 +185,26 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike, 
     state = TrainerState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainerState) if f.name != "stream"})
     streams = saved.get("streams") or [{}]
     state.stream = streams[accelerator.process_index] if accelerator.process_index < len(streams) else {}
-    log_main_process(accelerator, f"Resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, "
-                                  f"{state.batches_in_epoch} batches into it).")
+    log_main_process(
+        accelerator,
+        f"Resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, "
+        f"{state.batches_in_epoch} batches into it).",
+    )
     return state, checkpoint
 
 
 def _warn_config_changes(accelerator: Accelerator, saved: dict, config) -> None:
-    changed = [f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in RESUME_SENSITIVE_FIELDS
-               if k in saved and saved[k] != getattr(config, k)]
+    changed = [
+        f"{k}: {saved[k]!r} -> {getattr(config, k)!r}"
+        for k in RESUME_SENSITIVE_FIELDS
+        if k in saved and saved[k] != getattr(config, k)
+    ]
     if changed:
-        log_main_process(accelerator, "Resuming with changed settings (the run will not equal an uninterrupted "
-                                      "one): " + "; ".join(changed), level=logging.WARNING)
+        log_main_process(
+            accelerator,
+            "Resuming with changed settings (the run will not equal an uninterrupted one): " + "; ".join(changed),
+            level=logging.WARNING,
+        )
 
 
 __all__ = [

@@ -7,13 +7,22 @@ import torch
 
 from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
 
+
 # Named settings for a real teacher (`--recipe`, `DistillationConfig.from_recipe`); explicit values override them.
 RECIPES = {
     # openai/clip-vit-base-patch16 on one GPU (docs/distillation.md): the student keeps the teacher's 224 px and
     # ViT-B/16 token count (49 + 147 + 2 tokens at L = 1, cells of 32 px).
     "vit-b16": dict(
-        teacher="openai/clip-vit-base-patch16", levels=1, cell_size=32, batch_size=128, max_steps=20_000,
-        learning_rate=1e-4, mixed_precision="bf16", num_workers=8, checkpoint_every=1000, eval_every=1000,
+        teacher="openai/clip-vit-base-patch16",
+        levels=1,
+        cell_size=32,
+        batch_size=128,
+        max_steps=20_000,
+        learning_rate=1e-4,
+        mixed_precision="bf16",
+        num_workers=8,
+        checkpoint_every=1000,
+        eval_every=1000,
     ),
 }
 
@@ -121,11 +130,15 @@ class DistillationConfig:
         if self.streaming and self.max_steps is None:
             raise ValueError("A streamed dataset has no length, so `streaming` needs `max_steps` (--max-steps).")
         if self.streaming and self.cache_teacher_embeddings:
-            raise ValueError("`cache_teacher_embeddings` embeds every training image once before step 0, which a "
-                             "stream cannot do: drop --cache-teacher-embeddings or --streaming.")
+            raise ValueError(
+                "`cache_teacher_embeddings` embeds every training image once before step 0, which a "
+                "stream cannot do: drop --cache-teacher-embeddings or --streaming."
+            )
         if self.hub_private and not self.push_to_hub:
-            raise ValueError("`hub_private` makes the repository of `push_to_hub` private, but no repository was given: "
-                             "add --push-to-hub REPO_ID or drop --hub-private.")
+            raise ValueError(
+                "`hub_private` makes the repository of `push_to_hub` private, but no repository was given: "
+                "add --push-to-hub REPO_ID or drop --hub-private."
+            )
         if self.shuffle_buffer < 1:
             raise ValueError(f"`shuffle_buffer` must be at least 1, got {self.shuffle_buffer}.")
         if self.eval_labelled_data is not None:

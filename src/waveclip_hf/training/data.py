@@ -242,8 +242,6 @@ class EpochPermutationSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.num_items, generator=generator).tolist())
 
 
-
-
 def split_holdout(train_set, holdout: int, seed: int):
     """(train, held-out) with `min(holdout, 10%)` images held out, chosen by a seeded permutation (each part keeps
     the source order); held-out is None when nothing is held out."""
@@ -271,8 +269,14 @@ def training_loader(dataset, collator, batch_size: int, num_workers: int, seed: 
     """A `DataLoader` over `dataset` in the order of an [`EpochPermutationSampler`]; its workers survive a SIGTERM
     to the process group (so the main process can checkpoint) and never touch the global RNG."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochPermutationSampler(len(dataset), seed), collate_fn=collator,
-        num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=num_workers > 0,
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochPermutationSampler(len(dataset), seed),
+        collate_fn=collator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=num_workers > 0,
         worker_init_fn=guard_worker_from_sigterm,
         generator=torch.Generator().manual_seed(seed),  # workers' base seed; keeps global RNG untouched
     )

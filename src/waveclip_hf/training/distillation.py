@@ -111,8 +111,11 @@ def distillation_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int], dict] | None = None,
-            accelerator: Accelerator | None = None) -> DistillationResult:
+def distill(
+    config: DistillationConfig,
+    evaluate: Callable[[WaveCLIPModel, int], dict] | None = None,
+    accelerator: Accelerator | None = None,
+) -> DistillationResult:
     """Run (or resume) a distillation and write the Hub-ready folder `output_dir/final`.
 
     Args:
@@ -127,8 +130,13 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
     """
     run = prepare_distillation(config, evaluate, accelerator or _make_accelerator(config))
     accelerator, module, optimizer, state = run.accelerator, run.module, run.optimizer, run.state
-    progress = tqdm(total=run.total_steps, initial=state.step, desc="distill", dynamic_ncols=True,
-                    disable=not (accelerator.is_main_process and config.progress_bar))
+    progress = tqdm(
+        total=run.total_steps,
+        initial=state.step,
+        desc="distill",
+        dynamic_ncols=True,
+        disable=not (accelerator.is_main_process and config.progress_bar),
+    )
     if config.eval_every and state.step == 0:
         run.evaluate(0)  # the starting point
     meter = TrainingMeter(accelerator, run.flops["total"], run.peak[0], run.log_path, progress)
@@ -144,9 +152,16 @@ def distill(config: DistillationConfig, evaluate: Callable[[WaveCLIPModel, int],
                 with accelerator.autocast():
                     student_embeds = module(batch["pixel_values"])  # (B, stages, P)
                 teacher_embeds = run.teacher_embeddings(batch)  # (B, P)
-                loss, parts = distillation_loss(student_embeds, teacher_embeds, run.stage_weights, batch["valid"],
-                                                run.text_embeds, run.logit_scale, config.kl_weight,
-                                                config.kl_temperature)
+                loss, parts = distillation_loss(
+                    student_embeds,
+                    teacher_embeds,
+                    run.stage_weights,
+                    batch["valid"],
+                    run.text_embeds,
+                    run.logit_scale,
+                    config.kl_weight,
+                    config.kl_temperature,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
@@ -223,7 +238,8 @@ class DistillationRun:
         self.logit_scale = float(self.teacher.logit_scale.exp())
         # A stream has no length; the config guarantees max_steps then.
         self.total_steps = config.max_steps or (
-            math.ceil(len(self.loader) / config.gradient_accumulation_steps) * config.num_epochs)
+            math.ceil(len(self.loader) / config.gradient_accumulation_steps) * config.num_epochs
+        )
         self.global_batch = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         self.flops = train_flops_per_image(self.student.config, self.teacher.config, self.teacher_embeddings.cached)
 
@@ -240,36 +256,70 @@ def prepare_distillation(config: DistillationConfig, evaluate, accelerator: Acce
     set_seed(config.seed)
     teacher, teacher_processor, tokenizer = load_teacher(config.teacher)
     teacher.to(accelerator.device)
-    student, student_processor = student_from_teacher(teacher, teacher_processor, config.levels, config.wavelet,
-                                                      config.cell_size, attention=config.attention,
-                                                      band_order=config.band_order)
+    student, student_processor = student_from_teacher(
+        teacher,
+        teacher_processor,
+        config.levels,
+        config.wavelet,
+        config.cell_size,
+        attention=config.attention,
+        band_order=config.band_order,
+    )
     text_embeds = None
     if config.label_vocabulary:
         text_embeds = teacher_text_embeddings(teacher, tokenizer, config.label_vocabulary, accelerator.device)
     train_set, eval_set = (load_streaming_data if config.streaming else load_distillation_data)(config)
-    module, optimizer, loader = _prepare_training(config, accelerator, student, student_processor,
-                                                  teacher_processor, train_set)
+    module, optimizer, loader = _prepare_training(
+        config, accelerator, student, student_processor, teacher_processor, train_set
+    )
 
     eval_batch_size = config.eval_batch_size or config.batch_size
     teacher_embeddings = TeacherEmbeddings(teacher, accelerator)
     if config.cache_teacher_embeddings:
-        teacher_embeddings = TeacherEmbeddings.precompute(teacher, train_set, teacher_processor, eval_batch_size,
-                                                          accelerator, config.num_workers, config.progress_bar)
-    evaluation = RunEvaluation.build(accelerator, module, evaluate, eval_set,
-                                     DistillationCollator(student_processor, teacher_processor), teacher,
-                                     eval_batch_size, text_embeds, Path(config.output_dir) / "log.jsonl")
+        teacher_embeddings = TeacherEmbeddings.precompute(
+            teacher,
+            train_set,
+            teacher_processor,
+            eval_batch_size,
+            accelerator,
+            config.num_workers,
+            config.progress_bar,
+        )
+    evaluation = RunEvaluation.build(
+        accelerator,
+        module,
+        evaluate,
+        eval_set,
+        DistillationCollator(student_processor, teacher_processor),
+        teacher,
+        eval_batch_size,
+        text_embeds,
+        Path(config.output_dir) / "log.jsonl",
+    )
     state, checkpoint = TrainerState(), None
     if config.resume:
         state, checkpoint = resume_from_latest(accelerator, config.output_dir, config)
         if checkpoint is not None and accelerator.is_main_process:
             truncate_log(Path(config.output_dir) / "log.jsonl", state.step)
     run = DistillationRun(
-        config, accelerator, teacher, tokenizer, student, student_processor, module, optimizer, loader,
-        teacher_embeddings, text_embeds, evaluation, state,
+        config,
+        accelerator,
+        teacher,
+        tokenizer,
+        student,
+        student_processor,
+        module,
+        optimizer,
+        loader,
+        teacher_embeddings,
+        text_embeds,
+        evaluation,
+        state,
         Checkpointer(accelerator, config.output_dir, config.keep_checkpoints, checkpoint),
         num_train_images=None if config.streaming else len(train_set),
         num_eval_images=len(eval_set) if eval_set is not None else 0,
-        peak=peak_tflops(config, accelerator.device), teacher_processor=teacher_processor,
+        peak=peak_tflops(config, accelerator.device),
+        teacher_processor=teacher_processor,
     )
     _log_start(run, None if config.streaming else len(loader))
     module.train()
@@ -284,17 +334,25 @@ def _prepare_training(config, accelerator, student, student_processor, teacher_p
     optimizer = torch.optim.AdamW(optimizer_groups(student, config), lr=config.learning_rate, betas=config.adam_betas)
     if config.streaming:  # each process reads its own part of the stream (`streaming.py`): accelerate must not split
         module, optimizer = accelerator.prepare(StudentStages(student), optimizer)
-        return module, optimizer, streaming_loader(train_set, collator, config.batch_size, config.num_workers,
-                                                   accelerator)
-    loader = training_loader(train_set, collator, config.batch_size, config.num_workers, config.seed,
-                             pin_memory=accelerator.device.type == "cuda")
+        return (
+            module,
+            optimizer,
+            streaming_loader(train_set, collator, config.batch_size, config.num_workers, accelerator),
+        )
+    loader = training_loader(
+        train_set,
+        collator,
+        config.batch_size,
+        config.num_workers,
+        config.seed,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     return accelerator.prepare(StudentStages(student), optimizer, loader)
 
 
 def _log_start(run: DistillationRun, batches_per_epoch: int | None) -> None:
     config, accelerator, flops = run.config, run.accelerator, run.flops
-    data = (f"a stream of {config.train_data}" if batches_per_epoch is None
-            else f"{run.num_train_images} images")
+    data = f"a stream of {config.train_data}" if batches_per_epoch is None else f"{run.num_train_images} images"
     epoch = "" if batches_per_epoch is None else f", {batches_per_epoch} batches per epoch per process"
     log_main_process(
         accelerator,
@@ -312,25 +370,44 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
     config, accelerator, state = run.config, run.accelerator, run.state
     images_per_second, mfu = meter.overall()
     if mfu is not None and mfu > 1.0:
-        log_main_process(accelerator, f"MFU above 100% ({100 * mfu:.0f}%): the peak ({run.peak[0]:.3f} TFLOPS, "
-                                      f"{run.peak[1]}) is too low, e.g. measured while other processes shared "
-                                      "the machine. Pass --peak-tflops.", level=logging.WARNING)
+        log_main_process(
+            accelerator,
+            f"MFU above 100% ({100 * mfu:.0f}%): the peak ({run.peak[0]:.3f} TFLOPS, "
+            f"{run.peak[1]}) is too low, e.g. measured while other processes shared "
+            "the machine. Pass --peak-tflops.",
+            level=logging.WARNING,
+        )
     skipped = dict(gather_skipped(accelerator, state.skipped))
     for name, error in run.evaluate.skipped:
         skipped.setdefault(name, error)
     last = run.checkpointer.last
     result = DistillationResult(
-        step=state.step, total_steps=run.total_steps, interrupted=interrupted, final_dir=None,
-        checkpoint=str(last) if last else None, metrics=run.evaluate.metrics, train_metrics=meter.last,
-        images_per_second=images_per_second, mfu=mfu, peak_tflops=run.peak[0], peak_source=run.peak[1],
-        train_flops_per_image=run.flops, num_train_images=run.num_train_images, num_eval_images=run.num_eval_images,
-        global_batch_size=run.global_batch, num_processes=accelerator.num_processes, skipped_count=len(skipped),
+        step=state.step,
+        total_steps=run.total_steps,
+        interrupted=interrupted,
+        final_dir=None,
+        checkpoint=str(last) if last else None,
+        metrics=run.evaluate.metrics,
+        train_metrics=meter.last,
+        images_per_second=images_per_second,
+        mfu=mfu,
+        peak_tflops=run.peak[0],
+        peak_source=run.peak[1],
+        train_flops_per_image=run.flops,
+        num_train_images=run.num_train_images,
+        num_eval_images=run.num_eval_images,
+        global_batch_size=run.global_batch,
+        num_processes=accelerator.num_processes,
+        skipped_count=len(skipped),
         skipped_examples=[f"{n} ({e})" for n, e in list(skipped.items())[:20]],
     )
     output_dir = Path(config.output_dir)
     if interrupted:
-        log_main_process(accelerator, f"Stopped by SIGTERM after step {state.step}/{run.total_steps}; checkpoint "
-                                      f"saved to {last}. Run again with --resume to continue.")
+        log_main_process(
+            accelerator,
+            f"Stopped by SIGTERM after step {state.step}/{run.total_steps}; checkpoint "
+            f"saved to {last}. Run again with --resume to continue.",
+        )
         write_summary(accelerator, output_dir, result, config)
         return result
 
@@ -340,8 +417,9 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
     result.student = run.student
     if accelerator.is_main_process:
         result.zero_shot = labelled_evaluation(run)
-        result.final_dir = str(save_final(run.student, run.student_processor, run.tokenizer, config, result,
-                                          run.teacher.config))
+        result.final_dir = str(
+            save_final(run.student, run.student_processor, run.tokenizer, config, result, run.teacher.config)
+        )
     accelerator.wait_for_everyone()
     log_main_process(accelerator, summary_line(result))
     write_summary(accelerator, output_dir, result, config)
@@ -360,15 +438,33 @@ def labelled_evaluation(run: DistillationRun) -> list:
 
     run.student.eval()
     with torch.no_grad(), accelerator.autocast():
-        result = evaluate_labelled_folder(run.student, run.student_processor, run.tokenizer,
-                                          config.eval_labelled_data, config.eval_prompt_template,
-                                          config.eval_batch_size or config.batch_size, run.teacher,
-                                          run.teacher_processor, config.num_workers, config.progress_bar)
-    log_main_process(accelerator, f"Zero-shot accuracy on {result.dataset_name} ({result.num_images} images): "
-                                  + ", ".join(f"stage {s} {100 * a:.1f}%" for s, a in enumerate(result.stage_accuracy))
-                                  + f", teacher {100 * result.teacher_accuracy:.1f}%.")
+        result = evaluate_labelled_folder(
+            run.student,
+            run.student_processor,
+            run.tokenizer,
+            config.eval_labelled_data,
+            config.eval_prompt_template,
+            config.eval_batch_size or config.batch_size,
+            run.teacher,
+            run.teacher_processor,
+            config.num_workers,
+            config.progress_bar,
+        )
+    log_main_process(
+        accelerator,
+        f"Zero-shot accuracy on {result.dataset_name} ({result.num_images} images): "
+        + ", ".join(f"stage {s} {100 * a:.1f}%" for s, a in enumerate(result.stage_accuracy))
+        + f", teacher {100 * result.teacher_accuracy:.1f}%.",
+    )
     return [result]
 
 
-__all__ = ["DistillationConfig", "DistillationResult", "DistillationRun", "distill", "distillation_loss",
-           "finish_distillation", "prepare_distillation"]
+__all__ = [
+    "DistillationConfig",
+    "DistillationResult",
+    "DistillationRun",
+    "distill",
+    "distillation_loss",
+    "finish_distillation",
+    "prepare_distillation",
+]

@@ -51,7 +51,9 @@ def train_flops_per_image(student_config, teacher_config, teacher_cached: bool) 
     """Model FLOPs per training image: 3 x the student's full forward (forward + backward ~ 2 x forward) plus one
     teacher image forward (none when teacher embeddings are cached). Convention: `flops.FLOPS_CONVENTION`."""
     student_forward = full_forward_flops(student_config)
-    teacher_forward = 0 if teacher_cached else clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim)
+    teacher_forward = (
+        0 if teacher_cached else clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim)
+    )
     return {
         "student_forward": student_forward,
         "teacher_forward": teacher_forward,
@@ -59,8 +61,9 @@ def train_flops_per_image(student_config, teacher_config, teacher_cached: bool) 
     }
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
-                          seconds: float = 0.5) -> float:
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5
+) -> float:
     """Best achieved TFLOPS of a square matmul on `device`: a quick, honest stand-in for an unknown peak."""
     repeats = 4 if device.type == "cuda" else 1  # many short rounds on a CPU: the best one is the least disturbed
     generator = torch.Generator(device).manual_seed(0)  # never touch the global RNG: a run's randomness is seeded
@@ -103,8 +106,7 @@ class TrainingMeter:
     progress bar and appends a line to `log.jsonl`. `with meter.paused():` keeps evaluation and checkpoints out of
     the measured time."""
 
-    def __init__(self, accelerator: Accelerator, flops_per_image: float, peak_tflops: float, log_path: Path,
-                 progress):
+    def __init__(self, accelerator: Accelerator, flops_per_image: float, peak_tflops: float, log_path: Path, progress):
         self.accelerator, self.flops_per_image, self.peak_tflops = accelerator, flops_per_image, peak_tflops
         self.log_path, self.progress = log_path, progress
         self.windows = []  # (images, seconds) of every logged window
@@ -140,9 +142,16 @@ class TrainingMeter:
             loss, cosine = accelerator.reduce(loss, "mean"), accelerator.reduce(cosine, "mean")
         images_per_second = self.images / max(seconds, 1e-9)
         mfu = self._mfu(images_per_second)
-        metrics = {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr,
-                   **{f"cosine_stage{s}": float(c) for s, c in enumerate(cosine.reshape(-1))},
-                   "images_per_second": images_per_second, "mfu": mfu, "skipped": num_skipped}
+        metrics = {
+            "step": step,
+            "epoch": epoch,
+            "loss": float(loss),
+            "lr": lr,
+            **{f"cosine_stage{s}": float(c) for s, c in enumerate(cosine.reshape(-1))},
+            "images_per_second": images_per_second,
+            "mfu": mfu,
+            "skipped": num_skipped,
+        }
         if accelerator.is_main_process:
             postfix = {"loss": f"{metrics['loss']:.4f}"}
             postfix.update({f"c{s}": f"{float(c):.3f}" for s, c in enumerate(cosine.reshape(-1))})

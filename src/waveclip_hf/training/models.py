@@ -28,7 +28,8 @@ def load_teacher(name_or_path: str, torch_dtype=torch.float32):
     if config.model_type != "clip":
         hint = (
             " It is a WaveCLIP student: pass the CLIP checkpoint it was distilled from (its model card names it)."
-            if config.model_type.startswith("waveclip") else ""
+            if config.model_type.startswith("waveclip")
+            else ""
         )
         raise ValueError(
             f"Teacher {name_or_path!r} is a {config.model_type!r} model ({type(config).__name__}), not a CLIP model: "
@@ -65,8 +66,9 @@ def load_teacher(name_or_path: str, torch_dtype=torch.float32):
     return teacher, processor, tokenizer
 
 
-def student_from_teacher(teacher: CLIPModel, teacher_processor, levels: int, wavelet: str, cell_size: int,
-                         **vision_options):
+def student_from_teacher(
+    teacher: CLIPModel, teacher_processor, levels: int, wavelet: str, cell_size: int, **vision_options
+):
     """The untrained student: ``convert_clip_to_waveclip(teacher)`` with its text side frozen, and its
     `WaveCLIPImageProcessor`. Its fresh parameters are drawn from the global RNG (seed it first).
     `vision_options` go to the student's `WaveCLIPVisionConfig` (the ablations' `attention`, `band_order`).

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 
+
 # Bumped whenever these rules change what a distillation run produces, so that cached students made under other
 # rules are not reused (experiments/cached_steps.py keys on it). 1: the distiller's own warmup ((step + 1) / w) and
 # decay on every matrix; 2: the schedule and weight-decay rule shared with the teacher (this module).
@@ -50,7 +51,9 @@ def decays(name: str, parameter: torch.Tensor) -> bool:
     return parameter.ndim >= 2 and "embedding" not in name
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: Mapping[str, float] | None = None) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, weight_decay: float, lr_scales: Mapping[str, float] | None = None
+) -> list[dict]:
     """AdamW parameter groups of `model`'s trainable parameters.
 
     Weight decay follows `decays`; `lr_scales` maps parameter names to a learning-rate factor (default 1), kept
@@ -62,14 +65,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: Mapping[s
         if not parameter.requires_grad:
             continue
         decay, scale = decays(name, parameter), lr_scales.get(name, 1.0)
-        group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
-                                                   "weight_decay": weight_decay if decay else 0.0})
+        group = groups.setdefault(
+            (decay, scale), {"params": [], "lr_scale": scale, "weight_decay": weight_decay if decay else 0.0}
+        )
         group["params"].append(parameter)
     return list(groups.values())
 
 
 def fresh_parameter_names(student: WaveCLIPModel) -> list[str]:
-    """Names of the student parameters `convert_clip_to_waveclip` initialises at random (the teacher has no counterpart):
+    """Names of the student parameters `convert_clip_to_waveclip` initialises at random (the teacher has no
+    counterpart):
     the detail stages' patch projections and the band embeddings."""
     embeddings = student.vision_model.embeddings
     modules = (*embeddings.patch_embeddings[1:], embeddings.band_embedding)

@@ -3,10 +3,10 @@
 import dataclasses
 import datetime
 import json
-from contextlib import contextmanager
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from ..evaluation.zero_shot import ZeroShotResult
-from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 from ..models.waveclip.folder_io import written_atomically
+from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 from ..models.waveclip.processing_waveclip import WaveCLIPProcessor
 from .checkpoints import TRAINER_STATE_NAME, latest_checkpoint
 from .config import DistillationConfig
@@ -75,16 +75,21 @@ def gather_skipped(accelerator: Accelerator, skipped: dict) -> dict:
 def summary_line(result: DistillationResult) -> str:
     """One line for the log: steps, final metrics, throughput, skipped files, where the model is."""
     cos = ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in result.metrics.items())
-    speed = (f"{result.images_per_second:.3g} images/s, MFU {100 * result.mfu:.3g}% of {result.peak_tflops:.3g} "
-             f"TFLOPS ({result.peak_source})" if result.images_per_second else "no throughput measured")
+    speed = (
+        f"{result.images_per_second:.3g} images/s, MFU {100 * result.mfu:.3g}% of {result.peak_tflops:.3g} "
+        f"TFLOPS ({result.peak_source})"
+        if result.images_per_second
+        else "no throughput measured"
+    )
     skipped = f"{result.skipped_count} unreadable image(s) skipped"
     if result.skipped_count:
         skipped += ": " + "; ".join(result.skipped_examples[:SHOW_SKIPPED])
     return f"Done: {result.step} steps. {cos or 'no evaluation'}. {speed}. {skipped}. Final model: {result.final_dir}"
 
 
-def write_summary(accelerator: Accelerator, output_dir: Path, result: DistillationResult,
-                  config: DistillationConfig) -> None:
+def write_summary(
+    accelerator: Accelerator, output_dir: Path, result: DistillationResult, config: DistillationConfig
+) -> None:
     """`output_dir/summary.json` (main process): the result and the run's config (`rewrite_model_card` reads
     both)."""
     if accelerator.is_main_process:
@@ -114,9 +119,16 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def write_model_card(folder: Path, config: DistillationConfig, result: DistillationResult, student_config, tokenizer,
-                     teacher_config=None, zero_shot: Sequence[ZeroShotResult] | None = None,
-                     date: datetime.date | None = None) -> Path:
+def write_model_card(
+    folder: Path,
+    config: DistillationConfig,
+    result: DistillationResult,
+    student_config,
+    tokenizer,
+    teacher_config=None,
+    zero_shot: Sequence[ZeroShotResult] | None = None,
+    date: datetime.date | None = None,
+) -> Path:
     """Render the card (`hub.model_card`) into `folder/README.md`; warn if the folder names a local path."""
     from ..hub.model_card import card_fields, render_model_card
 
@@ -140,8 +152,14 @@ def local_path_mentions(folder: Path, config: DistillationConfig) -> list[tuple[
     return found
 
 
-def save_final(student: WaveCLIPModel, processor, tokenizer, config: DistillationConfig,
-               result: DistillationResult, teacher_config=None) -> Path:
+def save_final(
+    student: WaveCLIPModel,
+    processor,
+    tokenizer,
+    config: DistillationConfig,
+    result: DistillationResult,
+    teacher_config=None,
+) -> Path:
     """`output_dir/final`: weights + remote code (`save_pretrained`), the processor (image processor and the
     teacher's tokenizer, also saved on their own for loaders that read them separately) and a model card rendered
     from real figures of this run. Written to a temporary folder and renamed, like checkpoints."""
@@ -167,9 +185,11 @@ def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroSho
     if "config" not in summary:
         checkpoint = latest_checkpoint(final_dir.parent)
         if checkpoint is None:
-            raise FileNotFoundError(f"{summary_path} holds no config (a run older than that) and "
-                                    f"{final_dir.parent / 'checkpoints'} no checkpoint to read it from: the card of "
-                                    f"{final_dir} cannot be re-rendered. Distil again to get a current folder.")
+            raise FileNotFoundError(
+                f"{summary_path} holds no config (a run older than that) and "
+                f"{final_dir.parent / 'checkpoints'} no checkpoint to read it from: the card of "
+                f"{final_dir} cannot be re-rendered. Distil again to get a current folder."
+            )
         summary["config"] = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
     known = {f.name for f in dataclasses.fields(DistillationConfig)}
     config = DistillationConfig(**{k: v for k, v in summary["config"].items() if k in known})
@@ -179,9 +199,16 @@ def rewrite_model_card(final_dir: str | os.PathLike, zero_shot: Sequence[ZeroSho
         teacher_config = None
     tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=True)
     save_tokenizer(tokenizer, final_dir)  # a folder saved before the load-time keys were dropped loses them now
-    write_model_card(final_dir, config, DistillationResult.from_json(summary),
-                     AutoConfig.from_pretrained(final_dir, trust_remote_code=True), tokenizer, teacher_config,
-                     zero_shot, datetime.date.fromtimestamp(summary_path.stat().st_mtime))
+    write_model_card(
+        final_dir,
+        config,
+        DistillationResult.from_json(summary),
+        AutoConfig.from_pretrained(final_dir, trust_remote_code=True),
+        tokenizer,
+        teacher_config,
+        zero_shot,
+        datetime.date.fromtimestamp(summary_path.stat().st_mtime),
+    )
     return final_dir / "README.md"
 
 
@@ -191,8 +218,12 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message="Upload WaveCLIP distilled with waveclip_hf.cli.distill")
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload WaveCLIP distilled with waveclip_hf.cli.distill",
+    )
     logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)
     return str(info)
 

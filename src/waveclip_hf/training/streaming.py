@@ -28,6 +28,7 @@ from accelerate.utils import send_to_device
 from .data import HFImageDataset, decode_image, load_image_dataset, load_saved_split
 from .signals import guard_worker_from_sigterm
 
+
 logger = logging.getLogger(__name__)
 
 # A `save_to_disk` folder becomes a stream of this many shards at most (more than any processes x workers).
@@ -48,12 +49,16 @@ def open_stream(source: str, split: str, image_column: str):
         try:
             stream = datasets.load_dataset(source, split=split, streaming=True)
         except Exception as error:
-            raise ValueError(f"Could not stream training data {source!r}: `datasets.load_dataset({source!r}, "
-                             f"split={split!r}, streaming=True)` failed: {error}") from error
+            raise ValueError(
+                f"Could not stream training data {source!r}: `datasets.load_dataset({source!r}, "
+                f"split={split!r}, streaming=True)` failed: {error}"
+            ) from error
     # Some streams only know their columns once read (column_names None): then a wrong column fails at step 0.
     if stream.column_names is not None and image_column not in stream.column_names:
-        raise ValueError(f"The stream {source!r} has no column {image_column!r}; its columns are "
-                         f"{stream.column_names}. Pass the image column with --image-column.")
+        raise ValueError(
+            f"The stream {source!r} has no column {image_column!r}; its columns are "
+            f"{stream.column_names}. Pass the image column with --image-column."
+        )
     stream = stream.select_columns([image_column])
     if stream.features is not None and isinstance(stream.features[image_column], datasets.Image):
         stream = stream.cast_column(image_column, datasets.Image(decode=False))
@@ -106,8 +111,9 @@ class StreamingImages(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker_id, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (worker_id + self.first_worker) % workers
-        part = split_dataset_by_node(self.stream, rank=self.rank * workers + worker,
-                                     world_size=self.num_processes * workers)
+        part = split_dataset_by_node(
+            self.stream, rank=self.rank * workers + worker, world_size=self.num_processes * workers
+        )
         part.set_epoch(self.epoch)
         skip = self.consumed.get(str(worker), 0)
         for made, rows in enumerate(self._batches(part), start=1):
@@ -149,15 +155,18 @@ class StreamCollator:
         return {**self.collator(items), "stream": position}
 
 
-def streaming_loader(images: StreamingImages, collator, batch_size: int, num_workers: int,
-                     accelerator: Accelerator):
+def streaming_loader(images: StreamingImages, collator, batch_size: int, num_workers: int, accelerator: Accelerator):
     """The `DataLoader` of a stream: batches are made in the workers (`batch_size=None`), this process's part only.
     Workers are not persistent: each epoch's workers copy that epoch's `epoch`, `consumed` and `first_worker`."""
     images.batch_size = batch_size
     images.rank, images.num_processes = accelerator.process_index, accelerator.num_processes
     return torch.utils.data.DataLoader(
-        images, batch_size=None, collate_fn=StreamCollator(collator), num_workers=num_workers,
-        pin_memory=accelerator.device.type == "cuda", worker_init_fn=guard_worker_from_sigterm,
+        images,
+        batch_size=None,
+        collate_fn=StreamCollator(collator),
+        num_workers=num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=guard_worker_from_sigterm,
     )
 
 
@@ -183,5 +192,12 @@ def stream_of_batches(accelerator: Accelerator, loader, position) -> Iterator[di
         position.stream = {}
 
 
-__all__ = ["StreamCollator", "StreamingImages", "load_streaming_data", "open_stream", "row_key",
-           "stream_of_batches", "streaming_loader"]
+__all__ = [
+    "StreamCollator",
+    "StreamingImages",
+    "load_streaming_data",
+    "open_stream",
+    "row_key",
+    "stream_of_batches",
+    "streaming_loader",
+]

@@ -30,10 +30,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from ..data.synthetic import benchmark_axes, label_ids, load_benchmark_split, read_benchmark_info
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
+from ..models.waveclip.folder_io import written_atomically
 from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
 from .teacher_init import init_from_smaller_teacher
-from ..models.waveclip.folder_io import written_atomically
+
 
 TRAINING_INFO_NAME = "training_info.json"
 
@@ -147,7 +148,9 @@ def init_patch_projection_dct(weight: torch.Tensor, num_rows: int) -> None:
     rows = torch.zeros(num_rows, channels, patch, patch, dtype=torch.float64)
     for row in range(num_rows):
         (u, v), channel = frequencies[row // channels], row % channels
-        basis = torch.outer(torch.cos(math.pi * (2 * x + 1) * u / (2 * patch)), torch.cos(math.pi * (2 * x + 1) * v / (2 * patch)))
+        basis = torch.outer(
+            torch.cos(math.pi * (2 * x + 1) * u / (2 * patch)), torch.cos(math.pi * (2 * x + 1) * v / (2 * patch))
+        )
         rows[row, channel] = basis / basis.norm()
     weight[:num_rows] = rows.to(weight.dtype)
 
@@ -232,8 +235,9 @@ def train_clip_teacher(
     if config.init_from:
         init_from_smaller_teacher(model, data.tokenizer, config.init_from)
     # CLIP's betas and eps; weight decay and schedule as every trainer here (`optimization.py`), decaying to 0.
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.98), eps=1e-6
+    )
     total_steps = _total_steps(config, data.num_images, accelerator.num_processes)
     warmup_steps = round(config.warmup_fraction * total_steps)
     text_params = [*model.text_model.parameters(), *model.text_projection.parameters()]
@@ -245,11 +249,14 @@ def train_clip_teacher(
     batches = _epochs(loader)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="training teacher", unit="step",
-               disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=total_steps, desc="training teacher", unit="step", disable=not (progress and accelerator.is_main_process)
+    )
     while step < total_steps:
         batch = next(batches)
-        set_learning_rate(optimizer, config.learning_rate * cosine_schedule_with_warmup(step, warmup_steps, total_steps))
+        set_learning_rate(
+            optimizer, config.learning_rate * cosine_schedule_with_warmup(step, warmup_steps, total_steps)
+        )
         with accelerator.accumulate(model):
             matches = batch.pop("caption_matches")  # (B, B): caption j is true of image i
             with accelerator.autocast():
@@ -269,27 +276,35 @@ def train_clip_teacher(
             accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
         step += 1
         losses.append(accelerator.gather(loss.detach()).mean().item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{step * images_per_step / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(
+            loss=f"{losses[-1]:.3f}", img_s=f"{step * images_per_step / (time.perf_counter() - start):.0f}"
+        )
         bar.update()
     bar.close()
     timing = {"images_seen": step * images_per_step, "train_seconds": time.perf_counter() - start}
-    return _save_trained_teacher(accelerator, model, data, config, data_root, output_dir, losses, timing,
-                                 evaluate_split, num_workers, progress)
+    return _save_trained_teacher(
+        accelerator, model, data, config, data_root, output_dir, losses, timing, evaluate_split, num_workers, progress
+    )
 
 
-def _finished_teacher(config: TeacherTrainingConfig, data_root: Path, output_dir: Path) -> "TeacherTrainingResult | None":
+def _finished_teacher(
+    config: TeacherTrainingConfig, data_root: Path, output_dir: Path
+) -> "TeacherTrainingResult | None":
     """The teacher already in `output_dir` when its config hash (config + benchmark info) matches, else None."""
     data_info = read_benchmark_info(data_root)
     if data_info is None:
-        raise FileNotFoundError(f"{data_root} holds no generated benchmark (no info.json); run generate_benchmark first")
+        raise FileNotFoundError(
+            f"{data_root} holds no generated benchmark (no info.json); run generate_benchmark first"
+        )
     existing = read_training_info(output_dir)
     if existing is not None and existing.get("config_hash") == config.config_hash(data_info):
         return TeacherTrainingResult(output_dir, skipped=True, info=existing)
     return None
 
 
-def _save_trained_teacher(accelerator, model, data, config, data_root, output_dir, losses, timing,
-                          evaluate_split, num_workers, progress) -> TeacherTrainingResult:
+def _save_trained_teacher(
+    accelerator, model, data, config, data_root, output_dir, losses, timing, evaluate_split, num_workers, progress
+) -> TeacherTrainingResult:
     """On the main process: the training info (plus zero-shot accuracy on `evaluate_split`) and the folder."""
     accelerator.wait_for_everyone()
     info = {}
@@ -298,7 +313,12 @@ def _save_trained_teacher(accelerator, model, data, config, data_root, output_di
         info = _training_info(config, data_root, data.num_images, losses, **timing)
         if evaluate_split is not None:
             info[f"zero_shot_{evaluate_split}"] = evaluate_clip_zero_shot(
-                model, data.tokenizer, data.image_processor, data_root, evaluate_split, num_workers=num_workers,
+                model,
+                data.tokenizer,
+                data.image_processor,
+                data_root,
+                evaluate_split,
+                num_workers=num_workers,
                 progress=progress,
             )
         _save_teacher(output_dir, model, data.tokenizer, data.image_processor, info)
@@ -318,26 +338,40 @@ class _TeacherData:
     loader: torch.utils.data.DataLoader
 
     @classmethod
-    def load(cls, config: TeacherTrainingConfig, data_root: Path, accelerator: Accelerator, num_workers: int,
-             progress: bool) -> "_TeacherData":
+    def load(
+        cls, config: TeacherTrainingConfig, data_root: Path, accelerator: Accelerator, num_workers: int, progress: bool
+    ) -> "_TeacherData":
         rows = load_benchmark_split(data_root, "train")
         num_images = len(rows) if config.num_train_images is None else min(config.num_train_images, len(rows))
         image_processor = build_image_processor(config.image_size)
         with accelerator.main_process_first():
-            pixels = pixel_cache(data_root, "train", image_processor, num_workers,
-                                 progress and accelerator.is_main_process)
+            pixels = pixel_cache(
+                data_root, "train", image_processor, num_workers, progress and accelerator.is_main_process
+            )
         # The vocabulary: every caption word plus the words of the zero-shot prompts of the benchmark's own axes.
         axes = benchmark_axes(read_benchmark_info(data_root))
         tokenizer = build_word_level_tokenizer(
             [row["caption"] for row in rows] + [p for axis in axes.values() for p in axis.prompts()],
             max_length=config.max_text_length,
         )
-        loader = caption_loader(pixels, num_images, rows, tokenizer, image_processor, config.batch_size,
-                                config.full_caption_probability, config.seed, accelerator.process_index,
-                                axes=tuple(axes), single_axis=config.single_axis_captions)
+        loader = caption_loader(
+            pixels,
+            num_images,
+            rows,
+            tokenizer,
+            image_processor,
+            config.batch_size,
+            config.full_caption_probability,
+            config.seed,
+            accelerator.process_index,
+            axes=tuple(axes),
+            single_axis=config.single_axis_captions,
+        )
         if len(loader) == 0:
-            raise ValueError(f"{num_images} training images make no full batch of {config.batch_size}: lower "
-                             "`batch_size` or raise `num_train_images`.")
+            raise ValueError(
+                f"{num_images} training images make no full batch of {config.batch_size}: lower "
+                "`batch_size` or raise `num_train_images`."
+            )
         return cls(rows, num_images, tokenizer, image_processor, loader)
 
 

@@ -33,8 +33,16 @@ class TeacherEmbeddings:
 
     @classmethod
     @torch.no_grad()
-    def precompute(cls, teacher: CLIPModel, dataset, teacher_processor, batch_size: int, accelerator: Accelerator,
-                   num_workers: int, progress_bar: bool = True) -> "TeacherEmbeddings":
+    def precompute(
+        cls,
+        teacher: CLIPModel,
+        dataset,
+        teacher_processor,
+        batch_size: int,
+        accelerator: Accelerator,
+        num_workers: int,
+        progress_bar: bool = True,
+    ) -> "TeacherEmbeddings":
         """Embed every image of `dataset` once, in a fixed order, into an (N, P) float32 CPU cache.
 
         Each process embeds a shard; `gather_for_metrics` reassembles them (dropping the padding of the last batch).
@@ -42,8 +50,12 @@ class TeacherEmbeddings:
         values. Only the teacher's preprocessing runs: the student's wavelet transform is not needed here.
         """
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, collate_fn=DistillationCollator(None, teacher_processor),
-            num_workers=num_workers, worker_init_fn=guard_worker_from_sigterm,
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=DistillationCollator(None, teacher_processor),
+            num_workers=num_workers,
+            worker_init_fn=guard_worker_from_sigterm,
         )
         loader = accelerator.prepare_data_loader(loader)
         cache = None

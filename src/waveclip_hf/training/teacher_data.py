@@ -18,6 +18,7 @@ from transformers import CLIPImageProcessor
 
 from ..data.synthetic import AXES, label_ids, labels_of_row, load_benchmark_split, read_benchmark_info, sample_caption
 
+
 # OpenAI CLIP's statistics, so the teacher preprocesses exactly like the checkpoints it
 # stands in for (the benchmark's own statistics are close enough not to matter).
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -75,15 +76,21 @@ def pixel_cache(
     """
     split_dir = Path(data_root) / split
     rows = load_benchmark_split(data_root, split)
-    geometry = {k: image_processor.to_dict().get(k) for k in ("size", "crop_size", "resample", "do_resize", "do_center_crop")}
-    key = hashlib.sha256(json.dumps([geometry, read_benchmark_info(data_root), len(rows)], sort_keys=True).encode()).hexdigest()[:12]
+    geometry = {
+        k: image_processor.to_dict().get(k) for k in ("size", "crop_size", "resample", "do_resize", "do_center_crop")
+    }
+    key = hashlib.sha256(
+        json.dumps([geometry, read_benchmark_info(data_root), len(rows)], sort_keys=True).encode()
+    ).hexdigest()[:12]
     path = split_dir / f"pixels-{key}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
 
     crop = image_processor.crop_size
     tmp = split_dir / f".pixels-{key}.tmp-{os.getpid()}.npy"
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), 3, crop["height"], crop["width"])).flush()
+    np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(len(rows), 3, crop["height"], crop["width"])
+    ).flush()
     chunk = 256
     jobs = [
         ([split_dir / row["file_name"] for row in rows[a : a + chunk]], tmp, a, image_processor)
@@ -136,8 +143,16 @@ class CaptionCollator:
     `multi_positive_clip_loss`.
     """
 
-    def __init__(self, rows, tokenizer, image_processor, full_caption_probability: float, seed: int,
-                 axes=tuple(AXES), single_axis: bool = False):
+    def __init__(
+        self,
+        rows,
+        tokenizer,
+        image_processor,
+        full_caption_probability: float,
+        seed: int,
+        axes=tuple(AXES),
+        single_axis: bool = False,
+    ):
         self.axes = tuple(axes)  # the benchmark's axes (`benchmark_axes` of its info.json)
         self.single_axis = single_axis
         self.labels = [labels_of_row(row, self.axes) for row in rows]
@@ -152,8 +167,14 @@ class CaptionCollator:
         indices = torch.tensor([i for _, i in items])
         captions, named = [], []
         for i in indices.tolist():
-            caption, axes = sample_caption(self.labels[i], self.rng, self.full_caption_probability, return_axes=True,
-                                           axes=self.axes, single_axis=self.single_axis)
+            caption, axes = sample_caption(
+                self.labels[i],
+                self.rng,
+                self.full_caption_probability,
+                return_axes=True,
+                axes=self.axes,
+                single_axis=self.single_axis,
+            )
             captions.append(caption)
             named.append([axis in axes for axis in self.axes])
         text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
@@ -168,13 +189,30 @@ class CaptionCollator:
         }
 
 
-def caption_loader(pixels: np.ndarray, num_images: int, rows, tokenizer, image_processor, batch_size: int,
-                   full_caption_probability: float, seed: int, process_index: int = 0, axes=tuple(AXES),
-                   single_axis: bool = False):
+def caption_loader(
+    pixels: np.ndarray,
+    num_images: int,
+    rows,
+    tokenizer,
+    image_processor,
+    batch_size: int,
+    full_caption_probability: float,
+    seed: int,
+    process_index: int = 0,
+    axes=tuple(AXES),
+    single_axis: bool = False,
+):
     """Shuffled, full batches of the first `num_images` cached images with captions drawn per batch
     ([`CaptionCollator`] over `axes`, seeded per process); the order comes from its own seeded generator."""
-    collator = CaptionCollator(rows, tokenizer, image_processor, full_caption_probability, seed=seed + process_index,
-                               axes=axes, single_axis=single_axis)
+    collator = CaptionCollator(
+        rows,
+        tokenizer,
+        image_processor,
+        full_caption_probability,
+        seed=seed + process_index,
+        axes=axes,
+        single_axis=single_axis,
+    )
     return torch.utils.data.DataLoader(
         CachedImages(pixels, num_images),
         batch_size=batch_size,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
+
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
 
@@ -36,8 +37,11 @@ def init_from_smaller_teacher(model: CLIPModel, tokenizer, source_dir: str | Pat
     source_tokenizer = AutoTokenizer.from_pretrained(source_dir)
     vision, source_vision = model.config.vision_config, source.config.vision_config
     factor = vision.patch_size // source_vision.patch_size
-    if (vision.patch_size != factor * source_vision.patch_size or vision.image_size != factor * source_vision.image_size
-            or vision.image_size // vision.patch_size != source_vision.image_size // source_vision.patch_size):
+    if (
+        vision.patch_size != factor * source_vision.patch_size
+        or vision.image_size != factor * source_vision.image_size
+        or vision.image_size // vision.patch_size != source_vision.image_size // source_vision.patch_size
+    ):
         raise ValueError(
             f"`init_from` needs the same patch grid at an integer multiple of the source's size: source "
             f"{source_vision.image_size} px / patch {source_vision.patch_size}, this teacher {vision.image_size} px / "
@@ -46,9 +50,12 @@ def init_from_smaller_teacher(model: CLIPModel, tokenizer, source_dir: str | Pat
     state = source.state_dict()
     kernel = state[PATCH_EMBEDDING]  # (hidden, 3, P, P)
     fresh = model.state_dict()[PATCH_EMBEDDING]  # (hidden, 3, kP, kP), CLIP's random initialisation
-    block_means = torch.nn.functional.avg_pool2d(fresh, factor).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
-    state[PATCH_EMBEDDING] = (kernel.repeat_interleave(factor, 2).repeat_interleave(factor, 3) / factor**2
-                              + fresh - block_means)
+    block_means = (
+        torch.nn.functional.avg_pool2d(fresh, factor).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    )
+    state[PATCH_EMBEDDING] = (
+        kernel.repeat_interleave(factor, 2).repeat_interleave(factor, 3) / factor**2 + fresh - block_means
+    )
     source_vocab, vocab = source_tokenizer.get_vocab(), tokenizer.get_vocab()
     rows = model.state_dict()[TOKEN_EMBEDDING].clone()
     shared = [word for word in vocab if word in source_vocab]
@@ -56,8 +63,10 @@ def init_from_smaller_teacher(model: CLIPModel, tokenizer, source_dir: str | Pat
     state[TOKEN_EMBEDDING] = rows
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not name.endswith("position_ids") for name in missing):
-        raise ValueError(f"`init_from` {source_dir}: the teachers differ in more than size ({missing}, {unexpected}); "
-                         "use a source with the same widths and depths.")
+        raise ValueError(
+            f"`init_from` {source_dir}: the teachers differ in more than size ({missing}, {unexpected}); "
+            "use a source with the same widths and depths."
+        )
     return {"factor": factor, "copied_words": len(shared), "new_words": sorted(set(vocab) - set(source_vocab))}
 
 

@@ -44,8 +44,9 @@ class StageCosineEvaluation:
                 teacher_embeds = teacher.get_image_features(
                     pixel_values=batch["teacher_pixel_values"].to(device)
                 ).pooler_output.float()
-            batches.append({"pixel_values": batch["pixel_values"], "teacher": teacher_embeds.cpu(),
-                            "valid": batch["valid"]})
+            batches.append(
+                {"pixel_values": batch["pixel_values"], "teacher": teacher_embeds.cpu(), "valid": batch["valid"]}
+            )
             skipped += batch["skipped"]
         return cls(batches, text_embeds), skipped
 
@@ -63,8 +64,10 @@ class StageCosineEvaluation:
             cosine = (stages * teacher[:, None]).sum(-1).sum(0)
             sums = cosine if sums is None else sums + cosine
             if self.text_embeds is not None:
-                same = zero_shot_logits(stages, self.text_embeds).argmax(-1) == zero_shot_logits(
-                    teacher, self.text_embeds).argmax(-1)[:, None]
+                same = (
+                    zero_shot_logits(stages, self.text_embeds).argmax(-1)
+                    == zero_shot_logits(teacher, self.text_embeds).argmax(-1)[:, None]
+                )
                 same = same.sum(0)
                 agree = same if agree is None else agree + same
             count += int(valid.sum())
@@ -83,22 +86,40 @@ class RunEvaluation:
     `log.jsonl`, and keeps the last ones in `metrics`. Call it on every process: `enabled` is the same everywhere,
     so the barriers match."""
 
-    def __init__(self, accelerator: Accelerator, module, evaluate: Callable[[WaveCLIPModel, int], dict] | None,
-                 enabled: bool, log_path: Path, skipped: list | None = None):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        module,
+        evaluate: Callable[[WaveCLIPModel, int], dict] | None,
+        enabled: bool,
+        log_path: Path,
+        skipped: list | None = None,
+    ):
         self.accelerator, self.module, self.evaluate, self.enabled = accelerator, module, evaluate, enabled
         self.log_path = log_path
         self.skipped = skipped or []  # [(name, error)] of unreadable held-out images
         self.metrics = {}
 
     @classmethod
-    def build(cls, accelerator: Accelerator, module, evaluate, eval_set, collator, teacher, batch_size: int,
-              text_embeds: torch.Tensor | None, log_path: Path) -> "RunEvaluation":
+    def build(
+        cls,
+        accelerator: Accelerator,
+        module,
+        evaluate,
+        eval_set,
+        collator,
+        teacher,
+        batch_size: int,
+        text_embeds: torch.Tensor | None,
+        log_path: Path,
+    ) -> "RunEvaluation":
         """`evaluate` if given, else [`StageCosineEvaluation`] on `eval_set` (built on the main process only);
         disabled when there is neither."""
         skipped = []
         if evaluate is None and eval_set is not None and accelerator.is_main_process:
-            evaluate, skipped = StageCosineEvaluation.build(eval_set, collator, teacher, batch_size,
-                                                            accelerator.device, text_embeds, accelerator.autocast)
+            evaluate, skipped = StageCosineEvaluation.build(
+                eval_set, collator, teacher, batch_size, accelerator.device, text_embeds, accelerator.autocast
+            )
         enabled = evaluate is not None or eval_set is not None
         return cls(accelerator, module, evaluate, enabled, log_path, skipped)
 

@@ -9,6 +9,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+
 EARLY_EXIT_ACCURACY_DIR = Path(__file__).resolve().parent / "early_exit_accuracy"
 
 
@@ -21,8 +22,12 @@ def load_early_exit_accuracy():
     return evaluate.load(str(EARLY_EXIT_ACCURACY_DIR), keep_in_memory=True)
 
 
-def early_exit_accuracy(predictions: Sequence[int], references: Sequence[int], gflops: Sequence[float] | float,
-                        full_gflops: float | None = None) -> dict:
+def early_exit_accuracy(
+    predictions: Sequence[int],
+    references: Sequence[int],
+    gflops: Sequence[float] | float,
+    full_gflops: float | None = None,
+) -> dict:
     """`early_exit_accuracy.compute(...)`: {"accuracy", "mean_gflops", "num_examples"} (+ "gflops_ratio" with
     `full_gflops`).
 
@@ -34,8 +39,9 @@ def early_exit_accuracy(predictions: Sequence[int], references: Sequence[int], g
     predictions, references = _as_list(predictions), _as_list(references)
     if isinstance(gflops, int | float):
         gflops = [float(gflops)] * len(predictions)
-    return load_early_exit_accuracy().compute(predictions=predictions, references=references,
-                                              gflops=_as_list(gflops), full_gflops=full_gflops)
+    return load_early_exit_accuracy().compute(
+        predictions=predictions, references=references, gflops=_as_list(gflops), full_gflops=full_gflops
+    )
 
 
 def _as_list(values) -> list:

@@ -11,6 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.clip.configuration_clip import CLIPTextConfig
 
+
 ATTENTION_MODES = ("block_causal", "bidirectional")
 BAND_ORDERS = ("coarse_to_fine", "fine_to_coarse")
 ZERO_SHOT_TASK = "zero-shot-image-classification"
@@ -140,7 +141,9 @@ class WaveCLIPVisionConfig(PreTrainedConfig):
     def band_group_patch_sizes(self) -> list[int]:
         """Side of one cell in each band group's subbands, group 0 first: cell / 2^L for groups 0 and 1, then
         doubling (the patch projection of group g reads (cell / 2^j)^2 patches of level j)."""
-        return [self.cell_size >> self.levels] + [self.cell_size >> (self.levels - k + 1) for k in range(1, self.levels + 1)]
+        return [self.cell_size >> self.levels] + [
+            self.cell_size >> (self.levels - k + 1) for k in range(1, self.levels + 1)
+        ]
 
     @property
     def stage_lengths(self) -> list[int]:

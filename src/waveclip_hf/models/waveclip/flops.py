@@ -31,7 +31,6 @@ forward: `stage_flops` refuses the "cached" mode for it, and `answer_flops` give
 This file is shipped as remote code with saved checkpoints: it imports only torch, transformers and siblings.
 """
 
-
 import argparse
 from typing import NamedTuple
 
@@ -83,7 +82,9 @@ def _layer_flops(hidden: int, intermediate: int, new_tokens: int, key_tokens: in
 
 
 def _encoder_flops(config, new_tokens: int, key_tokens: int) -> int:
-    return config.num_hidden_layers * _layer_flops(config.hidden_size, config.intermediate_size, new_tokens, key_tokens)
+    return config.num_hidden_layers * _layer_flops(
+        config.hidden_size, config.intermediate_size, new_tokens, key_tokens
+    )
 
 
 def embedding_flops(vision_config: WaveCLIPVisionConfig, stage: int) -> int:
@@ -240,8 +241,9 @@ def format_flops_table(config, projection_dim: int | None = None, clip_vision_co
         lines = [
             "| forward | tokens | GFLOPs |",
             "|---|---:|---:|",
-            f"| one full forward (bidirectional attention: no cache, no early exit) | {sum(vision_config.stage_lengths)} "
-            f"| {gflops(full_forward_flops(vision_config, None, projection_dim)):.2f} |",
+            "| one full forward (bidirectional attention: no cache, no early exit) | "
+            f"{sum(vision_config.stage_lengths)} | "
+            f"{gflops(full_forward_flops(vision_config, None, projection_dim)):.2f} |",
         ]
     else:
         lines = [

@@ -5,9 +5,9 @@ the temporary folder is flushed to disk and renamed onto `target` (an existing `
 deleted after), so `target` is at every moment either absent, the old folder, or the complete new one. With
 `merge=True` the new files are instead renamed into an existing `target` one by one, keeping its other files (what
 `save_pretrained` into a folder that has a README does): nothing reaches `target` before every file is written, and
-the renames themselves need no space. On an error the temporary folder is deleted and the error re-raised. Every whole-folder save of the project goes through it:
-the pipeline's `save_pretrained`, the trainer's final folder and checkpoints' publication, the teacher and the
-generated benchmark.
+the renames themselves need no space. On an error the temporary folder is deleted and the error re-raised. Every
+whole-folder save of the project goes through it: the pipeline's `save_pretrained`, the trainer's final folder and
+checkpoints' publication, the teacher and the generated benchmark.
 
     >>> with written_atomically("runs/model") as tmp:
     ...     model.save_pretrained(tmp)

@@ -27,6 +27,7 @@ import torch
 
 from .gating import _as_number, check_gflops_budget, gate_operating_points
 
+
 # Bumped when the stored fields change meaning; a config with a newer format is refused, not misread.
 CALIBRATION_FORMAT = 1
 
@@ -37,7 +38,8 @@ def label_set_key(candidate_labels, hypothesis_template, tokenizer_kwargs=None) 
     templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
     return json.dumps(
         {"labels": sorted(candidate_labels), "templates": templates, "tokenizer_kwargs": dict(tokenizer_kwargs or {})},
-        sort_keys=True, ensure_ascii=False,
+        sort_keys=True,
+        ensure_ascii=False,
     )
 
 
@@ -79,8 +81,14 @@ class GateCalibration:
     def for_label_set(self, candidate_labels, hypothesis_template, tokenizer_kwargs=None) -> "GateCalibration":
         """This calibration, recorded as belonging to a label set."""
         template = hypothesis_template if isinstance(hypothesis_template, str) else list(hypothesis_template)
-        return GateCalibration(**{**asdict(self), "labels": sorted(candidate_labels), "hypothesis_template": template,
-                                  "tokenizer_kwargs": dict(tokenizer_kwargs or {})})
+        return GateCalibration(
+            **{
+                **asdict(self),
+                "labels": sorted(candidate_labels),
+                "hypothesis_template": template,
+                "tokenizer_kwargs": dict(tokenizer_kwargs or {}),
+            }
+        )
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the format of `config.gate_calibrations` and of the calibration CLI's output)."""
@@ -96,7 +104,7 @@ class GateCalibration:
                 f"This gate calibration has format {record['format']}, newer than this model code reads "
                 f"({CALIBRATION_FORMAT}): load the model with the code it was saved with, or calibrate again."
             )
-        names = {name for name in cls.__dataclass_fields__}
+        names = set(cls.__dataclass_fields__)
         missing = {"threshold", "agreement", "mean_gflops", "full_gflops", "labels"} - set(record)
         if missing:
             raise ValueError(f"A gate calibration lacks {sorted(missing)}: calibrate again (`classifier.calibrate`).")
@@ -104,7 +112,9 @@ class GateCalibration:
 
 
 def calibrate_threshold(
-    stage_probs: torch.Tensor, cumulative_gflops, target_agreement: float | None = None,
+    stage_probs: torch.Tensor,
+    cumulative_gflops,
+    target_agreement: float | None = None,
     gflops_budget: float | None = None,
 ) -> GateCalibration:
     """The cheapest threshold whose answers agree with the full model's on at least `target_agreement` of the
@@ -164,8 +174,11 @@ def store_calibration(config, calibration: GateCalibration) -> None:
 
     The list is rebuilt and assigned in one step, so a thread reading the config sees the old list or the new one.
     """
-    kept = [record for record in (getattr(config, "gate_calibrations", None) or [])
-            if GateCalibration.from_dict(record).key != calibration.key]
+    kept = [
+        record
+        for record in (getattr(config, "gate_calibrations", None) or [])
+        if GateCalibration.from_dict(record).key != calibration.key
+    ]
     config.gate_calibrations = [*kept, calibration.to_dict()]
 
 

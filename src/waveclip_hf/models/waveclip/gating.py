@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 MARGIN_SCALINGS = ("none", "num_labels")
 
 
@@ -247,8 +248,13 @@ def gate_operating_points(
     agrees = (predictions == reference[:, None]).double()  # (N, S)
     gflops = torch.as_tensor(cumulative_gflops, dtype=torch.float64)
     # Sums over the images (divided by N at the end, so that shares of whole images stay exact).
-    at_stage_zero = torch.cat([agrees[:, 0].sum().reshape(1), gflops[:1] * num_images,
-                               torch.nn.functional.one_hot(torch.tensor(0), num_stages).double() * num_images])
+    at_stage_zero = torch.cat(
+        [
+            agrees[:, 0].sum().reshape(1),
+            gflops[:1] * num_images,
+            torch.nn.functional.one_hot(torch.tensor(0), num_stages).double() * num_images,
+        ]
+    )
     if num_stages == 1 or num_labels == 1:  # the gate never runs: everything answers at stage 0
         thresholds, sums, values = torch.zeros(1, dtype=torch.float64), at_stage_zero[None], torch.zeros(0)
     else:
@@ -257,16 +263,22 @@ def gate_operating_points(
         order = running_max.argsort(stable=True)
         crossings, to_stage = running_max[order], to_stage[order]
         one_hot = torch.nn.functional.one_hot
-        deltas = torch.cat([
-            (agrees[:, 1:] - agrees[:, :-1]).reshape(-1)[order, None],
-            (gflops[to_stage] - gflops[to_stage - 1])[:, None],
-            (one_hot(to_stage, num_stages) - one_hot(to_stage - 1, num_stages)).double(),
-        ], dim=1)
+        deltas = torch.cat(
+            [
+                (agrees[:, 1:] - agrees[:, :-1]).reshape(-1)[order, None],
+                (gflops[to_stage] - gflops[to_stage - 1])[:, None],
+                (one_hot(to_stage, num_stages) - one_hot(to_stage - 1, num_stages)).double(),
+            ],
+            dim=1,
+        )
         values, counts = torch.unique_consecutive(crossings, return_counts=True)
         crossed = deltas.cumsum(0)[counts.cumsum(0) - 1]  # after crossing every value up to each one
         sums = torch.cat([at_stage_zero[None], at_stage_zero + crossed])
         thresholds = representative_thresholds(values)
     return GateOperatingPoints(
-        thresholds=thresholds, agreement=sums[:, 0] / num_images, mean_gflops=sums[:, 1] / num_images,
-        stage_share=sums[:, 2:] / num_images, crossings=values.float(),
+        thresholds=thresholds,
+        agreement=sums[:, 0] / num_images,
+        mean_gflops=sums[:, 1] / num_images,
+        stage_share=sums[:, 2:] / num_images,
+        crossings=values.float(),
     )

@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from .wavelet_layout import check_packable, pack_coefficients, unpack_coefficients
 
+
 # PyWavelets is imported as `pywt`, a name pip does not install: for a missing import transformers' remote-code
 # check would say `pip install pywt`. It skips imports inside `try`, so the message is ours and names the package.
 try:

@@ -11,7 +11,6 @@ block-causal mask, and the cached path never recomputes anything.
 This file is shipped as remote code with saved checkpoints: it imports only torch, transformers and siblings.
 """
 
-
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.clip.modeling_clip import (
+    CLIPMLP,
     CLIPAttention,
     CLIPEncoderLayer,
-    CLIPMLP,
     CLIPOutput,
     CLIPTextModel,
     eager_attention_forward,
@@ -43,7 +42,6 @@ from .wavelet_layout import unpack_coefficients
 
 
 logger = logging.get_logger(__name__)
-
 
 
 @dataclass
@@ -356,6 +354,7 @@ class WaveCLIPPreTrainedModel(PreTrainedModel):
         with init.guard_torch_init_functions():
             initialize(self, self)
 
+
 class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
     """The WaveCLIP image encoder: staged wavelet tokens, block-causal attention, a KV cache per stage.
 
@@ -431,13 +430,19 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
     def _check_pixel_values(self, pixel_values) -> None:
         config = self.config
         if pixel_values is None:
-            raise ValueError("You have to specify `pixel_values` (packed DWT coefficients from WaveCLIPImageProcessor).")
+            raise ValueError(
+                "You have to specify `pixel_values` (packed DWT coefficients from WaveCLIPImageProcessor)."
+            )
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(
                 f"`pixel_values` must be a torch tensor, got {type(pixel_values).__name__}. Use "
                 "`WaveCLIPImageProcessor(...)(images, return_tensors='pt')['pixel_values']`."
             )
-        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (config.num_channels, config.image_size, config.image_size):
+        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (
+            config.num_channels,
+            config.image_size,
+            config.image_size,
+        ):
             raise ValueError(
                 f"`pixel_values` must have shape (batch, {config.num_channels}, {config.image_size}, "
                 f"{config.image_size}) (packed DWT coefficients from WaveCLIPImageProcessor), got "
@@ -474,12 +479,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             )
         head_dim = config.hidden_size // config.num_attention_heads
         if len(cache.layers) != config.num_hidden_layers or tuple(keys.shape[1::2]) != (
-            config.num_attention_heads, head_dim
+            config.num_attention_heads,
+            head_dim,
         ):
             raise ValueError(
                 f"The cache has {len(cache.layers)} layers of {keys.shape[1]} heads x {keys.shape[-1]} but "
-                f"this model has {config.num_hidden_layers} layers of {config.num_attention_heads} heads x {head_dim}: "
-                "it comes from another model. Start without a cache, or pass the cache this model returned."
+                f"this model has {config.num_hidden_layers} layers of {config.num_attention_heads} heads x "
+                f"{head_dim}: it comes from another model. Start without a cache, or pass the cache this model "
+                "returned."
             )
         owner = getattr(cache, "_waveclip_owner", None)  # a weakref: ids are reused, objects are not
         if owner is not None and owner() is not self:
@@ -537,7 +544,9 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                     "`model.gradient_checkpointing_disable()` first."
                 )
             if use_cache:
-                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing: no cache is returned.")
+                logger.warning_once(
+                    "`use_cache=True` is incompatible with gradient checkpointing: no cache is returned."
+                )
             return None, False
         if use_cache and cache is None:
             cache = WaveCLIPStageCache(self.config)

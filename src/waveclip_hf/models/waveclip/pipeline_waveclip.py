@@ -63,6 +63,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 from transformers.utils import logging
 
+from .configuration_waveclip import ZERO_SHOT_TASK
 from .folder_io import written_atomically
 from .gate_calibration import (
     GateCalibration,
@@ -70,18 +71,28 @@ from .gate_calibration import (
     find_calibration,
     store_calibration,
 )
-from .configuration_waveclip import ZERO_SHOT_TASK
 from .gating import check_gflops_budget, check_margin_scaling, check_margin_threshold, check_stage_count
 from .processing_waveclip import WaveCLIPProcessor
 from .scoring import zero_shot_logits
+
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 # Every keyword a call takes (`batch_size` and `num_workers` are read by transformers' `Pipeline.__call__`).
 CALL_PARAMETERS = (
-    "candidate_labels", "hypothesis_template", "timeout", "tokenizer_kwargs", "top_k", "margin_threshold",
-    "max_stages", "margin_scaling", "gflops_budget", "return_all_stages", "batch_size", "num_workers",
+    "candidate_labels",
+    "hypothesis_template",
+    "timeout",
+    "tokenizer_kwargs",
+    "top_k",
+    "margin_threshold",
+    "max_stages",
+    "margin_scaling",
+    "gflops_budget",
+    "return_all_stages",
+    "batch_size",
+    "num_workers",
 )
 # Label sets kept per pipeline; a serving process cycling through more sets recomputes the oldest.
 _TEXT_CACHE_SIZE = 32
@@ -152,6 +163,11 @@ def _check_one_template(hypothesis_template) -> str:
     return hypothesis_template
 
 
+def _describe(value) -> str:
+    """A tensor's shape, or another value's type name, for error messages."""
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def check_top_k(top_k) -> int | None:
     """`top_k` as a positive int (or `None`: every label), or a `ValueError`."""
     if top_k is None:
@@ -210,8 +226,11 @@ class _LabelSet:
 
     @classmethod
     def checked(cls, candidate_labels, hypothesis_template, tokenizer_kwargs) -> "_LabelSet":
-        return cls(check_candidate_labels(candidate_labels), check_hypothesis_template(hypothesis_template),
-                   dict(tokenizer_kwargs or {}))
+        return cls(
+            check_candidate_labels(candidate_labels),
+            check_hypothesis_template(hypothesis_template),
+            dict(tokenizer_kwargs or {}),
+        )
 
     def matches(self, hypothesis_template, tokenizer_kwargs) -> bool:
         """Whether the call's template and tokenizer arguments are the ones this set was checked with."""
@@ -248,8 +267,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
     def _sanitize_parameters(self, tokenizer_kwargs=None, **kwargs):
         check_call_parameters(kwargs)
         preprocess_params, _, _ = super()._sanitize_parameters(tokenizer_kwargs=tokenizer_kwargs, **kwargs)
-        forward_params = {name: kwargs[name] for name in (
-            "margin_threshold", "max_stages", "margin_scaling", "gflops_budget", "return_all_stages") if name in kwargs}
+        forward_params = {
+            name: kwargs[name]
+            for name in ("margin_threshold", "max_stages", "margin_scaling", "gflops_budget", "return_all_stages")
+            if name in kwargs
+        }
         # Checked here, before any image is decoded, rather than deep inside the first forward.
         check_margin_scaling(forward_params.get("margin_scaling", "none"))
         threshold = forward_params.get("margin_threshold")
@@ -265,15 +287,21 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             stage0 = float(self.model.answer_gflops()[0])
             forward_params["gflops_budget"] = check_gflops_budget(forward_params["gflops_budget"], stage0)
         if not isinstance(forward_params.get("return_all_stages", False), bool):
-            raise ValueError(f"`return_all_stages` must be True or False, got {forward_params['return_all_stages']!r}.")
+            raise ValueError(
+                f"`return_all_stages` must be True or False, got {forward_params['return_all_stages']!r}."
+            )
         if "hypothesis_template" in preprocess_params:
-            preprocess_params["hypothesis_template"] = check_hypothesis_template(preprocess_params["hypothesis_template"])
+            preprocess_params["hypothesis_template"] = check_hypothesis_template(
+                preprocess_params["hypothesis_template"]
+            )
         if tokenizer_kwargs is not None:
             preprocess_params["tokenizer_kwargs"] = tokenizer_kwargs
         if "candidate_labels" in preprocess_params:  # checked once per call, not once per image
             preprocess_params["candidate_labels"] = _LabelSet.checked(
-                preprocess_params["candidate_labels"], preprocess_params.get("hypothesis_template", DEFAULT_TEMPLATE),
-                tokenizer_kwargs)
+                preprocess_params["candidate_labels"],
+                preprocess_params.get("hypothesis_template", DEFAULT_TEMPLATE),
+                tokenizer_kwargs,
+            )
         postprocess_params = {"top_k": check_top_k(kwargs["top_k"])} if "top_k" in kwargs else {}
         return preprocess_params, forward_params, postprocess_params
 
@@ -285,8 +313,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 "`margin_scaling`. Drop `margin_scaling`, or pass a number as `margin_threshold`."
             )
         if "candidate_labels" in preprocess_params:
-            label_set = _LabelSet.checked(preprocess_params["candidate_labels"],
-                                          preprocess_params.get("hypothesis_template", DEFAULT_TEMPLATE), tokenizer_kwargs)
+            label_set = _LabelSet.checked(
+                preprocess_params["candidate_labels"],
+                preprocess_params.get("hypothesis_template", DEFAULT_TEMPLATE),
+                tokenizer_kwargs,
+            )
             self.calibrated_threshold(label_set.labels, label_set.template, label_set.tokenizer_kwargs)
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
@@ -294,8 +325,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         transformers' DataLoader path. A `DataLoader` with `batch_size=1` and no workers adds nothing but its own
         machinery per image (~1.6 ms per image with the tiny model on a 2-core CPU, against a ~10 ms stage 0)."""
         if batch_size != 1 or num_workers:
-            return super().get_iterator(inputs, num_workers, batch_size, preprocess_params, forward_params,
-                                        postprocess_params)
+            return super().get_iterator(
+                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
+            )
         items = (inputs[index] for index in range(len(inputs))) if isinstance(inputs, Sized) else iter(inputs)
         return (self.run_single(item, preprocess_params, forward_params, postprocess_params) for item in items)
 
@@ -306,16 +338,18 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if calibration is None:
             stored = len(getattr(self.model.config, "gate_calibrations", None) or [])
             raise ValueError(
-                f"`margin_threshold='auto'` needs a calibration for these labels and template ({len(candidate_labels)} "
-                f"labels, template {hypothesis_template!r}); the model holds {stored} calibration(s), none for this "
+                "`margin_threshold='auto'` needs a calibration for these labels and template "
+                f"({len(candidate_labels)} labels, template {hypothesis_template!r}); the model holds {stored} "
+                "calibration(s), none for this "
                 "set. Call `classifier.calibrate(images, candidate_labels=..., hypothesis_template=...)` on "
                 "unlabelled images of your domain with the same labels and template (then `save_pretrained` keeps "
                 "it), or pass a number as `margin_threshold`."
             )
         return calibration.threshold
 
-    def preprocess(self, image, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, timeout=None,
-                   tokenizer_kwargs=None):
+    def preprocess(
+        self, image, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, timeout=None, tokenizer_kwargs=None
+    ):
         label_set = candidate_labels
         if not (isinstance(label_set, _LabelSet) and label_set.matches(hypothesis_template, tokenizer_kwargs)):
             label_set = _LabelSet.checked(candidate_labels, hypothesis_template, tokenizer_kwargs)
@@ -340,13 +374,15 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 self._text_embeddings.move_to_end(key)
                 return self._text_embeddings[key]
         if isinstance(hypothesis_template, str):
-            embeds = self._embed_prompts([hypothesis_template.format(label) for label in candidate_labels],
-                                         tokenizer_kwargs)
+            embeds = self._embed_prompts(
+                [hypothesis_template.format(label) for label in candidate_labels], tokenizer_kwargs
+            )
         else:
             per_template = [
                 torch.nn.functional.normalize(
                     self._embed_prompts([template.format(label) for label in candidate_labels], tokenizer_kwargs),
-                    dim=-1)
+                    dim=-1,
+                )
                 for template in hypothesis_template
             ]
             embeds = torch.stack(per_template).mean(0)
@@ -363,8 +399,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         chunks = []
         for start in range(0, len(sequences), _TEXT_BATCH_SIZE):
             chunk = sequences[start : start + _TEXT_BATCH_SIZE]
-            text_inputs = self.tokenizer(chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True,
-                                         **(tokenizer_kwargs or {}))
+            text_inputs = self.tokenizer(
+                chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True, **(tokenizer_kwargs or {})
+            )
             special = text_inputs.pop("special_tokens_mask")
             lengths = text_inputs["attention_mask"].sum(-1) if "attention_mask" in text_inputs else None
             if text_inputs["input_ids"].shape[-1] > max_positions:
@@ -411,13 +448,21 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         words = [
             prompt[begin:end]
             for token, (begin, end), special in zip(
-                encoding["input_ids"], encoding["offset_mapping"], encoding["special_tokens_mask"])
+                encoding["input_ids"], encoding["offset_mapping"], encoding["special_tokens_mask"]
+            )
             if token == self.tokenizer.unk_token_id and not special
         ]
         return ", ".join(repr(word) for word in words) or repr(prompt)
 
-    def _forward(self, model_inputs, margin_threshold=None, max_stages=None, margin_scaling="none", gflops_budget=None,
-                 return_all_stages=False):
+    def _forward(
+        self,
+        model_inputs,
+        margin_threshold=None,
+        max_stages=None,
+        margin_scaling="none",
+        gflops_budget=None,
+        return_all_stages=False,
+    ):
         label_sets = model_inputs.pop("label_set")
         # Batched: one reference per image, all to the same call's set.
         label_set = label_sets[0] if isinstance(label_sets, list) else label_sets
@@ -429,8 +474,13 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if cache is None:
             cache = self._per_thread.stage_cache = self.model.new_stage_cache()
         outputs = self.model.refine(
-            model_inputs["pixel_values"], text_embeds, margin_threshold, max_stages=max_stages,
-            margin_scaling=margin_scaling, gflops_budget=gflops_budget, return_all_stages=return_all_stages,
+            model_inputs["pixel_values"],
+            text_embeds,
+            margin_threshold,
+            max_stages=max_stages,
+            margin_scaling=margin_scaling,
+            gflops_budget=gflops_budget,
+            return_all_stages=return_all_stages,
             cache=cache,
         )
         num_images = model_inputs["pixel_values"].shape[0]
@@ -455,12 +505,16 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         scores, ranked = order.values[kept].tolist(), order.indices[kept].tolist()
         stage_scores = model_outputs.get("stage_scores")
         if stage_scores is None:
-            return [{"score": score, "label": labels[index], "stage": stage, "gflops": gflops}
-                    for score, index in zip(scores, ranked)]
+            return [
+                {"score": score, "label": labels[index], "stage": stage, "gflops": gflops}
+                for score, index in zip(scores, ranked)
+            ]
         # (1, stages, labels): keep the stages this image ran
         per_label = stage_scores.reshape(-1, len(labels))[: stage + 1].float().T[ranked].tolist()
-        return [{"score": score, "label": labels[index], "stage": stage, "gflops": gflops, "stage_scores": row}
-                for score, index, row in zip(scores, ranked, per_label)]
+        return [
+            {"score": score, "label": labels[index], "stage": stage, "gflops": gflops, "stage_scores": row}
+            for score, index, row in zip(scores, ranked, per_label)
+        ]
 
     def add_calibration(self, calibration) -> GateCalibration:
         """Use a calibration made elsewhere for `margin_threshold="auto"`: a [`GateCalibration`], its dict, or the
@@ -474,7 +528,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if isinstance(calibration, dict):
             calibration = GateCalibration.from_dict(calibration)
         if not isinstance(calibration, GateCalibration) and type(calibration).__name__ != "GateCalibration":
-            raise ValueError(f"`add_calibration` takes a GateCalibration, its dict or a JSON file, got {calibration!r}.")
+            raise ValueError(
+                f"`add_calibration` takes a GateCalibration, its dict or a JSON file, got {calibration!r}."
+            )
         store_calibration(self.model.config, calibration)
         return calibration
 
@@ -491,9 +547,18 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             if self.tokenizer is not None and self.image_processor is not None:
                 WaveCLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer).save_pretrained(tmp)
 
-    def calibrate(self, images=None, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE,
-                  target_agreement=None, gflops_budget=None, batch_size=None, tokenizer_kwargs=None, timeout=None,
-                  image_embeddings=None) -> GateCalibration:
+    def calibrate(
+        self,
+        images=None,
+        candidate_labels=None,
+        hypothesis_template=DEFAULT_TEMPLATE,
+        target_agreement=None,
+        gflops_budget=None,
+        batch_size=None,
+        tokenizer_kwargs=None,
+        timeout=None,
+        image_embeddings=None,
+    ) -> GateCalibration:
         """Choose `margin_threshold` for one label set without labels, and keep it in the model's config for
         `margin_threshold="auto"` (`save_pretrained` then saves it with the model).
 
@@ -528,8 +593,7 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         if not isinstance(image_embeddings, torch.Tensor) or tuple(image_embeddings.shape[1:]) != expected:
             raise ValueError(
                 f"`image_embeddings` must be (num_images, {expected[0]} stages, {expected[1]}) from this pipeline's "
-                f"`image_stage_embeddings(images)`, got "
-                f"{tuple(image_embeddings.shape) if isinstance(image_embeddings, torch.Tensor) else type(image_embeddings).__name__}."
+                f"`image_stage_embeddings(images)`, got {_describe(image_embeddings)}."
             )
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
         with torch.no_grad():
@@ -541,8 +605,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 f"{100 / len(stage_probs):.1f} points, so agreement on new images may fall short of the target. Use a "
                 f"few hundred images of your domain."
             )
-        calibration = calibrate_threshold(stage_probs, self.model.answer_gflops().tolist(), target_agreement,
-                                          gflops_budget).for_label_set(labels, template, tokenizer_kwargs)
+        calibration = calibrate_threshold(
+            stage_probs, self.model.answer_gflops().tolist(), target_agreement, gflops_budget
+        ).for_label_set(labels, template, tokenizer_kwargs)
         store_calibration(self.model.config, calibration)
         return calibration
 
@@ -612,8 +677,11 @@ def register_gated_pipeline(model_class) -> None:
     if isinstance(previous, str):  # transformers >= 5.24 names the class by its dotted path until first use
         module_path, class_name = previous.rsplit(".", 1)
         previous = getattr(importlib.import_module(module_path), class_name)
-    dispatch = type("ZeroShotImageClassificationDispatch", (ZeroShotImageClassificationDispatch,),
-                    {"fallback_class": previous, "__module__": __name__})
+    dispatch = type(
+        "ZeroShotImageClassificationDispatch",
+        (ZeroShotImageClassificationDispatch,),
+        {"fallback_class": previous, "__module__": __name__},
+    )
     PIPELINE_REGISTRY.supported_tasks[ZERO_SHOT_TASK] = {**entry, "impl": dispatch}
 
 

@@ -60,14 +60,23 @@ class RefinementAnswers:
         like: a tensor whose device and dtype the answers take (the label embeddings).
     """
 
-    def __init__(self, batch_size: int, num_labels: int, projection_dim: int, num_stages: int,
-                 keep_stage_scores: bool, like: torch.Tensor):
+    def __init__(
+        self,
+        batch_size: int,
+        num_labels: int,
+        projection_dim: int,
+        num_stages: int,
+        keep_stage_scores: bool,
+        like: torch.Tensor,
+    ):
         self.logits = like.new_empty(batch_size, num_labels)
         self.image_embeds = like.new_empty(batch_size, projection_dim)
         self.exit_stage = torch.full((batch_size,), -1, dtype=torch.long, device=like.device)
         self.active = torch.arange(batch_size, device=like.device)
         # NaN marks the stages an image did not run.
-        self.stage_scores = like.new_full((batch_size, num_stages, num_labels), float("nan")) if keep_stage_scores else None
+        self.stage_scores = (
+            like.new_full((batch_size, num_stages, num_labels), float("nan")) if keep_stage_scores else None
+        )
 
     def record(self, stage: int, logits: torch.Tensor, image_embeds: torch.Tensor, stops: torch.Tensor):
         """Store the answers of the active images that `stops` after `stage`.
@@ -93,8 +102,11 @@ class RefinementAnswers:
 
     def output(self, cumulative_gflops: torch.Tensor) -> WaveCLIPRefinementOutput:
         return WaveCLIPRefinementOutput(
-            scores=self.logits.softmax(-1), logits_per_image=self.logits, image_embeds=self.image_embeds,
-            exit_stage=self.exit_stage, gflops=cumulative_gflops.to(self.exit_stage.device)[self.exit_stage].float(),
+            scores=self.logits.softmax(-1),
+            logits_per_image=self.logits,
+            image_embeds=self.image_embeds,
+            exit_stage=self.exit_stage,
+            gflops=cumulative_gflops.to(self.exit_stage.device)[self.exit_stage].float(),
             stage_scores=self.stage_scores,
         )
 
@@ -168,8 +180,14 @@ class WaveCLIPRefinementMixin:
         text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
         cumulative = self.answer_gflops()
         gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, pixel_values.shape[0])
-        answers = RefinementAnswers(pixel_values.shape[0], text_embeds.shape[0], text_embeds.shape[1], num_stages,
-                                    return_all_stages, text_embeds.to(self.logit_scale.device))
+        answers = RefinementAnswers(
+            pixel_values.shape[0],
+            text_embeds.shape[0],
+            text_embeds.shape[1],
+            num_stages,
+            return_all_stages,
+            text_embeds.to(self.logit_scale.device),
+        )
         # A bidirectional model runs one full forward (first_stage = the last stage), without a cache.
         cache = self._refine_cache(cache, num_stages) if first_stage == 0 else None
         logit_scale = self.logit_scale.exp()
@@ -179,7 +197,11 @@ class WaveCLIPRefinementMixin:
             image_embeds = self.get_image_features(inputs, num_stages=stage + 1, cache=cache).pooler_output
             logits = zero_shot_logits(image_embeds, text_embeds, logit_scale)
             last = stage == num_stages - 1
-            stops = torch.ones_like(answers.active, dtype=torch.bool) if last else ~gate.continues(logits.softmax(-1), stage)
+            stops = (
+                torch.ones_like(answers.active, dtype=torch.bool)
+                if last
+                else ~gate.continues(logits.softmax(-1), stage)
+            )
             continuing = answers.record(stage, logits, image_embeds, stops)
             if continuing is None:
                 break
@@ -190,7 +212,9 @@ class WaveCLIPRefinementMixin:
     def _refinement_stages(self, margin_threshold, max_stages, margin_scaling) -> tuple[int, int]:
         """The first stage `refine` runs and how many stages it may run, after checking the gate's arguments up front
         (a single label or `max_stages=1` never reaches the gate)."""
-        num_stages = self.num_stages if max_stages is None else check_stage_count(max_stages, "max_stages", self.num_stages)
+        num_stages = (
+            self.num_stages if max_stages is None else check_stage_count(max_stages, "max_stages", self.num_stages)
+        )
         if margin_threshold is not None:
             margin_threshold = check_margin_threshold(margin_threshold)
         check_margin_scaling(margin_scaling)

@@ -124,8 +124,9 @@ class WaveCLIPStageCacheLayer(CacheLayerMixin):
         for name, states in (("keys", key_states), ("values", value_states)):
             if states.dim() != 4 or (states.shape[1], states.shape[3]) != expected:
                 raise ValueError(
-                    f"Layer {self.layer_idx} of this WaveCLIPStageCache holds {self.num_heads} heads x {self.head_dim} "
-                    f"but got {name} of shape {tuple(states.shape)} (expected (batch, {self.num_heads}, tokens, "
+                    f"Layer {self.layer_idx} of this WaveCLIPStageCache holds {self.num_heads} heads x "
+                    f"{self.head_dim} but got {name} of shape {tuple(states.shape)} (expected (batch, "
+                    f"{self.num_heads}, tokens, "
                     f"{self.head_dim})): the cache was built for another model. Build it from this model's config."
                 )
         if value_states.shape[:3] != key_states.shape[:3]:

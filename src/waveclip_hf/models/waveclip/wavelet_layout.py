@@ -18,8 +18,8 @@ Keeping an image-shaped tensor means every tool that moves `pixel_values` (pipel
 `datasets.map`) keeps working unchanged.
 """
 
-
 import torch
+
 
 #: Orientation names in the order pywt / ptwt return the detail tuple of one level.
 ORIENTATIONS = ("horizontal", "vertical", "diagonal")

@@ -63,11 +63,13 @@ class EarlyExitAccuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Value("int64"),
-                "references": datasets.Value("int64"),
-                "gflops": datasets.Value("float64"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("int64"),
+                    "references": datasets.Value("int64"),
+                    "gflops": datasets.Value("float64"),
+                }
+            ),
             # No "numpy" format: `datasets`' numpy formatter hands floats over as float32.
             reference_urls=["https://arxiv.org/abs/2509.21153"],
         )
