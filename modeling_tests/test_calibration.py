@@ -16,11 +16,11 @@ from waveclip_hf.evaluation.calibration import (
     OperatingPoint,
     choose_threshold,
     collect_stage_embeddings,
-    cumulative_stage_gflops,
-    exit_stages,
+    margin_exit_stages,
     stage_probabilities,
     sweep_thresholds,
 )
+from waveclip_hf.models.waveclip.flops import answer_gflops
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_offline_replay_equals_refine():
     probs = stage_probabilities(stage_embeds, text_embeds, model.logit_scale.exp().item())
     for threshold in (0.0, 0.2, 0.5, 0.8, 1.01):
         online = model.refine(pixel_values, text_embeds, threshold)
-        offline = exit_stages(probs, threshold)
+        offline = margin_exit_stages(probs, threshold)
         assert torch.equal(online.exit_stage, offline), threshold
         answered = probs[torch.arange(12), offline]
         assert (online.scores - answered).abs().max() < 1e-4
@@ -103,7 +103,7 @@ def test_calibration_script_on_a_labelled_image_folder(tmp_path):
     report = json.loads((out / "gate_calibration.json").read_text())
     assert report["num_images"] == 9
     assert [p["threshold"] for p in report["sweep"]] == [0.0, 0.5, 1.01]
-    gflops = cumulative_stage_gflops(tiny_model(levels=2).config)
+    gflops = answer_gflops(tiny_model(levels=2).config)
     assert report["sweep"][0]["mean_gflops"] == pytest.approx(gflops[0])
     assert report["sweep"][-1]["mean_gflops"] == pytest.approx(gflops[-1])
     assert report["sweep"][-1]["accuracy"] == pytest.approx(report["fixed_stages"][-1]["accuracy"])

@@ -17,8 +17,7 @@ from conftest import tiny_config
 
 from waveclip_hf.data.synthetic import AXES
 from waveclip_hf.evaluation.calibration import (
-    cumulative_stage_gflops,
-    exit_stages,
+    margin_exit_stages,
     stage_probabilities,
     sweep_thresholds,
 )
@@ -26,7 +25,7 @@ from waveclip_hf.evaluation.metrics import EARLY_EXIT_ACCURACY_DIR, early_exit_a
 from waveclip_hf.evaluation.zero_shot import zero_shot_predictions
 from waveclip_hf.experiments.report import write_reports
 from waveclip_hf.experiments.run_evaluation import evaluate
-from waveclip_hf.models.waveclip.flops import clip_vit_flops
+from waveclip_hf.models.waveclip.flops import answer_gflops, clip_vit_flops
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +147,7 @@ def hand_computed_axis(name, embeddings, rows, gflops, thresholds):
     table = torch.tensor(gflops, dtype=torch.float64)
     sweep = []
     for threshold in thresholds:
-        stages = exit_stages(probs, threshold)
+        stages = margin_exit_stages(probs, threshold)
         answered = predictions.gather(1, stages[:, None]).squeeze(1)
         sweep.append((float((answered == labels).double().mean()), float(table[stages].mean())))
     return {
@@ -165,7 +164,7 @@ def test_main_job_numbers_through_the_metric_equal_the_hand_computation(tmp_path
     student_config, teacher_config = tiny_config(levels=1), tiny_clip_config()
     thresholds = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.01]
     results = evaluate(embeddings, rows, student_config, teacher_config, thresholds, 0.6)
-    gflops = cumulative_stage_gflops(student_config)
+    gflops = answer_gflops(student_config)
     for name in AXES:
         hand = hand_computed_axis(name, embeddings, rows, gflops, thresholds)
         assert results["per_axis"][name]["teacher"] == hand["teacher"]  # bit for bit
@@ -211,7 +210,7 @@ def test_calibration_sweep_through_the_metric_equals_the_hand_computation():
     points = sweep_thresholds(probs, labels, gflops, [0.0, 0.1, 0.3, 0.6, 1.01])
     table = torch.tensor(gflops, dtype=torch.float64)
     for point in points:
-        stages = exit_stages(probs, point.threshold)
+        stages = margin_exit_stages(probs, point.threshold)
         answered = probs.argmax(-1).gather(1, stages[:, None]).squeeze(1)
         assert point.accuracy == float((answered == labels).double().mean())
         assert point.mean_gflops == pytest.approx(float(table[stages].mean()), rel=1e-14, abs=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from waveclip_hf.evaluation.calibration import collect_stage_embeddings, exit_stages, stage_probabilities
+from waveclip_hf.evaluation.calibration import collect_stage_embeddings, margin_exit_stages, stage_probabilities
 from waveclip_hf.models.waveclip.gate_calibration import calibrate_threshold
 from waveclip_hf.models.waveclip.gating import gate_operating_points
 
@@ -22,7 +22,7 @@ def random_stage_probs(num_images: int, num_stages: int, num_labels: int = 5, se
 
 def replay(stage_probs: torch.Tensor, threshold: float, cumulative_gflops) -> tuple[float, float, torch.Tensor]:
     """Agreement with the last stage, mean GFLOPs and exit stages of the gate at `threshold`, image by image."""
-    stages = exit_stages(stage_probs, 2.0 if math.isinf(threshold) else threshold)
+    stages = margin_exit_stages(stage_probs, 2.0 if math.isinf(threshold) else threshold)
     predictions = stage_probs.argmax(-1)
     agreement = (predictions.gather(1, stages[:, None]).squeeze(1) == predictions[:, -1]).double().mean()
     gflops = torch.tensor(cumulative_gflops, dtype=torch.float64)[stages].mean()
@@ -54,7 +54,7 @@ def test_operating_points_at_any_threshold_and_against_labels():
     points = gate_operating_points(probs, cumulative, reference=labels)
     thresholds = [0.0, 1e-4, 0.05, 0.3, 0.5, float(points.crossings[7]), 0.9, 0.999, 1.0, math.inf]
     for threshold, index in zip(thresholds, points.index_at(thresholds).tolist()):
-        stages = exit_stages(probs, 2.0 if math.isinf(threshold) else threshold)
+        stages = margin_exit_stages(probs, 2.0 if math.isinf(threshold) else threshold)
         accuracy = (probs.argmax(-1).gather(1, stages[:, None]).squeeze(1) == labels).double().mean()
         assert float(points.agreement[index]) == pytest.approx(float(accuracy), abs=1e-12), threshold
         gflops = torch.tensor(cumulative, dtype=torch.float64)[stages].mean()

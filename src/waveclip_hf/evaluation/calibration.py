@@ -17,12 +17,14 @@ from tqdm.auto import tqdm
 
 from ..figures.accuracy_vs_gflops import plot_tradeoff
 from ..hub.model_card import update_calibration_section
-from ..models.waveclip.flops import FLOPS_CONVENTION, stage_flops
+from ..models.waveclip.flops import FLOPS_CONVENTION, answer_gflops
 from ..models.waveclip.folder_io import written_atomically
+from ..models.waveclip.gate_calibration import choose_operating_point
 from ..models.waveclip.gating import (
     GateOperatingPoints,
     effective_threshold,
-    probability_margin,
+    exit_stages,
+    margin_signal,
     representative_thresholds,
 )
 from ..models.waveclip.scoring import zero_shot_logits
@@ -67,15 +69,13 @@ def stage_probabilities(stage_embeds: torch.Tensor, text_embeds: torch.Tensor, l
     return zero_shot_logits(stage_embeds, text_embeds.float().cpu(), logit_scale).softmax(-1)
 
 
-def exit_stages(stage_probs: torch.Tensor, threshold: float, margin_scaling: str = "none") -> torch.Tensor:
-    """The stage at which the gate answers each image: the first whose margin passes, else the last. (N,) long."""
+def margin_exit_stages(stage_probs: torch.Tensor, threshold: float, margin_scaling: str = "none") -> torch.Tensor:
+    """The stage at which the margin gate answers each image (`gating.exit_stages` on the margins, with the
+    threshold in `margin_scaling`'s units). (N, stages, C) -> (N,) long."""
     num_images, num_stages, num_labels = stage_probs.shape
     if num_labels == 1:
         return torch.zeros(num_images, dtype=torch.long)
-    needed = effective_threshold(threshold, num_labels, margin_scaling)
-    passes = probability_margin(stage_probs) >= needed  # (N, stages)
-    passes[:, -1] = True
-    return passes.float().argmax(dim=1)  # first True
+    return exit_stages(margin_signal(stage_probs), effective_threshold(threshold, num_labels, margin_scaling))
 
 
 def sweep_thresholds(
@@ -97,7 +97,7 @@ def sweep_thresholds(
     gflops = torch.tensor(cumulative_gflops, dtype=torch.float64)
     points = []
     for threshold in thresholds:
-        stages = exit_stages(stage_probs, threshold, margin_scaling)
+        stages = margin_exit_stages(stage_probs, threshold, margin_scaling)
         answered = predictions.gather(1, stages[:, None]).squeeze(1)
         share = torch.bincount(stages, minlength=num_stages).double() / len(stages)
         measured = early_exit_accuracy(answered, labels, gflops[stages])
@@ -154,21 +154,17 @@ def choose_threshold(
     gflops_budget: float | None = None,
 ) -> OperatingPoint | None:
     """The cheapest point within `max_accuracy_drop` of `full_accuracy` (fractions, e.g. 0.01 = 1 point), or the
-    most accurate point within `gflops_budget` mean GFLOPs. Exactly one target must be given; `None` if no
-    point meets it."""
+    most accurate point within `gflops_budget` mean GFLOPs (`gate_calibration.choose_operating_point` on the
+    sweep's points, cheapest first). Exactly one target must be given; `None` if no point meets it."""
     if (max_accuracy_drop is None) == (gflops_budget is None):
         raise ValueError("Give exactly one target: `max_accuracy_drop` or `gflops_budget`.")
+    ordered = sorted(points, key=lambda p: (p.mean_gflops, -p.accuracy))
+    accuracy, mean_gflops = [p.accuracy for p in ordered], [p.mean_gflops for p in ordered]
     if max_accuracy_drop is not None:
-        meeting = [p for p in points if p.accuracy >= full_accuracy - max_accuracy_drop - 1e-12]
-        return min(meeting, key=lambda p: (p.mean_gflops, -p.accuracy), default=None)
-    meeting = [p for p in points if p.mean_gflops <= gflops_budget + 1e-12]
-    return max(meeting, key=lambda p: (p.accuracy, -p.mean_gflops), default=None)
-
-
-def cumulative_stage_gflops(config) -> list[float]:
-    """GFLOPs to have an answer after each stage, with the cache (see `flops.py` for the convention)."""
-    per_stage = stage_flops(config)
-    return [sum(per_stage[: s + 1]) / 1e9 for s in range(len(per_stage))]
+        index = choose_operating_point(accuracy, mean_gflops, min_score=full_accuracy - max_accuracy_drop)
+    else:
+        index = choose_operating_point(accuracy, mean_gflops, max_gflops=gflops_budget)
+    return None if index is None else ordered[index]
 
 
 def write_report(path, points, fixed_points, chosen, extra: dict | None = None) -> Path:
@@ -283,7 +279,7 @@ def calibrate(
     )
     labels = torch.tensor(dataset[label_column])
     probs = stage_probabilities(stage_embeds, text_embeds, model.logit_scale.exp().item())
-    gflops = cumulative_stage_gflops(model.config)
+    gflops = answer_gflops(model.config)
     points = sweep_thresholds(probs, labels, gflops, thresholds or default_thresholds(), margin_scaling)
     fixed = fixed_stage_points(probs, labels, gflops)
     chosen = choose_threshold(points, fixed[-1]["accuracy"], max_accuracy_drop, gflops_budget)
@@ -405,7 +401,7 @@ def stage_flip_rates(stage_probs: torch.Tensor) -> list[float]:
 def cheapest_point_within(points: GateOperatingPoints, min_agreement: float) -> int:
     """Index of the cheapest operating point whose agreement (the accuracy, for points against labels) is at
     least `min_agreement`; the last point (no early exit) when only it qualifies."""
-    return int((points.agreement >= min_agreement - 1e-12).nonzero()[0])
+    return choose_operating_point(points.agreement, points.mean_gflops, min_score=min_agreement)
 
 
 def best_shared_threshold(points_per_set: Mapping[str, GateOperatingPoints], min_mean_agreement: float):

@@ -23,13 +23,15 @@ so `threshold_curve` gives accuracy, agreement and GFLOPs for every distinct dec
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..models.waveclip.gating import probability_margin
+from ..models.waveclip.gate_calibration import choose_operating_point
+from ..models.waveclip.gating import exit_stages, gate_operating_points, probability_margin
 from ..models.waveclip.scoring import zero_shot_logits
 
 
@@ -51,20 +53,15 @@ def gate_scores(stage_probs: torch.Tensor, gate: str) -> torch.Tensor:
     return GATE_SCORES[gate](stage_probs.double())
 
 
-def gate_exit_stages(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(N, stages) scores -> (N,) the first stage whose score reaches `threshold` (the last one otherwise)."""
-    passes = scores >= threshold
-    passes[:, -1] = True
-    return passes.int().argmax(dim=1)
-
-
 @dataclass
 class ThresholdCurve:
     """A gate on one setting at every threshold that changes its decisions, in increasing θ (so increasing cost).
 
-    `thresholds[k]` is the largest θ giving decision set k (an image stops where its score >= θ); the last entry
-    is +inf: every image runs every stage. `accuracy` is None without labels; `agreement` is the share of images
-    whose gated answer equals the full model's.
+    `thresholds[k]` is the smallest exit score (of any image and stage) that gives decision set k (an image stops
+    where its score >= θ); the last entry is +inf: every image runs every stage. Any θ of the same interval gives
+    the same decisions here, but not on another setting, so the choice is fixed: the smallest score, as this study
+    has always used. `accuracy` is None without labels; `agreement` is the share of images whose gated answer
+    equals the full model's.
     """
 
     thresholds: np.ndarray  # (K,)
@@ -77,68 +74,50 @@ class ThresholdCurve:
         return float(self.accuracy[-1])
 
 
-def _sum_above(values: torch.Tensor, weights: torch.Tensor, thresholds: np.ndarray) -> np.ndarray:
-    """For every threshold t: the sum of `weights` over the entries with `values >= t`."""
-    order = torch.argsort(values, descending=True)
-    sorted_values = values[order].numpy()
-    cumulative = np.concatenate([[0.0], torch.cumsum(weights[order].double(), 0).numpy()])
-    # Entries >= t are the first `count` of the descending order.
-    count = len(sorted_values) - np.searchsorted(sorted_values[::-1], thresholds, side="left")
-    return cumulative[count]
-
-
-def _stagewise_mean(per_stage: torch.Tensor, running_max: torch.Tensor, thresholds: np.ndarray) -> np.ndarray:
-    """Mean over images of `per_stage[i, exit_i(θ)]` for every θ.
-
-    With M_s = max of the scores of stages <= s, the exit is the first s with M_s >= θ, so (telescoping)
-    per_stage[exit] = per_stage[last] + sum over s < last of (per_stage[s] - per_stage[s + 1]) [M_s >= θ].
-    """
-    total = np.full(len(thresholds), float(per_stage[:, -1].double().sum()))
-    for s in range(per_stage.shape[1] - 1):
-        total += _sum_above(running_max[:, s], per_stage[:, s].double() - per_stage[:, s + 1].double(), thresholds)
-    return total / per_stage.shape[0]
-
-
 def threshold_curve(
     stage_probs: torch.Tensor, cumulative_gflops: Sequence[float], gate: str, labels: torch.Tensor | None = None
 ) -> ThresholdCurve:
-    """Accuracy, agreement with the full model and mean GFLOPs of `gate` at every distinct threshold.
+    """Accuracy, agreement with the full model and mean GFLOPs of `gate` at every distinct threshold: the
+    operating points of `gating.gate_operating_points` with this gate's scores as the exit signal.
 
     Args:
-        stage_probs: (N, stages, C) probabilities (`calibration.stage_probabilities`).
-        cumulative_gflops: GFLOPs to have an answer after each stage (`calibration.cumulative_stage_gflops`).
+        stage_probs: (N, stages, C) probabilities (`evaluation.zero_shot.stage_probabilities`).
+        cumulative_gflops: GFLOPs to have an answer after each stage (`flops.answer_gflops`).
         gate: one of `GATE_SCORES`.
         labels: (N,) true classes, or None (label-free: no accuracy).
     """
-    scores = gate_scores(stage_probs, gate)[:, :-1]  # the last stage always answers
-    running_max = torch.cummax(scores, dim=1).values
-    thresholds = np.append(np.unique(scores.numpy()), np.inf)
-    predictions = stage_probs.argmax(-1)  # (N, stages)
-    num_images, num_stages = predictions.shape
-    gflops = torch.tensor(cumulative_gflops, dtype=torch.float64).expand(num_images, num_stages)
-    agree = (predictions == predictions[:, -1:]).double()
+    signal = gate_scores(stage_probs, gate)
+    points = gate_operating_points(stage_probs, cumulative_gflops, signal=signal)
     accuracy = None
     if labels is not None:
-        accuracy = _stagewise_mean((predictions == labels[:, None]).double(), running_max, thresholds)
+        accuracy = gate_operating_points(stage_probs, cumulative_gflops, reference=labels, signal=signal).agreement
+        accuracy = accuracy.numpy()
     return ThresholdCurve(
-        thresholds,
-        _stagewise_mean(gflops, running_max, thresholds),
-        _stagewise_mean(agree, running_max, thresholds),
-        accuracy,
+        _smallest_scores(signal, points.crossings), points.mean_gflops.numpy(), points.agreement.numpy(), accuracy
     )
+
+
+def _smallest_scores(signal: torch.Tensor, crossings: torch.Tensor) -> np.ndarray:
+    """(K,) the smallest exit score inside each operating point's interval (crossings[k - 1], crossings[k]], and
+    +inf for the last point (no score lies above the last crossing)."""
+    scores = signal[:, :-1].reshape(-1).unique()  # sorted
+    lower = torch.cat([crossings.new_full((1,), -math.inf), crossings])
+    first_above = torch.searchsorted(scores, lower, side="right")
+    inside = torch.where(first_above < len(scores), scores[first_above.clamp(max=len(scores) - 1)], math.inf)
+    return inside.double().numpy()
 
 
 def choose_labelled(curve: ThresholdCurve, max_accuracy_drop: float) -> float:
     """The cheapest threshold whose accuracy is >= the full model's minus `max_accuracy_drop` (a fraction)."""
-    meets = curve.accuracy >= curve.full_accuracy - max_accuracy_drop - 1e-12
-    return float(curve.thresholds[np.argmax(meets)])  # the last entry (+inf) always meets it
+    target = curve.full_accuracy - max_accuracy_drop
+    index = choose_operating_point(curve.accuracy, curve.mean_gflops, min_score=target)
+    return float(curve.thresholds[index])  # the last point (no early exit) always meets it
 
 
 def choose_label_free(curve: ThresholdCurve, min_agreement: float) -> float:
     """The cheapest threshold whose answers agree with the full model's on >= `min_agreement` of the images (no
     labels needed)."""
-    meets = curve.agreement >= min_agreement - 1e-12
-    return float(curve.thresholds[np.argmax(meets)])
+    return float(curve.thresholds[choose_operating_point(curve.agreement, curve.mean_gflops, min_score=min_agreement)])
 
 
 @dataclass
@@ -155,7 +134,7 @@ def replay(
     stage_probs: torch.Tensor, labels: torch.Tensor, cumulative_gflops: Sequence[float], gate: str, threshold: float
 ) -> GatedResult:
     """`gate` at `threshold` on (N, stages, C) probabilities with (N,) labels."""
-    stages = gate_exit_stages(gate_scores(stage_probs, gate), threshold)
+    stages = exit_stages(gate_scores(stage_probs, gate), threshold)
     predictions = stage_probs.argmax(-1)
     answered = predictions.gather(1, stages[:, None]).squeeze(1)
     gflops = torch.tensor(cumulative_gflops, dtype=torch.float64)
@@ -313,7 +292,6 @@ __all__ = [
     "choose_label_free",
     "choose_labelled",
     "choose_threshold_for",
-    "gate_exit_stages",
     "gate_scores",
     "label_subsets",
     "replay",

@@ -209,15 +209,14 @@ def evaluate_labelled_folder(
         teacher, teacher_processor: the CLIP teacher and its image processor, to report its accuracy beside.
         num_workers: data-loader processes that decode the images.
     """
-    from ..models.waveclip.flops import clip_vit_flops
-    from .calibration import cumulative_stage_gflops
+    from ..models.waveclip.flops import answer_gflops, clip_vit_flops
 
     class_names, items = labelled_image_folder(folder)
     text = text_embeddings_per_axis(model, tokenizer, {"labels": [prompt_template.format(c) for c in class_names]})
     embeds = _labelled_embeddings(
         model, processor, teacher, teacher_processor, folder, items, batch_size, num_workers, progress
     )
-    gflops = cumulative_stage_gflops(model.config)
+    gflops = answer_gflops(model.config)
     stage_accuracy = [
         early_exit_accuracy(
             zero_shot_predictions(embeds["stages"][:, s], text["labels"]), embeds["labels"], gflops[s]

@@ -23,7 +23,6 @@ from ..evaluation.calibration import (
     OperatingPoint,
     best_shared_threshold,
     cheapest_point_within,
-    cumulative_stage_gflops,
     oracle_exit_point,
     stage_flip_rates,
     stage_probabilities,
@@ -31,7 +30,7 @@ from ..evaluation.calibration import (
 )
 from ..evaluation.metrics import early_exit_accuracy
 from ..evaluation.zero_shot import text_embeddings_per_axis, zero_shot_predictions
-from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops
+from ..models.waveclip.flops import FLOPS_CONVENTION, answer_gflops, clip_vit_flops
 from ..models.waveclip.gate_calibration import calibrate_threshold
 from ..models.waveclip.gating import gate_operating_points
 from .cached_steps import settings_hash
@@ -364,7 +363,7 @@ def evaluate(
         JSON-ready dict: FLOPs convention, cumulative GFLOPs per stage, the teacher's GFLOPs and patch size,
         `per_axis` rows, the sweep per axis and averaged over axes, `summary`, and `label_free`.
     """
-    gflops = cumulative_stage_gflops(student_config)
+    gflops = answer_gflops(student_config)
     teacher_gflops = clip_vit_flops(teacher_config.vision_config, teacher_config.projection_dim) / 1e9
     per_axis, sweeps = {}, {}
     for name, axis in (axes or AXES).items():

@@ -197,6 +197,11 @@ def answer_flops(config, projection_dim: int | None = None) -> list[int]:
     return cumulative_flops(vision_config, projection_dim, "cached")
 
 
+def answer_gflops(config, projection_dim: int | None = None) -> list[float]:
+    """`answer_flops` in GFLOPs: the one cost per stage that the gate, calibration, evaluation and reports use."""
+    return [gflops(flops) for flops in answer_flops(config, projection_dim)]
+
+
 class FlopsRow(NamedTuple):
     """One stage of `flops_table` (GFLOPs per image, `FLOPS_CONVENTION`)."""
 
@@ -281,6 +286,7 @@ __all__ = [
     "FLOPS_CONVENTION",
     "FlopsRow",
     "answer_flops",
+    "answer_gflops",
     "clip_vit_flops",
     "cumulative_flops",
     "embedding_flops",

@@ -111,6 +111,32 @@ class GateCalibration:
         return cls(**{name: value for name, value in record.items() if name in names})
 
 
+def choose_operating_point(score, mean_gflops, min_score: float | None = None, max_gflops: float | None = None) -> int:
+    """The one rule that picks an operating point of the gate (`gating.GateOperatingPoints`), cheapest first.
+
+    With `min_score`: the cheapest point whose score (agreement with the full model; against labels, the accuracy)
+    is at least `min_score`. With `max_gflops`: the highest-scoring point whose mean GFLOPs stay within it, then the
+    cheapest of those. Exactly one target.
+
+    Args:
+        score, mean_gflops: (K,) per operating point, in increasing cost.
+
+    Returns:
+        The index of the point; `None` when no point meets the target.
+    """
+    if (min_score is None) == (max_gflops is None):
+        raise ValueError("Give exactly one target: `target_agreement` (e.g. 0.99) or `gflops_budget`.")
+    score, mean_gflops = torch.as_tensor(score, dtype=torch.float64), torch.as_tensor(mean_gflops, dtype=torch.float64)
+    if min_score is not None:
+        meeting = (score >= min_score - 1e-12).nonzero()
+        return int(meeting[0]) if len(meeting) else None
+    affordable = (mean_gflops <= max_gflops + 1e-12).nonzero().squeeze(1)
+    if not len(affordable):
+        return None
+    best = score[affordable].max()
+    return int(affordable[score[affordable] >= best][0])
+
+
 def calibrate_threshold(
     stage_probs: torch.Tensor,
     cumulative_gflops,
@@ -134,13 +160,11 @@ def calibrate_threshold(
         if not 0 < target_agreement <= 1:
             raise ValueError(f"`target_agreement` must be a fraction in (0, 1], e.g. 0.99; got {target_agreement!r}.")
         # The last point (no early exit) always agrees, so some point meets every target.
-        index = int((points.agreement >= target_agreement - 1e-12).nonzero()[0])
+        index = choose_operating_point(points.agreement, points.mean_gflops, min_score=target_agreement)
         target = f"agreement with the full model >= {target_agreement:g}"
     else:
         budget = check_gflops_budget(gflops_budget, float(points.mean_gflops[0]))
-        affordable = (points.mean_gflops <= budget + 1e-12).nonzero().squeeze(1)
-        best = points.agreement[affordable].max()
-        index = int(affordable[points.agreement[affordable] >= best][0])
+        index = choose_operating_point(points.agreement, points.mean_gflops, max_gflops=budget)
         target = f"mean GFLOPs per image <= {budget:g}"
     threshold = float(points.thresholds[index])
     return GateCalibration(
@@ -186,6 +210,7 @@ __all__ = [
     "CALIBRATION_FORMAT",
     "GateCalibration",
     "calibrate_threshold",
+    "choose_operating_point",
     "find_calibration",
     "label_set_key",
     "store_calibration",

@@ -15,8 +15,9 @@ Two more ways to decide who continues, both read from the same margins:
 
 - A budget (`continue_within_budget`): after a stage, the images with the smallest margins continue first, as
   many as the remaining GFLOPs allow.
-- Every operating point at once (`gate_operating_points`): on a set of images, each threshold's agreement with the
-  full model (the reference an early exit must keep, which needs no labels) and its mean GFLOPs, computed exactly.
+- Every operating point at once (`gate_operating_points`, for the margin or any other exit signal): on a set of
+  images, each threshold's agreement with the full model (the reference an early exit must keep, which needs no
+  labels) and its mean GFLOPs, computed exactly.
   `gate_calibration.py` chooses a threshold from them and keeps it with the model.
 
 This file is shipped as remote code with saved checkpoints.
@@ -187,19 +188,20 @@ def continue_within_budget(margins: torch.Tensor, wants: torch.Tensor, affordabl
 
 @dataclass
 class GateOperatingPoints:
-    """Every distinct behaviour of the margin gate on a set of images, cheapest first.
+    """Every distinct behaviour of a gate on a set of images, cheapest first.
 
-    The exit stage of an image changes only where the threshold crosses one of its margins, so a set of N images
-    and S stages has at most N * (S - 1) + 1 distinct operating points; each is represented by one threshold
-    inside its interval (the midpoint between neighbouring margins), the last by `inf`: no early exit.
+    The exit stage of an image changes only where the threshold crosses one of its exit scores (its margins, for
+    the margin gate), so a set of N images and S stages has at most N * (S - 1) + 1 distinct operating points; each
+    is represented by one threshold inside its interval (the midpoint between neighbouring scores), the last by
+    `inf`: no early exit.
 
-    thresholds: (K,) float64, in probability units (`margin_scaling="none"`), increasing.
+    thresholds: (K,) float64, in the exit signal's units (probability units for the margin), increasing.
     agreement: (K,) float64, share of images whose gated top-1 equals the reference (the last stage's, or the
         labels when given: then it is the accuracy).
     mean_gflops: (K,) float64, mean cumulative GFLOPs per image.
     stage_share: (K, S) float64, share of images answered at each stage.
-    crossings: (K - 1,) float32, the margins where the behaviour changes; point k holds for thresholds in
-        (crossings[k - 1], crossings[k]].
+    crossings: (K - 1,) the scores where the behaviour changes, in the precision the gate compares in (float32 for
+        the margin); point k holds for thresholds in (crossings[k - 1], crossings[k]].
     """
 
     thresholds: torch.Tensor
@@ -209,29 +211,54 @@ class GateOperatingPoints:
     crossings: torch.Tensor
 
     def index_at(self, thresholds) -> torch.Tensor:
-        """The operating point of each threshold (probability units; `inf` for no early exit): (T,) long."""
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
-        # Margins reach a threshold when >= it: the crossings passed are those strictly below it.
+        """The operating point of each threshold (the signal's units; `inf` for no early exit): (T,) long."""
+        thresholds = torch.as_tensor(thresholds, dtype=self.crossings.dtype).reshape(-1)
+        # Scores reach a threshold when >= it: the crossings passed are those strictly below it.
         return torch.searchsorted(self.crossings, thresholds, side="left")
+
+    @property
+    def largest_thresholds(self) -> torch.Tensor:
+        """(K,) float64, the largest threshold of each operating point (its crossing; `inf` for the last)."""
+        return torch.cat([self.crossings.double(), torch.tensor([math.inf], dtype=torch.float64)])
 
 
 def representative_thresholds(crossings: torch.Tensor) -> torch.Tensor:
-    """One threshold inside each interval that sorted, distinct `crossings` (float32 margins) cut [0, inf) into:
-    the midpoint of (crossings[k - 1], crossings[k]] (of [0, crossings[0]] first), then `inf`. (K + 1,) float64."""
+    """One threshold inside each interval that sorted, distinct `crossings` (scores, e.g. float32 margins) cut
+    [0, inf) into: the midpoint of (crossings[k - 1], crossings[k]] (of [0, crossings[0]] first), then `inf`.
+    (K + 1,) float64."""
     lower = torch.cat([crossings.new_zeros(1), crossings[:-1]])
-    midpoints = ((lower.double() + crossings.double()) / 2).float()
-    # The midpoint must lie strictly above the lower margin in float32, the precision the gate compares in.
+    midpoints = ((lower.double() + crossings.double()) / 2).to(crossings.dtype)
+    # The midpoint must lie strictly above the lower score in the precision the gate compares in.
     inside = torch.where((midpoints > lower) | (crossings == 0), midpoints, crossings).double()
     return torch.cat([inside, torch.tensor([math.inf], dtype=torch.float64)])
 
 
-def gate_operating_points(
-    stage_probs: torch.Tensor, cumulative_gflops, reference: torch.Tensor | None = None
-) -> GateOperatingPoints:
-    """The agreement with the full model and the cost of every threshold, exactly, from one pass over the images.
+def exit_stages(signal: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The stage at which a gate answers each image at `threshold`: the first whose exit score reaches it, else the
+    last. (N, S) scores (the last stage's is not read) -> (N,) long. `gate_operating_points` gives the same exits
+    for every threshold at once."""
+    passes = signal >= torch.as_tensor(threshold, dtype=signal.dtype)
+    passes[:, -1] = True
+    return passes.int().argmax(dim=1)  # the first True
 
-    Image i exits at the first stage s < S - 1 whose margin reaches θ, so its exit stage is the number of running
-    maxima `max(margin[i, :s + 1])` below θ: crossing the value of running maximum s moves it from stage s to s + 1.
+
+def margin_signal(stage_probs: torch.Tensor) -> torch.Tensor:
+    """The paper's exit signal: (N, S, C) probabilities -> (N, S) float32 top-1 minus top-2 margins, the precision
+    the model's gate compares in; 1 everywhere for a single label (it always answers at stage 0)."""
+    return probability_margin(stage_probs.float())
+
+
+def gate_operating_points(
+    stage_probs: torch.Tensor,
+    cumulative_gflops,
+    reference: torch.Tensor | None = None,
+    signal: torch.Tensor | None = None,
+) -> GateOperatingPoints:
+    """The agreement with a reference and the cost of every threshold of a gate, exactly, from one pass over the
+    images: the one replay of the gate that calibration, evaluation, ablations and benchmarks use.
+
+    Image i exits at the first stage s < S - 1 whose exit score reaches θ, so its exit stage is the number of running
+    maxima `max(score[i, :s + 1])` below θ: crossing the value of running maximum s moves it from stage s to s + 1.
     Sorting those crossings gives every operating point with one cumulative sum.
 
     Args:
@@ -239,6 +266,8 @@ def gate_operating_points(
         cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
         reference: (N,) the answer to agree with; default the last stage's (the full model). With true labels,
             `agreement` is the accuracy (for evaluation; calibration needs no labels).
+        signal: (N, S) the exit score of every stage, higher = surer (the last stage's is not read), in the
+            precision the gate compares in; default `margin_signal(stage_probs)`, the paper's margin.
     """
     num_images, num_stages, num_labels = stage_probs.shape
     if num_images == 0:
@@ -258,7 +287,8 @@ def gate_operating_points(
     if num_stages == 1 or num_labels == 1:  # the gate never runs: everything answers at stage 0
         thresholds, sums, values = torch.zeros(1, dtype=torch.float64), at_stage_zero[None], torch.zeros(0)
     else:
-        running_max = probability_margin(stage_probs[:, :-1].float()).cummax(dim=1).values.reshape(-1)  # (N*(S-1),)
+        signal = margin_signal(stage_probs[:, :-1]) if signal is None else signal[:, :-1]
+        running_max = signal.cummax(dim=1).values.reshape(-1)  # (N*(S-1),)
         to_stage = torch.arange(1, num_stages).repeat(num_images)
         order = running_max.argsort(stable=True)
         crossings, to_stage = running_max[order], to_stage[order]
@@ -280,5 +310,5 @@ def gate_operating_points(
         agreement=sums[:, 0] / num_images,
         mean_gflops=sums[:, 1] / num_images,
         stage_share=sums[:, 2:] / num_images,
-        crossings=values.float(),
+        crossings=values,
     )

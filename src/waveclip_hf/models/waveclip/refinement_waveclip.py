@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .flops import answer_flops
+from .flops import answer_gflops
 from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
 from .scoring import zero_shot_logits
 from .stage_cache import WaveCLIPStageCache
@@ -129,7 +129,7 @@ class WaveCLIPRefinementMixin:
     def answer_gflops(self) -> torch.Tensor:
         """(num_stages,) float64: image-encoder GFLOPs to have an answer after each stage, the way the model runs
         (with the cache; for a bidirectional model, its one full forward at every entry). 1 multiply-add = 2 FLOPs."""
-        return torch.tensor(answer_flops(self.config.vision_config, self.projection_dim), dtype=torch.float64) / 1e9
+        return torch.tensor(answer_gflops(self.config.vision_config, self.projection_dim), dtype=torch.float64)
 
     @torch.no_grad()
     def refine(
