@@ -171,10 +171,10 @@ def test_the_calibration_command_on_an_unlabelled_folder(tmp_path):
     shown = "None (every stage)" if report["threshold"] is None else f"{report['threshold']:.6g}"
     assert result.stdout.startswith(f"margin_threshold = {shown} for 4 labels")
     # The same choice as the pipeline's calibrate on the same images.
-    from waveclip_hf.evaluation.calibration import calibrate_without_labels
+    from waveclip_hf.evaluation.calibration import label_free_calibration
 
-    again = calibrate_without_labels(
-        str(tmp_path / "model"), str(tmp_path / "unlabelled"), LABELS, str(tmp_path / "again"), target_agreement=0.75
+    _, again = label_free_calibration(
+        str(tmp_path / "model"), str(tmp_path / "unlabelled"), LABELS, target_agreement=0.75
     )
     assert again["threshold"] == pytest.approx(report["threshold"]) and again["agreement"] == report["agreement"]
     bad = subprocess.run(

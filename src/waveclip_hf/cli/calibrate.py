@@ -19,9 +19,13 @@ pipeline with `classifier.add_calibration("<output-dir>/gate_calibration.json")`
 """
 
 import argparse
+import json
 from pathlib import Path
 
-from ..evaluation.calibration import calibrate, calibrate_without_labels
+from ..evaluation.calibration import label_free_calibration, labelled_sweep
+from ..figures.accuracy_vs_gflops import plot_tradeoff
+from ..hub.model_card import update_calibration_section
+from ..models.waveclip.folder_io import written_atomically
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,19 +89,21 @@ def _label_free(parser, args) -> None:
     if args.max_accuracy_drop is not None:
         parser.error("--max-accuracy-drop needs labels (--data); without labels use --target-agreement")
     templates = args.hypothesis_template
-    report = calibrate_without_labels(
+    classifier, report = label_free_calibration(
         args.model,
         args.images,
         _candidate_labels(parser, args),
-        args.output_dir,
         hypothesis_template=templates[0] if len(templates) == 1 else templates,
         target_agreement=args.target_agreement,
         gflops_budget=args.gflops_budget,
         batch_size=args.batch_size,
         max_images=args.max_images,
         device=args.device,
-        save_to_model=args.save_to_model,
     )
+    write_json(Path(args.output_dir) / "gate_calibration.json", report)
+    if args.save_to_model:
+        save_config_to_folder(classifier.model.config, args.model)
+        update_calibration_section(args.model, classifier.model.config)
     threshold = "None (every stage)" if report["threshold"] is None else f"{report['threshold']:.6g}"
     print(
         f"margin_threshold = {threshold} for {len(report['candidate_labels'])} labels ({report['target']}): "
@@ -122,10 +128,9 @@ def _labelled(parser, args) -> None:
             "--target-agreement are for unlabelled --images"
         )
     drop = args.max_accuracy_drop if args.max_accuracy_drop is not None or args.gflops_budget is not None else 0.01
-    report = calibrate(
+    sweep = labelled_sweep(
         args.model,
         args.data,
-        args.output_dir,
         split=args.split,
         image_column=args.image_column,
         label_column=args.label_column,
@@ -138,6 +143,10 @@ def _labelled(parser, args) -> None:
         max_images=args.max_images,
         device=args.device,
     )
+    report, output = sweep["report"], Path(args.output_dir)
+    write_json(output / "gate_calibration.json", report)
+    title = f"Gate calibration ({report['num_images']} images)"
+    plot_tradeoff(sweep["points"], sweep["fixed"], output / "gate_calibration.png", sweep["chosen"], title=title)
     chosen, full = report["chosen"], report["fixed_stages"][-1]
     print(f"full model: accuracy {100 * full['accuracy']:.2f}% at {full['gflops']:.3f} GFLOPs")
     if chosen is None:
@@ -148,6 +157,25 @@ def _labelled(parser, args) -> None:
             f"{chosen['mean_gflops']:.3f} mean GFLOPs ({report['target']})"
         )
     print(f"wrote {args.output_dir}/gate_calibration.json and gate_calibration.png")
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def save_config_to_folder(config, folder) -> Path:
+    """Rewrite `folder/config.json` with `config` (and so its `gate_calibrations`), atomically: the file is written
+    beside and renamed over the old one."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"--save-to-model writes the calibration into a local model folder's config.json, and {folder} has none "
+            "(a Hub id?). Download the model, or load gate_calibration.json with `classifier.add_calibration(path)`."
+        )
+    with written_atomically(folder, merge=True) as tmp:
+        config.to_json_file(tmp / "config.json", use_diff=True)
+    return folder / "config.json"
 
 
 def main(argv=None) -> None:

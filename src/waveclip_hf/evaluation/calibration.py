@@ -6,7 +6,6 @@ score them against the labels, and replay the gate for each threshold offline. `
 online version of the same rule (`exit_stages` below is checked against it in the tests).
 """
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -15,10 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..figures.accuracy_vs_gflops import plot_tradeoff
-from ..hub.model_card import update_calibration_section
 from ..models.waveclip.flops import FLOPS_CONVENTION, answer_gflops
-from ..models.waveclip.folder_io import written_atomically
 from ..models.waveclip.gate_calibration import choose_operating_point
 from ..models.waveclip.gating import (
     GateOperatingPoints,
@@ -27,7 +23,7 @@ from ..models.waveclip.gating import (
     margin_signal,
     representative_thresholds,
 )
-from ..models.waveclip.scoring import zero_shot_logits
+from ..models.waveclip.scoring import label_embeddings, zero_shot_logits
 from .metrics import early_exit_accuracy
 
 
@@ -167,18 +163,16 @@ def choose_threshold(
     return None if index is None else ordered[index]
 
 
-def write_report(path, points, fixed_points, chosen, extra: dict | None = None) -> Path:
-    """JSON with every operating point, the fixed stages, the chosen point and the FLOPs convention."""
-    report = {
+def calibration_report(points, fixed_points, chosen, extra: dict | None = None) -> dict:
+    """The JSON-ready report of a labelled sweep: every operating point, the fixed stages, the chosen point and the
+    FLOPs convention."""
+    return {
         "flops_convention": FLOPS_CONVENTION,
         "fixed_stages": fixed_points,
         "sweep": [asdict(p) for p in points],
         "chosen": asdict(chosen) if chosen is not None else None,
         **(extra or {}),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return Path(path)
 
 
 def default_thresholds(steps: int = 41) -> list[float]:
@@ -216,14 +210,6 @@ def load_labelled_images(
     return dataset, list(feature.names)
 
 
-def _label_text_embeddings(model, tokenizer, class_names, hypothesis_template: str, device) -> torch.Tensor:
-    """(C, P) text embeddings of `hypothesis_template` filled with each class name, float32 on the CPU."""
-    with torch.no_grad():
-        prompts = [hypothesis_template.format(name) for name in class_names]
-        text_inputs = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
-        return model.get_text_features(**text_inputs).pooler_output.float().cpu()
-
-
 def _pixel_batches(dataset, processor, image_column: str, batch_size: int):
     """Packed `pixel_values` (B, 3, S, S) of consecutive batches of `dataset`."""
     for start in range(0, len(dataset), batch_size):
@@ -237,10 +223,9 @@ def _target_description(max_accuracy_drop: float | None, gflops_budget: float | 
     return f"at most {gflops_budget:g} mean GFLOPs"
 
 
-def calibrate(
+def labelled_sweep(
     model_path: str,
     data: str,
-    output_dir: str,
     split: str = "validation",
     image_column: str = "image",
     label_column: str = "label",
@@ -254,9 +239,11 @@ def calibrate(
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Sweep the gate threshold of a saved WaveCLIP model on labelled images; write JSON and a plot.
+    """Sweep the gate threshold of a saved WaveCLIP model on labelled images and choose one.
 
-    Returns the report dict (also written to `<output_dir>/gate_calibration.json`, with the plot beside it).
+    Returns:
+        {"points": [OperatingPoint], "fixed": per-stage accuracy and GFLOPs, "chosen": OperatingPoint or None,
+        "report": the JSON-ready `calibration_report`} (the command line writes the report and draws the plot).
     """
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -269,40 +256,31 @@ def calibrate(
         dataset = dataset.select(range(min(max_images, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"{data} ({split}) has no images.")
-
-    text_embeds = _label_text_embeddings(model, tokenizer, class_names, hypothesis_template, device)
-    stage_embeds = collect_stage_embeddings(
-        model,
-        _pixel_batches(dataset, processor, image_column, batch_size),
-        progress,
-        total=math.ceil(len(dataset) / batch_size),
-    )
+    with torch.no_grad():
+        text_embeds = label_embeddings(model, tokenizer, class_names, hypothesis_template).float().cpu()
+    batches = _pixel_batches(dataset, processor, image_column, batch_size)
+    stage_embeds = collect_stage_embeddings(model, batches, progress, total=math.ceil(len(dataset) / batch_size))
     labels = torch.tensor(dataset[label_column])
     probs = stage_probabilities(stage_embeds, text_embeds, model.logit_scale.exp().item())
     gflops = answer_gflops(model.config)
     points = sweep_thresholds(probs, labels, gflops, thresholds or default_thresholds(), margin_scaling)
     fixed = fixed_stage_points(probs, labels, gflops)
     chosen = choose_threshold(points, fixed[-1]["accuracy"], max_accuracy_drop, gflops_budget)
-    output = Path(output_dir)
-    report_path = write_report(
-        output / "gate_calibration.json",
-        points,
-        fixed,
-        chosen,
-        extra={
-            "model": str(model_path),
-            "data": str(data),
-            "split": split,
-            "num_images": len(dataset),
-            "hypothesis_template": hypothesis_template,
-            "margin_scaling": margin_scaling,
-            "target": _target_description(max_accuracy_drop, gflops_budget),
-        },
-    )
-    plot_tradeoff(
-        points, fixed, output / "gate_calibration.png", chosen, title=f"Gate calibration ({len(dataset)} images)"
-    )
-    return json.loads(report_path.read_text())
+    meta = {
+        "model": str(model_path),
+        "data": str(data),
+        "split": split,
+        "num_images": len(dataset),
+        "hypothesis_template": hypothesis_template,
+        "margin_scaling": margin_scaling,
+        "target": _target_description(max_accuracy_drop, gflops_budget),
+    }
+    return {
+        "points": points,
+        "fixed": fixed,
+        "chosen": chosen,
+        "report": calibration_report(points, fixed, chosen, meta),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,35 +288,32 @@ def calibrate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def calibrate_without_labels(
+def label_free_calibration(
     model_path: str,
     images: str,
     candidate_labels: Sequence[str],
-    output_dir: str,
     hypothesis_template: str | Sequence[str] = "This is a photo of {}.",
     target_agreement: float | None = None,
     gflops_budget: float | None = None,
     batch_size: int = 32,
     max_images: int | None = None,
     device: str | None = None,
-    save_to_model: bool = False,
-) -> dict:
+):
     """Choose the gate threshold of a saved WaveCLIP model for one label set on a folder of unlabelled images.
 
     The pipeline's `calibrate` does the work (the cheapest threshold whose answers agree with the full model's on
     at least `target_agreement` of the images, default 0.99, or the most faithful within `gflops_budget` mean
-    GFLOPs); this reads the folder (recursively) and writes `<output_dir>/gate_calibration.json` in the format of
-    `GateCalibration.to_dict` (the pipeline's `add_calibration(path)` reads it back). With `save_to_model`, the
-    calibration is also written into the model folder's config.json, where `margin_threshold="auto"` finds it.
+    GFLOPs); this reads the folder (recursively).
 
     Returns:
-        the report: the `GateCalibration.to_dict()` fields, the labels in the given order, the model, the image
-        folder and the FLOPs convention.
+        (the pipeline, whose model's config now holds the calibration; the JSON-ready report: the
+        `GateCalibration.to_dict()` fields, the labels in the given order, the model, the image folder and the
+        FLOPs convention).
     """
     from transformers import pipeline
 
+    from ..data.image_folders import list_image_files
     from ..models.waveclip.pipeline_waveclip import WaveCLIPZeroShotImageClassificationPipeline
-    from ..training.data import list_image_files
 
     paths = [str(path) for path in list_image_files(images)][:max_images]
     if not paths:
@@ -366,27 +341,7 @@ def calibrate_without_labels(
         "images": str(images),
         "flops_convention": FLOPS_CONVENTION,
     }
-    path = Path(output_dir) / "gate_calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    if save_to_model:
-        save_calibrations_to_folder(classifier.model.config, model_path)
-        update_calibration_section(model_path, classifier.model.config)
-    return report
-
-
-def save_calibrations_to_folder(config, folder) -> Path:
-    """Rewrite `folder/config.json` with `config` (and so its `gate_calibrations`), atomically: the file is written
-    beside and renamed over the old one."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"--save-to-model writes the calibration into a local model folder's config.json, and {folder} has none "
-            "(a Hub id?). Download the model, or load gate_calibration.json with `classifier.add_calibration(path)`."
-        )
-    with written_atomically(folder, merge=True) as tmp:
-        config.to_json_file(tmp / "config.json", use_diff=True)
-    return folder / "config.json"
+    return classifier, report
 
 
 def stage_flip_rates(stage_probs: torch.Tensor) -> list[float]:

@@ -16,39 +16,33 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.waveclip.scoring import zero_shot_logits
+from ..models.waveclip.scoring import embed_prompts, zero_shot_logits
 from .metrics import early_exit_accuracy
 
 
-@torch.no_grad()
 def text_embeddings_per_axis(
     model,
     tokenizer,
     prompts_per_axis: Mapping[str, Sequence[str]],
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """CLIP text embeddings of the zero-shot prompts of every axis.
+    """CLIP text embeddings of the zero-shot prompts of every axis (`scoring.embed_prompts`, normalised).
 
     Args:
         model: anything with CLIP's `get_text_features(input_ids, attention_mask)`
-            (a `CLIPModel`, or a `WaveCLIPModel`, whose text side is the teacher's).
+            (a `CLIPModel`, or a `WaveCLIPModel`, whose text side is the teacher's), on the device to run on.
         tokenizer: the model's tokenizer.
         prompts_per_axis: axis name -> the C prompts of that axis, in class-id order
             (e.g. ``{name: axis.prompts() for name, axis in AXES.items()}``).
-        device: where to run; default the model's device.
+        device: where the model is (it runs there); kept for callers that pass it.
 
     Returns:
         axis name -> (C, P) float32 L2-normalised text embeddings, on the CPU.
     """
-    device = device or next(model.parameters()).device
-    embeds = {}
-    for axis, prompts in prompts_per_axis.items():
-        inputs = tokenizer(list(prompts), padding=True, return_tensors="pt").to(device)
-        features = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        # transformers v5 returns a ModelOutput whose pooler_output is the projected embedding.
-        features = getattr(features, "pooler_output", features)
-        embeds[axis] = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
-    return embeds
+    return {
+        axis: torch.nn.functional.normalize(embed_prompts(model, tokenizer, prompts).float(), dim=-1).cpu()
+        for axis, prompts in prompts_per_axis.items()
+    }
 
 
 @torch.no_grad()
@@ -160,7 +154,7 @@ def labelled_image_folder(folder: str | os.PathLike) -> tuple[list[str], list[tu
     Raises:
         ValueError: the folder does not exist, has fewer than two class subfolders, or a class has no image.
     """
-    from ..training.data import IMAGE_EXTENSIONS, list_image_files
+    from ..data.image_folders import IMAGE_EXTENSIONS, list_image_files
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -250,7 +244,7 @@ def _labelled_embeddings(
 ) -> dict:
     """{"stages": (N, S, P) student embeddings after every stage, "teacher": (N, P) or None, "labels": (N,),
     "skipped": unreadable images left out} of the readable images of `items`, decoded in `num_workers` workers."""
-    from ..training.data import ImageFolderDataset
+    from ..data.image_folders import ImageFolderDataset
 
     dataset = ImageFolderDataset([path for path, _ in items], Path(folder).expanduser())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)

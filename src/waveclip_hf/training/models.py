@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMode
 from ..conversion.clip_to_waveclip import convert_clip_to_waveclip
 from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 from ..models.waveclip.modeling_waveclip import WaveCLIPModel
+from ..models.waveclip.scoring import embed_prompts
 
 
 def load_teacher(name_or_path: str, torch_dtype=torch.float32):
@@ -111,12 +112,11 @@ class StudentStages(nn.Module):
         return self.student.get_image_features(pixel_values=pixel_values).stage_pooler_outputs
 
 
-@torch.no_grad()
 def teacher_text_embeddings(teacher: CLIPModel, tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
-    """L2-normalised teacher text embeddings of `prompts`, (num_prompts, projection_dim) float32."""
-    inputs = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(device)
-    embeds = teacher.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    return F.normalize(embeds.pooler_output.float(), dim=-1)
+    """L2-normalised teacher text embeddings of `prompts` (truncated to the text tower's length), (num_prompts,
+    projection_dim) float32, on the teacher's device."""
+    embeds = embed_prompts(teacher, tokenizer, prompts, {"truncation": True})
+    return F.normalize(embeds.float(), dim=-1)
 
 
 __all__ = ["StudentStages", "freeze_text_side", "load_teacher", "student_from_teacher", "teacher_text_embeddings"]

@@ -25,7 +25,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
-from .data import HFImageDataset, decode_image, load_image_dataset, load_saved_split
+from ..data.image_folders import HFImageDataset, decode_image
+from .data import load_image_dataset, load_saved_split
 from .signals import guard_worker_from_sigterm
 
 

@@ -73,7 +73,7 @@ from .gate_calibration import (
 )
 from .gating import check_gflops_budget, check_margin_scaling, check_margin_threshold, check_stage_count
 from .processing_waveclip import WaveCLIPProcessor
-from .scoring import zero_shot_logits
+from .scoring import label_embeddings, zero_shot_logits
 
 
 logger = logging.get_logger(__name__)
@@ -96,11 +96,6 @@ CALL_PARAMETERS = (
 )
 # Label sets kept per pipeline; a serving process cycling through more sets recomputes the oldest.
 _TEXT_CACHE_SIZE = 32
-# Prompts embedded per text-tower forward. Bounds activation memory for large label sets: 10,000 prompts through
-# CLIP ViT-B's text tower in one batch need ~6 GB for one fp32 MLP activation (10,000 x 77 x 2048), 1,024 need
-# ~0.6 GB. Smaller chunks cost time on CPU (tiny test model, busy 2-core CPU: 10,000 labels took 2.5 s in one
-# batch, 3.4 s in chunks of 1,024, 9 s in chunks of 256).
-_TEXT_BATCH_SIZE = 1024
 # Below this many calibration images, one disagreement moves the measured agreement by more than a point.
 _FEW_CALIBRATION_IMAGES = 100
 
@@ -373,48 +368,20 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             if key in self._text_embeddings:
                 self._text_embeddings.move_to_end(key)
                 return self._text_embeddings[key]
-        if isinstance(hypothesis_template, str):
-            embeds = self._embed_prompts(
-                [hypothesis_template.format(label) for label in candidate_labels], tokenizer_kwargs
-            )
-        else:
-            per_template = [
-                torch.nn.functional.normalize(
-                    self._embed_prompts([template.format(label) for label in candidate_labels], tokenizer_kwargs),
-                    dim=-1,
-                )
-                for template in hypothesis_template
-            ]
-            embeds = torch.stack(per_template).mean(0)
+        embeds = label_embeddings(
+            self.model,
+            self.tokenizer,
+            candidate_labels,
+            hypothesis_template,
+            tokenizer_kwargs,
+            inspect_tokens=self._warn_about_unknown_words,
+        )
         # Two threads may embed the same new set at once; both get equal tensors and one is kept.
         with self._text_embeddings_lock:
             self._text_embeddings[key] = embeds
             if len(self._text_embeddings) > _TEXT_CACHE_SIZE:
                 self._text_embeddings.popitem(last=False)
         return embeds
-
-    def _embed_prompts(self, sequences: list[str], tokenizer_kwargs=None) -> torch.Tensor:
-        """(len(sequences), projection_dim) text-tower embeddings, in chunks of `_TEXT_BATCH_SIZE` prompts."""
-        max_positions = self.model.config.text_config.max_position_embeddings
-        chunks = []
-        for start in range(0, len(sequences), _TEXT_BATCH_SIZE):
-            chunk = sequences[start : start + _TEXT_BATCH_SIZE]
-            text_inputs = self.tokenizer(
-                chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True, **(tokenizer_kwargs or {})
-            )
-            special = text_inputs.pop("special_tokens_mask")
-            lengths = text_inputs["attention_mask"].sum(-1) if "attention_mask" in text_inputs else None
-            if text_inputs["input_ids"].shape[-1] > max_positions:
-                longest = int(lengths.argmax()) if lengths is not None else 0
-                raise ValueError(
-                    f"The prompt {chunk[longest]!r} is {text_inputs['input_ids'].shape[-1]} tokens long, more than "
-                    f"the text tower's {max_positions} positions. Shorten the label or the template, or pass "
-                    "`tokenizer_kwargs={'truncation': True}`."
-                )
-            self._warn_about_unknown_words(chunk, text_inputs, special)
-            with torch.no_grad():
-                chunks.append(self.model.get_text_features(**text_inputs.to(self.device)).pooler_output)
-        return torch.cat(chunks)
 
     def _warn_about_unknown_words(self, prompts: list[str], text_inputs, special_tokens_mask) -> None:
         """Warn, naming the words, when the tokenizer maps part of a prompt to its unknown token.
