@@ -18,6 +18,7 @@ import torch
 from conftest import reset_accelerate_state
 from PIL import Image
 from safetensors.torch import load_file
+from test_teacher_training import tensorboard_scalars
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from waveclip_hf import WaveCLIPModel
@@ -415,9 +416,16 @@ def test_short_run_improves_stages_and_keeps_text_side_exact(teacher_dir, images
         eval_every=30,
         eval_data=str(images_dir),
         eval_holdout=0,
+        report_to=["tensorboard"],
     )
     result = distill(config)
     start = next(entry for entry in read_log(tmp_path / "run") if entry["step"] == 0)
+    # accelerate's TensorBoard tracker got what log.jsonl got: the training windows and the evaluations.
+    windows = [entry for entry in read_log(tmp_path / "run") if "loss" in entry]
+    logged = tensorboard_scalars(tmp_path / "run" / "distill", "loss")
+    assert [step for step, _ in logged] == [entry["step"] for entry in windows] == [5, 10, 15, 20, 25, 30]
+    assert np.allclose([value for _, value in logged], [entry["loss"] for entry in windows], rtol=1e-6)
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "run" / "distill", "eval/cosine_stage1")] == [0, 30]
     end = result.metrics
     # The conversion starts stage 0 as the teacher looking at a 2x downsampled image (close already); the detail stage
     # starts from fresh projections, far away.
@@ -905,9 +913,8 @@ def test_cli_help_and_bad_teacher(tmp_path, images_dir):
     parser = build_parser()
     flags = [action for action in parser._actions if action.dest != "help"]
     assert [a.option_strings[0] for a in flags if not a.help] == []  # every flag says what it does
-    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} - {"adam_betas"} | {
-        "recipe"
-    }
+    # transformers' HfArgumentParser: one flag per field of the config (plus --recipe), nothing written twice.
+    assert {a.dest for a in flags} == {f.name for f in dataclasses.fields(DistillationConfig)} | {"recipe"}
     args = build_parser().parse_args(
         [
             "--train-data",

@@ -378,9 +378,8 @@ def documented_distill_commands(markdown: str) -> list[list[str]]:
 
 def test_the_readme_gpu_install_and_recipe_commands_work_as_written():
     """README's *Distilling on a GPU machine*: a CUDA torch goes in before the project, which keeps it (torch is a
-    lower
-    bound only, and the setup script installs torch only where there is none); the distillation command it shows
-    parses into the ViT-B/16 recipe with the labelled evaluation and a private upload."""
+    lower bound only, and the setup script installs torch only where there is none); the distillation command it
+    shows parses into the ViT-B/16 recipe with the labelled evaluation and a private upload."""
     import re
     import tomllib
 

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,10 +72,15 @@ def one_thread():
 
 def test_tiny_training_lowers_loss_and_reloads(tiny_data, tmp_path, one_thread):
     out = tmp_path / "teacher"
-    result = train_clip_teacher(tiny_data, out, TINY, num_workers=1, progress=False, evaluate_split=None)
+    config = dataclasses.replace(TINY, report_to=["tensorboard"])
+    result = train_clip_teacher(tiny_data, out, config, num_workers=1, progress=False, evaluate_split=None)
     losses = result.info["losses"]
     assert not result.skipped and len(losses) == 24
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
+    # accelerate's TensorBoard tracker saw every step's loss, beside the folder (which a save replaces whole).
+    logged = tensorboard_scalars(tmp_path / "teacher-logs", "loss")
+    assert [step for step, _ in logged] == list(range(1, 25))
+    assert np.allclose([value for _, value in logged], losses, atol=5e-5)  # info.json rounds to 4 decimals
 
     model = CLIPModel.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -90,10 +96,23 @@ def test_tiny_training_lowers_loss_and_reloads(tiny_data, tmp_path, one_thread):
     # Same config + same data: the finished teacher is reused, not retrained.
     again = train_clip_teacher(tiny_data, out, TINY, num_workers=1, progress=False, evaluate_split=None)
     assert again.skipped and again.info == read_training_info(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher", "teacher-logs"]
 
     accuracies = evaluate_clip_zero_shot(model, tokenizer, processor, tiny_data, "test", num_workers=1, progress=False)
     assert set(accuracies) == set(AXES) and all(0.0 <= a <= 1.0 for a in accuracies.values())
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every `tag` scalar in the TensorBoard event files under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values += [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return sorted(values)
 
 
 def test_zero_shot_accuracy_per_axis():
@@ -127,6 +146,8 @@ def test_new_recipe_fields_keep_the_default_config_hash():
     assert TeacherTrainingConfig().config_hash({"a": 1}) == "add01cc01df2bc62"
     assert TeacherTrainingConfig(dct_patch_rows=8).config_hash({"a": 1}) != "add01cc01df2bc62"
     assert TeacherTrainingConfig(single_axis_captions=True).config_hash({"a": 1}) != "add01cc01df2bc62"
+    # Where the run is logged to is not part of the teacher.
+    assert TeacherTrainingConfig(report_to=["tensorboard"]).config_hash({"a": 1}) == "add01cc01df2bc62"
 
 
 def test_dct_patch_projection_rows_are_an_orthonormal_low_frequency_basis():

@@ -2,20 +2,22 @@
 report its zero-shot accuracy per axis on the test split.
 
     .venv/bin/python scripts/train_teacher.py                       # defaults, ~cached after the first run
-    .venv/bin/python scripts/train_teacher.py --num-train 2000 --epochs 1 --output-dir .cache/teachers/smoke
+    .venv/bin/python scripts/train_teacher.py --num-train 2000 --num-epochs 1 --output-dir .cache/teachers/smoke
+    .venv/bin/python scripts/train_teacher.py --report-to tensorboard       # also log the loss to TensorBoard
+
+Every field of `TeacherTrainingConfig` is a flag (transformers' `HfArgumentParser`); `--help` lists them.
 
 Multi-GPU: ``accelerate launch scripts/train_teacher.py ...`` (the main process generates
 the benchmark while the others wait).
 """
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, HfArgumentParser
 
 from waveclip_hf.data.synthetic import AXES, GENERATOR_VERSION, generate_benchmark
 from waveclip_hf.training.teacher import TeacherTrainingConfig, evaluate_clip_zero_shot, train_clip_teacher
@@ -24,59 +26,45 @@ from waveclip_hf.training.teacher import TeacherTrainingConfig, evaluate_clip_ze
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    defaults = TeacherTrainingConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="benchmark folder (default .cache/benchmarks/synthetic-v<version>-seed<seed>-n<counts>)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help="teacher folder (default .cache/teachers/clip-teacher-seed<seed>)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of both the benchmark and the training run")
-    parser.add_argument("--num-train", type=int, default=30_000)
-    parser.add_argument("--num-validation", type=int, default=2_000)
-    parser.add_argument("--num-test", type=int, default=5_000)
-    parser.add_argument("--epochs", type=float, default=defaults.num_epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--vision-hidden-size", type=int, default=defaults.vision_hidden_size)
-    parser.add_argument("--vision-layers", type=int, default=defaults.vision_num_layers)
-    parser.add_argument("--patch-size", type=int, default=defaults.patch_size)
-    parser.add_argument("--mixed-precision", default=defaults.mixed_precision, choices=["no", "bf16", "fp16"])
-    parser.add_argument("--num-workers", type=int, default=2, help="processes for generation and pixel caching")
-    parser.add_argument("--eval-split", default="test", help="split to report zero-shot accuracy on ('' to skip)")
-    args = parser.parse_args()
+@dataclasses.dataclass
+class TeacherRun:
+    """Where the benchmark and the teacher go, and how big the benchmark is (the rest is `TeacherTrainingConfig`)."""
 
+    data_root: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "benchmark folder (default .cache/benchmarks/synthetic-v<version>-seed<seed>-n<counts>)"},
+    )
+    output_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "teacher folder (default .cache/teachers/clip-teacher-seed<seed>)"}
+    )
+    num_train: int = dataclasses.field(default=30_000, metadata={"help": "training images of the benchmark"})
+    num_validation: int = dataclasses.field(default=2_000, metadata={"help": "validation images"})
+    num_test: int = dataclasses.field(default=5_000, metadata={"help": "test images"})
+    num_workers: int = dataclasses.field(default=2, metadata={"help": "processes for generation and pixel caching"})
+    eval_split: str = dataclasses.field(
+        default="test", metadata={"help": "split to report zero-shot accuracy on ('' to skip)"}
+    )
+
+
+def main() -> None:
+    parser = HfArgumentParser((TeacherTrainingConfig, TeacherRun), description=__doc__)
+    config, args = parser.parse_args_into_dataclasses()
     counts = f"{args.num_train}-{args.num_validation}-{args.num_test}"
-    data_root = (
-        args.data_root or REPO / ".cache" / "benchmarks" / f"synthetic-v{GENERATOR_VERSION}-seed{args.seed}-n{counts}"
+    data_root = Path(
+        args.data_root
+        or REPO / ".cache" / "benchmarks" / f"synthetic-v{GENERATOR_VERSION}-seed{config.seed}-n{counts}"
     )
-    output_dir = args.output_dir or REPO / ".cache" / "teachers" / f"clip-teacher-seed{args.seed}"
-    config = dataclasses.replace(
-        defaults,
-        seed=args.seed,
-        num_epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        vision_hidden_size=args.vision_hidden_size,
-        vision_intermediate_size=4 * args.vision_hidden_size,
-        vision_num_layers=args.vision_layers,
-        vision_num_heads=max(1, args.vision_hidden_size // 64),
-        patch_size=args.patch_size,
-        mixed_precision=args.mixed_precision,
-    )
+    output_dir = Path(args.output_dir or REPO / ".cache" / "teachers" / f"clip-teacher-seed{config.seed}")
 
     start = time.perf_counter()
     with PartialState().main_process_first():
         generate_benchmark(
-            data_root, args.num_train, args.num_validation, args.num_test, seed=args.seed, num_workers=args.num_workers
+            data_root,
+            args.num_train,
+            args.num_validation,
+            args.num_test,
+            seed=config.seed,
+            num_workers=args.num_workers,
         )
     print(f"benchmark: {data_root} ({time.perf_counter() - start:.0f} s)")
 

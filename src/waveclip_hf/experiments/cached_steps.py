@@ -21,7 +21,7 @@ from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
 
 
 # Distillation fields that change how a run looks or resumes, not what it computes: left out of the cache key.
-_UNKEYED_DISTILLATION_FIELDS = ("progress_bar", "num_workers", "resume")
+_UNKEYED_DISTILLATION_FIELDS = ("progress_bar", "num_workers", "resume", "report_to")
 
 
 def settings_hash(payload) -> str:

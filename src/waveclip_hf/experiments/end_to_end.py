@@ -23,9 +23,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from transformers import HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, load_benchmark_split
 from ..evaluation.calibration import default_thresholds
@@ -84,22 +87,30 @@ class EndToEndConfig:
     made (the cache keys hold absolute paths, so the same folder gives the same keys however it was spelled).
     """
 
-    size: str = "small"
-    cache_dir: str = ".cache/end_to_end"
-    docs_dir: str = "docs"
-    seed: int = 0
-    levels: int = 1
-    eval_batch_size: int = 64
-    num_workers: int = 2
-    thresholds: tuple[float, ...] = tuple(default_thresholds())
-    gflops_target: float = 0.6  # report the best gated point at <= this fraction of the full model's GFLOPs
-    demo_images: int = 4
-    progress: bool = True
-    overrides: dict = field(default_factory=dict)  # e.g. {"distillation": {"max_steps": 50}} for quick checks
+    size: str = HfArg(default="small", metadata={"choices": sorted(SIZES)}, help="the settings of `SIZES`")
+    cache_dir: str = HfArg(default=".cache/end_to_end", help="cached steps (default: under the current directory)")
+    docs_dir: str = HfArg(default="docs", help="where results.{md,json} and figures/ go")
+    seed: int = HfArg(default=0, help="seed of the benchmark, the teacher and the student")
+    levels: int = HfArg(default=1, help="wavelet levels L of the student")
+    eval_batch_size: int = HfArg(default=64, help="images per forward in the evaluation")
+    num_workers: int = HfArg(default=2, help="data-loading processes")
+    thresholds: list[float] = HfArg(default_factory=default_thresholds, help="the margin thresholds of the sweep")
+    gflops_target: float = HfArg(
+        default=0.6, help="report the best gated point at <= this fraction of the full model's GFLOPs"
+    )
+    demo_images: int = HfArg(default=4, help="test images the pipeline demo classifies")
+    progress: bool = HfArg(default=True, help="progress bars (--no-progress: none)")
+    overrides: dict | str | None = HfArg(
+        default=None,
+        aliases=["--override"],
+        help='JSON merged into the size settings, e.g. \'{"distillation": {"max_steps": 50}}\' for a quick check',
+    )
 
     def __post_init__(self):
         if self.size not in SIZES:
             raise ValueError(f"Unknown size {self.size!r}; choose one of {sorted(SIZES)}.")
+        self.overrides = json.loads(self.overrides) if isinstance(self.overrides, str) else dict(self.overrides or {})
+        self.thresholds = tuple(self.thresholds)
         self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
         self.docs_dir = str(Path(self.docs_dir).expanduser().resolve())
 
@@ -255,45 +266,13 @@ def run(config: EndToEndConfig) -> dict:
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m waveclip_hf.experiments.end_to_end`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument(
-        "--cache-dir",
-        default=EndToEndConfig.cache_dir,
-        help="cached steps (default: %(default)s under the current directory)",
-    )
-    parser.add_argument(
-        "--docs-dir",
-        default=EndToEndConfig.docs_dir,
-        help="where results.{md,json} and figures/ go (default: %(default)s under the current directory)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--levels", type=int, default=1)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument(
-        "--override",
-        type=json.loads,
-        default={},
-        help='JSON merged into the size settings, e.g. \'{"distillation": {"max_steps": 50}}\'',
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
+def build_parser() -> HfArgumentParser:
+    """The command line of `python -m waveclip_hf.experiments.end_to_end`: one flag per `EndToEndConfig` field."""
+    return HfArgumentParser(EndToEndConfig, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    config = EndToEndConfig(
-        size=args.size,
-        cache_dir=args.cache_dir,
-        docs_dir=args.docs_dir,
-        seed=args.seed,
-        levels=args.levels,
-        num_workers=args.num_workers,
-        overrides=args.override,
-        progress=not args.no_progress,
-    )
+    (config,) = build_parser().parse_args_into_dataclasses(argv)
     report = run(config)
     summary = report["summary"]
     print(

@@ -52,7 +52,8 @@ from .cached_steps import (
     student_distillation_fields,
     student_output_dir,
 )
-from .end_to_end import SIZES, EndToEndConfig, MainJobInputs, main_job_inputs
+from .end_to_end import EndToEndConfig, MainJobInputs, main_job_inputs
+from .end_to_end import build_parser as end_to_end_parser
 from .report import first_run_record, machine_description, portable_paths, utc_now
 from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate, evaluate_student
 
@@ -622,19 +623,9 @@ def not_run(run: SeedRun, config: EndToEndConfig, seeds, sample_seeds) -> tuple[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python scripts/method_ablations.py`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="the main job's size")
-    parser.add_argument(
-        "--cache-dir",
-        default=EndToEndConfig.cache_dir,
-        help="the main job's cache (default: %(default)s under the current directory)",
-    )
-    parser.add_argument(
-        "--docs-dir",
-        default=EndToEndConfig.docs_dir,
-        help="where ablations.{md,json} and figures/ go (default: %(default)s)",
-    )
+    """The command line of `python scripts/method_ablations.py`: the main job's (`end_to_end.build_parser`, one flag
+    per `EndToEndConfig` field) plus the ablation's own."""
+    parser = end_to_end_parser()
     parser.add_argument(
         "--seeds",
         type=int,
@@ -664,24 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="label subsets per label-set size in the gate-stability analysis (default: %(default)s)",
     )
-    parser.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
-    parser.add_argument(
-        "--override", type=json.loads, default={}, help="JSON merged into the size settings, as for the main job"
-    )
-    parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    config = EndToEndConfig(
-        size=args.size,
-        cache_dir=args.cache_dir,
-        docs_dir=args.docs_dir,
-        num_workers=args.num_workers,
-        overrides=args.override,
-        progress=not args.no_progress,
-    )
+    config, args = build_parser().parse_args_into_dataclasses(argv)
     return run_method_ablations(config, args.seeds, args.variant_seeds, args.sample_seeds, args.max_subsets)
 
 

@@ -1,9 +1,10 @@
 """Every knob of a distillation run, in one dataclass (the CLI maps one flag to each field), and the named recipes."""
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from transformers.hf_argparser import HfArg
 
 from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
 
@@ -47,67 +48,130 @@ class DistillationConfig:
     """
 
     # What to distil, from what, to where.
-    teacher: str = "openai/clip-vit-base-patch16"  # hub id or folder of a `CLIPModel`
-    train_data: str = ""  # image folder (recursive), `datasets` name/path, or `save_to_disk` folder
-    output_dir: str = "waveclip-distilled"
-    data_format: str = "auto"  # "auto" | "folder" | "datasets"
-    data_split: str = "train"  # split of a `datasets` dataset
-    image_column: str = "image"  # column of a `datasets` dataset holding the images
-    eval_data: str | None = None  # held-out images (same formats); None: hold out `eval_holdout` training images
-    eval_split: str = "validation"
-    eval_holdout: int = 128  # images held out of `train_data` when `eval_data` is None (at most 10%; 0: none)
-    num_workers: int = 4  # data-loading processes (decode + both image processors run there)
-    streaming: bool = False  # read `train_data` with `datasets.load_dataset(..., streaming=True)`; needs max_steps
-    shuffle_buffer: int = 10_000  # examples in the seeded shuffle buffer of a streamed dataset
-    eval_labelled_data: str | None = None  # folder, one subfolder per class: zero-shot accuracy for the card
-    eval_prompt_template: str = "This is a photo of {}."  # the prompt of a class of `eval_labelled_data`
+    teacher: str = HfArg(default="openai/clip-vit-base-patch16", help="hub id or folder of a transformers CLIPModel")
+    train_data: str = HfArg(
+        default="", help="image folder (recursive), `datasets` name/path, or a `save_to_disk` folder (required)"
+    )
+    output_dir: str = HfArg(
+        default="waveclip-distilled",
+        help="where checkpoints/, log.jsonl, summary.json and the Hub-ready final/ folder go (required)",
+    )
+    data_format: Literal["auto", "folder", "datasets"] = HfArg(
+        default="auto",
+        help="how to read --train-data/--eval-data; auto: a folder of images, a `save_to_disk` folder, else "
+        "`datasets.load_dataset`",
+    )
+    data_split: str = HfArg(default="train", help="split of a `datasets` dataset")
+    image_column: str = HfArg(default="image", help="image column of a `datasets` dataset")
+    eval_data: str | None = HfArg(
+        default=None, help="held-out images (same formats); default: hold out training images"
+    )
+    eval_split: str = HfArg(default="validation", help="split of --eval-data when it is a `datasets` one")
+    eval_holdout: int = HfArg(
+        default=128, help="training images held out for evaluation when --eval-data is not given (at most 10%%)"
+    )
+    num_workers: int = HfArg(default=4, help="data-loading processes (decoding and both image processors run there)")
+    streaming: bool = HfArg(
+        default=False,
+        help="stream --train-data with `datasets.load_dataset(..., streaming=True)` (a Hub dataset or data files) or "
+        "a `save_to_disk` folder, without reading it all first; needs --max-steps",
+    )
+    shuffle_buffer: int = HfArg(
+        default=10_000,
+        help="examples in the seeded shuffle buffer of --streaming (the order depends only on the seed, the epoch, "
+        "the number of processes and --num-workers)",
+    )
+    eval_labelled_data: str | None = HfArg(
+        default=None,
+        metadata={"metavar": "FOLDER"},
+        help="after training, zero-shot accuracy of every stage (and of the teacher) on a folder with one subfolder "
+        "of images per class (label = subfolder name); the model card publishes it",
+    )
+    eval_prompt_template: str = HfArg(
+        default="This is a photo of {}.", help="prompt of a class for --eval-labelled-data; {} stands for the class"
+    )
 
-    # Student geometry (see `WaveCLIPVisionConfig`).
-    levels: int = 1
-    wavelet: str = "haar"
-    cell_size: int = 32
-    # Ablations of the method (`WaveCLIPVisionConfig`): "bidirectional" attention, "fine_to_coarse" band order.
-    attention: str = "block_causal"
-    band_order: str = "coarse_to_fine"
+    # Student geometry (see `WaveCLIPVisionConfig`) and the method's ablations.
+    levels: int = HfArg(default=1, help="wavelet levels L of the student (L+1 stages)")
+    wavelet: str = HfArg(default="haar", help="pywt wavelet name of the student's DWT")
+    cell_size: int = HfArg(default=32, help="pixels per token cell of the student (the image is a grid of cells)")
+    attention: Literal["block_causal", "bidirectional"] = HfArg(
+        default="block_causal",
+        help="block_causal (the method: every stage is an exit) or bidirectional (an ablation: one full forward, "
+        "no early exit)",
+    )
+    band_order: Literal["coarse_to_fine", "fine_to_coarse"] = HfArg(
+        default="coarse_to_fine",
+        help="coarse_to_fine (the method: the approximation first) or fine_to_coarse (an ablation)",
+    )
 
     # Optimisation. One "step" is one optimizer update of `batch_size * gradient_accumulation_steps * processes`.
-    max_steps: int | None = None  # None: `num_epochs` passes over the data
-    num_epochs: int = 1
-    batch_size: int = 64  # per device and micro-batch
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.05  # CLIP's rule: not on biases, norms, embeddings (`optimization.decays`)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_steps: int | None = HfArg(default=None, help="optimizer steps; default: --num-epochs passes over the data")
+    num_epochs: int = HfArg(default=1, help="passes over the data without --max-steps")
+    batch_size: int = HfArg(default=64, help="per device and micro-batch")
+    gradient_accumulation_steps: int = HfArg(default=1, help="micro-batches per optimizer step")
+    learning_rate: float = HfArg(default=1e-4, aliases=["--lr"], help="peak learning rate (after warmup)")
+    weight_decay: float = HfArg(
+        default=0.05, help="AdamW weight decay, CLIP's rule: not on biases, norms, embeddings (docs/distillation.md)"
+    )
+    adam_betas: list[float] = HfArg(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
     # The detail projections and band embeddings start at random while everything else starts at the teacher;
     # a larger step for them lets the detail path catch up without shaking the copied blocks.
-    fresh_lr_multiplier: float = 10.0
-    warmup_steps: int | None = None  # linear from 0; None: `warmup_ratio` of the run
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1  # cosine decays to `min_lr_ratio * learning_rate`
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
-    seed: int = 0
+    fresh_lr_multiplier: float = HfArg(
+        default=10.0,
+        help="learning-rate factor for the parameters the teacher has no counterpart for (detail projections, "
+        "band embeddings)",
+    )
+    warmup_steps: int | None = HfArg(default=None, help="linear warmup steps; default: --warmup-ratio of the run")
+    warmup_ratio: float = HfArg(default=0.05, help="warmup as a fraction of the run, when --warmup-steps is not given")
+    min_lr_ratio: float = HfArg(default=0.1, help="the cosine decays to this fraction of --lr at the last step")
+    max_grad_norm: float | None = HfArg(default=1.0, help="gradient clipping by global norm; 0: no clipping")
+    mixed_precision: Literal["no", "bf16", "fp16"] = HfArg(default="no", help="autocast dtype (weights stay fp32)")
+    seed: int = HfArg(default=0, help="seeds the new student parameters, the held-out split and the data order")
 
     # Loss.
-    stage_weights: Sequence[float] | None = None  # None: equal (see the class docstring)
-    label_vocabulary: Sequence[str] | None = None  # prompts for the optional zero-shot KL
-    kl_weight: float = 1.0  # used only with a label vocabulary
-    kl_temperature: float = 1.0
-    cache_teacher_embeddings: bool = False  # embed every training image with the teacher once, before step 0
+    stage_weights: list[float] | None = HfArg(
+        default=None, help="one weight per stage (levels + 1); default: equal (see the class docstring)"
+    )
+    label_vocabulary: list[str] | None = HfArg(
+        default=None,
+        help="prompts for the optional zero-shot KL term, or one text file with a prompt per line",
+    )
+    kl_weight: float = HfArg(default=1.0, help="weight of the zero-shot KL term (only with --label-vocabulary)")
+    kl_temperature: float = HfArg(default=1.0, help="temperature T of the zero-shot KL (the term is scaled by T^2)")
+    cache_teacher_embeddings: bool = HfArg(
+        default=False, help="embed every training image with the teacher once, before step 0 (faster for epochs)"
+    )
 
     # Bookkeeping.
-    log_every: int = 10
-    eval_every: int = 500  # 0: only at the end
-    eval_batch_size: int | None = None  # default: `batch_size`
-    checkpoint_every: int = 1000  # 0: only at the end (and on SIGTERM)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue from the last complete checkpoint in `output_dir` (fresh start if none)
-    peak_tflops: float | None = None  # per device, for MFU; None: spec sheet (known GPUs) or a measured matmul
-    push_to_hub: str | None = None  # repo id to upload the final folder to (opt-in)
-    hub_private: bool = False  # create that repo private
-    license: str | None = None  # the card's licence (a Hub licence id); None: the teacher card's, else "other"
-    model_card_template: str | None = None  # default: hub_card/README.md.template
-    progress_bar: bool = True
+    log_every: int = HfArg(
+        default=10, help="optimizer steps per logging window (loss, cosine, images/s, MFU to log.jsonl and trackers)"
+    )
+    report_to: list[str] = HfArg(
+        default_factory=list,
+        help="experiment trackers for accelerate to log to beside log.jsonl (e.g. tensorboard, wandb, all)",
+    )
+    eval_every: int = HfArg(default=500, help="0: only at the end")
+    eval_batch_size: int | None = HfArg(default=None, help="default: --batch-size")
+    checkpoint_every: int = HfArg(default=1000, help="0: only at the end and on SIGTERM")
+    keep_checkpoints: int = HfArg(default=2, help="complete checkpoints kept (older ones are deleted)")
+    resume: bool = HfArg(default=False, help="continue from the last complete checkpoint in --output-dir (if any)")
+    peak_tflops: float | None = HfArg(
+        default=None, help="per-device peak for MFU; default: spec sheet (known GPUs) or a measured matmul"
+    )
+    push_to_hub: str | None = HfArg(
+        default=None, metadata={"metavar": "REPO_ID"}, help="upload the final folder (opt-in)"
+    )
+    hub_private: bool = HfArg(default=False, help="create the --push-to-hub repository private")
+    license: str | None = HfArg(
+        default=None,
+        help="licence of the model card (a Hub licence id, e.g. mit); default: the one the teacher's model card "
+        "states, else 'other' (the teacher's terms)",
+    )
+    model_card_template: str | None = HfArg(
+        default=None, help="string.Template of the model card; default: the package's hub_card/README.md.template"
+    )
+    progress_bar: bool = HfArg(default=True, help="tqdm progress bar (--no-progress-bar: none)")
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -153,6 +217,9 @@ class DistillationConfig:
             self.stage_weights = [float(w) for w in self.stage_weights]
         if self.label_vocabulary is not None:
             self.label_vocabulary = [str(p) for p in self.label_vocabulary]
+        if self.max_grad_norm == 0:
+            self.max_grad_norm = None
+        self.report_to = list(self.report_to)
 
     def resolved_stage_weights(self, num_stages: int) -> torch.Tensor:
         """(num_stages,) weights summing to 1 (the default: see the class docstring)."""

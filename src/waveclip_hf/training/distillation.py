@@ -26,6 +26,7 @@ where p are zero-shot distributions over a label vocabulary (logit_scale x cosin
 embeddings of the prompts, computed once).
 """
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -44,7 +45,14 @@ from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 from .checkpoints import Checkpointer, TrainerState, resume_from_latest
 from .config import DistillationConfig
 from .data import DistillationCollator, epochs_of_batches, load_distillation_data, record_skipped, training_loader
-from .metrics import TrainingMeter, log_main_process, peak_tflops, train_flops_per_image, truncate_log
+from .metrics import (
+    TrainingMeter,
+    log_main_process,
+    peak_tflops,
+    start_trackers,
+    train_flops_per_image,
+    truncate_log,
+)
 from .models import StudentStages, freeze_text_side, load_teacher, student_from_teacher, teacher_text_embeddings
 from .optimization import lr_at, optimizer_groups, set_learning_rate
 from .outputs import DistillationResult, gather_skipped, push_folder_to_hub, save_final, summary_line, write_summary
@@ -200,6 +208,9 @@ def _make_accelerator(config: DistillationConfig) -> Accelerator:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         # The sampler is already seeded per epoch; accelerate need not re-seed it.
         rng_types=[],
+        # Trackers (TensorBoard, W&B, ...) beside log.jsonl; TensorBoard writes under output_dir/distill.
+        log_with=config.report_to or None,
+        project_dir=config.output_dir,
     )
 
 
@@ -322,6 +333,7 @@ def prepare_distillation(config: DistillationConfig, evaluate, accelerator: Acce
         teacher_processor=teacher_processor,
     )
     _log_start(run, None if config.streaming else len(loader))
+    start_trackers(accelerator, "distill", dataclasses.asdict(config))
     module.train()
     freeze_text_side(student)
     return run
@@ -409,6 +421,7 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
             f"saved to {last}. Run again with --resume to continue.",
         )
         write_summary(accelerator, output_dir, result, config)
+        accelerator.end_training()
         return result
 
     # Always, also with checkpoint_every=0: a failure while writing the final folder must not lose the run.
@@ -425,6 +438,7 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
     write_summary(accelerator, output_dir, result, config)
     if config.push_to_hub and accelerator.is_main_process:
         push_folder_to_hub(result.final_dir, config.push_to_hub, private=config.hub_private)
+    accelerator.end_training()
     return result
 
 

@@ -160,6 +160,7 @@ class TrainingMeter:
                 postfix["skipped"] = num_skipped
             self.progress.set_postfix(postfix, refresh=False)
             append_log(self.log_path, metrics)
+        accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
         self.windows.append((self.images, seconds))
         self.last = metrics
         self._start_window()
@@ -175,6 +176,14 @@ class TrainingMeter:
 
     def _mfu(self, images_per_second: float) -> float:
         return images_per_second * self.flops_per_image / (self.peak_tflops * 1e12 * self.accelerator.num_processes)
+
+
+def start_trackers(accelerator: Accelerator, project_name: str, settings: dict) -> None:
+    """Start the experiment trackers the accelerator was built with (`log_with=`, the runs' `report_to`), with the
+    run's settings as hyperparameters (as TensorBoard takes them: numbers, strings and booleans)."""
+    if accelerator.log_with:
+        plain = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in settings.items()}
+        accelerator.init_trackers(project_name, config=plain)
 
 
 def append_log(path: Path, entry: dict) -> None:

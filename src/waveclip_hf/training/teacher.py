@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from ..data.synthetic import benchmark_axes, label_ids, load_benchmark_split, re
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
 from ..models.waveclip.folder_io import written_atomically
+from .metrics import start_trackers
 from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
 from .teacher_init import init_from_smaller_teacher
@@ -41,6 +42,8 @@ TRAINING_INFO_NAME = "training_info.json"
 
 # Fields added after teachers were first cached: hashed only when they differ from their defaults.
 _HASHED_ONLY_WHEN_SET = ("single_axis_captions", "dct_patch_rows", "init_from")
+# Knobs that change how a run is watched, not the teacher it trains: never in the hash.
+_NOT_HASHED = ("report_to",)
 
 
 @dataclass
@@ -103,6 +106,8 @@ class TeacherTrainingConfig:
     init_from: str | None = None
     num_train_images: int | None = None  # None: the whole train split.
     seed: int = 0
+    # Experiment trackers for accelerate to log the loss and learning rate to (e.g. ["tensorboard"]).
+    report_to: list[str] = field(default_factory=list)
 
     def config_hash(self, data_info: dict | None = None) -> str:
         """Short hash of this config (and of the benchmark's info): equal hashes, same teacher."""
@@ -110,6 +115,8 @@ class TeacherTrainingConfig:
         for name in _HASHED_ONLY_WHEN_SET:  # so that adding a knob keeps every cached teacher valid
             if config[name] == TeacherTrainingConfig.__dataclass_fields__[name].default:
                 del config[name]
+        for name in _NOT_HASHED:
+            del config[name]
         payload = json.dumps({"config": config, "data": data_info}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -225,8 +232,14 @@ def train_clip_teacher(
         return finished
 
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # Trackers (TensorBoard, W&B, ...) beside the folder, which is replaced whole when the teacher is saved:
+        # TensorBoard writes under <output_dir>-logs/teacher.
+        log_with=list(config.report_to) or None,
+        project_dir=output_dir.with_name(output_dir.name + "-logs"),
     )
+    start_trackers(accelerator, "teacher", asdict(config))
     set_seed(config.seed)
     data = _TeacherData.load(config, data_root, accelerator, num_workers, progress)
     model = CLIPModel(build_clip_config(config, data.tokenizer))
@@ -276,11 +289,13 @@ def train_clip_teacher(
             accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
         step += 1
         losses.append(accelerator.gather(loss.detach()).mean().item())
+        accelerator.log({"loss": losses[-1], "lr": optimizer.param_groups[0]["lr"]}, step=step)
         bar.set_postfix(
             loss=f"{losses[-1]:.3f}", img_s=f"{step * images_per_step / (time.perf_counter() - start):.0f}"
         )
         bar.update()
     bar.close()
+    accelerator.end_training()
     timing = {"images_seen": step * images_per_step, "train_seconds": time.perf_counter() - start}
     return _save_trained_teacher(
         accelerator, model, data, config, data_root, output_dir, losses, timing, evaluate_split, num_workers, progress

@@ -140,6 +140,7 @@ class RunEvaluation:
             if metrics:
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 append_log(self.log_path, {"step": step, **metrics})
+                accelerator.log(metrics, step=step)
         accelerator.wait_for_everyone()
         return metrics
 
