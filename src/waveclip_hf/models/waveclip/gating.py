@@ -248,6 +248,27 @@ def margin_signal(stage_probs: torch.Tensor) -> torch.Tensor:
     return probability_margin(stage_probs.float())
 
 
+def _crossed_sums(signal: torch.Tensor, agrees: torch.Tensor, gflops: torch.Tensor):
+    """The distinct crossing values of the running maxima of `signal` (N, S - 1), and after crossing every value up
+    to each: the change in (agreements, GFLOPs, images per stage) summed over the images, (K, 2 + S) float64."""
+    num_images, num_stages = agrees.shape
+    running_max = signal.cummax(dim=1).values.reshape(-1)  # (N*(S-1),)
+    to_stage = torch.arange(1, num_stages).repeat(num_images)
+    order = running_max.argsort(stable=True)
+    crossings, to_stage = running_max[order], to_stage[order]
+    one_hot = torch.nn.functional.one_hot
+    deltas = torch.cat(
+        [
+            (agrees[:, 1:] - agrees[:, :-1]).reshape(-1)[order, None],
+            (gflops[to_stage] - gflops[to_stage - 1])[:, None],
+            (one_hot(to_stage, num_stages) - one_hot(to_stage - 1, num_stages)).double(),
+        ],
+        dim=1,
+    )
+    values, counts = torch.unique_consecutive(crossings, return_counts=True)
+    return values, deltas.cumsum(0)[counts.cumsum(0) - 1]
+
+
 def gate_operating_points(
     stage_probs: torch.Tensor,
     cumulative_gflops,
@@ -288,21 +309,7 @@ def gate_operating_points(
         thresholds, sums, values = torch.zeros(1, dtype=torch.float64), at_stage_zero[None], torch.zeros(0)
     else:
         signal = margin_signal(stage_probs[:, :-1]) if signal is None else signal[:, :-1]
-        running_max = signal.cummax(dim=1).values.reshape(-1)  # (N*(S-1),)
-        to_stage = torch.arange(1, num_stages).repeat(num_images)
-        order = running_max.argsort(stable=True)
-        crossings, to_stage = running_max[order], to_stage[order]
-        one_hot = torch.nn.functional.one_hot
-        deltas = torch.cat(
-            [
-                (agrees[:, 1:] - agrees[:, :-1]).reshape(-1)[order, None],
-                (gflops[to_stage] - gflops[to_stage - 1])[:, None],
-                (one_hot(to_stage, num_stages) - one_hot(to_stage - 1, num_stages)).double(),
-            ],
-            dim=1,
-        )
-        values, counts = torch.unique_consecutive(crossings, return_counts=True)
-        crossed = deltas.cumsum(0)[counts.cumsum(0) - 1]  # after crossing every value up to each one
+        values, crossed = _crossed_sums(signal, agrees, gflops)
         sums = torch.cat([at_stage_zero[None], at_stage_zero + crossed])
         thresholds = representative_thresholds(values)
     return GateOperatingPoints(

@@ -32,6 +32,7 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.utils import ModelOutput, logging
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .gating import check_stage_count
@@ -561,6 +562,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         return (cache if use_cache or cached_stages else None), use_cache
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -569,7 +571,6 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
     ) -> WaveCLIPVisionModelOutput | tuple:
         r"""
         Args:
@@ -585,15 +586,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
                 passed in works too).
             output_attentions (`bool`, *optional*):
                 Return attention probabilities (computed with `eager` attention for this call).
-            output_hidden_states (`bool`, *optional*):
-                Return every layer's hidden states.
+            output_hidden_states (`bool`, *optional*): Return every layer's hidden states.
             return_dict (`bool`, *optional*):
-                Return a [`WaveCLIPVisionModelOutput`] rather than a tuple (default: `config.return_dict`).
+                Return a [`WaveCLIPVisionModelOutput`] rather than a tuple (default: `config.return_dict`; handled by
+                `can_return_tuple`, as CLIP's methods).
         """
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = config.return_dict if return_dict is None else return_dict
         first_stage, end_stage = self._check_inputs(pixel_values, cache, num_stages)
         self._check_bidirectional_call(cache, use_cache, end_stage)
         cache, use_cache = self._cache_to_use(cache, first_stage, use_cache, pixel_values.shape[0])
@@ -622,7 +622,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             hidden_states=encoder_outputs.hidden_states,
             attentions=encoder_outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
@@ -653,6 +653,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         self.vision_model.compile_stages(**compile_kwargs)
         return self
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
@@ -660,7 +661,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         position_ids: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """Text tower as `CLIPModel.get_text_features`: `pooler_output` is the projected (batch, projection_dim)."""
         # Unset flags are left to the text tower, which reads them from its own config.
@@ -673,10 +673,10 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
             **{name: value for name, value in flags.items() if value is not None},
         )
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return outputs if return_dict else outputs.to_tuple()
+        return outputs
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -685,7 +685,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
     ) -> WaveCLIPVisionModelOutput | tuple:
         """Vision tower as `CLIPModel.get_image_features`, after `num_stages` stages (see the vision model).
 
@@ -704,10 +703,10 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         )
         outputs.stage_pooler_outputs = self.visual_projection(outputs.stage_pooler_outputs)
         outputs.pooler_output = outputs.stage_pooler_outputs[:, -1]
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return outputs if return_dict else outputs.to_tuple()
+        return outputs
 
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -720,7 +719,6 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         return_loss: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
     ) -> CLIPOutput | tuple:
         """Image-text logits as `CLIPModel.forward`, with the image answered after `num_stages` stages."""
         vision_outputs = self.get_image_features(
@@ -754,8 +752,7 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 # Saved folders get an `auto_map` entry for `AutoModel` and carry this file with its relative imports, the gated

@@ -549,6 +549,21 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         template = check_hypothesis_template(hypothesis_template)
         if target_agreement is None and gflops_budget is None:
             target_agreement = 0.99
+        stage_probs = self._calibration_probabilities(
+            images, image_embeddings, labels, template, tokenizer_kwargs, batch_size, timeout
+        )
+        calibration = calibrate_threshold(
+            stage_probs, self.model.answer_gflops().tolist(), target_agreement, gflops_budget
+        ).for_label_set(labels, template, tokenizer_kwargs)
+        store_calibration(self.model.config, calibration)
+        return calibration
+
+    @torch.no_grad()
+    def _calibration_probabilities(
+        self, images, image_embeddings, labels, template, tokenizer_kwargs, batch_size, timeout
+    ) -> torch.Tensor:
+        """(N, stages, labels) float32 zero-shot probabilities of the calibration images after every stage, on the
+        CPU, from `images` or their `image_embeddings`."""
         if (images is None) == (image_embeddings is None):
             raise ValueError(
                 "Pass the calibration images once: `images` (unlabelled images of your domain) or their "
@@ -563,20 +578,15 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 f"`image_stage_embeddings(images)`, got {_describe(image_embeddings)}."
             )
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
-        with torch.no_grad():
-            stage_probs = zero_shot_logits(image_embeddings.to(self.device), text_embeds, self.model.logit_scale.exp())
-        stage_probs = stage_probs.float().softmax(-1).cpu()
+        logits = zero_shot_logits(image_embeddings.to(self.device), text_embeds, self.model.logit_scale.exp())
+        stage_probs = logits.float().softmax(-1).cpu()
         if len(stage_probs) < _FEW_CALIBRATION_IMAGES:
             logger.warning(
                 f"Calibrating on {len(stage_probs)} images: one disagreement moves the measured agreement by "
                 f"{100 / len(stage_probs):.1f} points, so agreement on new images may fall short of the target. Use a "
                 f"few hundred images of your domain."
             )
-        calibration = calibrate_threshold(
-            stage_probs, self.model.answer_gflops().tolist(), target_agreement, gflops_budget
-        ).for_label_set(labels, template, tokenizer_kwargs)
-        store_calibration(self.model.config, calibration)
-        return calibration
+        return stage_probs
 
     @torch.no_grad()
     def image_stage_embeddings(self, images, batch_size=None, timeout=None) -> torch.Tensor:

@@ -167,10 +167,8 @@ class WaveCLIPRefinementMixin:
             return_all_stages: also return `stage_scores`, every image's scores after every stage it ran.
             input_ids, attention_mask, position_ids: (num_labels, length) tokenised label prompts, instead of
                 `text_embeds` (e.g. from [`WaveCLIPProcessor`] with `text=`).
-            cache: a [`WaveCLIPStageCache`] from `new_stage_cache()` to reuse (it is reset first; by default a new
-                one per call). One kept across calls on batches of one size allocates nothing after the first call.
-                A cache serves one call at a time: a caller that runs `refine` from several threads keeps one per
-                thread (the pipeline does).
+            cache: a [`WaveCLIPStageCache`] from `new_stage_cache()` to reuse (reset first; default: a new one per
+                call). It serves one call at a time: a caller with several threads keeps one per thread.
 
         Returns:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
@@ -181,33 +179,31 @@ class WaveCLIPRefinementMixin:
         cumulative = self.answer_gflops()
         gate = StageGate(margin_threshold, margin_scaling, cumulative.tolist(), gflops_budget, pixel_values.shape[0])
         answers = RefinementAnswers(
-            pixel_values.shape[0],
-            text_embeds.shape[0],
-            text_embeds.shape[1],
-            num_stages,
-            return_all_stages,
-            text_embeds.to(self.logit_scale.device),
+            pixel_values.shape[0], *text_embeds.shape, num_stages, return_all_stages, text_embeds.to(self.device)
         )
         # A bidirectional model runs one full forward (first_stage = the last stage), without a cache.
         cache = self._refine_cache(cache, num_stages) if first_stage == 0 else None
+        self._run_stages(pixel_values, text_embeds, gate, answers, cache, range(first_stage, num_stages))
+        return answers.output(cumulative)
+
+    def _run_stages(self, pixel_values, text_embeds, gate: StageGate, answers: RefinementAnswers, cache, stages):
+        """Run `stages` in order, each on the images still active, recording the answers of those that stop and
+        dropping them from `cache`; the last stage answers every image left."""
         logit_scale = self.logit_scale.exp()
-        for stage in range(first_stage, num_stages):
+        for stage in stages:
             # The first stage reads every image: no gather copy of the pixels.
-            inputs = pixel_values if stage == first_stage else pixel_values[answers.active]
+            inputs = pixel_values if stage == stages[0] else pixel_values[answers.active]
             image_embeds = self.get_image_features(inputs, num_stages=stage + 1, cache=cache).pooler_output
             logits = zero_shot_logits(image_embeds, text_embeds, logit_scale)
-            last = stage == num_stages - 1
-            stops = (
-                torch.ones_like(answers.active, dtype=torch.bool)
-                if last
-                else ~gate.continues(logits.softmax(-1), stage)
-            )
+            if stage == stages[-1]:
+                stops = torch.ones_like(answers.active, dtype=torch.bool)
+            else:
+                stops = ~gate.continues(logits.softmax(-1), stage)
             continuing = answers.record(stage, logits, image_embeds, stops)
             if continuing is None:
-                break
+                return
             if len(continuing) < len(stops):
                 cache.batch_select_indices(continuing)
-        return answers.output(cumulative)
 
     def _refinement_stages(self, margin_threshold, max_stages, margin_scaling) -> tuple[int, int]:
         """The first stage `refine` runs and how many stages it may run, after checking the gate's arguments up front
