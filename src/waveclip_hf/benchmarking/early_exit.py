@@ -19,7 +19,7 @@ from ..models.waveclip.scoring import zero_shot_logits
 from .contention import load_average, quiet_policy
 from .machine import for_each_gpu_dtype
 from .models import EncoderModels, random_pixel_values
-from .settings import BenchmarkSettings, Schedule
+from .settings import BenchmarkSettings
 from .timing import Case, rate_summary, run_interleaved, summarize
 
 
@@ -135,13 +135,7 @@ def early_exit_rows(
 
 
 def benchmark_early_exit(
-    waveclip,
-    schedule: Schedule,
-    fractions: Sequence[float],
-    device,
-    dtype: torch.dtype,
-    settings: BenchmarkSettings,
-    log=print,
+    waveclip, settings: BenchmarkSettings, device, dtype: torch.dtype, log=print
 ) -> dict[str, Any]:
     """Time per image at each forced exit fraction against the two predictions of `early_exit_rows`.
 
@@ -151,6 +145,8 @@ def benchmark_early_exit(
     """
     device = torch.device(device)
     waveclip = waveclip.to(device=device, dtype=dtype)
+    schedule = settings.cpu_early_exit if device == "cpu" else settings.gpu_early_exit
+    fractions = settings.exit_fractions
     batch_size = schedule.batch_size
     generator = torch.Generator().manual_seed(settings.seed + 1)
     pixel_values = random_pixel_values(settings, batch_size, generator).to(device)
@@ -196,13 +192,6 @@ def early_exit_section(settings: BenchmarkSettings, models: EncoderModels, log=p
     The CPU entry is a single sweep, not keyed by dtype; `early_exit_entries` reads both shapes.
     """
     waveclip = models.waveclip.to("cpu", torch.float32)
-    cpu = benchmark_early_exit(
-        waveclip, settings.cpu_early_exit, settings.exit_fractions, "cpu", torch.float32, settings, log
-    )
-    cuda = for_each_gpu_dtype(
-        settings,
-        lambda dtype: benchmark_early_exit(
-            waveclip, settings.gpu_early_exit, settings.exit_fractions, "cuda", dtype, settings, log
-        ),
-    )
+    cpu = benchmark_early_exit(waveclip, settings, "cpu", torch.float32, log)
+    cuda = for_each_gpu_dtype(settings, lambda dtype: benchmark_early_exit(waveclip, settings, "cuda", dtype, log))
     return {"cpu": cpu, "cuda": cuda}

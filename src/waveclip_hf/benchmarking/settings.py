@@ -93,16 +93,12 @@ class BenchmarkSettings:
 
 def quick_settings() -> BenchmarkSettings:
     """Every section at a narrow geometry, tiny batches and one or two trials: a smoke run of the whole suite."""
+    vision = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    text = dict(text_hidden_size=128, text_num_hidden_layers=2, text_num_attention_heads=4, text_intermediate_size=256)
     return BenchmarkSettings(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
+        **vision,
+        **text,
         projection_dim=128,
-        text_hidden_size=128,
-        text_num_hidden_layers=2,
-        text_num_attention_heads=4,
-        text_intermediate_size=256,
         cpu_schedules=(Schedule(1, 1, 2), Schedule(4, 1, 2)),
         gpu_schedules=(Schedule(1, 1, 3), Schedule(64, 1, 3)),
         cpu_early_exit=Schedule(8, 1, 2),

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from ..data.synthetic import AXES
 from .cached_steps import log
-from .end_to_end import EndToEndConfig, main_job_inputs, main_job_student
+from .end_to_end import EndToEndConfig, evaluate_main_job_student, main_job_inputs, main_job_student
 from .report import machine_description, utc_now
-from .run_evaluation import evaluate_student
 
 
 # Each variant is merged into the size's distillation settings; "main job" is the size's own recipe.
@@ -46,18 +45,7 @@ def run_distillation_ablation(config: EndToEndConfig, variants: dict | None = No
         settings["distillation"].update(overrides)
         log(f"variant {name!r}: {settings['distillation']}")
         student_dir = main_job_student(config, settings, inputs)
-        results, _ = evaluate_student(
-            config.cache_dir,
-            inputs.data_root,
-            inputs.rows,
-            inputs.teacher_dir,
-            inputs.teacher_config,
-            student_dir,
-            config.thresholds,
-            config.gflops_target,
-            config.eval_batch_size,
-            config.progress,
-        )
+        results, _ = evaluate_main_job_student(config, inputs, student_dir)
         report[name] = {
             "distillation": settings["distillation"],
             "per_axis": results["per_axis"],

@@ -64,14 +64,11 @@ SIZES = {
         num_train=100_000,
         num_validation=2_000,
         num_test=10_000,
-        teacher=dict(
-            num_epochs=8.0,
-            vision_hidden_size=384,
-            vision_intermediate_size=1536,
-            vision_num_layers=6,
-            vision_num_heads=6,
-            batch_size=256,
-        ),
+        teacher={
+            "num_epochs": 8.0,
+            "batch_size": 256,
+            **dict(vision_hidden_size=384, vision_intermediate_size=1536, vision_num_layers=6, vision_num_heads=6),
+        },
         distillation=dict(
             max_steps=6_000, batch_size=128, learning_rate=3e-4, fresh_lr_multiplier=10.0, mixed_precision="bf16"
         ),
@@ -245,7 +242,20 @@ def run(config: EndToEndConfig) -> dict:
     inputs = main_job_inputs(config, settings)
     student_dir = main_job_student(config, settings, inputs)
     log(f"student: {student_dir}")
-    results, student_config = evaluate_student(
+    results, student_config = evaluate_main_job_student(config, inputs, student_dir)
+    demo = _demo(config, results, inputs, student_dir)
+    context = {**_run_context(config, settings, inputs, student_dir, student_config, started), **demo}
+    report = {"settings": settings, "context": context, **results}
+    results_md = write_reports(config.docs_dir, report, context)
+    _publish_on_model_card(student_dir, results, len(inputs.rows), demo["demo_threshold"])
+    log(f"wrote {results_md}, results.json and figures in {(time.time() - started) / 60:.1f} min")
+    return report
+
+
+def evaluate_main_job_student(config: EndToEndConfig, inputs: MainJobInputs, student_dir: Path):
+    """`evaluate_student` of a student distilled from the main job's inputs, with the run's evaluation settings:
+    (results, the student's config)."""
+    return evaluate_student(
         config.cache_dir,
         inputs.data_root,
         inputs.rows,
@@ -257,13 +267,6 @@ def run(config: EndToEndConfig) -> dict:
         config.eval_batch_size,
         config.progress,
     )
-    demo = _demo(config, results, inputs, student_dir)
-    context = {**_run_context(config, settings, inputs, student_dir, student_config, started), **demo}
-    report = {"settings": settings, "context": context, **results}
-    results_md = write_reports(config.docs_dir, report, context)
-    _publish_on_model_card(student_dir, results, len(inputs.rows), demo["demo_threshold"])
-    log(f"wrote {results_md}, results.json and figures in {(time.time() - started) / 60:.1f} min")
-    return report
 
 
 def build_parser() -> HfArgumentParser:
@@ -298,6 +301,7 @@ __all__ = [
     "EndToEndConfig",
     "MainJobInputs",
     "build_parser",
+    "evaluate_main_job_student",
     "main",
     "main_job_inputs",
     "main_job_student",

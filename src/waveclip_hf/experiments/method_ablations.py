@@ -52,10 +52,10 @@ from .cached_steps import (
     student_distillation_fields,
     student_output_dir,
 )
-from .end_to_end import EndToEndConfig, MainJobInputs, main_job_inputs
+from .end_to_end import EndToEndConfig, MainJobInputs, evaluate_main_job_student, main_job_inputs
 from .end_to_end import build_parser as end_to_end_parser
 from .report import first_run_record, machine_description, portable_paths, utc_now
-from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate, evaluate_student
+from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate
 
 
 # Each variant is merged into the main job's distillation settings (so it enters the student's cache key, and the
@@ -123,18 +123,7 @@ def seed_run(config: EndToEndConfig, seed: int) -> SeedRun:
     settings = seed_config.settings()
     inputs = main_job_inputs(seed_config, settings)
     student_dir, distillation = timed_student(seed_config, settings, inputs)
-    results, _ = evaluate_student(
-        seed_config.cache_dir,
-        inputs.data_root,
-        inputs.rows,
-        inputs.teacher_dir,
-        inputs.teacher_config,
-        student_dir,
-        seed_config.thresholds,
-        seed_config.gflops_target,
-        seed_config.eval_batch_size,
-        seed_config.progress,
-    )
+    results, _ = evaluate_main_job_student(seed_config, inputs, student_dir)
     embeddings = _test_embeddings(seed_config, inputs, student_dir)
     teacher_info = read_training_info(inputs.teacher_dir) or {}
     timing = {
@@ -297,18 +286,7 @@ def band_order(runs: list[SeedRun]) -> dict:
     per_seed = {}
     for run in runs:
         student_dir, timing = variant_student(run, VARIANTS["fine_to_coarse"])
-        results, _ = evaluate_student(
-            run.config.cache_dir,
-            run.inputs.data_root,
-            run.inputs.rows,
-            run.inputs.teacher_dir,
-            run.inputs.teacher_config,
-            student_dir,
-            run.config.thresholds,
-            run.config.gflops_target,
-            run.config.eval_batch_size,
-            run.config.progress,
-        )
+        results, _ = evaluate_main_job_student(run.config, run.inputs, student_dir)
         per_seed[run.seed] = {
             order: _order_entry(result)
             for order, result in (("coarse_to_fine", run.results), ("fine_to_coarse", results))

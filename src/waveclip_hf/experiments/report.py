@@ -338,14 +338,7 @@ def _pipeline_demo(context: dict) -> list[str]:
         f"`margin_threshold={context['demo_threshold']:g}`, one call per axis:",
         "",
     ]
-    for item in context["demo"]:
-        answers = "; ".join(
-            f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
-            f"stage {a['stage']})"
-            for axis, a in item["answers"].items()
-        )
-        lines.append(f"- `{item['file_name']}` — {answers}")
-    return lines + _label_free_demo(context)
+    return lines + _demo_answers(context["demo"]) + _label_free_demo(context)
 
 
 def _label_free_demo(context: dict) -> list[str]:
@@ -362,7 +355,13 @@ def _label_free_demo(context: dict) -> list[str]:
         '`margin_threshold="auto"`:',
         "",
     ]
-    for item in label_free["demo"]:
+    return lines + _demo_answers(label_free["demo"])
+
+
+def _demo_answers(demo: list[dict]) -> list[str]:
+    """One line per demo image: every axis's answer, whether it is right, and the stage that gave it."""
+    lines = []
+    for item in demo:
         answers = "; ".join(
             f"{axis}: {a['predicted']} ({'✓' if a['predicted'] == a['true'] else '✗ ' + a['true']}, "
             f"stage {a['stage']})"

@@ -472,11 +472,17 @@ def pipeline_demo(
     from transformers import pipeline
 
     classifier = pipeline("zero-shot-image-classification", model=str(student_dir), trust_remote_code=True)
+    return _classify_rows(classifier, data_root, rows[:count], axes or AXES, threshold)
+
+
+def _classify_rows(classifier, data_root: Path, rows, axes: dict, threshold) -> list[dict]:
+    """Every axis's answer for each test row (label, score, true label, stage, GFLOPs) at `threshold` (or
+    "auto")."""
     demo = []
-    for row in rows[:count]:
+    for row in rows:
         image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
         answers = {}
-        for name, axis in (axes or AXES).items():
+        for name, axis in axes.items():
             result = classifier(
                 image,
                 candidate_labels=list(axis.class_names),
@@ -529,25 +535,7 @@ def label_free_pipeline_demo(student_dir: Path, data_root: Path, rows, count: in
             hypothesis_template=axis.template,
             target_agreement=LABEL_FREE_TARGET_AGREEMENT,
         ).threshold
-    demo = []
-    for row in rows[:count]:
-        image = Image.open(data_root / "test" / row["file_name"]).convert("RGB")
-        answers = {}
-        for name, axis in AXES.items():
-            result = classifier(
-                image,
-                candidate_labels=list(axis.class_names),
-                hypothesis_template=axis.template,
-                margin_threshold="auto",
-            )
-            answers[name] = {
-                "predicted": result[0]["label"],
-                "score": round(result[0]["score"], 3),
-                "true": row[name],
-                "stage": result[0]["stage"],
-                "gflops": round(result[0]["gflops"], 4),
-            }
-        demo.append({"file_name": row["file_name"], "caption": row["caption"], "answers": answers})
+    demo = _classify_rows(classifier, data_root, rows[:count], AXES, "auto")
     return {"thresholds": thresholds, "demo": demo}
 
 

@@ -42,24 +42,9 @@ def build_tiny_folder(folder: Path, levels: int = 1, seed: int = 0) -> WaveCLIPM
     tokenizer = build_word_level_tokenizer(
         [f"a photo of a {label}." for label in LABELS] + [f"This is a photo of {label}." for label in LABELS]
     )
-    text_config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=16,
-        **clip_text_config_kwargs(tokenizer),
-    )
-    vision_config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        cell_size=16,
-        levels=levels,
-        projection_dim=16,
-    )
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=16)
+    text_config = {**tower, **clip_text_config_kwargs(tokenizer)}
+    vision_config = {**tower, "image_size": 64, "cell_size": 16, "levels": levels}
     torch.manual_seed(seed)
     model = WaveCLIPModel(WaveCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
     model.eval().save_pretrained(folder)

@@ -298,22 +298,11 @@ def step_model_object(work: Path) -> dict:
     answer = classifier(images(1)[0], candidate_labels=LABELS, margin_threshold=0.0)
     from transformers import CLIPConfig, CLIPModel
 
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config=dict(
-                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99
-            ),
-            vision_config=dict(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=16,
-            ),
-            projection_dim=8,
-        )
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip_config = CLIPConfig(
+        text_config={**tower, "vocab_size": 99}, vision_config={**tower, "image_size": 32, "patch_size": 16}
     )
+    clip = CLIPModel(clip_config)
     stock = pipeline(TASK, model=clip, tokenizer=tokenizer, image_processor=image_processor)
     return {
         "class": type(classifier).__name__,

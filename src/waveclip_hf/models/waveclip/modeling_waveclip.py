@@ -14,6 +14,7 @@ This file is shipped as remote code with saved checkpoints: it imports only torc
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -77,6 +78,14 @@ class WaveCLIPVisionModelOutput(ModelOutput):
     def past_key_values(self) -> Cache | None:
         # transformers >= 5.24 gives every output this alias; older releases have no `cache` field to alias.
         return self.cache
+
+
+class TowerKwargs(TypedDict, total=False):
+    """What `WaveCLIPModel` passes through to its towers, as CLIP passes `TransformersKwargs`."""
+
+    use_cache: bool | None  # the vision tower only
+    output_attentions: bool | None
+    output_hidden_states: bool | None
 
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
@@ -230,17 +239,11 @@ class WaveCLIPEncoderLayer(CLIPEncoderLayer):
         super().__init__(config)
         self.self_attn = WaveCLIPAttention(config, layer_idx)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        attn_implementation: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """(batch, new_tokens, hidden) -> same shape, and the attention probabilities when `eager`; `kwargs`
+        (`cache`, `attn_implementation`) go to the attention, as CLIP's layer passes its own."""
         residual = hidden_states
-        hidden_states, attn_weights = self.self_attn(
-            self.layer_norm1(hidden_states), attention_mask, cache, attn_implementation
-        )
+        hidden_states, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
         return hidden_states, attn_weights
@@ -259,9 +262,9 @@ class WaveCLIPEncoder(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        cache: Cache | None = None,
     ) -> BaseModelOutput:
         """Runs the new tokens through every layer, appending their keys and values to `cache`.
 
@@ -605,7 +608,7 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         if mark_dynamic:
             self._mark_batch_dynamic(hidden_states, None)
         attention_mask = block_causal_mask(config, first_stage, end_stage, hidden_states.dtype, hidden_states.device)
-        encoder_outputs = self.encoder(hidden_states, attention_mask, cache, output_attentions, output_hidden_states)
+        encoder_outputs = self.encoder(hidden_states, attention_mask, output_attentions, output_hidden_states, cache)
         hidden_states = encoder_outputs.last_hidden_state
 
         # Each computed stage's class token sits at the first position of its block.
@@ -682,25 +685,16 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         pixel_values: torch.Tensor,
         num_stages: int | None = None,
         cache: Cache | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TowerKwargs],
     ) -> WaveCLIPVisionModelOutput | tuple:
-        """Vision tower as `CLIPModel.get_image_features`, after `num_stages` stages (see the vision model).
+        """Vision tower as `CLIPModel.get_image_features`, after `num_stages` stages (see the vision model, which
+        takes `kwargs`: `use_cache`, `output_attentions`, `output_hidden_states`).
 
         `pooler_output` is the projected (batch, projection_dim) embedding of the last processed stage and
         `stage_pooler_outputs` the projected (batch, new_stages, projection_dim) embeddings of every stage
         computed in this call (not normalised, as CLIP).
         """
-        outputs = self.vision_model(
-            pixel_values=pixel_values,
-            num_stages=num_stages,
-            cache=cache,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        outputs = self.vision_model(pixel_values, num_stages, cache, return_dict=True, **kwargs)
         outputs.stage_pooler_outputs = self.visual_projection(outputs.stage_pooler_outputs)
         outputs.pooler_output = outputs.stage_pooler_outputs[:, -1]
         return outputs
@@ -715,29 +709,14 @@ class WaveCLIPModel(WaveCLIPPreTrainedModel, WaveCLIPRefinementMixin):
         position_ids: torch.LongTensor | None = None,
         num_stages: int | None = None,
         cache: Cache | None = None,
-        use_cache: bool | None = None,
         return_loss: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TowerKwargs],
     ) -> CLIPOutput | tuple:
-        """Image-text logits as `CLIPModel.forward`, with the image answered after `num_stages` stages."""
-        vision_outputs = self.get_image_features(
-            pixel_values,
-            num_stages=num_stages,
-            cache=cache,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        text_outputs = self.get_text_features(
-            input_ids,
-            attention_mask,
-            position_ids,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        """Image-text logits as `CLIPModel.forward`, with the image answered after `num_stages` stages. `kwargs`
+        (`use_cache`, `output_attentions`, `output_hidden_states`) go to the towers, as CLIP passes its own."""
+        vision_outputs = self.get_image_features(pixel_values, num_stages, cache, return_dict=True, **kwargs)
+        kwargs.pop("use_cache", None)  # the text tower keeps no cache
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
         text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
