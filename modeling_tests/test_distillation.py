@@ -542,6 +542,9 @@ def test_label_vocabulary_kl_and_cached_teacher_embeddings(teacher_dir, images_d
     card = (Path(result.final_dir) / "README.md").read_text()
     assert "on: 4 prompts, weight 0.5, temperature 2" in card and "top-1 agreement" in card
     assert all(np.isfinite(entry["loss"]) for entry in read_log(tmp_path / "run") if "loss" in entry)
+    # With a label vocabulary the run fits the learned exit head on its held-out images and ships it in config.json.
+    head = json.loads((Path(result.final_dir) / "config.json").read_text())["exit_head"]
+    assert head["features"][0] == "margin" and head["examples"] > 0 and len(head["weight"]) == len(head["features"])
 
 
 def test_bf16_autocast_runs_on_cpu(teacher_dir, images_dir, tmp_path):

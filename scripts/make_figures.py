@@ -1,7 +1,7 @@
 """Render the docs' pictures into docs/figures/ (thin wrapper over `waveclip_hf.figures` and the processor).
 
     python scripts/make_figures.py                      # into docs/figures/ of this checkout
-    python scripts/make_figures.py --output-dir /tmp/figures
+    python scripts/make_figures.py --output-dir runs/figures
 
 The pictures of measured results (e2e_*.png) are drawn by the main job, not here.
 """
@@ -14,6 +14,7 @@ import skimage.data
 from waveclip_hf import WaveCLIPVisionConfig
 from waveclip_hf.figures.architecture import plot_architecture
 from waveclip_hf.figures.diagrams import plot_attention_mask, plot_stage_tokens, plot_subband_pyramid
+from waveclip_hf.figures.package_graph import plot_package_graph
 from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
 
 
@@ -33,6 +34,7 @@ def main(argv=None):
         plot_attention_mask(config, out / f"attention_mask_L{levels}.png")
         plot_stage_tokens(pixel_values, config, out / f"stage_tokens_L{levels}.png")
     plot_architecture(out / "architecture.png")
+    plot_package_graph(out / "package_imports.png")
     print(f"wrote {sorted(p.name for p in out.glob('*.png'))} to {out}")
 
 

@@ -180,6 +180,16 @@ def adaptive_report(results: dict, student_config, context: dict) -> dict:
     }
 
 
+def build_adaptive_run(cache_dir: Path, settings: dict, seed: int, num_workers: int, progress: bool, timed=None):
+    """Steps 1-3, each reused from the cache when it is there: (benchmark folder, teacher result, student folder)."""
+    timed = timed or (lambda name, fn: fn())
+    data_root = timed("benchmark", lambda: build_benchmark(cache_dir, settings, seed, num_workers, progress))
+    teacher = timed("teacher", lambda: build_teacher(cache_dir, settings, data_root, seed, num_workers, progress))
+    fields = student_distillation_fields(settings, data_root, teacher.output_dir, LEVELS, seed, num_workers, progress)
+    student_dir = timed("student", lambda: distil_or_reuse_student(cache_dir, fields))
+    return data_root, teacher, student_dir
+
+
 def run(
     preset: str,
     cache_dir: str,
@@ -207,10 +217,7 @@ def run(
         log(f"{name}: {step_seconds[name]:.0f} s")
         return value
 
-    data_root = timed("benchmark", lambda: build_benchmark(cache_dir, settings, seed, num_workers, progress))
-    teacher = timed("teacher", lambda: build_teacher(cache_dir, settings, data_root, seed, num_workers, progress))
-    fields = student_distillation_fields(settings, data_root, teacher.output_dir, LEVELS, seed, num_workers, progress)
-    student_dir = timed("student", lambda: distil_or_reuse_student(cache_dir, fields))
+    data_root, teacher, student_dir = build_adaptive_run(cache_dir, settings, seed, num_workers, progress, timed)
     axes = benchmark_axes(read_benchmark_info(data_root))
     rows = load_benchmark_split(data_root, "test")
     teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
@@ -336,6 +343,7 @@ __all__ = [
     "LEVELS",
     "PRESETS",
     "adaptive_report",
+    "build_adaptive_run",
     "build_parser",
     "gated_point",
     "main",

@@ -134,13 +134,15 @@ def embed_test_split(
 
 def calibration_embeddings_cache_path(cache_dir: Path, student_dir: Path) -> Path:
     """Where `embed_calibration_split` caches the student's embeddings of the calibration images."""
-    return (
-        Path(cache_dir)
-        / f"{CALIBRATION_SPLIT}-embeddings-{settings_hash([str(student_dir), CALIBRATION_SPLIT])}.safetensors"
-    )
+    return split_embeddings_cache_path(cache_dir, student_dir, CALIBRATION_SPLIT)
 
 
-@torch.no_grad()
+def split_embeddings_cache_path(cache_dir: Path, student_dir: Path, split: str, max_images: int | None = None) -> Path:
+    """Where `embed_split` caches the student's embeddings of (the first `max_images` of) a split."""
+    key = [str(student_dir), split] if max_images is None else [str(student_dir), split, max_images]
+    return Path(cache_dir) / f"{split}-embeddings-{settings_hash(key)}.safetensors"
+
+
 def embed_calibration_split(
     data_root: Path, student_dir: Path, cache: Path, batch_size: int, progress: bool
 ) -> torch.Tensor:
@@ -149,6 +151,15 @@ def embed_calibration_split(
     These are the label-free gate's calibration images: only the pixels are read, never a label, and none of them
     is a test image.
     """
+    return embed_split(data_root, student_dir, cache, batch_size, progress, CALIBRATION_SPLIT)
+
+
+@torch.no_grad()
+def embed_split(
+    data_root: Path, student_dir: Path, cache: Path, batch_size: int, progress: bool, split: str, max_images=None
+) -> torch.Tensor:
+    """(N, S, P) L2-normalised student embeddings after every stage of (the first `max_images` of) a split's images,
+    cached at `cache`. Only the pixels are read."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoImageProcessor, AutoModel
 
@@ -159,17 +170,13 @@ def embed_calibration_split(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student = AutoModel.from_pretrained(student_dir, trust_remote_code=True).to(device).eval()
     processor = AutoImageProcessor.from_pretrained(student_dir, trust_remote_code=True)
-    rows = load_benchmark_split(data_root, CALIBRATION_SPLIT)
+    rows = load_benchmark_split(data_root, split)[:max_images]
     embeds = []
     for start in tqdm(
-        range(0, len(rows), batch_size),
-        desc=f"embedding the {CALIBRATION_SPLIT} split",
-        unit="batch",
-        disable=not progress,
+        range(0, len(rows), batch_size), desc=f"embedding the {split} split", unit="batch", disable=not progress
     ):
         images = [
-            Image.open(data_root / CALIBRATION_SPLIT / row["file_name"]).convert("RGB")
-            for row in rows[start : start + batch_size]
+            Image.open(data_root / split / row["file_name"]).convert("RGB") for row in rows[start : start + batch_size]
         ]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         embeds.append(student.get_image_features(pixel_values).stage_pooler_outputs.float().cpu())
@@ -547,10 +554,12 @@ __all__ = [
     "LABEL_FREE_TARGET_AGREEMENT",
     "calibration_embeddings_cache_path",
     "embed_calibration_split",
+    "embed_split",
     "embed_test_split",
     "evaluate",
     "evaluate_student",
     "label_free_pipeline_demo",
     "pipeline_demo",
     "embeddings_cache_path",
+    "split_embeddings_cache_path",
 ]

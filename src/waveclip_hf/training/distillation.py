@@ -45,6 +45,7 @@ from ..models.waveclip.modeling_waveclip import WaveCLIPModel
 from .checkpoints import Checkpointer, TrainerState, resume_from_latest
 from .config import DistillationConfig
 from .data import DistillationCollator, epochs_of_batches, load_distillation_data, record_skipped, training_loader
+from .exit_head import distillation_exit_head
 from .metrics import (
     TrainingMeter,
     log_main_process,
@@ -376,6 +377,24 @@ def _log_start(run: DistillationRun, batches_per_epoch: int | None) -> None:
     )
 
 
+def _attach_exit_head(run: DistillationRun) -> None:
+    """With a label vocabulary and held-out images, fit the learned exit head and keep it in the student's config,
+    so the final folder ships it (`exit_signal="learned"`)."""
+    evaluation = getattr(run.evaluate, "evaluate", None)
+    if run.text_embeds is None or not hasattr(evaluation, "stage_embeddings"):
+        return
+    student = run.student
+    was_training = student.training
+    student.eval()
+    head = distillation_exit_head(student, evaluation.stage_embeddings(student), run.text_embeds)
+    student.train(was_training)
+    if head is not None:
+        student.config.exit_head = head
+        log_main_process(
+            run.accelerator, f"Exit head fitted on {head['examples']} (image, stage, label set) examples."
+        )
+
+
 def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted: bool) -> DistillationResult:
     """After the loop: the result and summary.json; unless SIGTERM stopped the run, also the final checkpoint, the
     final evaluation, the Hub-ready folder and the optional upload."""
@@ -430,6 +449,7 @@ def finish_distillation(run: DistillationRun, meter: TrainingMeter, interrupted:
     result.student = run.student
     if accelerator.is_main_process:
         result.zero_shot = labelled_evaluation(run)
+        _attach_exit_head(run)
         result.final_dir = str(
             save_final(run.student, run.student_processor, run.tokenizer, config, result, run.teacher.config)
         )

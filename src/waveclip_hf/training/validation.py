@@ -51,6 +51,18 @@ class StageCosineEvaluation:
         return cls(batches, text_embeds), skipped
 
     @torch.no_grad()
+    def stage_embeddings(self, student: WaveCLIPModel) -> torch.Tensor:
+        """(held-out images, S, projection_dim) the student's normalised embeddings after every stage."""
+        device = next(student.parameters()).device
+        embeds = [
+            student.get_image_features(pixel_values=batch["pixel_values"].to(device)).stage_pooler_outputs.float()[
+                batch["valid"].to(device)
+            ]
+            for batch in self.batches
+        ]
+        return F.normalize(torch.cat(embeds), dim=-1).cpu()
+
+    @torch.no_grad()
     def __call__(self, student: WaveCLIPModel, step: int) -> dict:
         device = next(student.parameters()).device
         sums, agree, count = None, None, 0

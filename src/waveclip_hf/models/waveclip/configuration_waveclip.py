@@ -181,6 +181,8 @@ class WaveCLIPConfig(PreTrainedConfig):
         gate_calibrations (`list[dict]`, *optional*): the gate's label-free calibrations, one per label set
             (`gate_calibration.GateCalibration.to_dict()`); written by the pipeline's `calibrate` and used by
             `margin_threshold="auto"`.
+        exit_head (`dict`, *optional*): the learned exit head (`exit_signals.EXIT_HEAD_FEATURES`, their mean and
+            std, weights and bias of a logistic regression), for `exit_signal="learned"`; fitted after distillation.
 
     Example:
 
@@ -204,6 +206,7 @@ class WaveCLIPConfig(PreTrainedConfig):
     logit_scale_init_value: float | int = 2.6592
     initializer_factor: float = 1.0
     gate_calibrations: list | None = None
+    exit_head: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

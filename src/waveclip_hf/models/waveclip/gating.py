@@ -96,27 +96,34 @@ def gate_stops(probs: torch.Tensor, margin_threshold: float, margin_scaling: str
 
 
 def images_that_continue(
-    probs: torch.Tensor, margin_threshold: float | None, margin_scaling: str = "none", affordable: int | None = None
+    scores: torch.Tensor,
+    num_labels: int,
+    margin_threshold: float | None,
+    margin_scaling: str = "none",
+    affordable: int | None = None,
 ) -> torch.Tensor:
-    """After a stage that is not the last, which images go on: (batch, labels) probabilities -> (batch,) bool.
+    """After a stage that is not the last, which images go on: (batch,) exit scores -> (batch,) bool.
 
-    The gate sends on every image whose margin is below the threshold (every image for `None`); when a budget
-    pays for only `affordable` of them, those with the smallest margins go (`continue_within_budget`).
+    The gate sends on every image whose score is below the threshold (every image for `None`; none for a single
+    label, which has nothing to separate); when a budget pays for only `affordable` of them, the least sure go
+    (`continue_within_budget`).
     """
     if margin_threshold is None:
-        wants = torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device)
+        wants = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    elif num_labels == 1:
+        wants = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     else:
-        wants = ~gate_stops(probs, margin_threshold, margin_scaling)
+        wants = scores < effective_threshold(margin_threshold, num_labels, margin_scaling)
     if affordable is None:
         return wants
-    return continue_within_budget(probability_margin(probs), wants, affordable)
+    return continue_within_budget(scores, wants, affordable)
 
 
 class StageGate:
-    """Which images of `refine` continue after each stage: the margin gate, then a GFLOPs budget for the batch.
+    """Which images of `refine` continue after each stage: the gate on the exit scores, then a GFLOPs budget.
 
     Args:
-        margin_threshold: the gate's threshold (`None`: every image wants to continue).
+        margin_threshold: the gate's threshold, in the exit signal's units (`None`: every image wants to continue).
         margin_scaling: `"none"` or `"num_labels"`.
         cumulative_gflops: S values, the GFLOPs to have an answer after each stage.
         gflops_budget: mean GFLOPs per image for the batch (`None`: no budget); stage 0 is paid for every image,
@@ -132,12 +139,12 @@ class StageGate:
             stage_zero = self.cumulative_gflops[0]
             self.budget_left = batch_size * (check_gflops_budget(gflops_budget, stage_zero) - stage_zero)
 
-    def continues(self, probs: torch.Tensor, stage: int) -> torch.Tensor:
-        """(active, labels) probabilities after `stage` (not the last) -> (active,) bool, the images that go on;
-        their next stage is charged to the budget."""
+    def continues(self, scores: torch.Tensor, num_labels: int, stage: int) -> torch.Tensor:
+        """(active,) exit scores after `stage` (not the last) -> (active,) bool, the images that go on; their next
+        stage is charged to the budget."""
         step_cost = self.cumulative_gflops[stage + 1] - self.cumulative_gflops[stage]
         affordable = None if self.budget_left is None else int((self.budget_left + 1e-9) // step_cost)
-        continues = images_that_continue(probs, self.margin_threshold, self.margin_scaling, affordable)
+        continues = images_that_continue(scores, num_labels, self.margin_threshold, self.margin_scaling, affordable)
         if self.budget_left is not None:
             self.budget_left -= step_cost * int(continues.sum())
         return continues
@@ -170,7 +177,7 @@ def continue_within_budget(margins: torch.Tensor, wants: torch.Tensor, affordabl
     that `wants` to continue (ties in batch order).
 
     Args:
-        margins: (batch,) probability margins after the current stage.
+        margins: (batch,) exit scores after the current stage (the probability margins for the paper's gate).
         wants: (batch,) bool, the images the gate would send to the next stage.
         affordable: how many images the remaining budget pays the next stage for.
 

@@ -64,6 +64,7 @@ from transformers.pipelines.zero_shot_image_classification import ZeroShotImageC
 from transformers.utils import logging
 
 from .configuration_waveclip import ZERO_SHOT_TASK
+from .exit_signals import check_exit_signal, exit_scores
 from .folder_io import written_atomically
 from .gate_calibration import (
     GateCalibration,
@@ -87,6 +88,7 @@ CALL_PARAMETERS = (
     "tokenizer_kwargs",
     "top_k",
     "margin_threshold",
+    "exit_signal",
     "max_stages",
     "margin_scaling",
     "gflops_budget",
@@ -264,11 +266,20 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         preprocess_params, _, _ = super()._sanitize_parameters(tokenizer_kwargs=tokenizer_kwargs, **kwargs)
         forward_params = {
             name: kwargs[name]
-            for name in ("margin_threshold", "max_stages", "margin_scaling", "gflops_budget", "return_all_stages")
+            for name in (
+                "margin_threshold",
+                "exit_signal",
+                "max_stages",
+                "margin_scaling",
+                "gflops_budget",
+                "return_all_stages",
+            )
             if name in kwargs
         }
         # Checked here, before any image is decoded, rather than deep inside the first forward.
         check_margin_scaling(forward_params.get("margin_scaling", "none"))
+        if "exit_signal" in forward_params:
+            check_exit_signal(forward_params["exit_signal"])
         threshold = forward_params.get("margin_threshold")
         if isinstance(threshold, str) and threshold == "auto":
             self._check_auto_threshold(forward_params, preprocess_params, tokenizer_kwargs)
@@ -329,6 +340,11 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
     def calibrated_threshold(self, candidate_labels, hypothesis_template=DEFAULT_TEMPLATE, tokenizer_kwargs=None):
         """The threshold calibrated for this label set (its labels in any order) and template, as stored in the
         model's config (`None`: every stage); a `ValueError` if it was never calibrated."""
+        return self.calibration_for(candidate_labels, hypothesis_template, tokenizer_kwargs).threshold
+
+    def calibration_for(self, candidate_labels, hypothesis_template=DEFAULT_TEMPLATE, tokenizer_kwargs=None):
+        """The [`GateCalibration`] stored in the model's config for this label set (its labels in any order) and
+        template; a `ValueError` if it was never calibrated."""
         calibration = find_calibration(self.model.config, candidate_labels, hypothesis_template, tokenizer_kwargs)
         if calibration is None:
             stored = len(getattr(self.model.config, "gate_calibrations", None) or [])
@@ -340,7 +356,7 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 "unlabelled images of your domain with the same labels and template (then `save_pretrained` keeps "
                 "it), or pass a number as `margin_threshold`."
             )
-        return calibration.threshold
+        return calibration
 
     def preprocess(
         self, image, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, timeout=None, tokenizer_kwargs=None
@@ -429,13 +445,21 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         margin_scaling="none",
         gflops_budget=None,
         return_all_stages=False,
+        exit_signal=None,
     ):
         label_sets = model_inputs.pop("label_set")
         # Batched: one reference per image, all to the same call's set.
         label_set = label_sets[0] if isinstance(label_sets, list) else label_sets
         labels, template, tokenizer_kwargs = label_set.labels, label_set.template, label_set.tokenizer_kwargs
-        if isinstance(margin_threshold, str):  # "auto", checked in _sanitize_parameters
-            margin_threshold = self.calibrated_threshold(labels, template, tokenizer_kwargs)
+        if isinstance(margin_threshold, str):  # "auto", checked in _sanitize_parameters: the calibration's signal too
+            calibration = self.calibration_for(labels, template, tokenizer_kwargs)
+            if exit_signal not in (None, calibration.signal):
+                raise ValueError(
+                    f"`margin_threshold='auto'` reads the calibration of these labels, made for exit_signal="
+                    f"{calibration.signal!r}, but the call asks for {exit_signal!r}: drop `exit_signal`, or calibrate "
+                    f"with exit_signal={exit_signal!r}."
+                )
+            margin_threshold, exit_signal = calibration.threshold, calibration.signal
         text_embeds = self.label_embeddings(labels, template, tokenizer_kwargs)
         cache = getattr(self._per_thread, "stage_cache", None)
         if cache is None:
@@ -448,6 +472,7 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
             margin_scaling=margin_scaling,
             gflops_budget=gflops_budget,
             return_all_stages=return_all_stages,
+            exit_signal=exit_signal or "margin",
             cache=cache,
         )
         num_images = model_inputs["pixel_values"].shape[0]
@@ -519,42 +544,70 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         images=None,
         candidate_labels=None,
         hypothesis_template=DEFAULT_TEMPLATE,
+        max_disagreement=None,
+        confidence=0.95,
         target_agreement=None,
         gflops_budget=None,
+        exit_signal="margin",
         batch_size=None,
         tokenizer_kwargs=None,
         timeout=None,
         image_embeddings=None,
     ) -> GateCalibration:
-        """Choose `margin_threshold` for one label set without labels, and keep it in the model's config for
+        """Choose the gate's threshold for one label set without labels, and keep it in the model's config for
         `margin_threshold="auto"` (`save_pretrained` then saves it with the model).
 
-        The full model's answer is the reference: on `images` (unlabelled images of your domain, not the ones you
-        will evaluate on), pick the cheapest threshold whose answers agree with the full model's on at least
-        `target_agreement` of them (default 0.99), or the most faithful one within `gflops_budget` mean GFLOPs per
-        image. Exactly one target; the choice is exact (`gate_calibration.calibrate_threshold`).
+        The full model's answer is the reference, so no labels are needed. On `images` (unlabelled images of your
+        domain, not the ones you will evaluate on), exactly one target (`gate_calibration.calibrate_threshold`):
+
+        - `max_disagreement` δ at `confidence` 1 - ε (the default: δ = 0.01 at 0.95): a promise about new images. The
+          cheapest threshold whose Clopper-Pearson upper bound on disagreement with the full model is <= δ, chosen
+          by fixed-sequence testing: with probability >= 1 - ε, the gate changes at most a share δ of the full
+          model's answers on new images of this distribution. Too few images certify nothing: the result then says
+          how many are needed (`images_needed`) and runs every stage.
+        - `target_agreement`: the cheapest threshold that keeps at least that share of the full model's answers on
+          these images (no promise beyond them);
+        - `gflops_budget`: the most faithful threshold within that many mean GFLOPs per image.
 
         Args:
             images: paths, URLs, PIL images or arrays, as a call takes them.
             candidate_labels, hypothesis_template, tokenizer_kwargs: the label set, as in a call.
+            exit_signal: what the gate reads (`exit_signals.EXIT_SIGNALS`); the calibration remembers it.
             batch_size: images per forward (default: the pipeline's, else 32).
             image_embeddings: instead of `images`, their `image_stage_embeddings(images)`: calibrating several label
                 sets on the same images then runs the image encoder once.
 
         Returns:
-            [`GateCalibration`]: the threshold (`None`: only every stage meets the target), and its agreement, mean
-            GFLOPs and exit-stage shares on these images.
+            [`GateCalibration`]: the threshold (`None`: only every stage meets the target), its agreement, mean
+            GFLOPs and exit-stage shares on these images, and for the guarantee its bound.
         """
         labels = check_candidate_labels(candidate_labels)
         template = check_hypothesis_template(hypothesis_template)
-        if target_agreement is None and gflops_budget is None:
-            target_agreement = 0.99
-        stage_probs = self._calibration_probabilities(
+        exit_signal = check_exit_signal(exit_signal, getattr(self.model.config, "exit_head", None))
+        if target_agreement is None and gflops_budget is None and max_disagreement is None:
+            max_disagreement = 0.01
+        stage_probs, stage_embeds, text_embeds = self._calibration_probabilities(
             images, image_embeddings, labels, template, tokenizer_kwargs, batch_size, timeout
         )
+        exit_head = getattr(self.model.config, "exit_head", None)
+        scores = exit_scores(exit_signal, stage_probs, stage_embeds, text_embeds, exit_head)
         calibration = calibrate_threshold(
-            stage_probs, self.model.answer_gflops().tolist(), target_agreement, gflops_budget
+            stage_probs,
+            self.model.answer_gflops().tolist(),
+            target_agreement,
+            gflops_budget,
+            max_disagreement,
+            confidence,
+            exit_signal,
+            scores,
         ).for_label_set(labels, template, tokenizer_kwargs)
+        if calibration.images_needed is not None:
+            logger.warning(
+                f"{calibration.num_images} calibration images cannot certify any early exit at disagreement <= "
+                f"{calibration.max_disagreement:g} with confidence {calibration.confidence:g}: that needs at least "
+                f"{calibration.images_needed} images (with no disagreement at all). Every stage runs for this label "
+                "set until you calibrate on more images, or loosen the target."
+            )
         store_calibration(self.model.config, calibration)
         return calibration
 
@@ -562,8 +615,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
     def _calibration_probabilities(
         self, images, image_embeddings, labels, template, tokenizer_kwargs, batch_size, timeout
     ) -> torch.Tensor:
-        """(N, stages, labels) float32 zero-shot probabilities of the calibration images after every stage, on the
-        CPU, from `images` or their `image_embeddings`."""
+        """The calibration images' (N, stages, labels) float32 zero-shot probabilities after every stage, their
+        (N, stages, projection_dim) image embeddings and the (labels, projection_dim) label embeddings, on the CPU,
+        from `images` or their `image_embeddings`."""
         if (images is None) == (image_embeddings is None):
             raise ValueError(
                 "Pass the calibration images once: `images` (unlabelled images of your domain) or their "
@@ -586,7 +640,7 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
                 f"{100 / len(stage_probs):.1f} points, so agreement on new images may fall short of the target. Use a "
                 f"few hundred images of your domain."
             )
-        return stage_probs
+        return stage_probs, image_embeddings.float().cpu(), text_embeds.float().cpu()
 
     @torch.no_grad()
     def image_stage_embeddings(self, images, batch_size=None, timeout=None) -> torch.Tensor:

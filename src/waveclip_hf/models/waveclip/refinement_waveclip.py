@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .exit_signals import ExitSignal, check_exit_signal
 from .flops import answer_gflops
 from .gating import StageGate, check_margin_scaling, check_margin_threshold, check_stage_count
 from .scoring import zero_shot_logits
@@ -141,6 +142,7 @@ class WaveCLIPRefinementMixin:
         margin_scaling: str = "none",
         gflops_budget: float | None = None,
         return_all_stages: bool = False,
+        exit_signal: str = "margin",
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
@@ -165,6 +167,9 @@ class WaveCLIPRefinementMixin:
             gflops_budget: mean image-encoder GFLOPs per image for this batch. After each stage, of the images the
                 gate sends on, those with the smallest margins continue first, as many as the budget still pays for.
             return_all_stages: also return `stage_scores`, every image's scores after every stage it ran.
+            exit_signal: what the gate reads (`exit_signals.EXIT_SIGNALS`: `"margin"`, the paper's; `"stability"`,
+                `"saturation"`, `"learned"`, the checkpoint's exit head, the margin without one); `margin_threshold`
+                is in its units.
             input_ids, attention_mask, position_ids: (num_labels, length) tokenised label prompts, instead of
                 `text_embeds` (e.g. from [`WaveCLIPProcessor`] with `text=`).
             cache: a [`WaveCLIPStageCache`] from `new_stage_cache()` to reuse (reset first; default: a new one per
@@ -174,6 +179,7 @@ class WaveCLIPRefinementMixin:
             [`WaveCLIPRefinementOutput`] with per-image scores, answering stage and GFLOPs.
         """
         first_stage, num_stages = self._refinement_stages(margin_threshold, max_stages, margin_scaling)
+        check_exit_signal(exit_signal)
         self.vision_model._check_pixel_values(pixel_values)
         text_embeds = self._refinement_label_embeddings(text_embeds, input_ids, attention_mask, position_ids)
         cumulative = self.answer_gflops()
@@ -181,14 +187,15 @@ class WaveCLIPRefinementMixin:
         answers = RefinementAnswers(
             pixel_values.shape[0], *text_embeds.shape, num_stages, return_all_stages, text_embeds.to(self.device)
         )
+        signal = ExitSignal(exit_signal, text_embeds, getattr(self.config, "exit_head", None))
         # A bidirectional model runs one full forward (first_stage = the last stage), without a cache.
         cache = self._refine_cache(cache, num_stages) if first_stage == 0 else None
-        self._run_stages(pixel_values, text_embeds, gate, answers, cache, range(first_stage, num_stages))
+        self._run_stages(pixel_values, text_embeds, gate, signal, answers, cache, range(first_stage, num_stages))
         return answers.output(cumulative)
 
-    def _run_stages(self, pixel_values, text_embeds, gate: StageGate, answers: RefinementAnswers, cache, stages):
+    def _run_stages(self, pixel_values, text_embeds, gate, signal, answers: RefinementAnswers, cache, stages):
         """Run `stages` in order, each on the images still active, recording the answers of those that stop and
-        dropping them from `cache`; the last stage answers every image left."""
+        dropping them from `cache` and from the exit signal's state; the last stage answers every image left."""
         logit_scale = self.logit_scale.exp()
         for stage in stages:
             # The first stage reads every image: no gather copy of the pixels.
@@ -198,12 +205,13 @@ class WaveCLIPRefinementMixin:
             if stage == stages[-1]:
                 stops = torch.ones_like(answers.active, dtype=torch.bool)
             else:
-                stops = ~gate.continues(logits.softmax(-1), stage)
+                stops = ~gate.continues(signal.scores(logits.softmax(-1), image_embeds), logits.shape[-1], stage)
             continuing = answers.record(stage, logits, image_embeds, stops)
             if continuing is None:
                 return
             if len(continuing) < len(stops):
                 cache.batch_select_indices(continuing)
+                signal.keep(continuing)
 
     def _refinement_stages(self, margin_threshold, max_stages, margin_scaling) -> tuple[int, int]:
         """The first stage `refine` runs and how many stages it may run, after checking the gate's arguments up front

@@ -1,0 +1,37 @@
+"""What a user copies from docs/ must work on their machine: no page or report names a folder of the machine that
+wrote it."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = sorted(
+    [
+        REPO / "README.md",
+        *(REPO / "hub_card").glob("*"),
+        *(REPO / "docs").rglob("*.md"),
+        *(REPO / "docs").rglob("*.json"),
+    ]
+)
+# Folders of a development or CI machine (a user's own data paths in examples, such as /data/images, are fine).
+LOCAL_PATH = re.compile(
+    r"(?<![\w.<>-])(/(?:work|tmp|home|root|Users|private|var/folders|mnt)/[^\s\"'`)|]*|[A-Z]:\\\\)"
+)
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: str(path.relative_to(REPO)))
+def test_no_document_names_a_local_folder(path):
+    text = path.read_text(errors="replace")
+    found = sorted(set(LOCAL_PATH.findall(text)) | ({str(REPO)} if str(REPO) in text else set()))
+    assert found == [], f"{path.relative_to(REPO)} names local folders: {found[:5]}"
+
+
+def test_the_check_finds_a_local_folder():
+    assert LOCAL_PATH.findall('"student": "/work/main/.cache/end_to_end/student-1/final"') == [
+        "/work/main/.cache/end_to_end/student-1/final"
+    ]
+    assert LOCAL_PATH.findall("--cache-dir /tmp/e2e --no-progress") == ["/tmp/e2e"]
+    assert LOCAL_PATH.findall("--train-data /data/images and <main job cache>/student-1 and runs/vitb") == []

@@ -1,0 +1,143 @@
+"""docs/gate.md from the report of `gate_study` (the numbers are all in docs/gate.json)."""
+
+from pathlib import Path
+
+from ..models.waveclip.exit_signals import EXIT_SIGNALS
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
+
+
+def _signal_table(name: str, run: dict, target_points: float) -> list[str]:
+    axes = list(run["signals"]["margin"]["per_axis"])
+    lines = [
+        f"| signal | GFLOPs / full | worst axis drop (points) | {' | '.join(f'{a} drop / GFLOPs' for a in axes)} |",
+        "|---|---:|---:|" + "---:|" * len(axes),
+    ]
+    for signal in EXIT_SIGNALS:
+        row = run["signals"][signal]
+        cells = [f"{row['per_axis'][a]['drop_points']:+.2f} / {row['per_axis'][a]['gflops_ratio']:.2f}x" for a in axes]
+        meets = "" if row["max_axis_drop_points"] <= target_points + 1e-9 else " (over)"
+        lines.append(
+            f"| {signal} | {row['gflops_ratio']:.3f}x | {row['max_axis_drop_points']:.2f}{meets} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines.append(
+        f"| oracle (knows when an earlier stage already gives the full answer) | "
+        f"{run['signals']['oracle']['gflops_ratio']:.3f}x | 0 | {' | '.join('' for _ in axes)} |"
+    )
+    return lines
+
+
+def _guarantee_table(guarantee: dict) -> list[str]:
+    lines = [
+        "| signal | δ | calibration images | violation rate (ε = 0.05) | splits | certified | "
+        "mean test disagreement | mean GFLOPs / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for signal, per_delta in guarantee.items():
+        for delta, entry in per_delta.items():
+            for size, row in entry["per_calibration_size"].items():
+                lines.append(
+                    f"| {signal} | {_pct(float(delta))} | {size} | {_pct(row['violation_rate'])} | {row['splits']} | "
+                    f"{_pct(row['certified'])} | {_pct(row['mean_test_disagreement'])} | "
+                    f"{row['mean_gflops_ratio']:.3f}x |"
+                )
+    return lines
+
+
+def write_gate_markdown(path: Path, report: dict) -> Path:
+    """Write docs/gate.md."""
+    context, summary = report["context"], report["summary"]
+    target = report["settings"]["max_disagreement"]
+    lines = [
+        "# The gate: a stated guarantee, and which exit signal spends least for it",
+        "",
+        f"Written by `{context['command']}` on {context['date']} ({context['machine']}; {context['wall_minutes']:.1f} "
+        "min); do not edit by hand. Every number comes from the runs' cached embeddings: the gate is replayed "
+        "exactly as `refine` runs it (`gating.gate_operating_points`, `exit_signals.exit_scores`).",
+        "",
+        "## The promise",
+        "",
+        "`classifier.calibrate(images, candidate_labels=..., max_disagreement=δ, confidence=1 - ε)` needs no labels: "
+        "the full model's answer is the reference. Over a grid of thresholds fixed in advance (most conservative "
+        "first), it keeps going down while the Clopper-Pearson upper bound on the share of calibration images whose "
+        "gated answer differs from the full model's stays <= δ, and stops at the first threshold that fails "
+        "(fixed-sequence testing, as Learn-then-Test). Then, with probability >= 1 - ε over the calibration images, "
+        "the gate changes at most a share δ of the full model's answers on new images of the same distribution, so "
+        "it loses at most δ of accuracy. Too few images certify nothing (with none disagreeing, "
+        "(1 - δ)^n <= ε needs n >= 598 at δ = 0.5%, 299 at 1%, 149 at 2%); the result then says how many are "
+        "needed and runs every stage.",
+        "",
+        f"Checked on the main job: the validation and test images pooled ({report['main']['pool_images']} images), "
+        "split at random into calibration and test images; per axis and for label sets of other sizes drawn from "
+        "each axis's classes (sizes 2 to all; 3 sets of each size, with a fifth of the splits). A violation is a "
+        "split whose test disagreement exceeds δ.",
+        "",
+        *_guarantee_table(report["guarantee"]),
+        "",
+        "## The exit signals",
+        "",
+        f"Each signal calibrated per axis on the {report['main']['validation_images']} unlabelled validation images "
+        f"with δ = {_pct(target)} at confidence {report['settings']['confidence']:g} (so that no axis should lose "
+        f"more than {100 * target:g} points), then run on the {report['main']['test_images']} test images. "
+        "GFLOPs are the image encoder's per image, 1 multiply-add = 2 FLOPs, against the full model's. "
+        "`saturation` has no stage-0 score (no earlier stage to compare with): on a two-stage model it never exits "
+        "early. The learned head was fitted on 2,000 training images (never calibration or test images).",
+        "",
+        "### Main job (224 px, two stages)",
+        "",
+        *_signal_table("main", report["main"], 100 * target),
+        "",
+        "![main job](figures/gate_curves_main.png)",
+        "",
+    ]
+    if "adaptive" in report:
+        lines += [
+            "### Adaptive 448-px run (three stages)",
+            "",
+            "The adaptive preset with 1,000 validation images instead of 200 (`gate_study.adaptive_run`; a cache "
+            "entry of its own, built like the preset's).",
+            "",
+            *_signal_table("adaptive", report["adaptive"], 100 * target),
+            "",
+            "![adaptive run](figures/gate_curves_adaptive.png)",
+            "",
+        ]
+    lines += _seeds_and_default(report, summary, target)
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _seeds_and_default(report: dict, summary: dict, target: float) -> list[str]:
+    default = summary["default_signal"]
+    lines = ["## Retrained seeds", ""]
+    if summary["seeds"]:
+        lines += [
+            f"The main job of each seed (new benchmark sample, teacher and student), `{default}` signal:",
+            "",
+            "| seed | GFLOPs / full | worst axis drop (points) |",
+            "|---|---:|---:|",
+        ]
+        for name, row in summary["seeds"].items():
+            lines.append(
+                f"| {name.removeprefix('seed')} | {row['gflops_ratio']:.3f}x | {row['max_axis_drop_points']:.2f} |"
+            )
+        ratios = [row["gflops_ratio"] for row in summary["seeds"].values()]
+        lines += ["", f"Mean {sum(ratios) / len(ratios):.3f}x, highest {max(ratios):.3f}x."]
+    else:
+        lines.append("No seed run was in the cache.")
+    lines += [
+        "",
+        "## Default",
+        "",
+        f"`{default}`: the signal with the lowest GFLOPs that kept every axis within {100 * target:g} points on the "
+        'benchmarks above. `calibrate(..., exit_signal="margin")` is the paper\'s gate.',
+    ]
+    return lines
+
+
+__all__ = ["write_gate_markdown"]
