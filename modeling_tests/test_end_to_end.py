@@ -43,8 +43,13 @@ def test_end_to_end_miniature_run_and_cached_rerun(tmp_path):
         overrides=MINIATURE,
         progress=False,
         demo_images=2,
+        model_dir=str(tmp_path / "runs" / "waveclip-offline"),
     )
     report = run(config)
+    # The model is left at the stable path, with its card, and loads from there.
+    published = tmp_path / "runs" / "waveclip-offline"
+    assert {"model.safetensors", "config.json", "README.md", "modeling_waveclip.py"} <= set(os.listdir(published))
+    assert "## Words this model knows" in (published / "README.md").read_text()
     per_axis = report["per_axis"]
     assert set(per_axis) == {"color", "shape", "texture", "glyph"}
     for row in per_axis.values():

@@ -2,6 +2,7 @@
 the promise checked by simulation, the exit signals replayed exactly as `refine` runs them, and the learned exit head.
 """
 
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,31 @@ def test_the_guarantee_check_and_the_oracle_on_a_population():
     oracle = cheapest_possible(probs, [1.0, 4.0])
     result = gated_result(pool, pool, [1.0, 4.0], "margin", target_agreement=1.0)
     assert result["disagreement"] == 0 and result["gflops_ratio"] >= oracle - 1e-12
+
+
+@pytest.mark.slow  # a miniature main job (benchmark, teacher, student) and its gate study: about 2 minutes
+def test_the_gate_study_on_a_miniature_main_job(tmp_path):
+    from test_end_to_end import MINIATURE
+
+    from waveclip_hf.experiments.gate_study import run
+
+    report = run(
+        tmp_path / "cache",
+        tmp_path / "docs",
+        None,
+        (),
+        False,
+        MINIATURE,
+        {"calibration_sizes": (20,), "splits": 10, "max_disagreements": (0.2,)},
+    )
+    assert set(report["main"]) >= set(EXIT_SIGNALS) | {"oracle"}
+    for signal in EXIT_SIGNALS:
+        assert 0 < report["main"][signal]["gflops_ratio"] <= 1 + 1e-9
+    entry = report["guarantee"]["margin"]["0.2"]
+    assert entry["epsilon"] == 0.05 and entry["splits"] > 0 and 0 <= entry["violation_rate"] <= 1
+    assert report["default_signal"] in EXIT_SIGNALS
+    page = (tmp_path / "docs" / "gate.md").read_text()
+    assert "## The promise" in page and "## The exit signals" in page
+    assert (tmp_path / "docs" / "figures" / "gate_curves_main.png").stat().st_size > 10_000
+    head = json.loads(next((tmp_path / "cache").glob("student-*/final/config.json")).read_text())["exit_head"]
+    assert head["features"][0] == "margin"

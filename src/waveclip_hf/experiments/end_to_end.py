@@ -97,6 +97,11 @@ class EndToEndConfig:
     )
     demo_images: int = HfArg(default=4, help="test images the pipeline demo classifies")
     progress: bool = HfArg(default=True, help="progress bars (--no-progress: none)")
+    model_dir: str = HfArg(
+        default="runs/waveclip-offline",
+        help="where the distilled model is copied for use (a stable path; the cache's folder name changes with the "
+        "settings)",
+    )
     overrides: dict | str | None = HfArg(
         default=None,
         aliases=["--override"],
@@ -110,6 +115,7 @@ class EndToEndConfig:
         self.thresholds = tuple(self.thresholds)
         self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
         self.docs_dir = str(Path(self.docs_dir).expanduser().resolve())
+        self.model_dir = str(Path(self.model_dir).expanduser().resolve())
 
     def settings(self) -> dict:
         """The size's settings with `overrides` merged in (dict values update the size's dict of that name)."""
@@ -248,8 +254,21 @@ def run(config: EndToEndConfig) -> dict:
     report = {"settings": settings, "context": context, **results}
     results_md = write_reports(config.docs_dir, report, context)
     _publish_on_model_card(student_dir, results, len(inputs.rows), demo["demo_threshold"])
+    publish_model(student_dir, Path(config.model_dir))
     log(f"wrote {results_md}, results.json and figures in {(time.time() - started) / 60:.1f} min")
+    log(f"the model: {config.model_dir} (load it with AutoModel.from_pretrained(..., trust_remote_code=True))")
     return report
+
+
+def publish_model(student_dir: Path, model_dir: Path) -> Path:
+    """Copy the distilled folder (weights, remote code, processor, card) to `model_dir`, replacing it whole."""
+    import shutil
+
+    from ..models.waveclip.folder_io import written_atomically
+
+    with written_atomically(model_dir) as tmp:
+        shutil.copytree(student_dir, tmp, dirs_exist_ok=True)
+    return model_dir
 
 
 def evaluate_main_job_student(config: EndToEndConfig, inputs: MainJobInputs, student_dir: Path):
@@ -305,6 +324,7 @@ __all__ = [
     "main",
     "main_job_inputs",
     "main_job_student",
+    "publish_model",
     "run",
 ]
 

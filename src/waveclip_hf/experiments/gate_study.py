@@ -118,7 +118,9 @@ def test_curves(test_embeds, texts: dict, labels: dict, gflops, head, logit_scal
     return curves
 
 
-def check_guarantee(pool_embeds: torch.Tensor, texts: dict, gflops, signal: str, head, logit_scale: float) -> dict:
+def check_guarantee(
+    pool_embeds: torch.Tensor, texts: dict, gflops, signal: str, head, logit_scale: float, options=None
+) -> dict:
     """`guarantee_check` on every axis and on label sets of other sizes drawn from each axis's classes (3 sets of
     each size from 2 to all but one); the violation rate is over all their splits together."""
     reports = []
@@ -128,9 +130,11 @@ def check_guarantee(pool_embeds: torch.Tensor, texts: dict, gflops, signal: str,
             subsets += label_subsets(len(text), size, max_subsets=3, seed=size)
         for index, subset in enumerate(subsets):
             view = split_view(pool_embeds, text[list(subset)], logit_scale)
-            splits = GUARANTEE["splits"] if len(subset) == len(text) else GUARANTEE["splits"] // 5
-            options = {**GUARANTEE, "splits": splits, "seed": index}
-            reports.append(guarantee_check(view, gflops, signal, head, **options))
+            settings = {**GUARANTEE, **(options or {})}
+            splits = settings["splits"] if len(subset) == len(text) else max(settings["splits"] // 5, 1)
+            reports.append(
+                guarantee_check(view, gflops, signal, head, **{**settings, "splits": splits, "seed": index})
+            )
             log(f"guarantee: {name} labels {subset}")
     return _pool_reports(reports)
 
@@ -258,13 +262,13 @@ def adaptive_run(cache_dir: Path, main_cache_dir: Path, progress: bool) -> dict:
     return study_run(cache_dir, data_root, teacher.output_dir, student_dir, axes, progress)
 
 
-def guarantee_section(run: dict, signals) -> dict:
+def guarantee_section(run: dict, signals, options=None) -> dict:
     """The guarantee check of `signals` on a run, in docs/gate.json's form: per signal, per δ, the worst
     violation rate over the calibration sizes, ε, the splits, and the figures of each size."""
     report = {}
     for signal in signals:
         checked = check_guarantee(
-            run["pool"], run["texts"], run["gflops"], signal, run["head_full"], run["logit_scale"]
+            run["pool"], run["texts"], run["gflops"], signal, run["head_full"], run["logit_scale"], options
         )
         report[signal] = {
             delta: {
@@ -302,8 +306,15 @@ def summary(runs: dict) -> dict:
     return {"default_signal": default, **table, "seeds": seeds}
 
 
-def run(cache_dir, docs_dir, adaptive_cache_dir=None, seeds=(1, 2), progress: bool = True) -> dict:
-    """Every run's study, the guarantee check on the main job, docs/gate.{md,json} and the figures."""
+def run(
+    cache_dir, docs_dir, adaptive_cache_dir=None, seeds=(1, 2), progress: bool = True, overrides=None, guarantee=None
+) -> dict:
+    """Every run's study, the guarantee check on the main job, docs/gate.{md,json} and the figures.
+
+    Args:
+        overrides: merged into the main job's settings (`EndToEndConfig.overrides`), for a quick check.
+        guarantee: overrides of `GUARANTEE` (calibration sizes, splits, δs).
+    """
     import sys
     import time
 
@@ -314,17 +325,17 @@ def run(cache_dir, docs_dir, adaptive_cache_dir=None, seeds=(1, 2), progress: bo
 
     started = time.time()
     docs_dir = Path(docs_dir)
-    runs = {"main": main_job_run(EndToEndConfig(cache_dir=str(cache_dir), docs_dir=str(docs_dir), progress=progress))}
+    common = dict(cache_dir=str(cache_dir), docs_dir=str(docs_dir), progress=progress, overrides=overrides)
+    runs = {"main": main_job_run(EndToEndConfig(**common))}
     if adaptive_cache_dir is not None:
         runs["adaptive"] = adaptive_run(Path(adaptive_cache_dir).resolve(), Path(cache_dir).resolve(), progress)
     for seed in seeds:
-        config = EndToEndConfig(cache_dir=str(cache_dir), docs_dir=str(docs_dir), seed=seed, progress=progress)
-        runs[f"seed{seed}"] = main_job_run(config)
+        runs[f"seed{seed}"] = main_job_run(EndToEndConfig(**common, seed=seed))
     report_summary = summary({**runs, "seed0": runs["main"]})
     signals = sorted({report_summary["default_signal"], "margin"}, key=EXIT_SIGNALS.index)
     report = {
-        "settings": {"max_disagreement": MAX_DISAGREEMENT, "confidence": CONFIDENCE, **GUARANTEE},
-        "guarantee": guarantee_section(runs["main"], signals),
+        "settings": {"max_disagreement": MAX_DISAGREEMENT, "confidence": CONFIDENCE, **GUARANTEE, **(guarantee or {})},
+        "guarantee": guarantee_section(runs["main"], signals, guarantee),
         "summary": report_summary,
         **{k: v for k, v in report_summary.items() if k in ("default_signal", "main", "adaptive", "seeds")},
     }

@@ -360,6 +360,34 @@ def update_calibration_section(folder: str | os.PathLike, student_config) -> Pat
     return path
 
 
+# Above this many tokens a tokenizer is taken as open-vocabulary (CLIP's byte-level BPE has 49,408).
+_CLOSED_VOCABULARY_SIZE = 5_000
+
+
+def vocabulary_section(tokenizer, zero_shot: Sequence) -> str:
+    """For a closed-vocabulary tokenizer (the offline benchmark's word-level one): the words it knows and the label
+    sets measured with it, so that a user picks labels the model can read. Empty for an open vocabulary."""
+    vocabulary = tokenizer.get_vocab()
+    if len(vocabulary) > _CLOSED_VOCABULARY_SIZE:
+        return ""
+    words = sorted(token for token in vocabulary if token.isalnum())
+    lines = [
+        "## Words this model knows",
+        "",
+        f"Its tokenizer has a closed vocabulary of {len(words)} words; a label with another word maps to the unknown "
+        "token and cannot be told apart (the pipeline warns). The words: " + ", ".join(f"`{w}`" for w in words) + ".",
+        "",
+    ]
+    if zero_shot:
+        lines += ["Label sets that work (each measured in the accuracy table above), with their template:", ""]
+        lines += [
+            f'- {task.task}: {", ".join(task.class_names)} (`hypothesis_template="{task.prompt_template}"`)'
+            for task in zero_shot
+        ]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _package_version() -> str:
     try:
         return metadata.version("waveclip-hf")
@@ -413,6 +441,7 @@ def card_fields(
         "flops_table": format_flops_table(student_config, clip_vision_config=clip_vision_config),
         "accuracy_section": _accuracy_section(zero_shot),
         "calibration_section": calibration_section(student_config),
+        "vocabulary_section": vocabulary_section(tokenizer, zero_shot),
         "throughput": _throughput(result),
         "license_origin": f"Licence: {card_license.origin}",
         "date": (date or datetime.date.today()).isoformat(),
