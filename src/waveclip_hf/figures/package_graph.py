@@ -18,7 +18,7 @@ LAYERS = (
     ("models",),
     ("data", "conversion"),
     ("hub", "evaluation"),
-    ("training", "figures"),
+    ("training", "figures", "export"),
     ("benchmarking", "experiments"),
     ("cli",),
 )
@@ -34,6 +34,7 @@ ROLES = {
     "evaluation": "zero-shot accuracy,\ngate sweeps, calibration",
     "training": "distillation and\nteacher trainers",
     "figures": "every picture\nin docs/",
+    "export": "ONNX export and\nthe torch-free runner",
     "benchmarking": "wall-clock\nbenchmarks",
     "experiments": "the main job\nand its ablations",
     "cli": "command lines",
