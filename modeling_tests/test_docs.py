@@ -35,3 +35,16 @@ def test_the_check_finds_a_local_folder():
     ]
     assert LOCAL_PATH.findall("--cache-dir /tmp/e2e --no-progress") == ["/tmp/e2e"]
     assert LOCAL_PATH.findall("--train-data /data/images and <main job cache>/student-1 and runs/vitb") == []
+
+
+def test_a_recorded_command_names_no_local_folder(tmp_path, monkeypatch):
+    from waveclip_hf.experiments.report import recorded_command
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--cache-dir", "/work/cache/e2e", f"--docs-dir={tmp_path}/docs", "--override", '{"seed": 1}', "rel/dir"]
+    line = recorded_command("python -m waveclip_hf.experiments.end_to_end", argv)
+    assert line == (
+        "python -m waveclip_hf.experiments.end_to_end --cache-dir '<folder>' --docs-dir=docs "
+        "--override '{\"seed\": 1}' rel/dir"
+    )
+    assert LOCAL_PATH.findall(line) == []

@@ -23,7 +23,6 @@ Steps 1-3 and the test embeddings are cached under `--cache-dir` exactly as the 
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from ..models.waveclip.configuration_waveclip import WaveCLIPVisionConfig
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, cumulative_flops
 from .adaptive_report import write_adaptive_markdown
 from .cached_steps import build_benchmark, build_teacher, distil_or_reuse_student, log, student_distillation_fields
-from .report import first_run_record, machine_description, portable_paths, utc_now
+from .report import first_run_record, machine_description, portable_paths, recorded_command, utc_now
 from .run_evaluation import evaluate_student
 
 
@@ -250,7 +249,7 @@ def run(
     made_now = [data_root / "info.json", student_dir.parent / "summary.json"]
     built_every_step = not teacher.skipped and all(path.stat().st_mtime >= started for path in made_now)
     context = {
-        "command": "python -m waveclip_hf.experiments.adaptive_resolution " + " ".join(sys.argv[1:]),
+        "command": recorded_command("python -m waveclip_hf.experiments.adaptive_resolution"),
         "preset": preset,
         "settings": settings,
         "date": utc_now(),

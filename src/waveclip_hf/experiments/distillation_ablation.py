@@ -5,14 +5,13 @@ one student each, compared per axis. Writes docs/distillation_ablation.{json,md}
 """
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from ..data.synthetic import AXES
 from .cached_steps import log
 from .end_to_end import EndToEndConfig, evaluate_main_job_student, main_job_inputs, main_job_student
-from .report import machine_description, utc_now
+from .report import machine_description, recorded_command, utc_now
 
 
 # Each variant is merged into the size's distillation settings; "main job" is the size's own recipe.
@@ -53,7 +52,7 @@ def run_distillation_ablation(config: EndToEndConfig, variants: dict | None = No
             "student_dir": str(student_dir),
         }
     context = {
-        "command": "python scripts/distillation_ablation.py " + " ".join(sys.argv[1:]),
+        "command": recorded_command("python scripts/distillation_ablation.py"),
         "date": utc_now(),
         "machine": machine_description(),
         "wall_minutes": (time.time() - started) / 60,

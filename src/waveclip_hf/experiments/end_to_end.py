@@ -21,7 +21,6 @@ and `docs`): `bash scripts/run_main.sh` runs from the repository root, so it wri
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from .cached_steps import (
     log,
     student_distillation_fields,
 )
-from .report import first_run_record, machine_description, utc_now, write_reports
+from .report import first_run_record, machine_description, recorded_command, utc_now, write_reports
 from .run_evaluation import card_results, evaluate_student, label_free_pipeline_demo, pipeline_demo
 
 
@@ -185,7 +184,7 @@ def _run_context(
         "student": student_dir.parent.name,
     }
     return {
-        "command": "python -m waveclip_hf.experiments.end_to_end " + " ".join(sys.argv[1:]),
+        "command": recorded_command("python -m waveclip_hf.experiments.end_to_end"),
         "date": utc_now(),
         "machine": machine_description(),
         "wall_minutes": (time.time() - started) / 60,

@@ -315,13 +315,12 @@ def run(
         overrides: merged into the main job's settings (`EndToEndConfig.overrides`), for a quick check.
         guarantee: overrides of `GUARANTEE` (calibration sizes, splits, δs).
     """
-    import sys
     import time
 
     from ..figures.gate import plot_gate_curves
     from .end_to_end import EndToEndConfig
     from .gate_report import write_gate_markdown
-    from .report import machine_description, utc_now
+    from .report import machine_description, recorded_command, utc_now
 
     started = time.time()
     docs_dir = Path(docs_dir)
@@ -354,7 +353,7 @@ def run(
                 f"calibration (δ = {100 * MAX_DISAGREEMENT:g}%, ε = {1 - CONFIDENCE:.2f})",
             )
     report["context"] = {
-        "command": "python -m waveclip_hf.experiments.gate_study " + " ".join(sys.argv[1:]),
+        "command": recorded_command("python -m waveclip_hf.experiments.gate_study"),
         "date": utc_now(),
         "machine": machine_description(),
         "wall_minutes": (time.time() - started) / 60,
@@ -376,10 +375,18 @@ def main(argv=None) -> dict:
         help="the adaptive run's cache; 'none' to leave the adaptive run out (default: %(default)s)",
     )
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2], help="retrained seeds besides 0")
+    parser.add_argument(
+        "--override",
+        type=json.loads,
+        default=None,
+        help="JSON merged into the main job's settings, as the main job's own --override (e.g. the fp32 variant)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     adaptive = None if args.adaptive_cache_dir == "none" else args.adaptive_cache_dir
-    report = run(Path(args.cache_dir).resolve(), args.docs_dir, adaptive, args.seeds, not args.no_progress)
+    report = run(
+        Path(args.cache_dir).resolve(), args.docs_dir, adaptive, args.seeds, not args.no_progress, args.override
+    )
     print(json.dumps(portable(report["summary"]), indent=1))
     return report
 

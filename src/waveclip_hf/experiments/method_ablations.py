@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from .cached_steps import (
 )
 from .end_to_end import EndToEndConfig, MainJobInputs, evaluate_main_job_student, main_job_inputs
 from .end_to_end import build_parser as end_to_end_parser
-from .report import first_run_record, machine_description, portable_paths, utc_now
+from .report import first_run_record, machine_description, portable_paths, recorded_command, utc_now
 from .run_evaluation import embed_test_split, embeddings_cache_path, evaluate
 
 
@@ -556,7 +555,7 @@ def run_method_ablations(
         "students": sorted(str(run.student_dir) for run in runs),
     }
     report["context"] = {
-        "command": "python scripts/method_ablations.py " + " ".join(sys.argv[1:]),
+        "command": recorded_command("python scripts/method_ablations.py"),
         "date": utc_now(),
         "machine": machine_description(),
         "this_run": total,

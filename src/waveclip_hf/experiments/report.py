@@ -5,7 +5,10 @@ Every figure in results.md comes from the results dict; the page says which comm
 """
 
 import json
+import os
 import platform
+import shlex
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +22,22 @@ from .run_evaluation import COARSE_AXES, FINE_AXES
 def utc_now() -> str:
     """The current UTC time as the reports print it, e.g. "2026-11-23 18:20 UTC"."""
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def recorded_command(program: str, argv: list[str] | None = None) -> str:
+    """`program` followed by this process's arguments (`sys.argv[1:]` unless `argv`), as a report records it: an
+    absolute path inside the current directory becomes relative, any other becomes ``<folder>``, so that no report
+    names a folder of the machine that wrote it; arguments are shell-quoted so the line can be pasted back."""
+
+    def portable_argument(argument: str) -> str:
+        flag, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
+        if os.path.isabs(value):
+            relative = os.path.relpath(value)
+            value = relative if not relative.startswith("..") else "<folder>"
+        return shlex.quote(flag + equals + value)
+
+    arguments = sys.argv[1:] if argv is None else argv
+    return " ".join([program, *map(portable_argument, arguments)])
 
 
 def machine_description() -> str:
