@@ -54,6 +54,9 @@ def tiny_settings(**overrides) -> BenchmarkSettings:
         pipeline_rounds=1,
         pipeline_batch_sizes=(1, 2),
         compile_backend=None,
+        single_image_schedules=(Schedule(1, 0, 1),),
+        # `single_image` exports ONNX graphs (seconds each): its own test runs it.
+        sections=tuple(name for name in SECTION_NAMES if name != "single_image"),
     )
     settings.update(overrides)
     return BenchmarkSettings(**settings)
@@ -234,6 +237,7 @@ def test_the_sections_run_in_the_order_the_settings_name_them():
         "encoder",
         "encoder_profile",
         "early_exit",
+        "single_image",
         "preprocessing",
         "pipeline",
     ]
@@ -377,3 +381,37 @@ def test_a_crash_keeps_the_sections_measured_before_it(tmp_path, monkeypatch, ca
     assert "## 2. Preprocessing" in (tmp_path / "rendered" / "benchmarks.md").read_text()
     main(["--quick", "--sections", "preprocessing", "--no-gpu", "--output-dir", str(tmp_path)])
     assert not partial.exists() and (tmp_path / "benchmarks.json").is_file()
+
+
+def test_one_image_at_a_time_runs_every_mode_against_clip_in_the_same_mode(tmp_path):
+    """Exports tiny CLIP and WaveCLIP to ONNX (float32 and int8) and times the four calls of each mode (~30 s)."""
+    results = run_benchmarks(tiny_settings(sections=("single_image",), use_gpu=False), log=lambda *_: None)
+    single = results["single_image"]
+    assert set(single["modes"]) == {"eager", "compiled", "torch_int8", "onnxruntime", "onnxruntime_int8"}
+    entry = single["1"]
+    # compile_backend=None in the tiny settings: no compiled mode; every other mode times CLIP and WaveCLIP.
+    assert set(entry["rows"]) == {"eager", "torch_int8", "onnxruntime", "onnxruntime_int8"}
+    for mode, rows in entry["rows"].items():
+        assert set(rows) == {"clip", "stage0", "cached", "naive"}
+        ratios = entry["ratios"][mode]
+        assert ratios["cached_over_clip"] == pytest.approx(rows["cached"]["median"] / rows["clip"]["median"])
+        assert ratios["naive_over_cached"] == pytest.approx(rows["naive"]["median"] / rows["cached"]["median"])
+    per_image = single["gflops_per_image"]
+    assert per_image["stage0"] < per_image["cached"] < per_image["naive"]
+    assert set(entry["int8_speedup"]) == {"torch_int8", "onnxruntime_int8"}
+    names = [t["target"] for t in results["targets"]]
+    assert len(names) == 4 and all(name.startswith(("one image at a time", "int8")) for name in names)
+    markdown = write_reports(results, tmp_path)["markdown"].read_text()
+    assert "## 5. One image at a time" in markdown and "ONNX Runtime, dynamic int8" in markdown
+
+
+def test_one_image_at_a_time_targets_take_the_best_mode():
+    ratios = {
+        "eager": {"cached_over_clip": 1.18, "naive_over_cached": 1.13, "stage0_speedup_over_gflops_ratio": 0.64},
+        "onnxruntime": {"cached_over_clip": 1.04, "naive_over_cached": 1.25, "stage0_speedup_over_gflops_ratio": 0.8},
+    }
+    entry = {"ratios": ratios, "int8_speedup": {"torch_int8": {"cached": 1.2}, "onnxruntime_int8": {"cached": 1.7}}}
+    targets = evaluate_targets({"single_image": {"1": entry}})
+    assert [(t["measured"], t["passed"]) for t in targets] == [(1.04, True), (1.25, True), (0.8, False), (1.7, True)]
+    assert "best mode (onnxruntime)" in targets[0]["target"] and "eager 1.180" in targets[0]["detail"]
+    assert "best route (onnxruntime_int8)" in targets[3]["target"]

@@ -107,3 +107,56 @@ def test_the_runner_imports_no_torch(exported, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     answer = json.loads(run.stdout.splitlines()[0])
     assert answer["label"] in LABELS and answer["stage"] in (0, 1, 2)
+
+
+def test_int8_stage_graphs_stay_close_to_float_and_the_runner_reads_them(exported, tmp_path):
+    """`quantize_onnx_stages` swaps each stage graph for its int8 twin (text stays float) and marks the folder."""
+    import shutil
+
+    import onnx
+    from PIL import Image
+
+    from waveclip_hf.export.quantization import quantize_onnx_stages
+
+    shutil.copytree(exported / "onnx", tmp_path / "int8")
+    paths = quantize_onnx_stages(tmp_path / "int8")
+    assert [path.name for path in paths] == ["stage_0.onnx", "stage_1.onnx", "stage_2.onnx"]
+    assert json.loads((tmp_path / "int8" / "waveclip_onnx.json").read_text())["int8"] is True
+    assert (tmp_path / "int8" / "text.onnx").read_bytes() == (exported / "onnx" / "text.onnx").read_bytes()
+    float_runner, int8_runner = OnnxWaveCLIP(exported / "onnx"), OnnxWaveCLIP(tmp_path / "int8")
+
+    quantized_ops = {node.op_type for node in onnx.load(str(paths[0])).graph.node}
+    assert "DynamicQuantizeLinear" in quantized_ops and "MatMulInteger" in quantized_ops
+    pixel_values = float_runner.pixel_values([Image.fromarray(p) for p in photos(4, seed=2)])
+    keys = values = int8_keys = int8_values = None
+    for stage in range(3):
+        embeds, keys, values = float_runner.stage_outputs(stage, pixel_values, keys, values)
+        int8_embeds, int8_keys, int8_values = int8_runner.stage_outputs(stage, pixel_values, int8_keys, int8_values)
+        norms = np.linalg.norm(embeds, axis=-1) * np.linalg.norm(int8_embeds, axis=-1)
+        cosine = (embeds * int8_embeds).sum(-1) / norms
+        # Close, not equal: the weights did change. (A tiny random model quantises worse than a trained one:
+        # docs/int8.md measures the trained student's accuracy.)
+        assert cosine.min() > 0.95, (stage, cosine)
+        assert np.abs(embeds - int8_embeds).max() > 1e-5
+    answers = int8_runner.classify([Image.fromarray(p) for p in photos(3)], LABELS)
+    assert len(answers) == 3 and all(a[0]["label"] in LABELS for a in answers)
+
+
+def test_torch_int8_quantises_the_image_side_only(exported):
+    from waveclip_hf.export.quantization import quantize_linear_layers
+
+    model = load_waveclip(exported / "model")
+    quantized = quantize_linear_layers(model)
+    assert type(quantized.vision_model.encoder.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert "quantized" in type(quantized.vision_model.encoder.layers[0].self_attn.q_proj).__module__
+    assert "quantized" in type(quantized.visual_projection).__module__
+    assert type(quantized.text_model.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.vision_model.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear  # the original is kept
+    pixel_values = WaveCLIPImageProcessor(image_size=64, levels=2)(images=photos(3), return_tensors="pt")
+    with torch.no_grad():
+        ours = quantized.get_image_features(pixel_values["pixel_values"]).stage_pooler_outputs
+        theirs = model.get_image_features(pixel_values["pixel_values"]).stage_pooler_outputs
+    cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    assert cosine.min() > 0.95 and (ours - theirs).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="no `vision_model` or `visual_projection`"):
+        quantize_linear_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -17,6 +17,7 @@ from .early_exit import early_exit_entries
 from .encoder import ENCODER_CONFIGS
 from .pipelines import PIPELINE_RUNS
 from .plot import plot_time_vs_gflops
+from .single_image import SINGLE_IMAGE_CALLS
 
 
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "benchmarks.json", "benchmarks.md", "benchmark_time_vs_gflops.png"
@@ -263,6 +264,64 @@ def _early_exit(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _single_image_table(batch: str, entry: dict[str, Any], modes: dict[str, str]) -> list[str]:
+    note = _contention_note(entry.get("contention"))
+    lines = [
+        f"**CPU, batch {batch}** (warm-up {entry['warmup']}, {entry['trials']} trials{'; ' + note if note else ''}; "
+        "median ms per call, IQR in brackets)",
+        "",
+        "| mode | " + " | ".join(SINGLE_IMAGE_CALLS.values()) + " | cached / CLIP | naive / cached | "
+        "stage 0: speed-up / GFLOPs ratio |",
+        "|---|" + "---:|" * (len(SINGLE_IMAGE_CALLS) + 3),
+    ]
+    for mode, rows in entry["rows"].items():
+        ratios = entry["ratios"][mode]
+        times = " | ".join(f"{_ms(rows[call]['median'])} ({_ms(rows[call]['iqr'])})" for call in SINGLE_IMAGE_CALLS)
+        lines.append(
+            f"| {modes.get(mode, mode)} | {times} | {ratios['cached_over_clip']:.3f} | "
+            f"{ratios['naive_over_cached']:.3f} | {ratios['stage0_speedup_over_gflops_ratio']:.3f} |"
+        )
+    for route, calls in entry.get("int8_speedup", {}).items():
+        lines.append("")
+        lines.append(
+            f"int8 speed-up, {modes.get(route, route)} against float32 in the same runtime: "
+            + ", ".join(f"{SINGLE_IMAGE_CALLS[call]} {value:.2f}x" for call, value in calls.items())
+            + "."
+        )
+    return lines + [""]
+
+
+def _single_image(results: dict[str, Any]) -> list[str]:
+    single = results.get("single_image")
+    if not single:
+        return []
+    per_image = single["gflops_per_image"]
+    lines = [
+        "## 5. One image at a time",
+        "",
+        "What a zero-shot service pays per request: each mode runs plain CLIP and WaveCLIP the same way, in the "
+        f"same interleaved rounds ({single['threads']} threads for torch and ONNX Runtime alike). GFLOPs per image: "
+        + ", ".join(f"{SINGLE_IMAGE_CALLS[call]} {value:.2f}" for call, value in per_image.items())
+        + " (int8 modes do the same multiply-adds). The last column is 1.0 when stage 0 runs at CLIP's GFLOP/s.",
+        "",
+    ]
+    for batch, entry in single.items():
+        if batch.isdigit():
+            lines += _single_image_table(batch, entry, single["modes"])
+    built = [f"{name} {seconds:.0f} s" for name, seconds in single.get("build_seconds", {}).items()]
+    first_batch = next((entry for batch, entry in single.items() if batch.isdigit()), {})
+    compiled = [
+        f"{name} {seconds:.0f} s"
+        for name, seconds in first_batch.get("first_call_seconds", {}).items()
+        if name.startswith("compiled/")
+    ]
+    if built:
+        lines.append("Building the modes (not timed above): " + ", ".join(built) + ".")
+    if compiled:
+        lines.append("First calls of the compiled cases (compilation included): " + ", ".join(compiled) + ".")
+    return lines + [""]
+
+
 def _preprocessing(results: dict[str, Any]) -> list[str]:
     pre = results.get("preprocessing")
     if not pre:
@@ -377,6 +436,7 @@ REPORT_PARTS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
     _early_exit,
     _preprocessing,
     _pipeline,
+    _single_image,
 )
 
 

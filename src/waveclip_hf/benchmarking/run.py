@@ -36,6 +36,7 @@ from .preprocessing import preprocessing_section
 from .profiling import profile_section
 from .report import jsonable, write_reports
 from .settings import BenchmarkSettings, Schedule, geometry_label, quick_settings
+from .single_image import single_image_section
 from .targets import evaluate_targets
 
 
@@ -64,6 +65,8 @@ SECTIONS = {
     "encoder": Section("encoder", encoder_section, uses_encoder_models=True),
     "profile": Section("encoder_profile", profile_section, uses_encoder_models=True),
     "early_exit": Section("early_exit", early_exit_section, uses_encoder_models=True),
+    # Exports and quantises copies of the encoder models (not under inference mode); times under it.
+    "single_image": Section("single_image", single_image_section, uses_encoder_models=True, inference_mode=False),
     "preprocessing": Section("preprocessing", preprocessing_section),
     "pipeline": Section("pipeline", pipeline_section, inference_mode=False),
 }
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-schedules", type=_schedules, help="batch:warmup:trials,... e.g. 1:2:7,8:1:4,64:1:3")
     parser.add_argument("--gpu-schedules", type=_schedules, help="default 1:5:20,64:3:10,512:2:5")
     parser.add_argument("--early-exit", type=_schedule, help="CPU batch:warmup:trials, default 64:1:3")
+    parser.add_argument(
+        "--single-image-schedules", type=_schedules, help="batch:warmup:trials of `single_image`, default 1:3:15,8:1:5"
+    )
     parser.add_argument("--num-labels", type=int)
     parser.add_argument("--pipeline-images", type=int)
     parser.add_argument("--stock-pipeline-images", type=int)
@@ -183,6 +189,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         "cpu_schedules": args.cpu_schedules,
         "gpu_schedules": args.gpu_schedules,
         "cpu_early_exit": args.early_exit,
+        "single_image_schedules": args.single_image_schedules,
         "num_labels": args.num_labels,
         "pipeline_images": args.pipeline_images,
         "stock_pipeline_images": args.stock_pipeline_images,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 
 # The sections in the order they run (and the choices of `--sections`); `run.SECTIONS` says what each one does.
-SECTION_NAMES = ("encoder", "profile", "early_exit", "preprocessing", "pipeline")
+SECTION_NAMES = ("encoder", "profile", "early_exit", "single_image", "preprocessing", "pipeline")
 
 
 @dataclass
@@ -63,6 +63,8 @@ class BenchmarkSettings:
     exit_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     cpu_early_exit: Schedule = field(default_factory=lambda: Schedule(64, 1, 3))
     gpu_early_exit: Schedule = field(default_factory=lambda: Schedule(512, 2, 5))
+    # One image at a time (and a small batch), in every mode: eager, compiled, int8, ONNX Runtime, ONNX int8.
+    single_image_schedules: tuple[Schedule, ...] = (Schedule(1, 3, 15), Schedule(8, 1, 5))
     # Preprocessing: one image per call, and a batch per call.
     preprocessing_single: Schedule = field(default_factory=lambda: Schedule(1, 2, 10))
     preprocessing_batch: Schedule = field(default_factory=lambda: Schedule(32, 1, 5))
@@ -102,6 +104,7 @@ def quick_settings() -> BenchmarkSettings:
         cpu_schedules=(Schedule(1, 1, 2), Schedule(4, 1, 2)),
         gpu_schedules=(Schedule(1, 1, 3), Schedule(64, 1, 3)),
         cpu_early_exit=Schedule(8, 1, 2),
+        single_image_schedules=(Schedule(1, 1, 2), Schedule(2, 1, 2)),
         gpu_early_exit=Schedule(64, 1, 2),
         preprocessing_single=Schedule(1, 1, 2),
         preprocessing_batch=Schedule(8, 1, 2),

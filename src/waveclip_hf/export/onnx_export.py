@@ -13,6 +13,9 @@ writes, into the output folder:
 - `waveclip_onnx.json`: the geometry and everything the runner needs (stage GFLOPs, logit scale, the processor's
   settings, the exit signal's calibrations), and the tokenizer files.
 
+With `--int8` the stage graphs are dynamically quantised (`quantization.py`: int8 weights, activations quantised
+per call); the runner reads either folder the same way.
+
 The batch is dynamic in every graph. `onnx_runner.py` answers the pipeline's question from these files with
 onnxruntime, numpy and the tokenizer only. Needs the `onnx` extra (`pip install waveclip-hf[onnx]`): onnx,
 onnxscript (torch's exporter) and onnxruntime.
@@ -149,8 +152,9 @@ def onnx_config(model, processor) -> dict:
     }
 
 
-def export_checkpoint(model_path: str, output_dir: str) -> Path:
-    """Export every stage, the text tower, the tokenizer and `waveclip_onnx.json` of a checkpoint, atomically."""
+def export_checkpoint(model_path: str, output_dir: str, int8: bool = False) -> Path:
+    """Export every stage, the text tower, the tokenizer and `waveclip_onnx.json` of a checkpoint, atomically; with
+    `int8`, the stage graphs dynamically quantised (`quantization.quantize_onnx_stages`)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     model = load_waveclip(model_path).float()
@@ -162,6 +166,10 @@ def export_checkpoint(model_path: str, output_dir: str) -> Path:
         export_text(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ONNX_CONFIG_NAME).write_text(json.dumps(onnx_config(model, processor), indent=1) + "\n")
+        if int8:
+            from .quantization import quantize_onnx_stages
+
+            quantize_onnx_stages(tmp)
     return Path(output_dir)
 
 
@@ -169,8 +177,11 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/waveclip-offline", help="a saved WaveCLIP folder or Hub id")
     parser.add_argument("--output-dir", default="runs/waveclip-onnx", help="where the ONNX files go")
+    parser.add_argument(
+        "--int8", action="store_true", help="quantise the stage graphs' weights to int8 (dynamic; text stays float)"
+    )
     args = parser.parse_args(argv)
-    folder = export_checkpoint(args.model, args.output_dir)
+    folder = export_checkpoint(args.model, args.output_dir, args.int8)
     print(f"wrote {sorted(path.name for path in folder.iterdir())} to {folder}")
     return folder
 

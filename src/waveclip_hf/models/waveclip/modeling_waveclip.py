@@ -90,13 +90,11 @@ class TowerKwargs(TypedDict, total=False):
 
 def token_stage_ids(config: WaveCLIPVisionConfig, first_stage: int, end_stage: int, device=None) -> torch.Tensor:
     """Stage index of every token of stages `first_stage..end_stage-1`, shape (tokens,)."""
-    offsets = config.stage_offsets
     lengths = config.stage_lengths[first_stage:end_stage]
-    return torch.repeat_interleave(
-        torch.arange(first_stage, end_stage, device=device),
-        torch.tensor(lengths, device=device),
-        output_size=offsets[end_stage] - offsets[first_stage],  # known on the host: no sync, meta tensors work
-    )
+    # Built on the host from the config (one small copy, as the lengths tensor it replaces): no device sync, meta
+    # tensors work, and the ONNX exporter needs no `repeat_interleave` with an output size.
+    stage_ids = [stage for stage, length in zip(range(first_stage, end_stage), lengths) for _ in range(length)]
+    return torch.tensor(stage_ids, dtype=torch.long, device=device)
 
 
 def block_causal_mask(
@@ -557,7 +555,8 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         if isinstance(cache, WaveCLIPStageCache) and not cached_stages:
             # Buffers are allocated (or kept) here, outside the modules `compile_stages` compiles, so that a compiled
             # stage always finds them and has no allocating variant.
-            weight = self.encoder.layers[0].self_attn.k_proj.weight
+            # The patch embedding's weight, not a linear layer's: dynamic int8 quantisation replaces those.
+            weight = self.embeddings.patch_embeddings[0].weight
             device_type = weight.device.type
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
             cache.prepare(batch_size, dtype, weight.device)
