@@ -16,7 +16,7 @@ from conftest import tiny_config
 from transformers import CLIPConfig
 
 from waveclip_hf.data.synthetic import AXES
-from waveclip_hf.experiments import cached_steps
+from waveclip_hf.experiments import cached_steps, end_to_end
 from waveclip_hf.experiments.cached_steps import settings_hash, student_distillation_fields, student_output_dir
 from waveclip_hf.experiments.distillation_ablation import run_distillation_ablation
 from waveclip_hf.experiments.end_to_end import SIZES, EndToEndConfig, build_parser, run
@@ -213,7 +213,9 @@ def test_evaluation_and_report_on_known_answers(tmp_path):
 def test_cache_keys_are_those_of_existing_caches(monkeypatch):
     """The keys name the cached folders: a changed key silently retrains, an unchanged one after a change to the
     trainer silently reuses a stale student. Benchmark and teacher keys are those of existing caches; the student
-    keys moved when the optimisation rules changed (`OPTIMIZATION_RULES_VERSION` 2)."""
+    keys moved when the optimisation rules changed (`OPTIMIZATION_RULES_VERSION` 2). Precision "auto" resolves to
+    bf16 here, as on the machine that made those caches."""
+    monkeypatch.setattr(end_to_end, "auto_mixed_precision", lambda: "bf16")
     settings = EndToEndConfig(cache_dir="/c/cache").settings()
     counts = {k: settings[k] for k in ("num_train", "num_validation", "num_test")}
     assert settings_hash({"seed": 0, "generator_version": 5, **counts}) == "6a4eae49cbab"
@@ -225,7 +227,7 @@ def test_cache_keys_are_those_of_existing_caches(monkeypatch):
     # Under the version-1 rules the key is the one the old caches carry.
     monkeypatch.setattr(cached_steps, "OPTIMIZATION_RULES_VERSION", 1)
     assert student_output_dir(Path("/c/cache"), fields) == Path("/c/cache/student-770427770943")
-    monkeypatch.undo()
+    monkeypatch.setattr(cached_steps, "OPTIMIZATION_RULES_VERSION", 2)
     # Progress bars and worker counts do not change the student.
     quiet = student_distillation_fields(settings, data_root, teacher_dir, 1, 0, num_workers=0, progress=False)
     assert student_output_dir(Path("/c/cache"), quiet) == Path("/c/cache/student-3ce23c2bf13a")
@@ -237,8 +239,10 @@ def test_cache_keys_are_those_of_existing_caches(monkeypatch):
         embeddings_cache_path(Path("/c"), teacher_dir, Path("/c/cache/student-x/final")).name
         == "test-embeddings-3fe05b030915.safetensors"
     )
+    # The first-run record's key holds the teacher's resolved precision since precision became "auto" (before:
+    # af9269a97052, with the teacher's bf16 implied by its default).
     first_run_key = {"settings": EndToEndConfig().settings(), "seed": 0, "levels": 1, "generator_version": 5}
-    assert settings_hash(first_run_key) == "af9269a97052"
+    assert settings_hash(first_run_key) == "b6c84958a601"
 
 
 def test_default_folders_follow_the_working_directory(tmp_path, monkeypatch):
@@ -375,3 +379,23 @@ def test_axis_readings_say_which_way_the_detail_band_moves_an_axis():
     assert readings["shape"].endswith("(-1.7 points): the later stage answers it less well than stage 0.")
     assert readings["glyph"].endswith("(+83.6 points): the detail band carries it.")
     assert readings["x"].endswith("(+5.0 points): the detail band helps.")
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    """bf16 autocast on a CPU without AVX-512 BF16 or AMX is emulated and several times slower than float32."""
+    from waveclip_hf.training import config as training_config
+
+    monkeypatch.setattr(training_config.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training_config, "cpu_flags", lambda: {"avx", "avx2", "fma"})
+    assert training_config.auto_mixed_precision() == "no"
+    monkeypatch.setattr(training_config, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert training_config.auto_mixed_precision() == "bf16"
+    monkeypatch.setattr(training_config, "cpu_flags", lambda: {"amx_bf16"})
+    assert training_config.auto_mixed_precision("cpu") == "bf16"
+    # The main job's settings hold the resolved value (so do its cache keys and reports); an override wins.
+    monkeypatch.setattr(end_to_end, "auto_mixed_precision", lambda: "no")
+    settings = EndToEndConfig().settings()
+    assert settings["teacher"]["mixed_precision"] == settings["distillation"]["mixed_precision"] == "no"
+    forced = EndToEndConfig(overrides={"distillation": {"mixed_precision": "bf16"}}).settings()
+    assert forced["distillation"]["mixed_precision"] == "bf16" and forced["teacher"]["mixed_precision"] == "no"
+    assert SIZES["small"]["distillation"]["mixed_precision"] == "auto"

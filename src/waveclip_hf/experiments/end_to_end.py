@@ -31,6 +31,7 @@ from transformers.hf_argparser import HfArg
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, load_benchmark_split
 from ..evaluation.calibration import default_thresholds
+from ..training.config import auto_mixed_precision
 from ..training.outputs import rewrite_model_card
 from .cached_steps import (
     build_benchmark,
@@ -44,7 +45,9 @@ from .run_evaluation import card_results, evaluate_student, label_free_pipeline_
 
 
 SIZES = {
-    # "small" is sized for a first run of about a quarter of an hour on a 2-core CPU (measured: docs/results.md).
+    # "small" is sized for a first run of under half an hour on a 2-core CPU (measured: docs/results.md).
+    # Precision "auto": bf16 autocast where the hardware runs it natively, float32 elsewhere (`auto_mixed_precision`);
+    # the settings, cache keys and reports hold the resolved value.
     # Teacher: the `TeacherTrainingConfig` defaults (width 128, batch 64, lr 7e-4) for 100k images seen.
     # Student: 800 steps of 32 at 5e-4, cosine loss only, the fresh detail projections at 10x (the library
     # default). docs/distillation_ablation.md compares this with 1x and with the zero-shot KL over the benchmark's
@@ -53,9 +56,9 @@ SIZES = {
         num_train=20_000,
         num_validation=1_000,
         num_test=5_000,
-        teacher=dict(num_epochs=5.0),
+        teacher=dict(num_epochs=5.0, mixed_precision="auto"),
         distillation=dict(
-            max_steps=800, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0, mixed_precision="bf16"
+            max_steps=800, batch_size=32, learning_rate=5e-4, fresh_lr_multiplier=10.0, mixed_precision="auto"
         ),
     ),
     # For a GPU: more data, a wider teacher and a longer distillation.
@@ -66,10 +69,11 @@ SIZES = {
         teacher={
             "num_epochs": 8.0,
             "batch_size": 256,
+            "mixed_precision": "auto",
             **dict(vision_hidden_size=384, vision_intermediate_size=1536, vision_num_layers=6, vision_num_heads=6),
         },
         distillation=dict(
-            max_steps=6_000, batch_size=128, learning_rate=3e-4, fresh_lr_multiplier=10.0, mixed_precision="bf16"
+            max_steps=6_000, batch_size=128, learning_rate=3e-4, fresh_lr_multiplier=10.0, mixed_precision="auto"
         ),
     ),
 }
@@ -117,13 +121,17 @@ class EndToEndConfig:
         self.model_dir = str(Path(self.model_dir).expanduser().resolve())
 
     def settings(self) -> dict:
-        """The size's settings with `overrides` merged in (dict values update the size's dict of that name)."""
+        """The size's settings with `overrides` merged in (dict values update the size's dict of that name), and
+        `mixed_precision: "auto"` resolved for this machine (`auto_mixed_precision`)."""
         settings = json.loads(json.dumps(SIZES[self.size]))
         for key, value in self.overrides.items():
             if isinstance(value, dict):
                 settings.setdefault(key, {}).update(value)
             else:
                 settings[key] = value
+        for step in ("teacher", "distillation"):
+            if settings.get(step, {}).get("mixed_precision") == "auto":
+                settings[step]["mixed_precision"] = auto_mixed_precision()
         return settings
 
 

@@ -9,6 +9,31 @@ from transformers.hf_argparser import HfArg
 from ..models.waveclip.configuration_waveclip import ATTENTION_MODES, BAND_ORDERS
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def bf16_runs_natively(device_type: str | None = None) -> bool:
+    """Whether bf16 autocast runs on bf16 hardware here: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or
+    AMX. Elsewhere (an AVX2-only CPU, for one) torch emulates bf16 and autocast makes training several times slower
+    than float32: the main job's teacher trained about 8x slower in bf16 than in float32 on a 2-core AVX2 AMD EPYC
+    (docs/results.md). Where the flags cannot be read, float32, which is never the slow choice."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def auto_mixed_precision(device_type: str | None = None) -> str:
+    """`"bf16"` where it runs natively (`bf16_runs_natively`), else `"no"` (float32)."""
+    return "bf16" if bf16_runs_natively(device_type) else "no"
+
+
 # Named settings for a real teacher (`--recipe`, `DistillationConfig.from_recipe`); explicit values override them.
 RECIPES = {
     # openai/clip-vit-base-patch16 on one GPU (docs/distillation.md): the student keeps the teacher's 224 px and
