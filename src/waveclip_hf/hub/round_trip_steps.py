@@ -16,6 +16,7 @@ Steps:
 """
 
 import json
+import logging
 import os
 import random
 import sys
@@ -34,6 +35,7 @@ del sys.path[0]  # this file's folder is inside the package: nothing may be impo
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, pipeline  # noqa: E402
 
@@ -292,9 +294,16 @@ def step_threads(work: Path) -> dict:
 def step_model_object(work: Path) -> dict:
     folder = work / "saved" / "model_and_processor"
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    # What transformers logs at error level while building the pipeline (a user reads it as "something is wrong").
+    logged_errors = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = lambda record: logged_errors.append(record.getMessage())
+    transformers_logger = transformers.utils.logging.get_logger("transformers")
+    transformers_logger.addHandler(handler)
     classifier = pipeline(TASK, model=model, tokenizer=tokenizer, image_processor=image_processor)
+    transformers_logger.removeHandler(handler)
     answer = classifier(images(1)[0], candidate_labels=LABELS, margin_threshold=0.0)
     from transformers import CLIPConfig, CLIPModel
 
@@ -309,6 +318,7 @@ def step_model_object(work: Path) -> dict:
         "stage": answer[0]["stage"],
         "keys": sorted(answer[0]),
         "clip_class": f"{type(stock).__module__}.{type(stock).__name__}",
+        "logged_errors": logged_errors,
     }
 
 
