@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = sorted(
     [
         REPO / "README.md",
-        *(REPO / "hub_card").glob("*"),
+        *(path for path in (REPO / "hub_card").rglob("*") if path.suffix in (".md", ".template", ".py", ".txt")),
         *(REPO / "docs").rglob("*.md"),
         *(REPO / "docs").rglob("*.json"),
     ]

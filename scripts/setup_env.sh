@@ -43,7 +43,7 @@ if [ ! -f "$stamp" ]; then
     if ! "$WAVECLIP_VENV/bin/python" -c 'import torch' 2>/dev/null; then
         "$WAVECLIP_VENV/bin/python" -m pip install --quiet "torch==${WAVECLIP_TORCH_VERSION:-2.13.0}"
     fi
-    "$WAVECLIP_VENV/bin/python" -m pip install --quiet -e ".[dev,onnx]" "$transformers_pin"
+    "$WAVECLIP_VENV/bin/python" -m pip install --quiet -e ".[dev,onnx,demo]" "$transformers_pin"
     rm -f "$WAVECLIP_VENV"/.installed-*
     touch "$stamp"
 fi
