@@ -288,6 +288,8 @@ def test_a_single_section_runs_alone_and_is_reported_alone(tmp_path):
     assert set(results) == {"meta", "settings", "early_exit", "targets"}
     assert set(results["meta"]["contention"]) == {"early_exit"}
     assert results["early_exit"]["cuda"] == {"skipped": "skipped: disabled (--no-gpu)"}
+    cpu = results["early_exit"]["cpu"]  # the CPU schedule (4, 0, 2), not the GPU's (4, 0, 1)
+    assert (cpu["batch_size"], cpu["warmup"], cpu["trials"]) == (4, 0, 2)
     assert [t["target"].split(":")[0] for t in results["targets"]] == ["early exit"]
     markdown = write_reports(results, tmp_path)["markdown"].read_text()
     assert "## 4. Early exit" in markdown and "## 1. Image encoder" not in markdown
@@ -415,3 +417,42 @@ def test_one_image_at_a_time_targets_take_the_best_mode():
     assert [(t["measured"], t["passed"]) for t in targets] == [(1.04, True), (1.25, True), (0.8, False), (1.7, True)]
     assert "best mode (onnxruntime)" in targets[0]["target"] and "eager 1.180" in targets[0]["detail"]
     assert "best route (onnxruntime_int8)" in targets[3]["target"]
+
+
+def test_token_scaling_fits_a_fixed_part_per_pass_and_predicts_the_cached_pass_from_its_parts(tmp_path):
+    from waveclip_hf.benchmarking.token_scaling import (
+        TOKEN_COUNTS,
+        linear_weight_bytes,
+        plot_token_scaling,
+        render_markdown,
+        scaling_summary,
+    )
+    from waveclip_hf.export.quantization import quantize_linear_layers
+
+    # A machine where a pass costs 60 ms plus 1.2 ms per token: the cached pass pays the 60 ms twice.
+    seconds = {n: 0.060 + 0.0012 * n for n in TOKEN_COUNTS}
+    summary = scaling_summary(TOKEN_COUNTS, seconds, weight_bytes=340_000_000)
+    assert summary["fit_fixed_ms"] == pytest.approx(60.0) and summary["fit_per_token_ms"] == pytest.approx(1.2)
+    assert summary["fit_max_error_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["cached_over_clip_from_parts"] == pytest.approx((2 * 60 + 197 * 1.2) / (60 + 197 * 1.2))
+    assert summary["weights_gb_per_s_if_fixed_is_streaming"] == pytest.approx(0.34 / 0.060)
+
+    # int8 linear layers hold a quarter of the float32 bytes.
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    model = torch.nn.Module()
+    model.vision_model = layers
+    assert linear_weight_bytes(layers) == 4 * 2 * 64 * 256
+    assert linear_weight_bytes(quantize_linear_layers(model).vision_model) == 2 * 64 * 256
+
+    meta = {
+        "command": "python -m waveclip_hf.benchmarking.token_scaling",
+        "date_utc": "2026-12-07 00:00 UTC",
+        "cpu_model": "test CPU",
+        "torch_threads": 2,
+        "torch": torch.__version__,
+        "transformers": "5.x",
+    }
+    report = {"meta": meta, "settings": {"trials": 3}, "results": {"float32": summary}}
+    markdown = render_markdown(report, "token_scaling.png")
+    assert "| **cached / CLIP predicted from the parts** | **1.202** |" in markdown
+    assert plot_token_scaling(report, tmp_path / "scaling.png").stat().st_size > 10_000

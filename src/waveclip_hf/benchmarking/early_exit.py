@@ -145,7 +145,8 @@ def benchmark_early_exit(
     """
     device = torch.device(device)
     waveclip = waveclip.to(device=device, dtype=dtype)
-    schedule = settings.cpu_early_exit if device == "cpu" else settings.gpu_early_exit
+    # `device.type`: a torch.device never equals the string "cpu" (the GPU schedule, batch 512, would run on the CPU)
+    schedule = settings.cpu_early_exit if device.type == "cpu" else settings.gpu_early_exit
     fractions = settings.exit_fractions
     batch_size = schedule.batch_size
     generator = torch.Generator().manual_seed(settings.seed + 1)
