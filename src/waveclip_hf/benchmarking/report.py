@@ -299,8 +299,9 @@ def _single_image(results: dict[str, Any]) -> list[str]:
     lines = [
         "## 5. One image at a time",
         "",
-        "What a zero-shot service pays per request: each mode runs plain CLIP and WaveCLIP the same way, in the "
-        f"same interleaved rounds ({single['threads']} threads for torch and ONNX Runtime alike). GFLOPs per image: "
+        "What a zero-shot service pays per request: each mode runs plain CLIP and WaveCLIP the same way, in "
+        "interleaved rounds of its own (modes one after another: two runtimes in one set of rounds slow each other) "
+        f"with {single['threads']} threads for torch and ONNX Runtime alike. GFLOPs per image: "
         + ", ".join(f"{SINGLE_IMAGE_CALLS[call]} {value:.2f}" for call, value in per_image.items())
         + " (int8 modes do the same multiply-adds). The last column is 1.0 when stage 0 runs at CLIP's GFLOP/s.",
         "",

@@ -1,7 +1,7 @@
 """Section `single_image`: one image at a time (and a batch of 8) on the CPU, in every way one can serve it.
 
 A zero-shot service answers one request at a time; there the GFLOPs WaveCLIP saves must reach the clock. Each mode
-runs plain CLIP and WaveCLIP the same way, in the same interleaved rounds:
+runs plain CLIP and WaveCLIP the same way, in interleaved rounds of its own (modes one after another):
 
 - `eager`: PyTorch float32, as `encoder` times it;
 - `compiled`: `torch.compile` (WaveCLIP through `compile_stages`, CLIP's embeddings and encoder);
@@ -221,8 +221,31 @@ def mode_ratios(rows: dict[str, dict], per_image: dict[str, float]) -> dict[str,
     }
 
 
+def _run_mode_by_mode(cases: dict[str, Case], modes: list[str], schedule, settings, contention: dict) -> dict:
+    """`run_interleaved` over one mode's four calls at a time, mode after mode; `contention` gathers the rounds'.
+
+    Rounds interleave the calls of one mode, never two runtimes. With every mode in one set of rounds, eager CLIP at
+    batch 1 read 404 ms (IQR 80) against 261 ms in `encoder`'s torch-only rounds of the same run (2026-12-07): a
+    call that follows the other runtime's call on the same two cores runs slower (both runtimes' worker threads
+    spin-wait for a while after a call; not isolated further).
+    """
+    times = {}
+    for mode in modes:
+        stats: dict = {}
+        mode_cases = {name: case for name, case in cases.items() if name.startswith(f"{mode}/")}
+        times.update(
+            run_interleaved(
+                mode_cases, schedule.warmup, schedule.trials, torch.device("cpu"), quiet_policy(settings), stats
+            )
+        )
+        contention.setdefault("rounds_busy_cores", []).extend(stats.get("rounds_busy_cores", []))
+        for key in ("discarded_rounds", "contended_rounds_kept"):
+            contention[key] = contention.get(key, 0) + stats.get(key, 0)
+    return times
+
+
 def single_image_section(settings: BenchmarkSettings, models: EncoderModels, log=print) -> dict[str, Any]:
-    """Every mode's four calls at each of `settings.single_image_schedules`, interleaved in one set of rounds.
+    """Every mode's four calls at each of `settings.single_image_schedules`, in interleaved rounds per mode.
 
     Returns:
         {"modes": `SINGLE_IMAGE_MODES`, "threads", "build_seconds", "first_call_seconds" (per case, compilation
@@ -244,9 +267,7 @@ def single_image_section(settings: BenchmarkSettings, models: EncoderModels, log
                 started, first, contention = time.perf_counter(), {}, {}
                 for name, case in cases.items():  # the first call of each (compilation) is not a trial
                     first[name] = _seconds(case)
-                times = run_interleaved(
-                    cases, schedule.warmup, schedule.trials, torch.device("cpu"), quiet_policy(settings), contention
-                )
+                times = _run_mode_by_mode(cases, list(runners), schedule, settings, contention)
                 rows = {
                     mode: {
                         call: rate_summary(times[f"{mode}/{call}"]["total"], schedule.batch_size, per_image[call])

@@ -185,7 +185,7 @@ def plot_token_scaling(report: dict[str, Any], path: Path) -> Path:
     ax.set_title("A pass costs a fixed part plus a part per token")
     ax.set_xlim(0, CLIP_TOKENS + 8)
     ax.set_ylim(0, None)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.92))
+    ax.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
