@@ -189,6 +189,25 @@ def build_adaptive_run(cache_dir: Path, settings: dict, seed: int, num_workers: 
     return data_root, teacher, student_dir
 
 
+def evaluate_adaptive_run(cache_dir: Path, data_root, teacher, student_dir, axes, progress: bool):
+    """`evaluate_student` on the run's test split with the default thresholds: (results, student config)."""
+    rows = load_benchmark_split(data_root, "test")
+    teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
+    return evaluate_student(
+        cache_dir,
+        data_root,
+        rows,
+        teacher.output_dir,
+        teacher_config,
+        student_dir,
+        default_thresholds(),
+        0.6,
+        64,
+        progress,
+        axes,
+    )
+
+
 def run(
     preset: str,
     cache_dir: str,
@@ -218,23 +237,8 @@ def run(
 
     data_root, teacher, student_dir = build_adaptive_run(cache_dir, settings, seed, num_workers, progress, timed)
     axes = benchmark_axes(read_benchmark_info(data_root))
-    rows = load_benchmark_split(data_root, "test")
-    teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
     results, student_config = timed(
-        "evaluation",
-        lambda: evaluate_student(
-            cache_dir,
-            data_root,
-            rows,
-            teacher.output_dir,
-            teacher_config,
-            student_dir,
-            default_thresholds(),
-            0.6,
-            64,
-            progress,
-            axes,
-        ),
+        "evaluation", lambda: evaluate_adaptive_run(cache_dir, data_root, teacher, student_dir, axes, progress)
     )
     minutes = (time.time() - started) / 60
     first_run_key = {

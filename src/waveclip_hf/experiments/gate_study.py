@@ -259,32 +259,14 @@ def main_job_run(config) -> dict:
 def adaptive_run(cache_dir: Path, main_cache_dir: Path, progress: bool) -> dict:
     """`study_run` of the adaptive 448-px run with 1,000 validation images (its preset keeps 200), built first if
     the cache lacks it; the teacher starts from the main job's, as the preset's does."""
-    from transformers import CLIPConfig
-
     from ..data.synthetic import benchmark_axes, read_benchmark_info
-    from ..evaluation.calibration import default_thresholds
-    from .adaptive_resolution import build_adaptive_run, main_job_teacher, preset_settings
-    from .run_evaluation import evaluate_student
+    from .adaptive_resolution import build_adaptive_run, evaluate_adaptive_run, main_job_teacher, preset_settings
 
     settings = preset_settings("adaptive-448", {"num_validation": 1_000})
     settings["teacher"]["init_from"] = str(main_job_teacher(main_cache_dir, 0).resolve())
     data_root, teacher, student_dir = build_adaptive_run(cache_dir, settings, 0, 2, progress)
     axes = benchmark_axes(read_benchmark_info(data_root))
-    rows = load_benchmark_split(data_root, "test")
-    teacher_config = CLIPConfig.from_pretrained(teacher.output_dir)
-    evaluate_student(
-        cache_dir,
-        data_root,
-        rows,
-        teacher.output_dir,
-        teacher_config,
-        student_dir,
-        default_thresholds(),
-        0.6,
-        64,
-        progress,
-        axes,
-    )
+    evaluate_adaptive_run(cache_dir, data_root, teacher, student_dir, axes, progress)
     return study_run(cache_dir, data_root, teacher.output_dir, student_dir, axes, progress)
 
 

@@ -80,19 +80,23 @@ from .scoring import label_embeddings, zero_shot_logits
 logger = logging.get_logger(__name__)
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
-# Every keyword a call takes (`batch_size` and `num_workers` are read by transformers' `Pipeline.__call__`).
-CALL_PARAMETERS = (
-    "candidate_labels",
-    "hypothesis_template",
-    "timeout",
-    "tokenizer_kwargs",
-    "top_k",
+# The keywords that reach the gate (the pipeline's forward), and every keyword a call takes (`batch_size` and
+# `num_workers` are read by transformers' `Pipeline.__call__`).
+GATE_PARAMETERS = (
     "margin_threshold",
     "exit_signal",
     "max_stages",
     "margin_scaling",
     "gflops_budget",
     "return_all_stages",
+)
+CALL_PARAMETERS = (
+    "candidate_labels",
+    "hypothesis_template",
+    "timeout",
+    "tokenizer_kwargs",
+    "top_k",
+    *GATE_PARAMETERS,
     "batch_size",
     "num_workers",
 )
@@ -270,18 +274,7 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
     def _sanitize_parameters(self, tokenizer_kwargs=None, **kwargs):
         check_call_parameters(kwargs)
         preprocess_params, _, _ = super()._sanitize_parameters(tokenizer_kwargs=tokenizer_kwargs, **kwargs)
-        forward_params = {
-            name: kwargs[name]
-            for name in (
-                "margin_threshold",
-                "exit_signal",
-                "max_stages",
-                "margin_scaling",
-                "gflops_budget",
-                "return_all_stages",
-            )
-            if name in kwargs
-        }
+        forward_params = {name: kwargs[name] for name in GATE_PARAMETERS if name in kwargs}
         # Checked here, before any image is decoded, rather than deep inside the first forward.
         check_margin_scaling(forward_params.get("margin_scaling", "none"))
         if "exit_signal" in forward_params:
