@@ -5,7 +5,6 @@ Starting the server takes a few seconds; the screenshot test about half a minute
 """
 
 import importlib.util
-import socket
 import sys
 from pathlib import Path
 
@@ -20,17 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "hub_card" / "app.py"
 
 
-def load_app():
-    spec = importlib.util.spec_from_file_location("waveclip_demo_app", APP)
+def load_script():
+    """scripts/demo_screenshot.py as a module: it loads the app, finds a free port and takes the screenshot."""
+    spec = importlib.util.spec_from_file_location("demo_screenshot", REPO / "scripts" / "demo_screenshot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +32,10 @@ def served(tmp_path_factory):
     """A tiny two-stage model's demo, served on localhost: (folder, url, app module)."""
     folder = tmp_path_factory.mktemp("demo") / "model"
     save_tiny_folder(folder, levels=1)
-    app = load_app()
+    script = load_script()
+    app = script.load_app()
     demo = app.build_demo(str(folder))
-    port = free_port()
+    port = script.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield folder, f"http://127.0.0.1:{port}/", app
@@ -121,9 +116,7 @@ def test_the_app_imports_only_the_demo_requirements():
 def test_the_page_in_headless_chromium(served, tmp_path):
     """Opens the page in Debian's Chromium (`apt install chromium`), as `scripts/demo_screenshot.py` does for docs/:
     the screenshot is taken once the page's text shows the first example's answer ("answered by stage ...")."""
-    spec = importlib.util.spec_from_file_location("demo_screenshot", REPO / "scripts" / "demo_screenshot.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script()
     _, url, _ = served
     picture = np.asarray(Image.open(script.screenshot(url, tmp_path / "demo.png", 1280, 900)).convert("RGB"))
     assert picture.shape[:2] == (900, 1280)

@@ -43,6 +43,13 @@ def load_app():
     return module
 
 
+def free_port() -> int:
+    """A localhost port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def chromium_binary() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
@@ -148,9 +155,7 @@ def page_text(devtools: DevToolsPipe, session: str) -> str:
 
 def serve_and_screenshot(model: str, output: Path, **kwargs) -> Path:
     """Serve the demo of `model` on a free localhost port, screenshot it, stop the server."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     demo = load_app().build_demo(model)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
