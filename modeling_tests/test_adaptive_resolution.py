@@ -14,13 +14,16 @@ from waveclip_hf.experiments.adaptive_report import HAND_WRITTEN_MARKER, first_a
 from waveclip_hf.experiments.adaptive_resolution import (
     PRESETS,
     adaptive_report,
+    main_job_teacher,
     plain_clip_gflops,
     preset_settings,
     vit_b16_reference,
     write_adaptive_docs,
 )
+from waveclip_hf.experiments.end_to_end import EndToEndConfig
 from waveclip_hf.experiments.report import portable_paths
 from waveclip_hf.experiments.run_evaluation import evaluate
+from waveclip_hf.training.teacher import TRAINING_INFO_NAME
 
 
 # The stage that first sees each scale at 448 px / L=2: approximation, level-2 details, level-1 details.
@@ -154,6 +157,21 @@ def test_benchmark_keys(monkeypatch, tmp_path):
         preset_settings("adaptive-896")
     assert preset_settings("adaptive-448", {"teacher": {"num_epochs": 1.0}})["teacher"]["patch_size"] == 64
     assert PRESETS["adaptive-448"]["teacher"]["image_size"] == 448
+
+
+def test_the_source_teacher_is_found_where_the_main_job_trains_it(monkeypatch, tmp_path):
+    """`main_job_teacher` looks where `build_teacher` writes for the main job's resolved settings (a second
+    derivation of the key once missed the resolved `mixed_precision` and looked in a folder nothing wrote)."""
+    trained = []
+    monkeypatch.setattr(cached_steps, "train_clip_teacher", lambda data_root, output, *a, **k: trained.append(output))
+    settings = EndToEndConfig(cache_dir=str(tmp_path), seed=3).settings()
+    data_root = cached_steps.benchmark_folder(tmp_path, settings, 3)
+    cached_steps.build_teacher(tmp_path, settings, data_root, 3, 1, False)
+    with pytest.raises(FileNotFoundError, match=str(trained[0])):
+        main_job_teacher(tmp_path, 3)
+    trained[0].mkdir()
+    (trained[0] / TRAINING_INFO_NAME).write_text("{}")
+    assert main_job_teacher(tmp_path, 3) == trained[0].resolve()
 
 
 def test_patch_scaled_teacher_reads_a_2x_nearest_upsample_like_the_original():

@@ -83,20 +83,14 @@ def main_job_teacher(main_cache_dir: str | Path, seed: int = 0) -> Path:
     Raises:
         FileNotFoundError: no finished teacher there (run `bash scripts/run_main.sh` first, or pass its folder).
     """
-    from ..training.teacher import TeacherTrainingConfig, read_training_info
-    from .cached_steps import settings_hash
-    from .end_to_end import SIZES
+    from ..training.teacher import read_training_info
+    from .cached_steps import benchmark_folder, teacher_folder
+    from .end_to_end import EndToEndConfig
 
-    small = SIZES["small"]
-    counts = {
-        "num_train": small["num_train"],
-        "num_validation": small["num_validation"],
-        "num_test": small["num_test"],
-    }
-    data_key = settings_hash({"seed": seed, "generator_version": GENERATOR_VERSION, **counts})  # as `build_benchmark`
-    data_name = f"benchmark-v{GENERATOR_VERSION}-{data_key}"
-    config = TeacherTrainingConfig(seed=seed, **small["teacher"])
-    folder = Path(main_cache_dir).expanduser().resolve() / f"teacher-{config.config_hash({'data': data_name})}"
+    # The main job's own keys, from its settings as it resolves them (`mixed_precision: "auto"` included).
+    settings = EndToEndConfig(cache_dir=str(main_cache_dir), seed=seed).settings()
+    data_root = benchmark_folder(main_cache_dir, settings, seed)
+    folder = teacher_folder(Path(main_cache_dir).expanduser().resolve(), settings, data_root, seed)
     if read_training_info(folder) is None:
         raise FileNotFoundError(
             f"No finished main-job teacher at {folder}: run `bash scripts/run_main.sh` first (it "

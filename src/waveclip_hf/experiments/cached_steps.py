@@ -52,11 +52,20 @@ def build_benchmark(cache_dir: Path, settings: dict, seed: int, num_workers: int
         num_train=settings["num_train"], num_validation=settings["num_validation"], num_test=settings["num_test"]
     )
     layout = settings.get("layout", "two-scale")
+    root = benchmark_folder(cache_dir, settings, seed)
+    return generate_benchmark(root, seed=seed, num_workers=num_workers, progress=progress, layout=layout, **counts)
+
+
+def benchmark_folder(cache_dir: Path, settings: dict, seed: int) -> Path:
+    """Where `build_benchmark` keeps the benchmark of these settings and seed (its cache key)."""
+    counts = dict(
+        num_train=settings["num_train"], num_validation=settings["num_validation"], num_test=settings["num_test"]
+    )
+    layout = settings.get("layout", "two-scale")
     keyed = {"seed": seed, "generator_version": GENERATOR_VERSION, **counts}
     if layout != "two-scale":  # the two-scale key stays what it was, so the main job's cache stays valid
         keyed.update(layout=layout, layout_version=THREE_SCALE_VERSION)
-    root = Path(cache_dir) / f"benchmark-v{GENERATOR_VERSION}-{settings_hash(keyed)}"
-    return generate_benchmark(root, seed=seed, num_workers=num_workers, progress=progress, layout=layout, **counts)
+    return Path(cache_dir) / f"benchmark-v{GENERATOR_VERSION}-{settings_hash(keyed)}"
 
 
 def build_teacher(cache_dir: Path, settings: dict, data_root: Path, seed: int, num_workers: int, progress: bool):
@@ -64,8 +73,14 @@ def build_teacher(cache_dir: Path, settings: dict, data_root: Path, seed: int, n
     (`output_dir`, `skipped` = reused)."""
     teacher_config = TeacherTrainingConfig(seed=seed, **settings.get("teacher", {}))
     fresh_accelerator_state()
-    output = Path(cache_dir) / f"teacher-{teacher_config.config_hash({'data': str(data_root.name)})}"
+    output = teacher_folder(cache_dir, settings, data_root, seed)
     return train_clip_teacher(data_root, output, teacher_config, num_workers=num_workers, progress=progress)
+
+
+def teacher_folder(cache_dir: Path, settings: dict, data_root: Path, seed: int) -> Path:
+    """Where `build_teacher` keeps the teacher of these settings, benchmark and seed (its cache key)."""
+    teacher_config = TeacherTrainingConfig(seed=seed, **settings.get("teacher", {}))
+    return Path(cache_dir) / f"teacher-{teacher_config.config_hash({'data': str(Path(data_root).name)})}"
 
 
 def student_distillation_fields(
@@ -125,6 +140,7 @@ def distil_or_reuse_student(cache_dir: Path, fields: dict) -> Path:
 
 
 __all__ = [
+    "benchmark_folder",
     "build_benchmark",
     "build_teacher",
     "distil_or_reuse_student",
@@ -132,4 +148,5 @@ __all__ = [
     "settings_hash",
     "student_distillation_fields",
     "student_output_dir",
+    "teacher_folder",
 ]
