@@ -172,7 +172,9 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
 
     preprocessing = report["preprocessing"]
     assert preprocessing["processors"]["waveclip"] == "WaveCLIPImageProcessor"
+    assert preprocessing["processors"]["waveclip_fast"] == "WaveCLIPImageProcessorFast"
     assert {"astronaut", "coffee", "chelsea", "rocket", "random_1024"} == set(preprocessing["single"])
+    assert all(preprocessing["single"][name]["waveclip_fast"]["median"] > 0 for name in preprocessing["single"])
 
     pipeline = report["pipeline"]
     assert pipeline["num_labels"] == 12

@@ -113,11 +113,17 @@ def test_fresh_process_loads_with_trust_remote_code_and_gives_identical_outputs(
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         zero_shot = AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True)
         assert type(zero_shot).__name__ == "WaveCLIPModel"
-        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
         assert type(processor).__name__ == "WaveCLIPImageProcessor", type(processor)
+        # The fast (torchvision-backend) class, from the same file, by either spelling transformers accepts.
+        for kwargs in ({{"backend": "torchvision"}}, {{"use_fast": True}}):
+            fast = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, **kwargs)
+            assert type(fast).__name__ == "WaveCLIPImageProcessorFast", type(fast)
         pixel_values = load_file({str(tmp_path / "inputs.safetensors")!r})["pixel_values"]
         photos = [skimage.data.astronaut(), skimage.data.coffee()]
         again = processor(images=photos, return_tensors="pt")["pixel_values"]
+        fast_again = fast(images=photos, return_tensors="pt", device="cpu")["pixel_values"]
+        assert (fast_again - again).abs().max() <= 1e-5
         with torch.no_grad():
             stages = model.get_image_features(pixel_values).stage_pooler_outputs
         save_file({{"stages": stages, "pixel_values": again}}, {str(tmp_path / "outputs.safetensors")!r})

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from waveclip_hf.figures.diagrams import plot_subband_pyramid
-from waveclip_hf.models.waveclip import image_processing_waveclip
+from waveclip_hf.models.waveclip import image_decoding_waveclip, image_processing_waveclip
 from waveclip_hf.models.waveclip.image_processing_waveclip import (
     WAVECLIP_YCBCR_MEAN,
     WAVECLIP_YCBCR_STD,
@@ -484,14 +484,16 @@ def test_save_pretrained_round_trip(tmp_path):
     assert default.image_mean == WAVECLIP_YCBCR_MEAN and default.image_std == WAVECLIP_YCBCR_STD
 
 
-def test_module_imports_only_what_remote_code_may_import():
-    tree = ast.parse(Path(image_processing_waveclip.__file__).read_text())
+@pytest.mark.parametrize("module", [image_processing_waveclip, image_decoding_waveclip])
+def test_module_imports_only_what_remote_code_may_import(module):
+    tree = ast.parse(Path(module.__file__).read_text())
     allowed = {"torch", "numpy", "PIL", "ptwt", "pywt", "transformers", "__future__"}
     stdlib = {"collections", "contextlib", "math", "numbers", "os", "threading", "typing", "warnings"}
     top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     for node in top_level:
         if isinstance(node, ast.ImportFrom) and node.level:
-            assert node.module == "wavelet_layout" and node.level == 1  # relative sibling import only
+            # relative sibling imports only
+            assert node.module in ("wavelet_layout", "image_decoding_waveclip") and node.level == 1
             continue
         names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
         for name in names:

@@ -27,7 +27,7 @@ import PIL.Image
 import pytest
 import torch
 
-from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from waveclip_hf.models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor, WaveCLIPImageProcessorFast
 
 
 SIZE = 32  # output side S: small, so each example is cheap; divisible by 2**3 for levels 1..3
@@ -216,8 +216,10 @@ any_case = st.one_of(array_cases(), pil_cases())
 
 
 def check_batch(cases: list[Case], levels: int) -> None:
-    """The whole contract for one call on a batch of drawn images."""
+    """The whole contract for one call on a batch of drawn images, by the slow processor; the fast one raises the
+    same error or gives the same `pixel_values` (within 1e-5)."""
     processor = WaveCLIPImageProcessor(image_size=SIZE, levels=levels)
+    fast = WaveCLIPImageProcessorFast(image_size=SIZE, levels=levels)
     images = [case.image for case in cases]
     before = [
         image.copy() if isinstance(image, np.ndarray) else image.clone()
@@ -229,16 +231,19 @@ def check_batch(cases: list[Case], levels: int) -> None:
         hypothesis.event("error" if first_bad is not None else "valid")
         hypothesis.event(f"compared with the reference: {any(case.reference is not None for case in cases)}")
     if first_bad is not None:
-        with pytest.raises(ValueError) as raised:
-            processor(images=images)
-        # The message names the image (its index in the batch) and the problem.
-        assert re.search(rf"^Image {first_bad}: .*{cases[first_bad].error}", str(raised.value)), (
-            cases[first_bad].description,
-            str(raised.value),
-        )
+        for checked in (processor, fast):
+            with pytest.raises(ValueError) as raised:
+                checked(images=images)
+            # The message names the image (its index in the batch) and the problem.
+            assert re.search(rf"^Image {first_bad}: .*{cases[first_bad].error}", str(raised.value)), (
+                type(checked).__name__,
+                cases[first_bad].description,
+                str(raised.value),
+            )
         return
 
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert (fast(images=images, return_tensors="pt")["pixel_values"] - pixel_values).abs().max() <= 1e-5
     assert pixel_values.shape == (len(cases), 3, SIZE, SIZE) and pixel_values.dtype == torch.float32
     assert torch.isfinite(pixel_values).all()
     # The caller's arrays and tensors are never modified.

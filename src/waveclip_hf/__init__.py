@@ -27,7 +27,7 @@ from transformers import (
 
 from .models.waveclip.configuration_waveclip import WaveCLIPConfig, WaveCLIPVisionConfig
 from .models.waveclip.gate_calibration import GateCalibration
-from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+from .models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor, WaveCLIPImageProcessorFast
 from .models.waveclip.modeling_waveclip import (
     WaveCLIPModel,
     WaveCLIPPreTrainedModel,
@@ -45,7 +45,12 @@ AutoConfig.register(WaveCLIPVisionConfig.model_type, WaveCLIPVisionConfig, exist
 AutoModel.register(WaveCLIPConfig, WaveCLIPModel, exist_ok=True)
 AutoModel.register(WaveCLIPVisionConfig, WaveCLIPVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(WaveCLIPConfig, WaveCLIPModel, exist_ok=True)
-AutoImageProcessor.register(WaveCLIPConfig, slow_image_processor_class=WaveCLIPImageProcessor, exist_ok=True)
+AutoImageProcessor.register(
+    WaveCLIPConfig,
+    slow_image_processor_class=WaveCLIPImageProcessor,
+    fast_image_processor_class=WaveCLIPImageProcessorFast,
+    exist_ok=True,
+)
 AutoProcessor.register(WaveCLIPConfig, WaveCLIPProcessor, exist_ok=True)
 
 # Public names imported on first use, and where they live.
@@ -73,6 +78,7 @@ __all__ = [
     "GateCalibration",
     "WaveCLIPConfig",
     "WaveCLIPImageProcessor",
+    "WaveCLIPImageProcessorFast",
     "WaveCLIPModel",
     "WaveCLIPPreTrainedModel",
     "WaveCLIPProcessor",

@@ -1,4 +1,5 @@
-"""Section `preprocessing`: `WaveCLIPImageProcessor` (YCbCr + DWT) against `transformers.CLIPImageProcessor()`.
+"""Section `preprocessing`: `WaveCLIPImageProcessor` (YCbCr + DWT) and its fast (batched, device-side) variant
+`WaveCLIPImageProcessorFast` against `transformers.CLIPImageProcessor()`.
 
 Same RGB PIL images for both (scikit-image photos of various sizes and a random 1024 x 1024 image), one image per
 call and a batch per call. Without torchvision, `CLIPImageProcessor()` returns `CLIPImageProcessorPil`.
@@ -32,13 +33,15 @@ def sample_images(seed: int = 0) -> dict[str, Any]:
 
 
 def build_processors(settings: BenchmarkSettings) -> dict[str, Any]:
-    """{"waveclip": `WaveCLIPImageProcessor`, "clip": what `CLIPImageProcessor()` gives}, both at `image_size`."""
+    """{"waveclip": `WaveCLIPImageProcessor`, "waveclip_fast": `WaveCLIPImageProcessorFast` (on the CPU), "clip":
+    what `CLIPImageProcessor()` gives}, all at `image_size`."""
     from transformers import CLIPImageProcessor
 
-    from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor
+    from ..models.waveclip.image_processing_waveclip import WaveCLIPImageProcessor, WaveCLIPImageProcessorFast
 
     return {
         "waveclip": WaveCLIPImageProcessor(image_size=settings.image_size, levels=settings.levels),
+        "waveclip_fast": WaveCLIPImageProcessorFast(image_size=settings.image_size, levels=settings.levels),
         "clip": CLIPImageProcessor(
             size={"shortest_edge": settings.image_size},
             crop_size={"height": settings.image_size, "width": settings.image_size},

@@ -327,25 +327,34 @@ def _preprocessing(results: dict[str, Any]) -> list[str]:
     pre = results.get("preprocessing")
     if not pre:
         return []
+    clip_class = pre["processors"]["clip"]
     lines = [
         "## 2. Preprocessing",
         "",
-        f"`WaveCLIPImageProcessor` (YCbCr + Haar DWT) vs `CLIPImageProcessor()`, which gives "
-        f"`{pre['processors']['clip']}` here (torchvision is not installed). Same RGB PIL images, "
-        '`return_tensors="pt"`.',
+        f"`WaveCLIPImageProcessor` (YCbCr + Haar DWT) and `WaveCLIPImageProcessorFast` (the same `pixel_values`, "
+        f"made on the device it is given; here the CPU) vs `CLIPImageProcessor()`, which gives `{clip_class}` here"
+        + (" (torchvision is not installed)" if clip_class.endswith("Pil") else "")
+        + '. Same RGB PIL images, `return_tensors="pt"`.',
         "",
-        "| image | size | WaveCLIP median | IQR | CLIP median | IQR | ratio | WaveCLIP on 1 thread |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| image | size | WaveCLIP median | IQR | CLIP median | IQR | ratio | WaveCLIP on 1 thread | fast median "
+        "| IQR | fast / WaveCLIP |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     batch = pre["batch"]
     rows = [(name, row["size"], row) for name, row in pre["single"].items()]
     rows.append((f"batch of {batch['batch_size']} (images cycled), per call", "", batch))
     for name, size, row in rows:
         one_thread = _ms(row["waveclip_1_thread"]["median"]) if "waveclip_1_thread" in row else "—"
+        fast = row.get("waveclip_fast")
+        fast_cells = (
+            f"{_ms(fast['median'])} | {_spread(fast)} | {fast['median'] / row['waveclip']['median']:.2f}"
+            if fast
+            else "— | — | —"
+        )
         lines.append(
             f"| {name} | {size} | {_ms(row['waveclip']['median'])} | {_spread(row['waveclip'])} | "
             f"{_ms(row['clip']['median'])} | {_spread(row['clip'])} | "
-            f"{row['waveclip']['median'] / row['clip']['median']:.2f} | {one_thread} |"
+            f"{row['waveclip']['median'] / row['clip']['median']:.2f} | {one_thread} | {fast_cells} |"
         )
     return lines + [
         "",

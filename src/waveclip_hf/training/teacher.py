@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ..data.synthetic import benchmark_axes, label_ids, load_benchmark_split, read_benchmark_info
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
@@ -349,7 +349,7 @@ class _TeacherData:
     rows: list
     num_images: int
     tokenizer: object
-    image_processor: CLIPImageProcessor
+    image_processor: CLIPImageProcessorPil
     loader: torch.utils.data.DataLoader
 
     @classmethod
@@ -432,7 +432,7 @@ def _save_teacher(output_dir: Path, model, tokenizer, image_processor, info: dic
 def evaluate_clip_zero_shot(
     model: CLIPModel,
     tokenizer,
-    image_processor: CLIPImageProcessor,
+    image_processor: CLIPImageProcessorPil,
     data_root: str | os.PathLike,
     split: str = "test",
     batch_size: int = 256,

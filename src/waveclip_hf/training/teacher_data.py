@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessorPil
 
 from ..data.synthetic import AXES, label_ids, labels_of_row, load_benchmark_split, read_benchmark_info, sample_caption
 
@@ -25,10 +25,14 @@ CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_image_processor(image_size: int = 224) -> CLIPImageProcessor:
+def build_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
     """The teacher's image processor, built without the Hub: shortest side -> `image_size`
-    (bicubic), centre crop, rescale to [0, 1], normalise with OpenAI CLIP's mean/std."""
-    return CLIPImageProcessor(
+    (bicubic), centre crop, rescale to [0, 1], normalise with OpenAI CLIP's mean/std.
+
+    Pillow's backend by name: `CLIPImageProcessor` is the torchvision backend where torchvision is installed and
+    Pillow's elsewhere, and the two resize differently, so the teacher's pixels (and every cached step after them)
+    would depend on whether torchvision happens to be there. It saves as a `CLIPImageProcessor` all the same."""
+    return CLIPImageProcessorPil(
         do_resize=True,
         size={"shortest_edge": image_size},
         resample=int(Image.Resampling.BICUBIC),  # an int, as it reads back from JSON
@@ -61,7 +65,7 @@ def _preprocess_chunk(job) -> None:
 def pixel_cache(
     data_root: str | os.PathLike,
     split: str,
-    image_processor: CLIPImageProcessor,
+    image_processor: CLIPImageProcessorPil,
     num_workers: int = 2,
     progress: bool = True,
 ) -> np.ndarray:
@@ -113,7 +117,7 @@ def pixel_cache(
     return np.load(path, mmap_mode="r")
 
 
-def normalize_pixels(pixels: torch.Tensor, image_processor: CLIPImageProcessor) -> torch.Tensor:
+def normalize_pixels(pixels: torch.Tensor, image_processor: CLIPImageProcessorPil) -> torch.Tensor:
     """(B, 3, S, S) uint8 from `pixel_cache` -> (B, 3, S, S) float32 `pixel_values`,
     identical to what `image_processor(images)` returns for the same images."""
     mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import ptwt
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import logging
+from transformers.utils import TensorType, logging
 
+from .image_decoding_waveclip import decode_image, decoded_to_rgb, flatten_images, shared_tensor, stack_decoded
 from .wavelet_layout import check_packable, pack_coefficients, unpack_coefficients
 
 
@@ -70,10 +67,6 @@ _YCBCR_TO_RGB = tuple(tuple(float(v) for v in row) for row in np.linalg.inv(np.a
 #   channels on the same scale for the patch projections.
 WAVECLIP_YCBCR_MEAN = (0.4592, 0.4712, 0.5158)
 WAVECLIP_YCBCR_STD = (0.2650, 0.0820, 0.0930)
-
-# A float image outside [0, 1] by more than this is taken to be in another range (0-255, or already normalised)
-# and rejected; inside it, small overshoots (from an upstream bicubic resize, say) are clamped.
-_FLOAT_RANGE_TOLERANCE = 0.05
 
 # Above this aspect ratio the source is cut to its centre before resizing, so that a 1 x 100000 strip does not
 # become a 224 x 22 million intermediate image. Only the central square survives the crop anyway.
@@ -286,7 +279,7 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
         "do_center_crop",
     )
 
-    def preprocess(self, images=None, return_tensors=None, **kwargs) -> BatchFeature:
+    def preprocess(self, images=None, return_tensors=None, device=None, **kwargs) -> BatchFeature:
         r"""
         Turn one image or a batch of images into packed wavelet coefficients.
 
@@ -295,6 +288,9 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
                 The images; see the class docstring for the accepted kinds. Sizes may differ within a batch.
             return_tensors (`str` or `TensorType`, *optional*):
                 `"pt"` or `"np"`; by default `pixel_values` is a torch tensor.
+            device (`str` or `torch.device`, *optional*):
+                Where `pixel_values` is returned (with `"pt"`). This processor works on the CPU and copies the
+                result; [`WaveCLIPImageProcessorFast`] does the work on the device.
             kwargs:
                 Per-call overrides of the settings: `image_size`, `wavelet`, `levels`, `image_mean`, `image_std`,
                 `resample`, `do_resize`, `do_center_crop`. Other standard `ImagesKwargs` are ignored with a warning.
@@ -308,13 +304,13 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
                 an empty image, NaN / inf values, out-of-range floats, or invalid settings.
         """
         settings = self._resolve_settings(kwargs)
-        flat = _flatten_images(images)
+        flat = flatten_images(images)
         rgb = [
-            _resize_and_crop(_to_float_rgb(image, index), index, **settings["geometry"])
+            _resize_and_crop(decoded_to_rgb(decode_image(image, index)), index, **settings["geometry"])
             for index, image in enumerate(flat)
         ]
         pixel_values = self._encode(torch.stack(rgb), **settings["transform"])
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+        return _batch_feature(pixel_values, device, return_tensors)
 
     def _resolve_settings(self, overrides: dict) -> dict:
         unknown = [key for key in overrides if key not in self.valid_kwargs.__annotations__]
@@ -354,8 +350,8 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
         # Colour transform and normalisation are one affine map, (M rgb + offset - mean) / std, applied in one
         # pass over the batch instead of three; its coefficients are folded in float64.
         std = np.asarray(image_std, dtype=np.float64)
-        matrix = torch.from_numpy(np.asarray(_RGB_TO_YCBCR) / std[:, None]).to(rgb.dtype)
-        bias = torch.from_numpy((np.asarray(_YCBCR_OFFSET) - np.asarray(image_mean)) / std).to(rgb.dtype)
+        matrix = torch.from_numpy(np.asarray(_RGB_TO_YCBCR) / std[:, None]).to(rgb.device, rgb.dtype)
+        bias = torch.from_numpy((np.asarray(_YCBCR_OFFSET) - np.asarray(image_mean)) / std).to(rgb.device, rgb.dtype)
         batch, _, height, width = rgb.shape
         normalised = torch.baddbmm(
             bias[None, :, None].expand(batch, 3, 1),
@@ -424,13 +420,94 @@ class WaveCLIPImageProcessor(BaseImageProcessor):
         ycbcr = normalised * std + mean
         return ycbcr_to_rgb(ycbcr) if to == "rgb" else ycbcr
 
+    def to_dict(self) -> dict:
+        """The settings as saved. Both classes save the same file, as transformers' own backends do: the base
+        class name as `image_processor_type`, and in `auto_map` the pair (this class, the fast one), from which
+        `AutoImageProcessor` picks by `backend` / `use_fast`."""
+        output = super().to_dict()
+        output["image_processor_type"] = "WaveCLIPImageProcessor"
+        auto_map = output.get("auto_map") or {}
+        if "AutoImageProcessor" in auto_map:
+            entry = auto_map["AutoImageProcessor"]
+            module = (entry[0] if isinstance(entry, (list, tuple)) else entry).rsplit(".", 1)[0]
+            auto_map["AutoImageProcessor"] = [f"{module}.{name}" for name in ("WaveCLIPImageProcessor", _FAST_NAME)]
+        return output
+
+
+_FAST_NAME = "WaveCLIPImageProcessorFast"
+
+
+class WaveCLIPImageProcessorFast(WaveCLIPImageProcessor):
+    r"""
+    [`WaveCLIPImageProcessor`] batched and on a device: the same settings, files and `pixel_values` (equal within
+    1e-5), made where the model runs.
+
+    Each image is read on the CPU as the slow processor reads it (same inputs accepted, same errors), but kept in
+    its source dtype; images of one size and kind are stacked and copied to `device` together (uint8: a quarter of
+    float32's bytes), and there widened to float, resized and cropped in one call per size; the colour transform
+    and the DWT run on the whole batch on the device. The tensors are the (C, H, W) tensors torchvision's
+    transforms take, resized by the antialiased interpolation that torchvision's `resize` calls for float tensors;
+    torch is all it needs.
+
+    It is the model's torchvision-backend ("fast") image processor: `AutoImageProcessor.from_pretrained(folder,
+    trust_remote_code=True, backend="torchvision")` (or `use_fast=True`) returns it, and transformers picks it by
+    default where torchvision is installed; `backend="pil"` (or `use_fast=False`) gives [`WaveCLIPImageProcessor`].
+
+    Example:
+
+    ```python
+    >>> processor = WaveCLIPImageProcessorFast(levels=2)
+    >>> inputs = processor(images, return_tensors="pt", device=model.device)  # pixel_values already on the GPU
+    ```
+    """
+
+    def preprocess(self, images=None, return_tensors=None, device=None, **kwargs) -> BatchFeature:
+        r"""
+        [`WaveCLIPImageProcessor.preprocess`], with the work done on `device` (default: the CPU).
+
+        Returns:
+            `BatchFeature` with `pixel_values` of shape (B, 3, S, S), float32, on `device` (with `"pt"`).
+        """
+        settings = self._resolve_settings(kwargs)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        decoded = [decode_image(image, index) for index, image in enumerate(flatten_images(images))]
+        crops: list = [None] * len(decoded)
+        # On the CPU one image at a time: a batch of full-size float images leaves the cache and is slower than
+        # the same images one by one (docs/benchmarks.md, preprocessing); on an accelerator, one call per size.
+        for indices in _batchable_groups(decoded, max_size=1 if device.type == "cpu" else len(decoded)):
+            batch = stack_decoded([decoded[index] for index in indices]).to(device)
+            resized = _resize_and_crop(decoded_to_rgb(batch), indices[0], **settings["geometry"])
+            for position, index in enumerate(indices):
+                crops[index] = resized[position]
+        pixel_values = self._encode(torch.stack(crops), **settings["transform"])
+        return _batch_feature(pixel_values, device, return_tensors)
+
+
+def _batchable_groups(decoded: list, max_size: int) -> list[list[int]]:
+    """Indices of images that can be widened, resized and cropped as one batch (same shape, dtype, kind and
+    scale), at most `max_size` to a batch."""
+    groups: dict = {}
+    for index, image in enumerate(decoded):
+        key = (tuple(image.values.shape), image.values.dtype, image.kind, image.scale)
+        groups.setdefault(key, []).append(index)
+    return [group[start : start + max_size] for group in groups.values() for start in range(0, len(group), max_size)]
+
+
+def _batch_feature(pixel_values: torch.Tensor, device, return_tensors) -> BatchFeature:
+    """`pixel_values` as a `BatchFeature`, on `device` for torch tensors (numpy arrays live on the CPU)."""
+    if device is not None and return_tensors not in ("np", TensorType.NUMPY):
+        pixel_values = pixel_values.to(device)
+    elif return_tensors in ("np", TensorType.NUMPY):
+        pixel_values = pixel_values.cpu()
+    return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
 
 def as_packed_tensor(pixel_values) -> torch.Tensor:
     """Accept a tensor, array or `BatchFeature`; check it is (..., 3, S, S); return a float torch tensor."""
     if isinstance(pixel_values, (BatchFeature, dict)):
         pixel_values = pixel_values["pixel_values"]
     if isinstance(pixel_values, np.ndarray):
-        pixel_values = _shared_tensor(pixel_values)
+        pixel_values = shared_tensor(pixel_values)
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
         raise ValueError(
             f"Expected packed `pixel_values` as a float tensor or array, got {type(pixel_values).__name__}."
@@ -441,271 +518,11 @@ def as_packed_tensor(pixel_values) -> torch.Tensor:
     return pixel_values
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Input conversion: anything → (3, H, W) float32 RGB in [0, 1]
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _flatten_images(images) -> list:
-    """One image, a list / tuple of images, or a 4-D batch array / tensor → flat list of single images."""
-    if images is None:
-        raise ValueError("No images given: pass a PIL image, an array, a tensor, a path, or a list of them.")
-    items = list(images) if isinstance(images, (list, tuple)) else [images]
-    flat = []
-    for item in items:
-        if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
-            flat.extend(item[i] for i in range(item.shape[0]))
-        else:
-            flat.append(item)
-    if not flat:
-        raise ValueError("Empty batch: got an empty list (or a 4-D array with zero images); pass at least one image.")
-    return flat
-
-
-def _to_float_rgb(image: Any, index: int) -> torch.Tensor:
-    """Convert one image of any accepted kind to a (3, H, W) float32 RGB tensor in [0, 1]."""
-    what = f"Image {index}"
-    if isinstance(image, (str, os.PathLike)):
-        what = f"Image {index} ('{os.fspath(image)}')"
-        image = _open_image(image)
-    if isinstance(image, PIL.Image.Image):
-        array, scale = _pil_to_array(image, what)
-        values, kind = _numpy_to_tensor(array, what)
-        return _array_to_rgb(values, kind, scale=scale, channels_first=False, what=what)
-    if isinstance(image, np.ndarray):
-        values, kind = _numpy_to_tensor(image, what)
-        return _array_to_rgb(values, kind, scale=None, channels_first=False, what=what)
-    if isinstance(image, torch.Tensor):
-        values, kind = _torch_to_tensor(image, what)
-        return _array_to_rgb(values, kind, scale=None, channels_first=True, what=what)
-    raise ValueError(
-        f"{what}: unsupported type {type(image).__name__}. Pass a PIL image, a numpy array, a torch tensor or a "
-        "path to an image file (or a list of them)."
-    )
-
-
-def _open_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open and fully decode an image file (or URL); turn every failure into a `ValueError` naming the path."""
-    path = os.fspath(path)
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if path.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image
-
-        try:
-            return load_image(path)
-        except Exception as error:  # network and decoding errors alike: the URL is what the user can fix
-            raise ValueError(f"Cannot load image from URL '{path}': {error}") from error
-    if not os.path.isfile(path):
-        raise ValueError(f"Cannot read image file '{path}': no such file.")
-    try:
-        with PIL.Image.open(path) as image:
-            # `load()` decodes now, so a truncated file fails here and not later inside numpy.
-            image.load()
-            return PIL.ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
-        # PIL.UnidentifiedImageError is an OSError; SyntaxError is what some plugins raise for corrupt headers.
-        raise ValueError(
-            f"Cannot read image file '{path}': {error}. Check that it is a complete image in a format Pillow "
-            "reads (PNG, JPEG, WebP, TIFF, ...)."
-        ) from error
-
-
-def _pil_to_array(image: PIL.Image.Image, what: str) -> tuple[np.ndarray, float | None]:
-    """PIL image → (H, W) or (H, W, C) array and the scale to [0, 1] (None: infer from the dtype)."""
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"{what}: the image is empty ({image.width} x {image.height}).")
-    mode = image.mode
-    if mode in ("1", "L", "LA", "RGB", "RGBA", "F"):
-        return np.asarray(image), None
-    if mode.startswith("I;16"):
-        # Pillow's 16-bit grayscale (e.g. 16-bit PNG); any byte order, converted by astype later.
-        return np.asarray(image), 1 / 65535
-    if mode == "I":
-        # 32-bit signed; Pillow opens 16-bit data of some formats (TIFF, PGM, older PNG plugins) in this mode.
-        array = np.asarray(image)
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 65535:
-            raise ValueError(
-                f"{what}: mode 'I' image with values {low}..{high}; only 0..65535 (16-bit) is supported. "
-                "Rescale it to 0..65535 or to a float image in [0, 1]."
-            )
-        return array, 1 / 65535
-    if mode in ("P", "PA"):
-        # A palette may carry transparency (a transparent index or an alpha palette): keep it to composite.
-        has_alpha = mode == "PA" or "transparency" in image.info
-        return np.asarray(image.convert("RGBA" if has_alpha else "RGB")), None
-    if mode == "La":
-        return np.asarray(image.convert("LA")), None
-    if mode == "RGBa":
-        return np.asarray(image.convert("RGBA")), None
-    try:
-        # CMYK (Pillow's naive, profile-free conversion), RGBX, YCbCr, HSV, LAB, ...
-        return np.asarray(image.convert("RGB")), None
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{what}: cannot convert a PIL image of mode {mode!r} to RGB: {error}") from error
-
-
-def _numpy_to_tensor(array: np.ndarray, what: str) -> tuple[torch.Tensor, str]:
-    """numpy → (torch tensor, kind of the source dtype: "bool" / "uint8" / "uint16" / "int" / "float").
-
-    Wider types are cast to float32 here (torch has few kernels for uint16 / uint32, and float32 holds every
-    integer up to 2**24 exactly); uint8 and bool are shared with the array without a copy.
-    """
-    dtype = array.dtype
-    if dtype.kind == "b":
-        return _shared_tensor(array), "bool"
-    if dtype.kind == "u" and dtype.itemsize == 1:
-        return _shared_tensor(array), "uint8"
-    if dtype.kind in "iu":
-        kind = "uint16" if dtype.kind == "u" and dtype.itemsize == 2 else "int"
-    elif dtype.kind == "f":
-        kind = "float"
-        if dtype.itemsize > 4 and array.size:
-            # Check before the cast: float32 turns values beyond ±3.4e38 into inf, which the later check would
-            # misreport as "NaN or inf" for an image that merely has the wrong range.
-            _check_float_values(bool(np.isfinite(array).all()), float(np.min(array)), float(np.max(array)), what)
-    else:
-        raise ValueError(
-            f"{what}: unsupported dtype {dtype}; use bool, uint8, uint16, another integer type or a real float."
-        )
-    # astype also brings byte-swapped data (e.g. Pillow's big-endian 'I;16B') to native order.
-    return _shared_tensor(array.astype(np.float32, copy=False)), kind
-
-
-def _shared_tensor(array: np.ndarray) -> torch.Tensor:
-    """`torch.from_numpy` without its warning for read-only arrays (np.asarray of a PIL image is one): the
-    tensor is only ever read, every later step works out of place.
-
-    Arrays with negative strides (`image[::-1]`, OpenCV's BGR -> RGB `image[..., ::-1]`) are copied first: torch
-    tensors cannot have negative strides. (`copy`, not `np.ascontiguousarray`: numpy calls an array with a negative
-    stride on a length-1 axis contiguous and would return it unchanged.)"""
-    if any(stride < 0 for stride in array.strides):
-        array = array.copy()
-    if array.flags.writeable:
-        return torch.from_numpy(array)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
-
-
-def _torch_to_tensor(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, str]:
-    """torch → (CPU tensor, kind of its dtype), as `_numpy_to_tensor`."""
-    if tensor.device.type == "meta":
-        raise ValueError(
-            f"{what}: the tensor is on the meta device and holds no data; pass a tensor with real values."
-        )
-    tensor = tensor.detach().cpu()
-    if tensor.layout != torch.strided:  # sparse and other layouts: the checks below need dense values
-        tensor = tensor.to_dense()
-    dtype = tensor.dtype
-    if dtype == torch.bool:
-        return tensor, "bool"
-    if dtype == torch.uint8:
-        return tensor, "uint8"
-    if dtype.is_complex:
-        raise ValueError(f"{what}: unsupported dtype {dtype}; use an integer or real floating-point type.")
-    if dtype.is_floating_point:
-        if dtype == torch.float64 and tensor.numel():  # check before float32 overflows huge values to inf
-            finite = bool(torch.isfinite(tensor).all())
-            low, high = (v.item() for v in torch.aminmax(tensor)) if finite else (0.0, 0.0)
-            _check_float_values(finite, low, high, what)
-        return tensor.to(torch.float32), "float"
-    return tensor.to(torch.float32), "uint16" if dtype == torch.uint16 else "int"
-
-
-def _array_to_rgb(
-    values: torch.Tensor, kind: str, *, scale: float | None, channels_first: bool, what: str
-) -> torch.Tensor:
-    """(H, W), (H, W, C) or (C, H, W) tensor → (3, H, W) float32 RGB in [0, 1].
-
-    Args:
-        values: the image (may share memory with the caller's input: never modified in place).
-        kind: the source dtype kind ("bool", "uint8", "uint16", "int", "float"), which sets the scale to [0, 1].
-        scale: factor to [0, 1] for integer data when the caller knows the bit depth (PIL modes), else None.
-        channels_first: prefer (C, H, W) when both the first and the last axis could be channels.
-        what: how error messages name the image.
-    """
-    shape = tuple(values.shape)
-    if values.ndim not in (2, 3):
-        raise ValueError(
-            f"{what}: expected an image of shape (H, W), (H, W, C) or (C, H, W) (or a 4-D batch), got "
-            f"{values.ndim}-D shape {shape}."
-        )
-    if values.numel() == 0:
-        raise ValueError(f"{what}: the image is empty (shape {shape}); every side must be at least 1 pixel.")
-    if values.ndim == 2:
-        values = values[None]
-    else:
-        first_is_channel, last_is_channel = shape[0] <= 4, shape[-1] <= 4
-        if first_is_channel and (channels_first or not last_is_channel):
-            pass
-        elif last_is_channel:
-            values = values.permute(2, 0, 1)
-        else:
-            raise ValueError(
-                f"{what}: unsupported channel count in shape {shape}. Expected 1 (gray), 2 (gray + alpha), "
-                "3 (RGB) or 4 (RGBA) channels, as (H, W, C) or (C, H, W)."
-            )
-    values = _to_unit_float(values, kind, scale, what)
-
-    channels = values.shape[0]
-    if channels == 1:
-        return values.expand(3, -1, -1)
-    if channels == 3:
-        return values
-    # Alpha is composited on white (see the class docstring for why), in float so 16-bit alpha keeps its precision.
-    colour, alpha = values[:-1], values[-1:]
-    return (colour * alpha + (1 - alpha)).expand(3, -1, -1)
-
-
-def _to_unit_float(values: torch.Tensor, kind: str, scale: float | None, what: str) -> torch.Tensor:
-    """Integer levels or float values → float32 in [0, 1]; reject NaN / inf and out-of-range data.
-
-    The result keeps the memory layout of `values`: a (C, H, W) view of a channels-last (H, W, C) array stays
-    channels-last. Casting it to channels-first would be a transposing copy (for a 512 x 512 photo, most of the
-    conversion's time), while the resize reads either layout and gives the same numbers.
-    """
-    if kind == "bool":
-        return values.to(torch.float32)
-    if kind == "float":
-        finite = bool(torch.isfinite(values).all())
-        low, high = (v.item() for v in torch.aminmax(values)) if finite else (0.0, 0.0)
-        _check_float_values(finite, low, high, what)
-        # Out of place: `values` may be the caller's own tensor or array.
-        return values.clamp(0, 1)
-    if scale is None and kind == "uint8":
-        scale = 1 / 255
-    elif scale is None and kind == "uint16":
-        scale = 1 / 65535
-    elif scale is None:
-        # An integer type that does not say its bit depth (int32 / int64, e.g. from torch.randint): infer it.
-        low, high = (v.item() for v in torch.aminmax(values))
-        if low < 0 or high > 65535:
-            raise ValueError(
-                f"{what}: integer image with values {low:.0f}..{high:.0f}; expected 0..255 (8-bit) or 0..65535 "
-                "(16-bit). Rescale it, or pass a float image in [0, 1]."
-            )
-        scale = 1 / 255 if high <= 255 else 1 / 65535
-    # In place is safe here: uint8 is copied by the cast, and wider integers were already copied to float32.
-    return values.to(torch.float32).mul_(scale)
-
-
-def _check_float_values(finite: bool, low: float, high: float, what: str) -> None:
-    """Reject float images with NaN / inf, or with values outside [0, 1] beyond the clamping tolerance."""
-    if not finite:
-        raise ValueError(f"{what}: the image contains NaN or inf values; replace them before processing.")
-    if low < -_FLOAT_RANGE_TOLERANCE or high > 1 + _FLOAT_RANGE_TOLERANCE:
-        raise ValueError(
-            f"{what}: float images must hold values in [0, 1], got {low:.4g}..{high:.4g}. Divide 0-255 data "
-            "by 255 (or pass it as uint8), and pass images before any normalisation."
-        )
-
-
 def _resize_and_crop(
     image: torch.Tensor, index: int, *, size: int, resample: PILImageResampling, do_resize: bool, do_center_crop: bool
 ) -> torch.Tensor:
-    """(3, H, W) float RGB → (3, size, size): resize the shortest side to `size`, centre-crop, clamp to [0, 1]."""
+    """(..., 3, H, W) float RGB → (..., 3, size, size): resize the shortest side to `size`, centre-crop, clamp to
+    [0, 1]. A batch of images of one size is resized in one call; `index` names the first in errors."""
     height, width = image.shape[-2:]
     if do_resize and do_center_crop:
         short, long = min(height, width), max(height, width)
@@ -741,24 +558,27 @@ def _resize_and_crop(
 
 
 def _resize(image: torch.Tensor, target: tuple[int, int], resample: PILImageResampling) -> torch.Tensor:
-    """Resize a (3, H, W) float32 image to `target` = (height, width) with Pillow's kernels, in float32."""
+    """Resize (..., 3, H, W) float32 images to `target` = (height, width) with Pillow's kernels, in float32."""
     mode = _TORCH_INTERPOLATION.get(resample)
     if mode is not None:
         # torch's antialiased bilinear / bicubic use Pillow's kernels (bicubic a = -0.5); measured within 2e-5 of
-        # Pillow's float ("F") resize, and ~3x faster than it.
+        # Pillow's float ("F") resize, and ~3x faster than it. torchvision's `resize` calls the same function for
+        # float tensors.
         kwargs = {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}
-        return F.interpolate(image[None], size=target, mode=mode, **kwargs)[0]
+        resized = F.interpolate(image if image.ndim == 4 else image[None], size=target, mode=mode, **kwargs)
+        return resized if image.ndim == 4 else resized[0]
     channels = [
         np.asarray(PIL.Image.fromarray(channel.numpy()).resize(target[::-1], resample=resample))
-        for channel in image.contiguous()
+        for channel in image.reshape(-1, *image.shape[-2:]).cpu().contiguous()
     ]
-    return torch.from_numpy(np.stack(channels))
+    return torch.from_numpy(np.stack(channels)).reshape(*image.shape[:-2], *target).to(image.device)
 
 
 __all__ = [
     "WAVECLIP_YCBCR_MEAN",
     "WAVECLIP_YCBCR_STD",
     "WaveCLIPImageProcessor",
+    "WaveCLIPImageProcessorFast",
     "rgb_to_ycbcr",
     "ycbcr_to_rgb",
 ]
@@ -766,3 +586,4 @@ __all__ = [
 
 # Saved processors carry `auto_map` and this file, so `AutoImageProcessor` loads them with trust_remote_code.
 WaveCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
+WaveCLIPImageProcessorFast.register_for_auto_class("AutoImageProcessor")

@@ -656,8 +656,9 @@ class WaveCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPip
         embeds, batch = [], []
 
         def flush():
-            pixel_values = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            embeds.append(self.model.get_image_features(pixel_values.to(self.device, self.dtype)).stage_pooler_outputs)
+            # On the model's device: the fast image processor works there, the slow one copies its result.
+            pixel_values = self.image_processor(images=batch, return_tensors="pt", device=self.device)["pixel_values"]
+            embeds.append(self.model.get_image_features(pixel_values.to(self.dtype)).stage_pooler_outputs)
             batch.clear()
 
         for image in images:
