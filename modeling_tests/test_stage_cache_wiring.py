@@ -1,6 +1,7 @@
 """The stage cache as the default: `use_cache=True`, `refine(cache=...)`, the pipeline's kept cache, and compiled
 stages that agree with the eager model."""
 
+import logging
 import threading
 
 import numpy as np
@@ -174,3 +175,32 @@ def test_compiled_stages_trace_into_whole_graphs_and_agree_with_eager():
 def test_inductor_compiled_stages_agree_with_eager():
     eager, outputs = compiled_and_eager_refine("inductor")
     assert_compiled_agrees(eager, outputs, 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_stages_keep_a_graph_for_every_stage_pair(caplog):
+    """Four stages give 7 (first stage, end stage) pairs for the full forwards and the cached steps, each for one
+    image and for larger batches: more graphs than dynamo keeps per function by default (8). None may fall back
+    to eager ("hit config.recompile_limit"), and the process's own limit is left as it was. Slow: ~15 s of
+    tracing on a 2-core CPU."""
+    model = tiny_model(3).eval()
+    limit = torch._dynamo.config.recompile_limit
+    model.vision_model.compile_stages(backend="eager")
+    torch._dynamo.reset()
+    dynamo_logger = logging.getLogger("torch._dynamo")
+    dynamo_logger.addHandler(caplog.handler)
+    try:
+        with torch.no_grad():
+            for batch in (1, 2):
+                pixel_values = torch.randn(batch, 3, 64, 64)
+                for end in range(1, 5):
+                    model.vision_model(pixel_values, num_stages=end)
+                out = None
+                for end in range(1, 5):
+                    cache = None if out is None else out.cache
+                    out = model.vision_model(pixel_values, cache=cache, num_stages=end, use_cache=True)
+    finally:
+        dynamo_logger.removeHandler(caplog.handler)
+    assert model.config.vision_config.num_stages == 4
+    assert not [record for record in caplog.records if "recompile_limit" in record.getMessage()]
+    assert torch._dynamo.config.recompile_limit == limit

@@ -11,6 +11,7 @@ block-causal mask, and the cached path never recomputes anything.
 This file is shipped as remote code with saved checkpoints: it imports only torch, transformers and siblings.
 """
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -392,8 +393,9 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         The checks, the cache's buffers (see [`WaveCLIPStageCache.prepare`]) and the output stay in Python, so a
         compiled stage sees static shapes: one graph per (stages computed, stages cached), for any batch of 2 or
         more images (the batch dimension is marked dynamic, so the smaller batches of an early exit reuse the graphs),
-        and one more per stage for a single image (torch specialises size 1). The first call of each graph compiles
-        it (tens of seconds on a CPU). Reload the model to undo.
+        and one more per stage for a single image (torch specialises size 1); dynamo's per-function graph limit is
+        raised to that count around these calls only. The first call of each graph compiles it (tens of seconds on
+        a CPU). Reload the model to undo.
 
         Args:
             compile_kwargs: passed to `torch.compile` (e.g. `backend=`, `mode=`, `fullgraph=`).
@@ -405,6 +407,15 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
             module.compile(**compile_kwargs)
         self.stages_compiled = True
         return self
+
+    def _compiled_graphs_allowed(self):
+        """A context in which dynamo may keep every graph the compiled stages need: one per (first stage, end
+        stage) pair, twice (a single image and any larger batch), so n * (n + 1) for n stages. Its default limit
+        (8 per function) is below that from 3 stages on, and past it calls fall back to eager. Raised only around
+        these calls; the rest of the process keeps its own setting."""
+        stages = self.config.num_stages
+        limit = max(torch._dynamo.config.recompile_limit, stages * (stages + 1))
+        return torch._dynamo.config.patch(recompile_limit=limit)
 
     def _mark_batch_dynamic(self, pixel_values: torch.Tensor, cache: Cache | None) -> None:
         """Mark the batch dimension of the compiled stages' inputs dynamic, so the first compiled call makes a graph
@@ -601,13 +612,14 @@ class WaveCLIPVisionModel(WaveCLIPPreTrainedModel):
         cache, use_cache = self._cache_to_use(cache, first_stage, use_cache, pixel_values.shape[0])
 
         mark_dynamic = self.stages_compiled and not torch.compiler.is_compiling()
-        if mark_dynamic:
-            self._mark_batch_dynamic(pixel_values, cache)
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
-        if mark_dynamic:
-            self._mark_batch_dynamic(hidden_states, None)
-        attention_mask = block_causal_mask(config, first_stage, end_stage, hidden_states.dtype, hidden_states.device)
-        encoder_outputs = self.encoder(hidden_states, attention_mask, output_attentions, output_hidden_states, cache)
+        with self._compiled_graphs_allowed() if mark_dynamic else contextlib.nullcontext():
+            if mark_dynamic:
+                self._mark_batch_dynamic(pixel_values, cache)
+            hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, first_stage, end_stage))
+            if mark_dynamic:
+                self._mark_batch_dynamic(hidden_states, None)
+            mask = block_causal_mask(config, first_stage, end_stage, hidden_states.dtype, hidden_states.device)
+            encoder_outputs = self.encoder(hidden_states, mask, output_attentions, output_hidden_states, cache)
         hidden_states = encoder_outputs.last_hidden_state
 
         # Each computed stage's class token sits at the first position of its block.
