@@ -456,8 +456,9 @@ class WaveCLIPImageProcessorFast(WaveCLIPImageProcessor):
     Example:
 
     ```python
-    >>> processor = WaveCLIPImageProcessorFast(levels=2)
-    >>> inputs = processor(images, return_tensors="pt", device=model.device)  # pixel_values already on the GPU
+    processor = WaveCLIPImageProcessorFast(levels=2)
+    inputs = processor(images, return_tensors="pt", device=model.device)  # made on the model's GPU
+    outputs = model(**inputs)
     ```
     """
 
