@@ -192,7 +192,14 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
         "waveclip_theta_middle@batch2",
         "waveclip_theta_high@batch2",
         "bare_waveclip_theta0",
+        "stock_image_side_int8",
+        "waveclip_theta0_int8",
     }
+    # int8 changes the arithmetic, not the count: the same GFLOPs as float32, and the same answering stage.
+    int8_gflops = runs["waveclip_theta0_int8"]["gflops_per_image"]
+    assert int8_gflops == pytest.approx(runs["waveclip_theta0"]["gflops_per_image"])
+    assert runs["stock_image_side_int8"]["gflops_per_image"] == runs["stock_image_side"]["gflops_per_image"]
+    assert runs["waveclip_theta0_int8"]["exit_fraction_stage0"] == 1.0
     # The bare path does what the θ = 0 pipeline does (stage 0 for every image): same GFLOPs.
     assert runs["bare_waveclip_theta0"]["gflops_per_image"] == pytest.approx(
         runs["waveclip_theta0"]["gflops_per_image"]

@@ -47,6 +47,8 @@ PIPELINE_RUNS = {
     "waveclip_theta_high": "WaveCLIP θ = {threshold:g} (every stage), cache warm",
     "bare_waveclip_theta0": "WaveCLIP θ = 0 without the pipeline (per image: its image processor, then `refine` "
     "with the cached text embeddings and one kept stage cache)",
+    "stock_image_side_int8": "stock CLIP pipeline, image side only, **image side in dynamic int8**",
+    "waveclip_theta0_int8": "WaveCLIP θ = 0, text cache warm, **image side in dynamic int8**",
 }
 # Run key (before any "@batch<N>" suffix) -> the plot's label.
 PIPELINE_SHORT_NAMES = {
@@ -57,6 +59,8 @@ PIPELINE_SHORT_NAMES = {
     "waveclip_theta_middle": "θ mid",
     "waveclip_theta_high": "θ>1",
     "bare_waveclip_theta0": "θ=0, no pipeline",
+    "stock_image_side_int8": "stock, image side, int8",
+    "waveclip_theta0_int8": "θ=0, int8",
 }
 
 
@@ -111,6 +115,8 @@ class PipelineSetup:
     wave: Any  # `WaveCLIPZeroShotImageClassificationPipeline`
     text_config: Any  # the shared text tower's `CLIPTextConfig`
     vision_config: Any  # the CLIP vision tower's `CLIPVisionConfig`
+    stock_int8: Any = None  # the two pipelines again, image sides in dynamic int8 (`int8_pipelines`)
+    wave_int8: Any = None
 
 
 def load_pipelines(settings: BenchmarkSettings, tokenizer) -> tuple[Any, Any, Any, Any]:
@@ -146,6 +152,30 @@ def load_pipelines(settings: BenchmarkSettings, tokenizer) -> tuple[Any, Any, An
     return stock, wave, text_config, vision_config
 
 
+def int8_pipelines(stock, wave) -> tuple[Any, Any]:
+    """The two pipelines again around copies of their models whose image side's linear layers are dynamic int8
+    (`export.quantization.quantize_linear_layers`; text towers stay float32), with the same tokenizer and image
+    processor: the same question asked of both in the mode where a pass costs least on a CPU."""
+    from transformers import pipeline
+
+    from ..export.quantization import quantize_linear_layers
+
+    built = [
+        pipeline(
+            "zero-shot-image-classification",
+            model=quantize_linear_layers(pipe.model),
+            tokenizer=pipe.tokenizer,
+            image_processor=pipe.image_processor,
+        )
+        for pipe in (stock, wave)
+    ]
+    # By name: the folder's pipeline class comes from its remote code, the int8 one from the model object's module.
+    for pipe, int8 in zip((stock, wave), built):
+        if type(int8).__name__ != type(pipe).__name__:
+            raise RuntimeError(f"The int8 copy of {type(pipe).__name__} was built as {type(int8).__name__}.")
+    return built[0], built[1]
+
+
 def prepare_pipelines(settings: BenchmarkSettings) -> PipelineSetup:
     """Labels, prompts and a word-level tokenizer over them, the images, and both pipelines (`load_pipelines`)."""
     from ..data.text_tokenizer import build_word_level_tokenizer
@@ -157,6 +187,7 @@ def prepare_pipelines(settings: BenchmarkSettings) -> PipelineSetup:
     stock, wave, text_config, vision_config = load_pipelines(settings, tokenizer)
     photos = list(sample_images(settings.seed).values())
     images = [photos[i % len(photos)] for i in range(settings.pipeline_images)]
+    stock_int8, wave_int8 = int8_pipelines(stock, wave) if settings.pipeline_int8 else (None, None)
     return PipelineSetup(
         labels,
         prompts,
@@ -167,6 +198,8 @@ def prepare_pipelines(settings: BenchmarkSettings) -> PipelineSetup:
         wave,
         text_config,
         vision_config,
+        stock_int8,
+        wave_int8,
     )
 
 
@@ -182,7 +215,9 @@ def middle_threshold(setup: PipelineSetup) -> float:
 
 def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_sizes, memo: dict, outputs: dict):
     """The interleaved runs: the stock pipeline as shipped and (at batch_size 1) image side only, and WaveCLIP at
-    every threshold, at each of `batch_sizes` (keys get "@batch<N>" for N > 1).
+    every threshold, at each of `batch_sizes` (keys get "@batch<N>" for N > 1); at batch_size 1 also both image
+    sides in int8 (stock image side only, WaveCLIP at θ = 0) when `setup` has the int8 pipelines. `memo` holds
+    each stock pipeline's memoised text tower outputs, by the pipeline's id.
 
     At batch_size > 1 the stock pipeline encodes the prompts once per batch (its `_forward` takes the first image's
     text inputs), so it gets every image. WaveCLIP's cases store their pipeline outputs in `outputs[key]`.
@@ -195,9 +230,12 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
     def stock_run(batch: list, batch_size: int) -> Case:
         return lambda watch: stock(batch, candidate_labels=labels, batch_size=batch_size)
 
-    def stock_image_side(watch) -> None:
-        with memoized_text_tower(stock.model, memo):
-            stock(images, candidate_labels=labels)
+    def image_side(pipe) -> Case:
+        def run(watch) -> None:
+            with memoized_text_tower(pipe.model, memo.setdefault(id(pipe), {})):
+                pipe(images, candidate_labels=labels)
+
+        return run
 
     def bare_theta0(watch) -> None:
         """What the θ = 0 pipeline computes for each image, called directly: the pipeline's own cost per image is
@@ -207,9 +245,9 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
             pixel_values = wave.image_processor(images=[image], return_tensors="pt")["pixel_values"]
             wave.model.refine(pixel_values, text_embeds, 0.0, cache=cache)
 
-    def waveclip_run(key: str, threshold: float, batch_size: int) -> Case:
+    def waveclip_run(key: str, threshold: float, batch_size: int, pipe=wave) -> Case:
         return lambda watch: outputs.__setitem__(
-            key, wave(images, candidate_labels=labels, margin_threshold=threshold, batch_size=batch_size)
+            key, pipe(images, candidate_labels=labels, margin_threshold=threshold, batch_size=batch_size)
         )
 
     cases: dict[str, Case] = {}
@@ -220,10 +258,14 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
         cases["stock" + suffix] = stock_run(stock_batch, batch_size)
         specs["stock" + suffix] = (len(stock_batch), batch_size)
         if batch_size == 1:
-            cases["stock_image_side"] = stock_image_side
-            specs["stock_image_side"] = (len(images), 1)
+            cases["stock_image_side"] = image_side(stock)
             cases["bare_waveclip_theta0"] = bare_theta0
-            specs["bare_waveclip_theta0"] = (len(images), 1)
+            if setup.stock_int8 is not None:
+                cases["stock_image_side_int8"] = image_side(setup.stock_int8)
+                cases["waveclip_theta0_int8"] = waveclip_run("waveclip_theta0_int8", 0.0, 1, setup.wave_int8)
+            for key in ("stock_image_side", "bare_waveclip_theta0", "stock_image_side_int8", "waveclip_theta0_int8"):
+                if key in cases:
+                    specs[key] = (len(images), 1)
         for key, threshold in thresholds.items():
             cases[key + suffix] = waveclip_run(key + suffix, threshold, batch_size)
             specs[key + suffix] = (len(images), batch_size)
@@ -232,11 +274,16 @@ def pipeline_cases(setup: PipelineSetup, thresholds: dict[str, float], batch_siz
 
 def _warm_up(setup: PipelineSetup, memo: dict) -> None:
     """Each pipeline classifies one image against two unrelated labels, which warms its kernels without touching
-    the label-set text cache; then the stock text tower's memo is filled."""
-    setup.stock(setup.images[:1], candidate_labels=["warm", "up"])
-    setup.wave(setup.images[:1], candidate_labels=["warm", "up"], margin_threshold=0.0)
-    with memoized_text_tower(setup.stock.model, memo):
-        setup.stock(setup.images[:1], candidate_labels=setup.labels)
+    the label-set text cache; then the stock text towers' memos are filled (one per pipeline, by its id)."""
+    stocks = [pipe for pipe in (setup.stock, setup.stock_int8) if pipe is not None]
+    for pipe in stocks:
+        pipe(setup.images[:1], candidate_labels=["warm", "up"])
+    for pipe in (setup.wave, setup.wave_int8):
+        if pipe is not None:
+            pipe(setup.images[:1], candidate_labels=["warm", "up"], margin_threshold=0.0)
+    for pipe in stocks:
+        with memoized_text_tower(pipe.model, memo.setdefault(id(pipe), {})):
+            pipe(setup.images[:1], candidate_labels=setup.labels)
 
 
 @dataclass
@@ -304,7 +351,7 @@ def pipeline_runs(setup: PipelineSetup, timed: PipelineTimings, projection_dim: 
         }
     }
     for key, (count, batch_size) in timed.run_specs.items():
-        base = key.split("@")[0]
+        base = key.split("@")[0].removesuffix("_int8")  # int8 changes the arithmetic, not the GFLOPs
         run = runs[key] = {**summarize(timed.run_times[key]["total"]), "images": count, "batch_size": batch_size}
         if base == "stock":
             text_passes = math.ceil(count / batch_size)

@@ -74,6 +74,7 @@ class BenchmarkSettings:
     stock_pipeline_images: int = 4  # each one re-encodes every prompt: the costliest calls of the run
     pipeline_rounds: int = 3  # interleaved rounds of every pipeline run (the cold first call is measured once)
     pipeline_batch_sizes: tuple[int, ...] = (1, 16)  # the pipelines' `batch_size` (1 is their default)
+    pipeline_int8: bool = True  # also both pipelines with their image sides in dynamic int8 (batch_size 1)
     high_threshold: float = 1.01
     seed: int = 0
     # On a shared machine: before each section wait (at most this long) until other processes keep fewer than

@@ -191,6 +191,11 @@ def pipeline_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     comparisons = [
         ("stock", "waveclip_theta0", "as shipped (re-encodes the prompts per image), batch_size=1"),
         ("stock_image_side", "waveclip_theta0", "image side only (text tower memoised), batch_size=1"),
+        (
+            "stock_image_side_int8",
+            "waveclip_theta0_int8",
+            "image side only, both image sides in dynamic int8, batch_size=1",
+        ),
     ]
     comparisons += [
         (
