@@ -80,8 +80,8 @@ def test_the_work_happens_on_the_device(monkeypatch):
 
 
 def test_images_of_one_size_are_resized_together_on_an_accelerator(monkeypatch):
-    """One resize call per size off the CPU (here: 4 sizes, 10 images); one per image on the CPU, where a batch
-    of full-size float images is slower than the same images one by one."""
+    """One resize call per size off the CPU (here: 4 sizes, 10 images); one per image on the CPU, which holds one
+    full-size float image at a time instead of the batch."""
     calls = []
     interpolate = torch.nn.functional.interpolate
 

@@ -120,9 +120,9 @@ def time_batch(processors: dict[str, Any], images: dict[str, Any], settings: Ben
 
 
 def time_resize_strategies(images: dict[str, Any], settings: BenchmarkSettings) -> dict:
-    """Why the fast processor resizes one image at a time on the CPU: the resize it runs (uint8 → float, then
-    antialiased bicubic to the short side) on `batch_size` copies of the 512 x 512 photo, in one call against one
-    call per image. {"images", "image_size", case: `summarize`}."""
+    """The resize the fast processor runs (uint8 → float, then antialiased bicubic) on `batch_size` copies of the
+    512 x 512 photo, in one call against one call per image: what batching buys on the CPU. {"images",
+    "image_size", case: `summarize`}."""
     import torch.nn.functional as F
 
     from ..models.waveclip.image_decoding_waveclip import decode_image, decoded_to_rgb, stack_decoded

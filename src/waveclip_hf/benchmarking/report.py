@@ -367,15 +367,15 @@ def _preprocessing(results: dict[str, Any]) -> list[str]:
 
 
 def _resize_strategies(resize: dict[str, Any] | None) -> list[str]:
-    """The line that says why the fast processor resizes one image at a time on the CPU."""
+    """The line that times the fast processor's resize batched against one image at a time, on the CPU."""
     if not resize:
         return []
     batched, single = resize["one_call"]["median"], resize["one_call_per_image"]["median"]
     return [
         f"The fast processor's resize on the CPU, {resize['images']} to {resize['image_size']} px: one call for "
         f"the batch {_ms(batched)} ({_spread(resize['one_call'])}), one call per image {_ms(single)} "
-        f"({_spread(resize['one_call_per_image'])}): the batch costs {batched / single:.2f}x, so on the CPU it "
-        "resizes one image at a time.",
+        f"({_spread(resize['one_call_per_image'])}); batched / one by one {batched / single:.2f}x. (On the CPU it "
+        "resizes one image at a time, which holds one full-size float image in memory instead of the batch.)",
         "",
     ]
 

@@ -473,8 +473,9 @@ class WaveCLIPImageProcessorFast(WaveCLIPImageProcessor):
         device = torch.device("cpu") if device is None else torch.device(device)
         decoded = [decode_image(image, index) for index, image in enumerate(flatten_images(images))]
         crops: list = [None] * len(decoded)
-        # On the CPU one image at a time: a batch of full-size float images leaves the cache and is slower than
-        # the same images one by one (docs/benchmarks.md, preprocessing); on an accelerator, one call per size.
+        # On the CPU one image at a time: batching the resize measured no faster there (docs/benchmarks.md,
+        # preprocessing), and one image at a time holds one full-size float image instead of the whole batch. On an
+        # accelerator, one call per size.
         for indices in _batchable_groups(decoded, max_size=1 if device.type == "cpu" else len(decoded)):
             batch = stack_decoded([decoded[index] for index in indices]).to(device)
             resized = _resize_and_crop(decoded_to_rgb(batch), indices[0], **settings["geometry"])
