@@ -69,7 +69,9 @@ def _load_encoders(teacher_dir: Path, student_dir: Path, device: str) -> dict:
 
     return {
         "teacher": CLIPModel.from_pretrained(teacher_dir).to(device).eval(),
-        "teacher_processor": AutoImageProcessor.from_pretrained(teacher_dir),
+        # Pillow's backend by name, as the teacher was trained with (`training.teacher_data.build_image_processor`):
+        # the default would be torchvision's where it is installed, which resizes differently.
+        "teacher_processor": AutoImageProcessor.from_pretrained(teacher_dir, backend="pil"),
         "student": AutoModel.from_pretrained(student_dir, trust_remote_code=True).to(device).eval(),
         "student_processor": AutoImageProcessor.from_pretrained(student_dir, trust_remote_code=True),
         "tokenizer": AutoTokenizer.from_pretrained(student_dir),

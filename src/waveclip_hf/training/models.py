@@ -47,7 +47,9 @@ def load_teacher(name_or_path: str, torch_dtype=torch.float32):
         ) from error
     teacher.eval().requires_grad_(False)
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        # Pillow's backend, as OpenAI's CLIP preprocessed its training images and as the offline teacher is trained:
+        # the default would be torchvision's where it is installed, which resizes differently.
+        processor = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as error:
         raise ValueError(
