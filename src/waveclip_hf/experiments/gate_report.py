@@ -196,8 +196,8 @@ def _against_the_targets(report: dict, summary: dict) -> list[str]:
         lines.append(
             f"- Adaptive 448-px run (target within {TARGETS['adaptive'][1]:g} point at <= "
             f"{TARGETS['adaptive'][0]:g}x): not in this report. `--adaptive-cache-dir .cache/adaptive_resolution` "
-            "adds it (the adaptive preset with 1,000 validation images: its own benchmark, teacher and student, "
-            "about half an hour on a 2-core CPU)."
+            "adds it (the adaptive preset with 1,000 validation images: its own benchmark, teacher and student; "
+            "docs/adaptive_resolution.md records what a run of the preset took)."
         )
     if len(summary["seeds"]) < 3:
         lines.append(
