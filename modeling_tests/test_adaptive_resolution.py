@@ -159,6 +159,21 @@ def test_benchmark_keys(monkeypatch, tmp_path):
     assert PRESETS["adaptive-448"]["teacher"]["image_size"] == 448
 
 
+def test_the_preset_uses_bf16_only_where_it_runs_natively(monkeypatch):
+    """ "auto" precision, resolved as the main job resolves it: float32 on a CPU that emulates bf16 (there the 448-px
+    teacher's patch convolution took seconds a step in bf16), bf16 where it is native, which is what the preset
+    said before, so the cache keys of runs made there stay valid."""
+    from waveclip_hf.experiments import adaptive_resolution
+
+    for native, expected in ((False, "no"), (True, "bf16")):
+        resolved = "bf16" if native else "no"
+        monkeypatch.setattr(adaptive_resolution, "auto_mixed_precision", lambda resolved=resolved: resolved)
+        settings = preset_settings("adaptive-448")
+        assert settings["teacher"]["mixed_precision"] == expected
+        assert settings["distillation"]["mixed_precision"] == expected
+    assert PRESETS["adaptive-448"]["teacher"]["mixed_precision"] == "auto"
+
+
 def test_the_source_teacher_is_found_where_the_main_job_trains_it(monkeypatch, tmp_path):
     """`main_job_teacher` looks where `build_teacher` writes for the main job's resolved settings (a second
     derivation of the key once missed the resolved `mixed_precision` and looked in a folder nothing wrote)."""
