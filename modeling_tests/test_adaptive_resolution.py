@@ -163,11 +163,9 @@ def test_the_preset_uses_bf16_only_where_it_runs_natively(monkeypatch):
     """ "auto" precision, resolved as the main job resolves it: float32 on a CPU that emulates bf16 (there the 448-px
     teacher's patch convolution took seconds a step in bf16), bf16 where it is native, which is what the preset
     said before, so the cache keys of runs made there stay valid."""
-    from waveclip_hf.experiments import adaptive_resolution
-
     for native, expected in ((False, "no"), (True, "bf16")):
         resolved = "bf16" if native else "no"
-        monkeypatch.setattr(adaptive_resolution, "auto_mixed_precision", lambda resolved=resolved: resolved)
+        monkeypatch.setattr(cached_steps, "auto_mixed_precision", lambda resolved=resolved: resolved)
         settings = preset_settings("adaptive-448")
         assert settings["teacher"]["mixed_precision"] == expected
         assert settings["distillation"]["mixed_precision"] == expected

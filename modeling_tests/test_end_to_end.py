@@ -215,7 +215,7 @@ def test_cache_keys_are_those_of_existing_caches(monkeypatch):
     trainer silently reuses a stale student. Benchmark and teacher keys are those of existing caches; the student
     keys moved when the optimisation rules changed (`OPTIMIZATION_RULES_VERSION` 2). Precision "auto" resolves to
     bf16 here, as on the machine that made those caches."""
-    monkeypatch.setattr(end_to_end, "auto_mixed_precision", lambda: "bf16")
+    monkeypatch.setattr(cached_steps, "auto_mixed_precision", lambda: "bf16")
     settings = EndToEndConfig(cache_dir="/c/cache").settings()
     counts = {k: settings[k] for k in ("num_train", "num_validation", "num_test")}
     assert settings_hash({"seed": 0, "generator_version": 5, **counts}) == "6a4eae49cbab"
@@ -393,7 +393,7 @@ def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
     monkeypatch.setattr(training_config, "cpu_flags", lambda: {"amx_bf16"})
     assert training_config.auto_mixed_precision("cpu") == "bf16"
     # The main job's settings hold the resolved value (so do its cache keys and reports); an override wins.
-    monkeypatch.setattr(end_to_end, "auto_mixed_precision", lambda: "no")
+    monkeypatch.setattr(cached_steps, "auto_mixed_precision", lambda: "no")
     settings = EndToEndConfig().settings()
     assert settings["teacher"]["mixed_precision"] == settings["distillation"]["mixed_precision"] == "no"
     forced = EndToEndConfig(overrides={"distillation": {"mixed_precision": "bf16"}}).settings()

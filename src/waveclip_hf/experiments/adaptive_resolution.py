@@ -33,9 +33,15 @@ from ..evaluation.calibration import default_thresholds
 from ..figures.accuracy_vs_gflops import plot_accuracy_vs_gflops, plot_exit_stage_share
 from ..models.waveclip.configuration_waveclip import WaveCLIPVisionConfig
 from ..models.waveclip.flops import FLOPS_CONVENTION, clip_vit_flops, cumulative_flops
-from ..training.config import auto_mixed_precision
 from .adaptive_report import write_adaptive_markdown
-from .cached_steps import build_benchmark, build_teacher, distil_or_reuse_student, log, student_distillation_fields
+from .cached_steps import (
+    build_benchmark,
+    build_teacher,
+    distil_or_reuse_student,
+    log,
+    run_settings,
+    student_distillation_fields,
+)
 from .report import first_run_record, machine_description, portable_paths, recorded_command, utc_now
 from .run_evaluation import evaluate_student
 
@@ -72,16 +78,7 @@ def preset_settings(preset: str, overrides: dict | None = None) -> dict:
     machine with native bf16 the settings (and so the cache keys) are what they were when the preset said "bf16"."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    settings = json.loads(json.dumps(PRESETS[preset]))
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict):
-            settings.setdefault(key, {}).update(value)
-        else:
-            settings[key] = value
-    for step in ("teacher", "distillation"):
-        if settings.get(step, {}).get("mixed_precision") == "auto":
-            settings[step]["mixed_precision"] = auto_mixed_precision()
-    return settings
+    return run_settings(PRESETS[preset], overrides)
 
 
 def main_job_teacher(main_cache_dir: str | Path, seed: int = 0) -> Path:

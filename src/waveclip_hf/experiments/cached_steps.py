@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, THREE_SCALE_VERSION, generate_benchmark
+from ..training.config import auto_mixed_precision
 from ..training.distillation import DistillationConfig, distill
 from ..training.optimization import OPTIMIZATION_RULES_VERSION
 from ..training.teacher import TeacherTrainingConfig, train_clip_teacher
@@ -43,6 +44,22 @@ def fresh_accelerator_state() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def run_settings(base: dict, overrides: dict | None = None) -> dict:
+    """A copy of a run's settings (the main job's size, the adaptive preset) with `overrides` merged in (dict values
+    update the dict of that name), and `mixed_precision: "auto"` resolved for this machine (`auto_mixed_precision`:
+    bf16 where it runs natively, float32 elsewhere) before any cache key is made from them."""
+    settings = json.loads(json.dumps(base))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            settings.setdefault(key, {}).update(value)
+        else:
+            settings[key] = value
+    for step in ("teacher", "distillation"):
+        if settings.get(step, {}).get("mixed_precision") == "auto":
+            settings[step]["mixed_precision"] = auto_mixed_precision()
+    return settings
 
 
 def build_benchmark(cache_dir: Path, settings: dict, seed: int, num_workers: int, progress: bool) -> Path:
@@ -145,6 +162,7 @@ __all__ = [
     "build_teacher",
     "distil_or_reuse_student",
     "fresh_accelerator_state",
+    "run_settings",
     "settings_hash",
     "student_distillation_fields",
     "student_output_dir",

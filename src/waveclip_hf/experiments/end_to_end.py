@@ -31,13 +31,13 @@ from transformers.hf_argparser import HfArg
 
 from ..data.synthetic import AXES, GENERATOR_VERSION, load_benchmark_split
 from ..evaluation.calibration import default_thresholds
-from ..training.config import auto_mixed_precision
 from ..training.outputs import rewrite_model_card
 from .cached_steps import (
     build_benchmark,
     build_teacher,
     distil_or_reuse_student,
     log,
+    run_settings,
     student_distillation_fields,
 )
 from .report import first_run_record, machine_description, recorded_command, utc_now, write_reports
@@ -123,16 +123,7 @@ class EndToEndConfig:
     def settings(self) -> dict:
         """The size's settings with `overrides` merged in (dict values update the size's dict of that name), and
         `mixed_precision: "auto"` resolved for this machine (`auto_mixed_precision`)."""
-        settings = json.loads(json.dumps(SIZES[self.size]))
-        for key, value in self.overrides.items():
-            if isinstance(value, dict):
-                settings.setdefault(key, {}).update(value)
-            else:
-                settings[key] = value
-        for step in ("teacher", "distillation"):
-            if settings.get(step, {}).get("mixed_precision") == "auto":
-                settings[step]["mixed_precision"] = auto_mixed_precision()
-        return settings
+        return run_settings(SIZES[self.size], self.overrides)
 
 
 class MainJobInputs(NamedTuple):
