@@ -34,3 +34,18 @@ def test_with_fewer_seeds_the_report_says_how_to_add_them(tmp_path):
     section = targets_section(report, tmp_path)
     assert "1 of 3 here. `--seeds 1 2` adds the others" in section
     assert "measured mean" not in section
+
+
+def test_an_adaptive_run_gets_its_own_target_line(tmp_path):
+    """With an adaptive run in the report, its line gives the cheapest signal within 1 point against 0.50x."""
+    report = copy.deepcopy(REPORT)
+    report["adaptive"] = copy.deepcopy(report["main"])
+    section = targets_section(report, tmp_path)
+    line = next(line for line in section.splitlines() if line.startswith("- Adaptive 448-px run"))
+    signals = report["adaptive"]["signals"]
+    within = [
+        name for name in ("margin", "stability", "saturation", "learned") if signals[name]["max_axis_drop_points"] <= 1
+    ]
+    cheapest = min(within, key=lambda name: signals[name]["gflops_ratio"])
+    assert f"measured {signals[cheapest]['gflops_ratio']:.3f}x" in line and "**not met**" in line
+    assert "not in this report" not in section
