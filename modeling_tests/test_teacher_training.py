@@ -142,12 +142,32 @@ def test_multi_positive_clip_loss():
 
 
 def test_new_recipe_fields_keep_the_default_config_hash():
-    """Fields added later are hashed only when set: the default teacher's cache key is the one it always had."""
-    assert TeacherTrainingConfig().config_hash({"a": 1}) == "add01cc01df2bc62"
-    assert TeacherTrainingConfig(dct_patch_rows=8).config_hash({"a": 1}) != "add01cc01df2bc62"
-    assert TeacherTrainingConfig(single_axis_captions=True).config_hash({"a": 1}) != "add01cc01df2bc62"
+    """Fields added later are hashed only when set: the default teacher's cache key is the one it always had (its
+    precision was bf16 before "auto" became the default; "auto" resolves per machine, see the next test)."""
+    assert TeacherTrainingConfig(mixed_precision="bf16").config_hash({"a": 1}) == "add01cc01df2bc62"
+    bf16 = {"mixed_precision": "bf16"}
+    assert TeacherTrainingConfig(dct_patch_rows=8, **bf16).config_hash({"a": 1}) != "add01cc01df2bc62"
+    assert TeacherTrainingConfig(single_axis_captions=True, **bf16).config_hash({"a": 1}) != "add01cc01df2bc62"
     # Where the run is logged to is not part of the teacher.
-    assert TeacherTrainingConfig(report_to=["tensorboard"]).config_hash({"a": 1}) == "add01cc01df2bc62"
+    assert TeacherTrainingConfig(report_to=["tensorboard"], **bf16).config_hash({"a": 1}) == "add01cc01df2bc62"
+
+
+def test_auto_precision_resolves_when_the_config_is_made(monkeypatch):
+    """The default precision is "auto": bf16 where it runs natively, float32 where a CPU would emulate it (about
+    8x slower on AVX2). It resolves at construction, so the cache key holds the precision that ran: a default
+    config on a bf16 machine keys like an explicit bf16 one, and an unknown value is refused."""
+    from waveclip_hf.training import teacher as teacher_module
+
+    for resolved in ("bf16", "no"):
+        monkeypatch.setattr(teacher_module, "auto_mixed_precision", lambda resolved=resolved: resolved)
+        config = TeacherTrainingConfig()
+        assert config.mixed_precision == resolved
+        assert config.config_hash({"a": 1}) == TeacherTrainingConfig(mixed_precision=resolved).config_hash({"a": 1})
+    assert TeacherTrainingConfig(mixed_precision="bf16").config_hash({"a": 1}) != TeacherTrainingConfig(
+        mixed_precision="no"
+    ).config_hash({"a": 1})
+    with pytest.raises(ValueError, match="'auto', 'no', 'bf16' or 'fp16'"):
+        TeacherTrainingConfig(mixed_precision="float16")
 
 
 def test_dct_patch_projection_rows_are_an_orthonormal_low_frequency_basis():

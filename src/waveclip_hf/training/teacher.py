@@ -31,6 +31,7 @@ from ..data.synthetic import benchmark_axes, label_ids, load_benchmark_split, re
 from ..data.text_tokenizer import build_word_level_tokenizer, clip_text_config_kwargs
 from ..evaluation.zero_shot import image_embeddings, text_embeddings_per_axis, zero_shot_accuracy_per_axis
 from ..models.waveclip.folder_io import written_atomically
+from .config import auto_mixed_precision
 from .metrics import start_trackers
 from .optimization import cosine_schedule_with_warmup, parameter_groups, set_learning_rate
 from .teacher_data import build_image_processor, caption_loader, normalize_pixels, pixel_cache
@@ -80,9 +81,11 @@ class TeacherTrainingConfig:
     warmup_fraction: float = 0.05
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
-    # "no", "bf16" or "fp16", as `accelerate` takes it. bf16 autocast is ~1.6x faster than
-    # fp32 on a CPU with avx512_bf16 and on any recent GPU.
-    mixed_precision: str = "bf16"
+    # "no", "bf16" or "fp16", as `accelerate` takes it, or "auto": bf16 where the hardware runs it natively, float32
+    # elsewhere (`auto_mixed_precision`, resolved when the config is made, so the cache key holds what ran). bf16
+    # autocast is ~1.6x faster than fp32 on a CPU with avx512_bf16 and on any recent GPU, but a CPU without it
+    # emulates bf16: about 8x slower than float32 on an AVX2 CPU (9 s a step against 0.64 s for the 448-px teacher).
+    mixed_precision: str = "auto"
     # Probability that a training caption names every axis; otherwise it names a random
     # subset (see `sample_caption`), which is what teaches single-axis prompts.
     full_caption_probability: float = 0.25
@@ -108,6 +111,14 @@ class TeacherTrainingConfig:
     seed: int = 0
     # Experiment trackers for accelerate to log the loss and learning rate to (e.g. ["tensorboard"]).
     report_to: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.mixed_precision == "auto":
+            self.mixed_precision = auto_mixed_precision()
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"`mixed_precision` must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."
+            )
 
     def config_hash(self, data_info: dict | None = None) -> str:
         """Short hash of this config (and of the benchmark's info): equal hashes, same teacher."""
