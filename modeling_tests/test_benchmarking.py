@@ -21,7 +21,7 @@ from waveclip_hf.benchmarking.contention import QuietPolicy
 from waveclip_hf.benchmarking.encoder import ENCODER_CONFIGS, encoder_rows
 from waveclip_hf.benchmarking.report import write_reports
 from waveclip_hf.benchmarking.run import main
-from waveclip_hf.benchmarking.settings import SECTION_NAMES
+from waveclip_hf.benchmarking.settings import SECTION_NAMES, quick_settings
 from waveclip_hf.benchmarking.timing import run_interleaved, summarize
 
 
@@ -465,3 +465,71 @@ def test_token_scaling_fits_a_fixed_part_per_pass_and_predicts_the_cached_pass_f
     markdown = render_markdown(report, "token_scaling.png")
     assert "| **cached / CLIP predicted from the parts** | **1.202** |" in markdown
     assert plot_token_scaling(report, tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_batch1_profile_splits_each_call_by_kind_and_prices_the_second_pass(tmp_path):
+    """The batch-1 profile: operators fall into their kind, the time between operators is the wall clock less
+    their self time, the cached pass is stage 0 plus stage 1, and the excess over CLIP is split per kind; a real
+    run at the quick geometry profiles every call in every mode (~10 s)."""
+    from waveclip_hf.benchmarking.batch1_profile import (
+        BETWEEN,
+        KINDS,
+        OTHER,
+        measure_batch1_profile,
+        operator_kind,
+        plot_batch1_profile,
+        render_markdown,
+        split_by_kind,
+        summarize_precision,
+    )
+
+    assert operator_kind("aten::addmm") == operator_kind("quantized::linear_dynamic") == "matrix products"
+    assert operator_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert operator_kind("aten::add") == operator_kind("aten::native_layer_norm") == "norms and element-wise"
+    assert operator_kind("aten::copy_") == "copies" and operator_kind("aten::mkldnn_convolution") == "patch embedding"
+    assert operator_kind("aten::view") == OTHER
+    kinds = split_by_kind({"aten::addmm": 30.0, "aten::copy_": 2.0, "aten::view": 0.5}, wall_ms=40.0)
+    assert kinds["matrix products"] == 30.0 and kinds["copies"] == 2.0 and kinds[OTHER] == 0.5
+    assert kinds[BETWEEN] == pytest.approx(7.5) and list(kinds) == list(KINDS)
+
+    # CLIP: 100 ms of matrix products and 20 of the rest; the stages: 40 + 90 of matrix products, 10 + 25 of the rest.
+    def profile(matrix, rest):
+        return {"kinds": split_by_kind({"aten::addmm": matrix, "aten::add": rest}, matrix + rest)}
+
+    profiles = {"clip": profile(100.0, 20.0), "stage0": profile(40.0, 10.0), "stage1": profile(90.0, 25.0)}
+    summary = summarize_precision({"clip": 120.0, "stage0": 50.0, "stage1": 115.0, "cached": 168.0}, profiles)
+    assert summary["cached_over_clip"] == pytest.approx(1.4)
+    assert summary["excess_ms"]["matrix products"] == pytest.approx(30.0)
+    assert summary["excess_ms"]["norms and element-wise"] == pytest.approx(15.0)
+    assert summary["matrix_products_over_clip"] == pytest.approx(1.3)
+    assert summary["cached_over_clip_if_only_matrix_products_grew"] == pytest.approx(150.0 / 120.0)
+
+    results = measure_batch1_profile(quick_settings(), warmup=1, trials=2, profile_repeats=1, log=lambda *_: None)
+    assert set(results) == {"float32", "int8", "int8, q/k/v separate"}
+    for result in results.values():
+        assert all(result["wall_ms"][call] > 0 for call in ("clip", "stage0", "stage1", "cached"))
+        assert result["kinds"]["clip"]["matrix products"] > 0 and result["kinds"]["cached"]["attention"] > 0
+        for kind in KINDS:
+            stages = sum(result["profiles"][stage]["kinds"][kind] for stage in ("stage0", "stage1"))
+            assert result["kinds"]["cached"][kind] == pytest.approx(stages)
+    assert any("quantized::linear" in op for op in results["int8"]["profiles"]["clip"]["self_ms"])
+    assert not any("quantized::linear" in op for op in results["float32"]["profiles"]["clip"]["self_ms"])
+    # Fused q/k/v: one int8 product per layer for q, k and v and one for the output (+ 2 MLP), against four.
+    layers = quick_settings().num_hidden_layers
+    for mode, per_layer in (("int8", 4), ("int8, q/k/v separate", 6)):
+        calls = results[mode]["profiles"]["stage0"]
+        assert calls["calls"]["quantized::linear_dynamic"] == per_layer * layers + 1, mode
+
+    meta = {
+        "command": "python -m waveclip_hf.benchmarking.batch1_profile",
+        "date_utc": "2026-12-07 00:00 UTC",
+        "cpu_model": "test CPU",
+        "torch_threads": 2,
+        "torch": torch.__version__,
+        "transformers": "5.x",
+    }
+    report = {"meta": meta, "settings": {"trials": 2, "profile_repeats": 1}, "results": {"float32": summary}}
+    markdown = render_markdown(report, "batch1_profile.png")
+    assert "| **cached / CLIP, measured** | **1.400** |" in markdown
+    assert "| matrix products | 100.0 | 40.0 | 90.0 | 130.0 | +30.0 |" in markdown
+    assert plot_batch1_profile({"results": results}, tmp_path / "profile.png").stat().st_size > 10_000

@@ -147,8 +147,12 @@ def test_torch_int8_quantises_the_image_side_only(exported):
 
     model = load_waveclip(exported / "model")
     quantized = quantize_linear_layers(model)
-    assert type(quantized.vision_model.encoder.layers[0].self_attn.q_proj).__name__ == "Linear"
-    assert "quantized" in type(quantized.vision_model.encoder.layers[0].self_attn.q_proj).__module__
+    # q, k and v are one per-row int8 product in WaveCLIP's attention (`fuse_qkv`); three with fuse_qkv=False.
+    attention = quantized.vision_model.encoder.layers[0].self_attn
+    assert not hasattr(attention, "q_proj") and attention.qkv_proj.weight().qscheme() == torch.per_channel_affine
+    assert "quantized" in type(attention.out_proj).__module__
+    separate = quantize_linear_layers(model, fuse_qkv=False).vision_model.encoder.layers[0].self_attn
+    assert type(separate.q_proj).__name__ == "Linear" and "quantized" in type(separate.q_proj).__module__
     assert "quantized" in type(quantized.visual_projection).__module__
     assert type(quantized.text_model.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert type(model.vision_model.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear  # the original is kept
@@ -160,3 +164,30 @@ def test_torch_int8_quantises_the_image_side_only(exported):
     assert cosine.min() > 0.95 and (ours - theirs).abs().max() > 1e-5
     with pytest.raises(ValueError, match="no `vision_model` or `visual_projection`"):
         quantize_linear_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_fused_qkv_attention_gives_the_separate_projections_answer(exported):
+    """In float32 the fused q/k/v layer is the three projections stacked: every stage's embedding, and stage by
+    stage through the cache, equal the original model's (≤ 1e-5); the original keeps its three layers."""
+    import copy
+
+    from waveclip_hf.export.quantization import FusedQKVAttention, fuse_qkv_projections
+
+    model = load_waveclip(exported / "model").eval()
+    fused = copy.deepcopy(model)
+    names = fuse_qkv_projections(fused.vision_model)
+    layers = fused.config.vision_config.num_hidden_layers
+    assert names == [f"encoder.layers.{i}.self_attn.qkv_proj" for i in range(layers)]
+    assert type(fused.vision_model.encoder.layers[0].self_attn) is FusedQKVAttention
+    assert hasattr(model.vision_model.encoder.layers[0].self_attn, "q_proj")
+    pixel_values = WaveCLIPImageProcessor(image_size=64, levels=2)(images=photos(3), return_tensors="pt")
+    pixel_values = pixel_values["pixel_values"]
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values).stage_pooler_outputs
+        torch.testing.assert_close(
+            fused.get_image_features(pixel_values).stage_pooler_outputs, expected, atol=1e-5, rtol=0
+        )
+        cache = fused.new_stage_cache()
+        for stage in range(1, fused.num_stages + 1):
+            step = fused.get_image_features(pixel_values, num_stages=stage, cache=cache).pooler_output
+            torch.testing.assert_close(step, expected[:, stage - 1], atol=1e-5, rtol=0)

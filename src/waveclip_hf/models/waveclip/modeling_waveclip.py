@@ -198,6 +198,11 @@ class WaveCLIPAttention(CLIPAttention):
         super().__init__(config)
         self.layer_idx = layer_idx
 
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, tokens, hidden) -> queries, keys and values, each (batch, tokens, hidden). One method, so that a
+        serving copy can compute the three in one product (`export.quantization` fuses them in int8)."""
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -208,9 +213,10 @@ class WaveCLIPAttention(CLIPAttention):
         """(batch, new_tokens, hidden) -> same shape, and the attention probabilities when `eager`."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        queries, keys, values = self.project_qkv(hidden_states)
+        queries = queries.reshape(hidden_shape).transpose(1, 2)
+        keys = keys.reshape(hidden_shape).transpose(1, 2)
+        values = values.reshape(hidden_shape).transpose(1, 2)
         if cache is not None:
             keys, values = cache.update(keys, values, self.layer_idx)
 

@@ -1,0 +1,309 @@
+"""One image at a time on a CPU, operator by operator: where CLIP's pass and WaveCLIP's cached pass spend their time.
+
+At batch 1 the cached refinement (stage 0 into the stage cache, then stage 1 from it) runs the encoder twice where
+CLIP runs it once. `token_scaling` prices that from the token count alone; this module measures the two real passes
+of the benchmark's models (random weights, ViT-B/16 geometry, one image), in float32 and with torch's dynamic int8
+linear layers (`export.quantization`; WaveCLIP's q/k/v fused into one product, and kept separate as CLIP's are, to
+show what the fusion adds), and splits each call's time by kind of operator under `torch.profiler`:
+
+- matrix products (the linear layers: `aten::addmm`, `quantized::linear_dynamic`, ...), which stream every weight
+  once per pass: the part the stage split makes WaveCLIP pay twice;
+- attention (`scaled_dot_product_attention`; a later stage's queries also read the cached keys);
+- norms and element-wise work (layer norms, residual adds, the MLP's activation);
+- copies (the cache writes, dtype conversions, concatenations);
+- the patch embedding's convolution, and every other operator;
+- time between operators (Python, dispatch): the profiled call's wall clock less its operators' self time.
+
+Each call is also timed without the profiler (median of interleaved trials), which is the number to compare; the
+profile splits it. The cached pass's excess over CLIP, category by category, says what the second pass costs and
+which part of it no scheduling removes (its matrix products).
+
+    python -m waveclip_hf.benchmarking.batch1_profile   # docs/batch1_profile.{json,md}, docs/figures/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .machine import machine_info, usable_cores
+from .models import build_encoder_models, random_pixel_values
+from .settings import BenchmarkSettings
+from .timing import run_interleaved
+
+
+# Operator kinds, matched in this order on the operator's name (first match wins); the rest are "other operators".
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "matrix products": ("addmm", "aten::mm", "aten::bmm", "aten::matmul", "quantized::linear", "aten::linear"),
+    "attention": ("scaled_dot_product", "aten::_softmax", "aten::softmax"),
+    "norms and element-wise": ("layer_norm", "aten::mul", "aten::add", "aten::sigmoid", "gelu", "aten::div"),
+    "copies": ("copy_", "_to_copy", "aten::cat", "aten::clone", "aten::contiguous"),
+    "patch embedding": ("convolution",),
+}
+OTHER = "other operators"
+BETWEEN = "between operators"
+KINDS = (*CATEGORIES, OTHER, BETWEEN)
+# The calls: CLIP's full pass; stage 0 into a reset stage cache; stage 1 from that cache; the two in a row.
+CALLS = ("clip", "stage0", "stage1", "cached")
+# The modes: float32; torch's dynamic int8 as `quantize_linear_layers` makes it (WaveCLIP's q, k and v as one
+# product; CLIP's attention keeps three); the same with WaveCLIP's three kept separate, as CLIP's are.
+MODES = ("float32", "int8", "int8, q/k/v separate")
+
+
+def operator_kind(name: str) -> str:
+    """The `CATEGORIES` entry an operator's name falls in, or `OTHER`."""
+    for kind, markers in CATEGORIES.items():
+        if any(marker in name for marker in markers):
+            return kind
+    return OTHER
+
+
+def split_by_kind(self_ms: dict[str, float], wall_ms: float) -> dict[str, float]:
+    """Operator self times (name -> ms) summed per kind, plus `BETWEEN` = `wall_ms` less their total (≥ 0)."""
+    kinds = dict.fromkeys(KINDS, 0.0)
+    for name, ms in self_ms.items():
+        kinds[operator_kind(name)] += ms
+    kinds[BETWEEN] = max(wall_ms - sum(self_ms.values()), 0.0)
+    return kinds
+
+
+def profile_call(call: Callable[[], Any], repeats: int = 5) -> dict[str, Any]:
+    """`call` under `torch.profiler` (CPU), `repeats` times after one discarded run (the first profiled calls of a
+    process run several times slower).
+
+    Returns:
+        {"wall_ms", "self_ms": operator -> self ms, "kinds": `split_by_kind`}, each the median over the repeats (an
+        operator absent from a run counts 0 there), and "calls": operator -> calls per run.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    walls, runs = [], []
+    for repeat in range(repeats + 1):
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            started = time.perf_counter()
+            call()
+            wall_ms = 1e3 * (time.perf_counter() - started)
+        if repeat:
+            walls.append(wall_ms)
+            runs.append(
+                {event.key: (event.self_cpu_time_total / 1e3, event.count) for event in profiler.key_averages()}
+            )
+    names = sorted({name for run in runs for name in run})
+    self_ms = {name: float(np.median([run.get(name, (0.0, 0))[0] for run in runs])) for name in names}
+    self_ms = {name: ms for name, ms in self_ms.items() if ms > 0}
+    calls = {name: runs[-1].get(name, (0.0, 0))[1] for name in names}
+    wall_ms = float(np.median(walls))
+    return {"wall_ms": wall_ms, "self_ms": self_ms, "calls": calls, "kinds": split_by_kind(self_ms, wall_ms)}
+
+
+def encoder_calls(clip_vision, waveclip, pixel_values: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """`CALLS` as closures over one batch (one stage cache kept across calls, as the pipeline keeps it)."""
+    cache = waveclip.new_stage_cache()
+    stage0_tokens = waveclip.config.vision_config.stage_offsets[1]
+
+    def stage0():
+        cache.reset()
+        waveclip.get_image_features(pixel_values, num_stages=1, cache=cache)
+
+    def stage1():
+        cache.crop(stage0_tokens)  # back to stage 0 alone, so every call of stage 1 starts from the same cache
+        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
+
+    def cached():
+        stage0()
+        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
+
+    def clip():
+        clip_vision(pixel_values=pixel_values)
+
+    stage0()
+    return {"clip": clip, "stage0": stage0, "stage1": stage1, "cached": cached}
+
+
+def summarize_precision(wall_ms: dict[str, float], profiles: dict[str, dict]) -> dict[str, Any]:
+    """The cached pass against CLIP's: measured wall times, the profiled split of each, and the excess per kind.
+
+    Args:
+        wall_ms: call -> median ms without the profiler (`CALLS`).
+        profiles: "clip", "stage0", "stage1" -> `profile_call`.
+
+    Returns:
+        {"wall_ms", "cached_over_clip" (measured), "kinds": {"clip", "cached" (stage 0 + stage 1)}: kind -> ms,
+        "excess_ms": kind -> cached − clip, "matrix_products_over_clip": the cached pass's matrix products over
+        CLIP's, "cached_over_clip_if_only_matrix_products_grew": CLIP's profiled total plus the matrix products'
+        excess, over CLIP's total (what the second pass costs if nothing but its weight stream were extra),
+        "profiles": `profiles`}.
+    """
+    clip = profiles["clip"]["kinds"]
+    cached = {kind: profiles["stage0"]["kinds"][kind] + profiles["stage1"]["kinds"][kind] for kind in KINDS}
+    clip_total = sum(clip.values())
+    matrix = "matrix products"
+    return {
+        "wall_ms": wall_ms,
+        "cached_over_clip": wall_ms["cached"] / wall_ms["clip"],
+        "kinds": {"clip": clip, "cached": cached},
+        "profiled_total_ms": {"clip": clip_total, "cached": sum(cached.values())},
+        "excess_ms": {kind: cached[kind] - clip[kind] for kind in KINDS},
+        "matrix_products_over_clip": cached[matrix] / clip[matrix],
+        "cached_over_clip_if_only_matrix_products_grew": (clip_total + cached[matrix] - clip[matrix]) / clip_total,
+        "profiles": profiles,
+    }
+
+
+def measure_batch1_profile(
+    settings: BenchmarkSettings, warmup: int, trials: int, profile_repeats: int = 5, log=print
+) -> dict[str, Any]:
+    """`summarize_precision` at batch 1 in each of `MODES`: {mode: ...}."""
+    from ..export.quantization import quantize_linear_layers
+
+    models = build_encoder_models(settings)
+    pixel_values = random_pixel_values(settings, 1, torch.Generator().manual_seed(settings.seed))
+    clip_int8 = quantize_linear_layers(models.clip_vision)
+    encoders = {
+        "float32": (models.clip_vision, models.waveclip),
+        "int8": (clip_int8, quantize_linear_layers(models.waveclip)),
+        "int8, q/k/v separate": (clip_int8, quantize_linear_layers(models.waveclip, fuse_qkv=False)),
+    }
+    results = {}
+    for precision, (clip_vision, waveclip) in encoders.items():
+        started = time.perf_counter()
+        with torch.inference_mode():
+            calls = encoder_calls(clip_vision, waveclip, pixel_values)
+            cases = {name: (lambda watch, call=call: call()) for name, call in calls.items()}
+            times = run_interleaved(cases, warmup, trials, torch.device("cpu"))
+            wall_ms = {name: 1e3 * float(np.median(parts["total"])) for name, parts in times.items()}
+            profiles = {name: profile_call(calls[name], profile_repeats) for name in ("clip", "stage0", "stage1")}
+        results[precision] = summarize_precision(wall_ms, profiles)
+        log(
+            f"  {precision}: CLIP {wall_ms['clip']:.1f} ms, cached {wall_ms['cached']:.1f} ms, cached / CLIP "
+            f"{results[precision]['cached_over_clip']:.3f} ({time.perf_counter() - started:.0f} s)"
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render_markdown(report: dict[str, Any], figure_name: str) -> str:
+    meta, results = report["meta"], report["results"]
+    rows = [
+        "# Batch 1 on a CPU, operator by operator: CLIP's pass against WaveCLIP's cached pass",
+        "",
+        f"Written by `{meta['command']}` on {meta['date_utc']} ({meta['cpu_model']}, {meta['torch_threads']} threads, "
+        f"no GPU; torch {meta['torch']}, transformers {meta['transformers']}); do not edit by hand. The benchmark's "
+        "models (random weights, ViT-B/16 width and depth, 224 px, one DWT level), one image; wall times are medians "
+        f"of {report['settings']['trials']} interleaved trials without the profiler, the split by kind is the "
+        f"median of {report['settings']['profile_repeats']} profiled calls each (the profiler adds a little to every "
+        "operator). The cached pass is stage 0 into a "
+        "reset stage cache, then stage 1 from it. See `benchmarking/batch1_profile.py`.",
+        "",
+        f"![time by kind of operator, CLIP against the cached pass, per mode](figures/{figure_name})",
+        "",
+        "| | " + " | ".join(results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
+    wall_lines = [
+        ("CLIP full pass, ms", lambda r: f"{r['wall_ms']['clip']:.1f}"),
+        ("WaveCLIP stage 0, ms", lambda r: f"{r['wall_ms']['stage0']:.1f}"),
+        ("WaveCLIP stage 1 from the cache, ms", lambda r: f"{r['wall_ms']['stage1']:.1f}"),
+        ("WaveCLIP cached full pass, ms", lambda r: f"{r['wall_ms']['cached']:.1f}"),
+        ("**cached / CLIP, measured**", lambda r: f"**{r['cached_over_clip']:.3f}**"),
+        ("matrix products: cached / CLIP", lambda r: f"{r['matrix_products_over_clip']:.3f}"),
+        (
+            "cached / CLIP if only the matrix products grew",
+            lambda r: f"{r['cached_over_clip_if_only_matrix_products_grew']:.3f}",
+        ),
+    ]
+    rows += [f"| {label} | " + " | ".join(form(r) for r in results.values()) + " |" for label, form in wall_lines]
+    for precision, result in results.items():
+        kinds = result["kinds"]
+        rows += [
+            "",
+            f"**{precision}**, profiled ms by kind of operator (CLIP total {result['profiled_total_ms']['clip']:.1f}, "
+            f"cached total {result['profiled_total_ms']['cached']:.1f}):",
+            "",
+            "| kind | CLIP | stage 0 | stage 1 | cached (0 + 1) | cached − CLIP |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for kind in KINDS:
+            stage0 = result["profiles"]["stage0"]["kinds"][kind]
+            stage1 = result["profiles"]["stage1"]["kinds"][kind]
+            rows.append(
+                f"| {kind} | {kinds['clip'][kind]:.1f} | {stage0:.1f} | {stage1:.1f} | {kinds['cached'][kind]:.1f} "
+                f"| {result['excess_ms'][kind]:+.1f} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def plot_batch1_profile(report: dict[str, Any], path: Path) -> Path:
+    """Stacked horizontal bars, one per (precision, CLIP / cached), split by kind of operator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(7.5, 3.6))
+    labels, y = [], 0
+    colours = plt.get_cmap("tab10").colors
+    for precision, result in report["results"].items():
+        for call, name in (("clip", "CLIP"), ("cached", "WaveCLIP cached")):
+            left = 0.0
+            for index, kind in enumerate(KINDS):
+                width = result["kinds"][call][kind]
+                ax.barh(y, width, left=left, color=colours[index], label=kind if y == 0 else None)
+                left += width
+            labels.append(f"{precision}: {name}")
+            y += 1
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image (profiled, batch 1)")
+    ax.set_title("Where one image's time goes, by kind of operator")
+    ax.legend(fontsize=7, loc="lower right", ncols=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv=None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("docs"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=15)
+    parser.add_argument("--profile-repeats", type=int, default=5, help="profiled calls per call, median kept")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(usable_cores())
+    settings = BenchmarkSettings()
+    arguments = sys.argv[1:] if argv is None else argv
+    meta = {**machine_info(), "command": shlex.join(["python", "-m", __spec__.name, *arguments])}
+    report = {
+        "meta": meta,
+        "settings": {
+            "warmup": args.warmup,
+            "trials": args.trials,
+            "profile_repeats": args.profile_repeats,
+            "batch_size": 1,
+        },
+        "results": measure_batch1_profile(settings, args.warmup, args.trials, args.profile_repeats),
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "batch1_profile.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_batch1_profile(report, args.output_dir / "figures" / "batch1_profile.png")
+    (args.output_dir / "batch1_profile.md").write_text(render_markdown(report, "batch1_profile.png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()
