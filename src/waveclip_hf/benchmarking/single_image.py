@@ -5,7 +5,8 @@ runs plain CLIP and WaveCLIP the same way, in interleaved rounds of its own (mod
 
 - `eager`: PyTorch float32, as `encoder` times it;
 - `compiled`: `torch.compile` (WaveCLIP through `compile_stages`, CLIP's embeddings and encoder);
-- `torch_int8`: torch's dynamic int8 quantisation of the image side's linear layers (`export.quantization`);
+- `torch_int8`: torch's dynamic int8 quantisation of the image side's linear layers (`export.quantization`; in
+  WaveCLIP's attention q, k and v are one product, while transformers' CLIP attention keeps three);
 - `onnxruntime`: the graphs `export.onnx_export` writes (WaveCLIP: one per stage, the cached keys and values as
   explicit tensors; CLIP: its vision model with projection), run by onnxruntime;
 - `onnxruntime_int8`: the same graphs after onnxruntime's dynamic int8 quantisation.
@@ -39,7 +40,7 @@ from .timing import Case, rate_summary, run_interleaved
 SINGLE_IMAGE_MODES = {
     "eager": "PyTorch eager, float32",
     "compiled": "torch.compile (inductor), float32",
-    "torch_int8": "PyTorch, dynamic int8 linear layers",
+    "torch_int8": "PyTorch, dynamic int8 linear layers (WaveCLIP: q, k, v as one product)",
     "onnxruntime": "ONNX Runtime, float32",
     "onnxruntime_int8": "ONNX Runtime, dynamic int8 (weights of every constant matrix product)",
 }
