@@ -533,3 +533,30 @@ def test_batch1_profile_splits_each_call_by_kind_and_prices_the_second_pass(tmp_
     assert "| **cached / CLIP, measured** | **1.400** |" in markdown
     assert "| matrix products | 100.0 | 40.0 | 90.0 | 130.0 | +30.0 |" in markdown
     assert plot_batch1_profile({"results": results}, tmp_path / "profile.png").stat().st_size > 10_000
+
+    # The pipelines' part: 200 ms against 60 ms for 4x fewer GFLOPs is 3.33x / 4 = 0.833 of the ratio.
+    pipelines = {"images": 16, "labels": 1000, "bare_waveclip_theta0_ms": 55.0}
+    for precision, (stock, wave) in (("float32", (400.0, 150.0)), ("int8", (200.0, 60.0))):
+        pipelines[precision] = {"stock_ms": stock, "waveclip_ms": wave, "speedup": stock / wave, "gflops_ratio": 4.0}
+        pipelines[precision]["speedup_over_gflops_ratio"] = stock / wave / 4.0
+    report = {**report, "pipelines": pipelines, "settings": {**report["settings"], "pipeline_trials": 5}}
+    markdown = render_markdown(report, "batch1_profile.png")
+    assert "| int8 | 200.0 | 60.0 | 3.33x | 4.00x | **0.833** |" in markdown
+    assert "so the pipeline's own work costs +95.0 ms" in markdown
+
+
+@pytest.mark.slow
+def test_batch1_pipelines_time_both_pipelines_in_float32_and_int8():
+    """The pipelines' part of the batch-1 profile on the quick geometry: both precisions, every WaveCLIP image
+    answered at stage 0 (θ = 0), and the GFLOPs ratio the stage-0 answer implies (~40 s)."""
+    from waveclip_hf.benchmarking.batch1_profile import PIPELINE_RUNS, measure_pipelines
+
+    settings = quick_settings()
+    result = measure_pipelines(settings, warmup=0, trials=1)
+    assert result["images"] == settings.pipeline_images and result["labels"] == settings.num_labels
+    for precision in PIPELINE_RUNS:
+        entry = result[precision]
+        assert entry["answered_at_stage0"] == 1.0 and entry["stock_ms"] > 0 and entry["waveclip_ms"] > 0
+        assert entry["gflops_ratio"] > 3  # stage 0 carries a quarter of the tokens
+        assert entry["speedup_over_gflops_ratio"] == pytest.approx(entry["speedup"] / entry["gflops_ratio"])
+    assert result["bare_waveclip_theta0_ms"] > 0

@@ -16,7 +16,8 @@ show what the fusion adds), and splits each call's time by kind of operator unde
 
 Each call is also timed without the profiler (median of interleaved trials), which is the number to compare; the
 profile splits it. The cached pass's excess over CLIP, category by category, says what the second pass costs and
-which part of it no scheduling removes (its matrix products).
+which part of it no scheduling removes (its matrix products). Then the zero-shot pipelines at batch 1 (image side,
+θ = 0), float32 and int8: WaveCLIP's speed-up over the stock pipeline against their GFLOPs ratio.
 
     python -m waveclip_hf.benchmarking.batch1_profile   # docs/batch1_profile.{json,md}, docs/figures/
 """
@@ -190,6 +191,61 @@ def measure_batch1_profile(
     return results
 
 
+# The pipelines' runs at batch_size 1 and θ = 0 (every image answered at stage 0), image side only: the stock
+# pipeline's text transformer memoised, WaveCLIP's label set cached; `pipelines.pipeline_cases` keys.
+PIPELINE_RUNS = {
+    "float32": ("stock_image_side", "waveclip_theta0"),
+    "int8": ("stock_image_side_int8", "waveclip_theta0_int8"),
+}
+
+
+def measure_pipelines(settings: BenchmarkSettings, warmup: int, trials: int) -> dict[str, Any]:
+    """The zero-shot pipelines at batch 1, θ = 0, image side, in float32 and int8 (`benchmarking.pipelines`): ms per
+    image, the speed-up of WaveCLIP over the stock pipeline, the GFLOPs ratio, and the speed-up over that ratio; also
+    WaveCLIP's image processor and `refine` called without the pipeline (float32), for the pipeline's own cost.
+
+    Returns:
+        {"images", "labels", "bare_waveclip_theta0_ms", per precision: {"stock_ms", "waveclip_ms", "speedup",
+        "gflops_ratio", "speedup_over_gflops_ratio"}}.
+    """
+    import dataclasses
+
+    from ..models.waveclip.flops import clip_vit_flops, gflops
+    from .pipelines import _warm_up, pipeline_cases, prepare_pipelines
+
+    settings = dataclasses.replace(settings, pipeline_int8=True)
+    setup = prepare_pipelines(settings)
+    memo, outputs = {}, {}
+    with torch.inference_mode():
+        _warm_up(setup, memo)
+        cases, _ = pipeline_cases(setup, {"waveclip_theta0": 0.0}, (1,), memo, outputs)
+        kept = [*PIPELINE_RUNS["float32"], *PIPELINE_RUNS["int8"], "bare_waveclip_theta0"]
+        times = run_interleaved({key: cases[key] for key in kept}, warmup, trials, torch.device("cpu"))
+    per_image = {key: 1e3 * float(np.median(times[key]["total"])) / len(setup.images) for key in kept}
+    text = setup.text_config
+    stock_gflops = gflops(
+        clip_vit_flops(setup.vision_config, settings.projection_dim)
+        + len(setup.labels) * 2 * text.hidden_size * settings.projection_dim  # the stock pipeline's text projection
+    )
+    stage0_gflops = float(setup.wave.model.answer_gflops()[0])
+    result = {
+        "images": len(setup.images),
+        "labels": len(setup.labels),
+        "bare_waveclip_theta0_ms": per_image["bare_waveclip_theta0"],
+    }
+    for precision, (stock, wave) in PIPELINE_RUNS.items():
+        speedup = per_image[stock] / per_image[wave]
+        result[precision] = {
+            "stock_ms": per_image[stock],
+            "waveclip_ms": per_image[wave],
+            "speedup": speedup,
+            "gflops_ratio": stock_gflops / stage0_gflops,
+            "speedup_over_gflops_ratio": speedup / (stock_gflops / stage0_gflops),
+            "answered_at_stage0": float(np.mean([image[0]["stage"] == 0 for image in outputs[wave]])),
+        }
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +299,38 @@ def render_markdown(report: dict[str, Any], figure_name: str) -> str:
                 f"| {kind} | {kinds['clip'][kind]:.1f} | {stage0:.1f} | {stage1:.1f} | {kinds['cached'][kind]:.1f} "
                 f"| {result['excess_ms'][kind]:+.1f} |"
             )
+    if "pipelines" in report:
+        rows += _pipeline_rows(report["pipelines"], report["settings"].get("pipeline_trials"))
     return "\n".join(rows) + "\n"
+
+
+def _pipeline_rows(pipelines: dict[str, Any], trials) -> list[str]:
+    rows = [
+        "",
+        "## The zero-shot pipelines at batch 1",
+        "",
+        f'`pipeline("zero-shot-image-classification")` at `batch_size=1`, {pipelines["images"]} photos, '
+        f"{pipelines['labels']} labels, image side only (the stock pipeline's text transformer memoised, WaveCLIP's "
+        "label set cached), WaveCLIP at θ = 0 (every image answered at stage 0), int8: both image sides through "
+        f"`quantize_linear_layers`; ms per image, median of {trials} interleaved rounds (the runs of "
+        "`benchmarking/pipelines.py`). Target: speed-up / GFLOPs ratio ≥ 0.85.",
+        "",
+        "| | stock CLIP image side, ms | WaveCLIP θ = 0, ms | speed-up | GFLOPs ratio | speed-up / GFLOPs ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for precision in PIPELINE_RUNS:
+        r = pipelines[precision]
+        rows.append(
+            f"| {precision} | {r['stock_ms']:.1f} | {r['waveclip_ms']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['gflops_ratio']:.2f}x | **{r['speedup_over_gflops_ratio']:.3f}** |"
+        )
+    own = pipelines["float32"]["waveclip_ms"] - pipelines["bare_waveclip_theta0_ms"]
+    rows += [
+        "",
+        f"WaveCLIP's image processor and `refine` called directly (float32, same rounds): "
+        f"{pipelines['bare_waveclip_theta0_ms']:.1f} ms per image, so the pipeline's own work costs {own:+.1f} ms.",
+    ]
+    return rows
 
 
 def plot_batch1_profile(report: dict[str, Any], path: Path) -> Path:
@@ -283,6 +370,9 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--profile-repeats", type=int, default=5, help="profiled calls per call, median kept")
+    parser.add_argument(
+        "--pipeline-trials", type=int, default=5, help="interleaved rounds of the pipelines (0: leave them out)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(usable_cores())
     settings = BenchmarkSettings()
@@ -294,10 +384,13 @@ def main(argv=None) -> dict[str, Any]:
             "warmup": args.warmup,
             "trials": args.trials,
             "profile_repeats": args.profile_repeats,
+            "pipeline_trials": args.pipeline_trials,
             "batch_size": 1,
         },
         "results": measure_batch1_profile(settings, args.warmup, args.trials, args.profile_repeats),
     }
+    if args.pipeline_trials:
+        report["pipelines"] = measure_pipelines(settings, 1, args.pipeline_trials)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "batch1_profile.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_batch1_profile(report, args.output_dir / "figures" / "batch1_profile.png")
