@@ -470,7 +470,7 @@ def test_token_scaling_fits_a_fixed_part_per_pass_and_predicts_the_cached_pass_f
 def test_batch1_profile_splits_each_call_by_kind_and_prices_the_second_pass(tmp_path):
     """The batch-1 profile: operators fall into their kind, the time between operators is the wall clock less
     their self time, the cached pass is stage 0 plus stage 1, and the excess over CLIP is split per kind; a real
-    run at the quick geometry profiles every call in every mode (~10 s)."""
+    run at the quick geometry profiles every call in every mode (~15 s)."""
     from waveclip_hf.benchmarking.batch1_profile import (
         BETWEEN,
         KINDS,

@@ -20,6 +20,7 @@ which part of it no scheduling removes (its matrix products). Then the zero-shot
 θ = 0), float32 and int8: WaveCLIP's speed-up over the stock pipeline against their GFLOPs ratio.
 
     python -m waveclip_hf.benchmarking.batch1_profile   # docs/batch1_profile.{json,md}, docs/figures/
+    python -m waveclip_hf.benchmarking.batch1_profile --from-json docs/batch1_profile.json   # re-render only
 """
 
 from __future__ import annotations
@@ -77,33 +78,45 @@ def split_by_kind(self_ms: dict[str, float], wall_ms: float) -> dict[str, float]
     return kinds
 
 
-def profile_call(call: Callable[[], Any], repeats: int = 5) -> dict[str, Any]:
-    """`call` under `torch.profiler` (CPU), `repeats` times after one discarded run (the first profiled calls of a
-    process run several times slower).
-
-    Returns:
-        {"wall_ms", "self_ms": operator -> self ms, "kinds": `split_by_kind`}, each the median over the repeats (an
-        operator absent from a run counts 0 there), and "calls": operator -> calls per run.
-    """
+def profile_once(call: Callable[[], Any]) -> tuple[float, dict[str, tuple[float, int]]]:
+    """One call under `torch.profiler` (CPU): (wall ms, operator -> (self ms, calls))."""
     from torch.profiler import ProfilerActivity, profile
 
-    walls, runs = [], []
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        call()
+        wall_ms = 1e3 * (time.perf_counter() - started)
+    return wall_ms, {event.key: (event.self_cpu_time_total / 1e3, event.count) for event in profiler.key_averages()}
+
+
+def profile_calls(calls: dict[str, Callable[[], Any]], repeats: int = 9) -> dict[str, dict[str, Any]]:
+    """Each call under `torch.profiler`, in `repeats` interleaved rounds (so that a slow spell of the machine hits
+    every call alike) after one discarded round (the first profiled calls of a process run several times slower).
+
+    Returns:
+        name -> {"wall_ms", "self_ms": operator -> self ms, "kinds": `split_by_kind`}, each the median over the
+        rounds (an operator absent from a round counts 0 there), and "calls": operator -> calls per call.
+    """
+    rounds: dict[str, list] = {name: [] for name in calls}
     for repeat in range(repeats + 1):
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            started = time.perf_counter()
-            call()
-            wall_ms = 1e3 * (time.perf_counter() - started)
-        if repeat:
-            walls.append(wall_ms)
-            runs.append(
-                {event.key: (event.self_cpu_time_total / 1e3, event.count) for event in profiler.key_averages()}
-            )
-    names = sorted({name for run in runs for name in run})
-    self_ms = {name: float(np.median([run.get(name, (0.0, 0))[0] for run in runs])) for name in names}
-    self_ms = {name: ms for name, ms in self_ms.items() if ms > 0}
-    calls = {name: runs[-1].get(name, (0.0, 0))[1] for name in names}
-    wall_ms = float(np.median(walls))
-    return {"wall_ms": wall_ms, "self_ms": self_ms, "calls": calls, "kinds": split_by_kind(self_ms, wall_ms)}
+        for name, call in calls.items():
+            measured = profile_once(call)
+            if repeat:
+                rounds[name].append(measured)
+    out = {}
+    for name, measured in rounds.items():
+        walls, runs = [wall for wall, _ in measured], [ops for _, ops in measured]
+        names = sorted({op for run in runs for op in run})
+        self_ms = {op: float(np.median([run.get(op, (0.0, 0))[0] for run in runs])) for op in names}
+        self_ms = {op: ms for op, ms in self_ms.items() if ms > 0}
+        wall_ms = float(np.median(walls))
+        out[name] = {
+            "wall_ms": wall_ms,
+            "self_ms": self_ms,
+            "calls": {op: runs[-1].get(op, (0.0, 0))[1] for op in names},
+            "kinds": split_by_kind(self_ms, wall_ms),
+        }
+    return out
 
 
 def encoder_calls(clip_vision, waveclip, pixel_values: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -135,7 +148,7 @@ def summarize_precision(wall_ms: dict[str, float], profiles: dict[str, dict]) ->
 
     Args:
         wall_ms: call -> median ms without the profiler (`CALLS`).
-        profiles: "clip", "stage0", "stage1" -> `profile_call`.
+        profiles: "clip", "stage0", "stage1" -> their entry of `profile_calls`.
 
     Returns:
         {"wall_ms", "cached_over_clip" (measured), "kinds": {"clip", "cached" (stage 0 + stage 1)}: kind -> ms,
@@ -161,7 +174,7 @@ def summarize_precision(wall_ms: dict[str, float], profiles: dict[str, dict]) ->
 
 
 def measure_batch1_profile(
-    settings: BenchmarkSettings, warmup: int, trials: int, profile_repeats: int = 5, log=print
+    settings: BenchmarkSettings, warmup: int, trials: int, profile_repeats: int = 9, log=print
 ) -> dict[str, Any]:
     """`summarize_precision` at batch 1 in each of `MODES`: {mode: ...}."""
     from ..export.quantization import quantize_linear_layers
@@ -182,7 +195,7 @@ def measure_batch1_profile(
             cases = {name: (lambda watch, call=call: call()) for name, call in calls.items()}
             times = run_interleaved(cases, warmup, trials, torch.device("cpu"))
             wall_ms = {name: 1e3 * float(np.median(parts["total"])) for name, parts in times.items()}
-            profiles = {name: profile_call(calls[name], profile_repeats) for name in ("clip", "stage0", "stage1")}
+            profiles = profile_calls({name: calls[name] for name in ("clip", "stage0", "stage1")}, profile_repeats)
         results[precision] = summarize_precision(wall_ms, profiles)
         log(
             f"  {precision}: CLIP {wall_ms['clip']:.1f} ms, cached {wall_ms['cached']:.1f} ms, cached / CLIP "
@@ -260,9 +273,9 @@ def render_markdown(report: dict[str, Any], figure_name: str) -> str:
         f"no GPU; torch {meta['torch']}, transformers {meta['transformers']}); do not edit by hand. The benchmark's "
         "models (random weights, ViT-B/16 width and depth, 224 px, one DWT level), one image; wall times are medians "
         f"of {report['settings']['trials']} interleaved trials without the profiler, the split by kind is the "
-        f"median of {report['settings']['profile_repeats']} profiled calls each (the profiler adds a little to every "
-        "operator). The cached pass is stage 0 into a "
-        "reset stage cache, then stage 1 from it. See `benchmarking/batch1_profile.py`.",
+        f"median of {report['settings']['profile_repeats']} interleaved profiled rounds (the profiler adds a little "
+        "to every operator). The cached pass is stage 0 into a reset stage cache, then stage 1 from it. See "
+        "`benchmarking/batch1_profile.py`.",
         "",
         f"![time by kind of operator, CLIP against the cached pass, per mode](figures/{figure_name})",
         "",
@@ -282,6 +295,15 @@ def render_markdown(report: dict[str, Any], figure_name: str) -> str:
         ),
     ]
     rows += [f"| {label} | " + " | ".join(form(r) for r in results.values()) + " |" for label, form in wall_lines]
+    int8_modes = [mode for mode in results if mode.startswith("int8")]
+    if len(int8_modes) > 1:
+        clip_ms = [results[mode]["wall_ms"]["clip"] for mode in int8_modes]
+        rows += [
+            "",
+            f"CLIP is the same int8 model in the {len(int8_modes)} int8 modes (each mode has its own rounds): its "
+            f"times there, {' and '.join(f'{ms:.1f}' for ms in clip_ms)} ms, show how far this machine drifts "
+            "between rounds, against which the ratios (taken within a mode's rounds) are steadier.",
+        ]
     for precision, result in results.items():
         kinds = result["kinds"]
         rows += [
@@ -340,7 +362,7 @@ def plot_batch1_profile(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(7.5, 3.6))
+    figure, ax = plt.subplots(figsize=(7.5, 4.4))
     labels, y = [], 0
     colours = plt.get_cmap("tab10").colors
     for precision, result in report["results"].items():
@@ -356,10 +378,10 @@ def plot_batch1_profile(report: dict[str, Any], path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("ms per image (profiled, batch 1)")
     ax.set_title("Where one image's time goes, by kind of operator")
-    ax.legend(fontsize=7, loc="lower right", ncols=2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -369,11 +391,15 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--output-dir", type=Path, default=Path("docs"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--trials", type=int, default=15)
-    parser.add_argument("--profile-repeats", type=int, default=5, help="profiled calls per call, median kept")
+    parser.add_argument("--profile-repeats", type=int, default=9, help="profiled rounds of the calls, median kept")
     parser.add_argument(
         "--pipeline-trials", type=int, default=5, help="interleaved rounds of the pipelines (0: leave them out)"
     )
+    parser.add_argument("--from-json", type=Path, help="do not run: rewrite the Markdown and the figure from a report")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        return write_report(report, args.output_dir)
     torch.set_num_threads(usable_cores())
     settings = BenchmarkSettings()
     arguments = sys.argv[1:] if argv is None else argv
@@ -391,10 +417,15 @@ def main(argv=None) -> dict[str, Any]:
     }
     if args.pipeline_trials:
         report["pipelines"] = measure_pipelines(settings, 1, args.pipeline_trials)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "batch1_profile.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot_batch1_profile(report, args.output_dir / "figures" / "batch1_profile.png")
-    (args.output_dir / "batch1_profile.md").write_text(render_markdown(report, "batch1_profile.png"))
+    return write_report(report, args.output_dir)
+
+
+def write_report(report: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """batch1_profile.{json,md} and figures/batch1_profile.png in `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "batch1_profile.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_batch1_profile(report, output_dir / "figures" / "batch1_profile.png")
+    (output_dir / "batch1_profile.md").write_text(render_markdown(report, "batch1_profile.png"))
     return report
 
 
