@@ -49,3 +49,29 @@ def test_an_adaptive_run_gets_its_own_target_line(tmp_path):
     cheapest = min(within, key=lambda name: signals[name]["gflops_ratio"])
     assert f"measured {signals[cheapest]['gflops_ratio']:.3f}x" in line and "**not met**" in line
     assert "not in this report" not in section
+
+
+def test_seeds_carried_from_an_earlier_report_say_where_they_come_from(tmp_path):
+    """`gate_study --seeds-from <earlier gate.json>` carries the retrained seeds over (seed 0 is the new main job),
+    refuses seeds measured with another default signal, and the report names the earlier run and whether its seed 0
+    reproduces the new main job."""
+    import pytest
+
+    from waveclip_hf.experiments.gate_study import carried_seeds
+
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps(REPORT))
+    rows, source = carried_seeds(previous, REPORT["summary"]["default_signal"])
+    assert sorted(rows) == ["seed1", "seed2"] and rows["seed1"] == REPORT["summary"]["seeds"]["seed1"]
+    assert source["date"] == REPORT["context"]["date"] and source["seeds"] == ["seed1", "seed2"]
+    with pytest.raises(ValueError, match="retrain them"):
+        carried_seeds(previous, "saturation" if REPORT["summary"]["default_signal"] != "saturation" else "margin")
+
+    report = copy.deepcopy(REPORT)
+    report["seeds_source"] = source
+    text = write_gate_markdown(tmp_path / "gate.md", report).read_text()
+    assert f"Seeds 1, 2 are carried over from the run of {REPORT['context']['date']}" in text
+    assert "gave exactly this run's main-job row" in text
+    report["summary"]["seeds"]["seed0"] = {**report["summary"]["seeds"]["seed0"], "gflops_ratio": 0.5}
+    text = write_gate_markdown(tmp_path / "gate.md", report).read_text()
+    assert "differs from this run's main job" in text and "retrain the seeds" in text

@@ -113,6 +113,22 @@ def write_gate_markdown(path: Path, report: dict) -> Path:
     return path
 
 
+def _reproduction_note(previous: dict | None, current: dict) -> str:
+    """Whether the earlier run's seed 0 gave this run's main-job row (so its other seeds would retrain the same)."""
+    if previous is None:
+        return "That run had no seed 0 to compare with."
+    keys = ("gflops_ratio", "max_axis_drop_points")
+    if all(abs(previous[key] - current[key]) <= 1e-9 for key in keys):
+        return (
+            "That run's seed 0 gave exactly this run's main-job row, so the carried seeds are what retraining gives."
+        )
+    return (
+        f"That run's seed 0 differs from this run's main job ({previous['gflops_ratio']:.3f}x / "
+        f"{previous['max_axis_drop_points']:.2f} points against {current['gflops_ratio']:.3f}x / "
+        f"{current['max_axis_drop_points']:.2f}): retrain the seeds (`--seeds 1 2`) for figures of this code."
+    )
+
+
 def _seeds_and_default(report: dict, summary: dict, target: float) -> list[str]:
     default = summary["default_signal"]
     lines = ["## Retrained seeds", ""]
@@ -129,6 +145,14 @@ def _seeds_and_default(report: dict, summary: dict, target: float) -> list[str]:
             )
         ratios = [row["gflops_ratio"] for row in summary["seeds"].values()]
         lines += ["", f"Mean {sum(ratios) / len(ratios):.3f}x, highest {max(ratios):.3f}x."]
+        source = report.get("seeds_source")
+        if source:
+            carried = ", ".join(name.removeprefix("seed") for name in source["seeds"])
+            lines.append(
+                f"Seeds {carried} are carried over from the run of {source['date']} (`{source['command']}`, "
+                f"{source['machine']}), not retrained in this one; seed 0 is this run's main job. "
+                + _reproduction_note(source.get("previous_seed0"), summary["seeds"]["seed0"])
+            )
     else:
         lines.append("No seed run was in the cache.")
     lines += [

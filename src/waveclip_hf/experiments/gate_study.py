@@ -314,14 +314,45 @@ def summary(runs: dict) -> dict:
     return {"default_signal": default, **table, "seeds": seeds}
 
 
+def carried_seeds(previous_report: Path, default_signal: str) -> tuple[dict, dict]:
+    """The retrained seeds' rows of an earlier docs/gate.json (seed 0 left out: it is the main job, measured again),
+    and where they come from, for a run that does not retrain them.
+
+    Raises:
+        ValueError: the earlier report measured the seeds with another default signal (its rows would not be this
+            report's), or has no seed besides 0.
+    """
+    previous = json.loads(Path(previous_report).read_text())
+    if previous["summary"]["default_signal"] != default_signal:
+        raise ValueError(
+            f"{previous_report} measured its seeds with the {previous['summary']['default_signal']!r} signal, this "
+            f"run's default is {default_signal!r}: retrain them (`--seeds 1 2`) instead of carrying them over."
+        )
+    rows = {name: row for name, row in previous["summary"]["seeds"].items() if name != "seed0"}
+    if not rows:
+        raise ValueError(f"{previous_report} holds no retrained seed besides seed 0: run `--seeds 1 2`.")
+    source = {key: previous["context"][key] for key in ("command", "date", "machine")}
+    # Its seed 0 against this run's main job (the report compares them): equal rows say the runs reproduce.
+    return rows, {**source, "seeds": sorted(rows), "previous_seed0": previous["summary"]["seeds"].get("seed0")}
+
+
 def run(
-    cache_dir, docs_dir, adaptive_cache_dir=None, seeds=(1, 2), progress: bool = True, overrides=None, guarantee=None
+    cache_dir,
+    docs_dir,
+    adaptive_cache_dir=None,
+    seeds=(1, 2),
+    progress: bool = True,
+    overrides=None,
+    guarantee=None,
+    seeds_from: Path | None = None,
 ) -> dict:
     """Every run's study, the guarantee check on the main job, docs/gate.{md,json} and the figures.
 
     Args:
         overrides: merged into the main job's settings (`EndToEndConfig.overrides`), for a quick check.
         guarantee: overrides of `GUARANTEE` (calibration sizes, splits, δs).
+        seeds_from: an earlier docs/gate.json whose retrained seeds (each a whole main job) this report carries
+            over instead of `seeds`, stating where they come from (`carried_seeds`).
     """
     import time
 
@@ -339,11 +370,16 @@ def run(
     for seed in seeds:
         runs[f"seed{seed}"] = main_job_run(EndToEndConfig(**common, seed=seed))
     report_summary = summary({**runs, "seed0": runs["main"]})
+    seeds_source = None
+    if seeds_from is not None:
+        rows, seeds_source = carried_seeds(Path(seeds_from), report_summary["default_signal"])
+        report_summary["seeds"] = {**rows, **report_summary["seeds"]}
     signals = sorted({report_summary["default_signal"], "margin"}, key=EXIT_SIGNALS.index)
     report = {
         "settings": {"max_disagreement": MAX_DISAGREEMENT, "confidence": CONFIDENCE, **GUARANTEE, **(guarantee or {})},
         "guarantee": guarantee_section(runs["main"], signals, guarantee),
         "summary": report_summary,
+        **({"seeds_source": seeds_source} if seeds_source else {}),
         **{k: v for k, v in report_summary.items() if k in ("default_signal", "main", "adaptive", "seeds")},
     }
     for name in ("main", "adaptive"):
@@ -389,11 +425,27 @@ def main(argv=None) -> dict:
         default=None,
         help="JSON merged into the main job's settings, as the main job's own --override (e.g. the fp32 variant)",
     )
+    parser.add_argument(
+        "--seeds-from",
+        type=Path,
+        help="an earlier gate.json whose retrained seeds to carry over (with their date and command) instead of "
+        "retraining them; use with --seeds (nothing)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     adaptive = None if args.adaptive_cache_dir == "none" else args.adaptive_cache_dir
+    if args.seeds_from is not None and args.seeds:
+        parser.error("--seeds-from carries the seeds over: pass `--seeds` with no seed to retrain none.")
+    if args.seeds_from is not None:
+        args.seeds_from = args.seeds_from.resolve()  # read before docs/gate.json is rewritten
     report = run(
-        Path(args.cache_dir).resolve(), args.docs_dir, adaptive, args.seeds, not args.no_progress, args.override
+        Path(args.cache_dir).resolve(),
+        args.docs_dir,
+        adaptive,
+        args.seeds,
+        not args.no_progress,
+        args.override,
+        seeds_from=args.seeds_from,
     )
     print(json.dumps(portable(report["summary"]), indent=1))
     return report
