@@ -49,6 +49,10 @@ def test_an_adaptive_run_gets_its_own_target_line(tmp_path):
     cheapest = min(within, key=lambda name: signals[name]["gflops_ratio"])
     assert f"measured {signals[cheapest]['gflops_ratio']:.3f}x" in line and "**not met**" in line
     assert "not in this report" not in section
+    # Why, from its own oracle: the next lines give the oracle's cost per axis and the axes stage 0 cannot read.
+    after = section.split(line, 1)[1].splitlines()[1:3]
+    assert after[0].startswith(f"  The oracle gate costs {signals['oracle']['gflops_ratio']:.3f}x (")
+    assert after[1].startswith("  On texture and glyph, stage 0 answers at chance")
 
 
 def test_seeds_carried_from_an_earlier_report_say_where_they_come_from(tmp_path):

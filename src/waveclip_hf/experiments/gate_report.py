@@ -165,6 +165,47 @@ def _seeds_and_default(report: dict, summary: dict, target: float) -> list[str]:
     return lines
 
 
+def _oracle_lines(oracle: dict, chosen: dict, ratio_bound: float) -> list[str]:
+    """Why a run's chosen signal costs what it costs, from the oracle gate: the oracle's cost per axis, the axes
+    whose stage 0 answers at chance (the oracle's early exits there are luck, so a label-free gate cannot follow
+    it there), and the axis stage 0 can read with the largest gap between the signal and the oracle."""
+    if "per_axis" not in oracle:
+        return []
+    lines = []
+    axes = oracle["per_axis"]
+    chance_axes = [name for name, row in axes.items() if row["stage0_at_chance"]]
+    lines.append(
+        f"  The oracle gate costs {oracle['gflops_ratio']:.3f}x ("
+        + ", ".join(f"{name} {row['gflops_ratio']:.2f}x" for name, row in axes.items())
+        + ")."
+    )
+    if chance_axes:
+        lines.append(
+            f"  On {' and '.join(chance_axes)}, stage 0 answers at chance ("
+            + ", ".join(
+                f"{100 * axes[n]['stage0_accuracy']:.1f}% against {100 * axes[n]['chance']:.1f}%" for n in chance_axes
+            )
+            + "): the oracle's early exits there are lucky guesses that equal the full answer, which no signal "
+            "computed from the model can tell apart from the others. Sent to the last stage, as any honest gate "
+            f"must, they leave an oracle of {oracle['gflops_ratio_without_chance_hits']:.3f}x: the bound a "
+            "label-free gate can approach on this benchmark."
+            + (
+                f" The target ({ratio_bound:g}x) lies below it."
+                if oracle["gflops_ratio_without_chance_hits"] > ratio_bound
+                else ""
+            )
+        )
+    per_axis = chosen["per_axis"]
+    gaps = {name: per_axis[name]["gflops_ratio"] - axes[name]["gflops_ratio"] for name in per_axis}
+    worst = max((name for name in gaps if name not in chance_axes), key=gaps.get, default=None)
+    if worst is not None:
+        lines.append(
+            f"  The largest gap to the oracle on an axis stage 0 can read: {worst}, "
+            f"{per_axis[worst]['gflops_ratio']:.2f}x against {axes[worst]['gflops_ratio']:.2f}x."
+        )
+    return lines
+
+
 def _against_the_targets(report: dict, summary: dict) -> list[str]:
     """Each target of `gate_study.TARGETS` against the measured best signal, the oracle bounds that explain a miss,
     and the runs this report does not hold, with the command that adds them."""
@@ -183,39 +224,7 @@ def _against_the_targets(report: dict, summary: dict) -> list[str]:
         f"{main['gflops_ratio']:.3f}x with {main['max_axis_drop_points']:.2f} points at most (`{best}`, the "
         f"cheapest signal): {'met' if met else '**not met**'}.",
     ]
-    if "per_axis" in oracle:
-        axes = oracle["per_axis"]
-        chance_axes = [name for name, row in axes.items() if row["stage0_at_chance"]]
-        lines.append(
-            f"  The oracle gate costs {oracle['gflops_ratio']:.3f}x ("
-            + ", ".join(f"{name} {row['gflops_ratio']:.2f}x" for name, row in axes.items())
-            + ")."
-        )
-        if chance_axes:
-            lines.append(
-                f"  On {' and '.join(chance_axes)}, stage 0 answers at chance ("
-                + ", ".join(
-                    f"{100 * axes[n]['stage0_accuracy']:.1f}% against {100 * axes[n]['chance']:.1f}%"
-                    for n in chance_axes
-                )
-                + "): the oracle's early exits there are lucky guesses that equal the full answer, which no signal "
-                "computed from the model can tell apart from the others. Sent to the last stage, as any honest gate "
-                f"must, they leave an oracle of {oracle['gflops_ratio_without_chance_hits']:.3f}x: the bound a "
-                "label-free gate can approach on this benchmark."
-                + (
-                    f" The target ({ratio_bound:g}x) lies below it."
-                    if oracle["gflops_ratio_without_chance_hits"] > ratio_bound
-                    else ""
-                )
-            )
-        per_axis = main["per_axis"]
-        gaps = {name: per_axis[name]["gflops_ratio"] - axes[name]["gflops_ratio"] for name in per_axis}
-        worst = max((name for name in gaps if name not in chance_axes), key=gaps.get, default=None)
-        if worst is not None:
-            lines.append(
-                f"  The largest gap to the oracle on an axis stage 0 can read: {worst}, "
-                f"{per_axis[worst]['gflops_ratio']:.2f}x against {axes[worst]['gflops_ratio']:.2f}x."
-            )
+    lines += _oracle_lines(oracle, main, ratio_bound)
     if "adaptive" in report:
         signals = report["adaptive"]["signals"]
         kept = [s for s in EXIT_SIGNALS if signals[s]["max_axis_drop_points"] <= TARGETS["adaptive"][1] + 1e-9]
@@ -227,8 +236,8 @@ def _against_the_targets(report: dict, summary: dict) -> list[str]:
             f"{row['gflops_ratio']:.3f}x with {row['max_axis_drop_points']:.2f} points at most (`{adaptive_best}`"
             f"{', the cheapest signal within the bound' if kept else ', no signal within the bound'}): "
             f"{'met' if adaptive_met else '**not met**'}."
-            + (f" The oracle gate costs {signals['oracle']['gflops_ratio']:.3f}x." if "oracle" in signals else "")
         )
+        lines += _oracle_lines(signals.get("oracle", {}), row, bound[0])
     else:
         lines.append(
             f"- Adaptive 448-px run (target within {TARGETS['adaptive'][1]:g} point at <= "
