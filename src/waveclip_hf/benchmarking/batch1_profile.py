@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .machine import machine_info, usable_cores
+from .machine import machine_info, usable_cores, written_by
 from .models import build_encoder_models, random_pixel_values
+from .profiling import stage_calls
 from .settings import BenchmarkSettings
 from .timing import run_interleaved
 
@@ -119,30 +120,6 @@ def profile_calls(calls: dict[str, Callable[[], Any]], repeats: int = 9) -> dict
     return out
 
 
-def encoder_calls(clip_vision, waveclip, pixel_values: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """`CALLS` as closures over one batch (one stage cache kept across calls, as the pipeline keeps it)."""
-    cache = waveclip.new_stage_cache()
-    stage0_tokens = waveclip.config.vision_config.stage_offsets[1]
-
-    def stage0():
-        cache.reset()
-        waveclip.get_image_features(pixel_values, num_stages=1, cache=cache)
-
-    def stage1():
-        cache.crop(stage0_tokens)  # back to stage 0 alone, so every call of stage 1 starts from the same cache
-        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
-
-    def cached():
-        stage0()
-        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
-
-    def clip():
-        clip_vision(pixel_values=pixel_values)
-
-    stage0()
-    return {"clip": clip, "stage0": stage0, "stage1": stage1, "cached": cached}
-
-
 def summarize_precision(wall_ms: dict[str, float], profiles: dict[str, dict]) -> dict[str, Any]:
     """The cached pass against CLIP's: measured wall times, the profiled split of each, and the excess per kind.
 
@@ -191,7 +168,7 @@ def measure_batch1_profile(
     for precision, (clip_vision, waveclip) in encoders.items():
         started = time.perf_counter()
         with torch.inference_mode():
-            calls = encoder_calls(clip_vision, waveclip, pixel_values)
+            calls = stage_calls(clip_vision, waveclip, pixel_values)
             cases = {name: (lambda watch, call=call: call()) for name, call in calls.items()}
             times = run_interleaved(cases, warmup, trials, torch.device("cpu"))
             wall_ms = {name: 1e3 * float(np.median(parts["total"])) for name, parts in times.items()}
@@ -269,8 +246,7 @@ def render_markdown(report: dict[str, Any], figure_name: str) -> str:
     rows = [
         "# Batch 1 on a CPU, operator by operator: CLIP's pass against WaveCLIP's cached pass",
         "",
-        f"Written by `{meta['command']}` on {meta['date_utc']} ({meta['cpu_model']}, {meta['torch_threads']} threads, "
-        f"no GPU; torch {meta['torch']}, transformers {meta['transformers']}); do not edit by hand. The benchmark's "
+        written_by(meta) + " The benchmark's "
         "models (random weights, ViT-B/16 width and depth, 224 px, one DWT level), one image; wall times are medians "
         f"of {report['settings']['trials']} interleaved trials without the profiler, the split by kind is the "
         f"median of {report['settings']['profile_repeats']} interleaved profiled rounds (the profiler adds a little "

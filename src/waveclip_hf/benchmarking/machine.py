@@ -50,6 +50,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def written_by(meta: dict[str, Any]) -> str:
+    """The provenance sentence of a generated CPU report from its `machine_info` (plus "command")."""
+    return (
+        f"Written by `{meta['command']}` on {meta['date_utc']} ({meta['cpu_model']}, {meta['torch_threads']} threads, "
+        f"no GPU; torch {meta['torch']}, transformers {meta['transformers']}); do not edit by hand."
+    )
+
+
 def gpu_skip_reason(settings: BenchmarkSettings) -> str | None:
     """Why the GPU path does not run (the report prints it), or None when it runs."""
     if not settings.use_gpu:

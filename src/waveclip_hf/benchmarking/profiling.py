@@ -54,6 +54,33 @@ def profile_calls(
     return out
 
 
+def stage_calls(clip_vision, waveclip, pixel_values: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The calls whose time the profiles split, as closures over one batch, with one stage cache kept across calls
+    as the pipeline keeps it: "clip" (CLIP's full pass), "stage0" (stage 0 into the reset cache), "stage1" (stage 1
+    from that cache) and "cached" (the two in a row). Stage 0 has run once when this returns."""
+    cache = waveclip.new_stage_cache()
+    stage0_tokens = waveclip.config.vision_config.stage_offsets[1]
+
+    def clip():
+        clip_vision(pixel_values=pixel_values)
+
+    def stage0():
+        cache.reset()
+        waveclip.get_image_features(pixel_values, num_stages=1, cache=cache)
+
+    def stage1():
+        # Back to stage 0 alone (the buffers stay), so every call of stage 1 starts from the same cache.
+        cache.crop(stage0_tokens)
+        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
+
+    def cached():
+        stage0()
+        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
+
+    stage0()
+    return {"clip": clip, "stage0": stage0, "stage1": stage1, "cached": cached}
+
+
 def profile_encoder(clip_vision, waveclip, batch_size: int, settings: BenchmarkSettings, device="cpu") -> dict:
     """Top operators of the CLIP full pass, WaveCLIP's stage 0 (into a kept stage cache), stage 1 from that cache,
     and the single block-causal full forward, one call each at `batch_size`: where the time of the encoder targets
@@ -65,22 +92,10 @@ def profile_encoder(clip_vision, waveclip, batch_size: int, settings: BenchmarkS
     device = torch.device(device)
     generator = torch.Generator().manual_seed(settings.seed)
     pixel_values = random_pixel_values(settings, batch_size, generator).to(device)
-    cache = waveclip.new_stage_cache()
-    stage0_tokens = waveclip.config.vision_config.stage_offsets[1]
-
-    def stage0():
-        cache.reset()
-        waveclip.get_image_features(pixel_values, num_stages=1, cache=cache)
-
-    def stage1():
-        # Back to stage 0 alone (the buffers stay), so every call of stage 1 starts from the same cache.
-        cache.crop(stage0_tokens)
-        waveclip.get_image_features(pixel_values, num_stages=2, cache=cache)
-
-    stage0()
-    calls = {"clip_full": lambda: clip_vision(pixel_values=pixel_values), "waveclip_stage0_cached": stage0}
+    stages = stage_calls(clip_vision, waveclip, pixel_values)
+    calls = {"clip_full": stages["clip"], "waveclip_stage0_cached": stages["stage0"]}
     if waveclip.num_stages == 2:
-        calls["waveclip_stage1_from_cache"] = stage1
+        calls["waveclip_stage1_from_cache"] = stages["stage1"]
     calls["waveclip_full_forward"] = lambda: waveclip.get_image_features(pixel_values)
     before = (lambda: wait_if_asked(settings, log=lambda *_: None)) if settings.wait_for_idle_seconds > 0 else None
     return {"batch_size": batch_size, "device": device.type, "calls": profile_calls(calls, device, before=before)}

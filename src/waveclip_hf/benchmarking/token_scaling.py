@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .machine import machine_info, usable_cores
+from .machine import machine_info, usable_cores, written_by
 from .models import build_encoder_models
 from .settings import BenchmarkSettings
 from .timing import Case, run_interleaved
@@ -122,8 +122,7 @@ def render_markdown(report: dict[str, Any], figure_name: str) -> str:
     rows = [
         "# Where one image's time goes: encoder passes against their token count",
         "",
-        f"Written by `{meta['command']}` on {meta['date_utc']} ({meta['cpu_model']}, {meta['torch_threads']} threads, "
-        f"no GPU; torch {meta['torch']}, transformers {meta['transformers']}); do not edit by hand. The encoder: "
+        written_by(meta) + " The encoder: "
         f"transformers' `CLIPEncoder` at ViT-B/16 width and depth, random weights, one image; median of "
         f"{report['settings']['trials']} interleaved trials. See `benchmarking/token_scaling.py`.",
         "",
