@@ -79,3 +79,14 @@ def test_seeds_carried_from_an_earlier_report_say_where_they_come_from(tmp_path)
     report["summary"]["seeds"]["seed0"] = {**report["summary"]["seeds"]["seed0"], "gflops_ratio": 0.5}
     text = write_gate_markdown(tmp_path / "gate.md", report).read_text()
     assert "differs from this run's main job" in text and "retrain the seeds" in text
+
+
+def test_the_chance_axes_oracle_is_a_bound_only_where_the_signal_spends_more():
+    """With two stages, sending the chance axes to the last stage bounds a label-free gate; with three, a middle
+    stage may read them and a signal spend less, and the report must not call that figure a bound."""
+    from waveclip_hf.experiments.gate_report import _without_chance_hits
+
+    bound = _without_chance_hits(0.640, 0.747, 0.62)
+    assert "the bound a label-free gate can approach" in bound and "The target (0.62x) lies below it." in bound
+    beaten = _without_chance_hits(0.667, 0.619, 0.5)
+    assert "bounds nothing" in beaten and "0.619x" in beaten and "the bound a label-free gate" not in beaten

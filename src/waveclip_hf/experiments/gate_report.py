@@ -165,6 +165,22 @@ def _seeds_and_default(report: dict, summary: dict, target: float) -> list[str]:
     return lines
 
 
+def _without_chance_hits(without: float, chosen: float, ratio_bound: float) -> str:
+    """The oracle with the chance axes sent to the last stage: a bound where the chosen signal spends more, but with
+    more than two stages a middle stage may already read those axes, and a signal can then spend less."""
+    if chosen < without:
+        return (
+            f" Sent to the last stage they would leave an oracle of {without:.3f}x, more than the chosen signal "
+            f"spends ({chosen:.3f}x): a middle stage already reads part of them, so on this run that figure bounds "
+            "nothing, and what is left to gain lies between the signal and the oracle on the axes below."
+        )
+    return (
+        f" Sent to the last stage, as any honest gate must, they leave an oracle of {without:.3f}x: the bound a "
+        "label-free gate can approach on this benchmark."
+        + (f" The target ({ratio_bound:g}x) lies below it." if without > ratio_bound else "")
+    )
+
+
 def _oracle_lines(oracle: dict, chosen: dict, ratio_bound: float) -> list[str]:
     """Why a run's chosen signal costs what it costs, from the oracle gate: the oracle's cost per axis, the axes
     whose stage 0 answers at chance (the oracle's early exits there are luck, so a label-free gate cannot follow
@@ -186,14 +202,8 @@ def _oracle_lines(oracle: dict, chosen: dict, ratio_bound: float) -> list[str]:
                 f"{100 * axes[n]['stage0_accuracy']:.1f}% against {100 * axes[n]['chance']:.1f}%" for n in chance_axes
             )
             + "): the oracle's early exits there are lucky guesses that equal the full answer, which no signal "
-            "computed from the model can tell apart from the others. Sent to the last stage, as any honest gate "
-            f"must, they leave an oracle of {oracle['gflops_ratio_without_chance_hits']:.3f}x: the bound a "
-            "label-free gate can approach on this benchmark."
-            + (
-                f" The target ({ratio_bound:g}x) lies below it."
-                if oracle["gflops_ratio_without_chance_hits"] > ratio_bound
-                else ""
-            )
+            "computed from the model can tell apart from the others."
+            + _without_chance_hits(oracle["gflops_ratio_without_chance_hits"], chosen["gflops_ratio"], ratio_bound)
         )
     per_axis = chosen["per_axis"]
     gaps = {name: per_axis[name]["gflops_ratio"] - axes[name]["gflops_ratio"] for name in per_axis}
