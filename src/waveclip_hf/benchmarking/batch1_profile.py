@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .machine import machine_info, usable_cores, written_by
+from .machine import module_run_meta, usable_cores, written_by
 from .models import build_encoder_models, random_pixel_values
 from .profiling import stage_calls
 from .settings import BenchmarkSettings
@@ -378,8 +376,7 @@ def main(argv=None) -> dict[str, Any]:
         return write_report(report, args.output_dir)
     torch.set_num_threads(usable_cores())
     settings = BenchmarkSettings()
-    arguments = sys.argv[1:] if argv is None else argv
-    meta = {**machine_info(), "command": shlex.join(["python", "-m", __spec__.name, *arguments])}
+    meta = module_run_meta(__spec__.name, argv)
     report = {
         "meta": meta,
         "settings": {

@@ -50,6 +50,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def module_run_meta(module: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`machine_info` plus the command that ran `python -m <module>` with `argv` (default: this process's)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return {**machine_info(), "command": shlex.join(["python", "-m", module, *arguments])}
+
+
 def written_by(meta: dict[str, Any]) -> str:
     """The provenance sentence of a generated CPU report from its `machine_info` (plus "command")."""
     return (

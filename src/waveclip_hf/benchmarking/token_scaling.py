@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .machine import machine_info, usable_cores, written_by
+from .machine import module_run_meta, usable_cores, written_by
 from .models import build_encoder_models
 from .settings import BenchmarkSettings
 from .timing import Case, run_interleaved
@@ -200,8 +198,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(usable_cores())
     settings = BenchmarkSettings()
-    arguments = sys.argv[1:] if argv is None else argv
-    meta = {**machine_info(), "command": shlex.join(["python", "-m", __spec__.name, *arguments])}
+    meta = module_run_meta(__spec__.name, argv)
     report = {
         "meta": meta,
         "settings": {"hidden_size": settings.hidden_size, "warmup": args.warmup, "trials": args.trials},
